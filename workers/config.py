@@ -1,0 +1,211 @@
+"""Frozen, validated configuration for the model, the KV cache, the scheduler and the engine.
+
+Each field's docstring doubles as the CLI help (coordinator/cli.py reads them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels.rope import RopeScaling
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU. Raises ValueError on unknown names."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES) + ['auto']}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder, read from a HuggingFace ``config.json``."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict) -> ModelConfig:
+        """Raises ValueError for architectures outside the Llama family."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(
+                f"model_type {model_type!r} is not supported: expected llama, mistral or qwen2"
+            )
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            model_type=model_type,
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_dir(cls, path: Path) -> ModelConfig:
+        return cls.from_hf_dict(json.loads((Path(path) / "config.json").read_text()))
+
+    def weight_bytes(self, dtype: torch.dtype, layers: int | None = None) -> int:
+        """Bytes of ``layers`` decoder layers' weights (all layers by default), no embeddings."""
+        h, i = self.hidden_size, self.intermediate_size
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        n = self.num_layers if layers is None else layers
+        return n * per_layer * dtype.itemsize
+
+
+def _parse_rope_scaling(raw: dict | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    kind = raw.get("rope_type", raw.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported: expected 'llama3'")
+    return RopeScaling(
+        factor=raw["factor"],
+        low_freq_factor=raw["low_freq_factor"],
+        high_freq_factor=raw["high_freq_factor"],
+        original_max_position_embeddings=raw["original_max_position_embeddings"],
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory this worker may use for weights, activations and KV cache."""
+    cpu_kv_cache_gb: float = 1.0
+    """KV-cache size in GiB on a CPU worker."""
+    num_kv_blocks: int | None = None
+    """Override the number of KV blocks (for tests and to force memory pressure)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(
+                f"block_size must be a power of two in [1, 256], got {self.block_size}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Token-budget continuous batching (vLLM v1 rules)."""
+
+    max_num_batched_tokens: int = 2048
+    """Most tokens (prefill chunks plus decodes) in one engine step."""
+    max_num_seqs: int = 256
+    """Most requests running at once on one instance."""
+    max_model_len: int | None = None
+    """Context length (prompt plus output); defaults to the model's max_position_embeddings."""
+    max_waiting: int = 4096
+    """Admission control: a request beyond this many waiting gets RESOURCE_EXHAUSTED."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one worker needs to build its engine."""
+
+    model_path: str
+    """HuggingFace directory (config.json, *.safetensors, tokenizer.json)."""
+    load_format: str = "auto"
+    """'auto' (safetensors) or 'dummy' (random weights of the config's shapes, for benchmarks)."""
+    dtype: str = "auto"
+    """Weights and activations: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32."""
+    attention_backend: str = "auto"
+    """'torch' (reference), 'triton', or 'auto' (triton on GPU, torch on CPU)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    """Seed of the sampler for requests without their own seed."""
+    cpu_threads: int = 1
+    """torch threads per CPU worker."""
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES) + ['auto']}")
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dir(Path(self.model_path))
+
+    def max_model_len(self, model: ModelConfig) -> int:
+        limit = self.scheduler.max_model_len
+        return model.max_position_embeddings if limit is None else limit
+
+
+def load_eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """EOS ids from config.json and generation_config.json (the union: chat models often stop
+    on the end-of-turn token listed only in the generation config)."""
+    ids = set(ModelConfig.from_dir(Path(model_dir)).eos_token_ids)
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+    return frozenset(ids)

@@ -1,0 +1,133 @@
+"""One instance's engine: schedule -> execute -> update, one step at a time.
+
+The engine is tokenizer-free (vLLM v1's engine core): it takes prompt token ids and returns
+token ids; detokenization and stop strings happen in the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from workers.block_pool import BlockPool, KVCacheManager
+from workers.config import EngineConfig, load_eos_token_ids
+from workers.model_runner import ModelRunner
+from workers.request import Request, SamplingParams
+from workers.scheduler import RequestOutput, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What the coordinator sends a worker for a new, already validated request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Load snapshot, sent with every step's outputs."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_block_bytes: int
+    kv_demand_blocks: int
+    num_preemptions: int
+    step_time_s: float = 0.0
+    num_step_tokens: int = 0
+
+
+class Engine:
+    def __init__(
+        self, config: EngineConfig, device: torch.device, layer_range: tuple[int, int] | None = None
+    ) -> None:
+        self.config = config
+        self.runner = ModelRunner(config, device, layer_range)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = load_eos_token_ids(config.model_path)
+        self._init_kv_cache()
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self._last_step = (0.0, 0)
+
+    def _init_kv_cache(self) -> None:
+        num_blocks = self.runner.determine_num_blocks()
+        need = -(-self.max_model_len // self.config.cache.block_size)
+        if num_blocks < need:
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks cannot hold one request of max_model_len "
+                f"{self.max_model_len} ({need} blocks): raise gpu_memory_utilization or "
+                "num_kv_blocks, or lower max_model_len"
+            )
+        self.runner.allocate_kv_cache(num_blocks)
+        self.pool = BlockPool(num_blocks)
+        self.kv = KVCacheManager(self.pool, self.config.cache.block_size)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.1f MiB",
+            num_blocks,
+            self.config.cache.block_size,
+            num_blocks * self.runner.block_bytes / 2**20,
+        )
+
+    def add_request(self, spec: RequestSpec) -> None:
+        self.scheduler.add(
+            Request(
+                request_id=spec.request_id,
+                prompt_token_ids=list(spec.prompt_token_ids),
+                sampling=spec.sampling,
+                max_tokens=spec.max_tokens,
+                eos_token_ids=self.eos_token_ids,
+            )
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        self.runner.sampler.forget(request_id)
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        """Schedules and runs one batch; returns the outputs of requests that sampled."""
+        start = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled, logprobs = self.runner.execute(out)
+        outputs = self.scheduler.update(out, sampled, logprobs)
+        for o in outputs:
+            if o.finish_reason is not None:
+                self.runner.sampler.forget(o.request_id)
+        self._last_step = (time.perf_counter() - start, out.num_tokens)
+        return outputs
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """Aborts every request after an engine fault, freeing all blocks; outputs carry it."""
+        ids = [r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)]
+        outputs = [o for o in (self.abort(i) for i in ids) if o is not None]
+        for o in outputs:
+            o.error = error
+        return outputs
+
+    def stats(self) -> EngineStats:
+        step_time, step_tokens = self._last_step
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_used=self.pool.num_used,
+            kv_block_bytes=self.runner.block_bytes,
+            kv_demand_blocks=self.scheduler.kv_demand_blocks(),
+            num_preemptions=self.scheduler.num_preemptions,
+            step_time_s=step_time,
+            num_step_tokens=step_tokens,
+        )

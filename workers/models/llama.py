@@ -1,0 +1,228 @@
+"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral, SmolLM2) holding a layer range.
+
+A model object holds decoder layers ``[start, end)`` of ``num_layers``: the embedding lives with
+the first stage (start == 0), the final norm and LM head with the last (end == num_layers). A
+stage that is not first takes hidden states and the residual stream from the previous stage;
+one that is not last returns them. Weight names follow HuggingFace checkpoints; q/k/v and
+gate/up are fused into one matmul each at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from attention.backends import AttentionBackend
+from kernels.rope import rope_cos_sin_cache
+from workers.config import ModelConfig
+from workers.forward_context import get_forward_context
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+        self.backend = backend
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, local_layer: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.local_layer = local_layer  # index inside a KV block
+        self.backend = backend
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        ctx = get_forward_context()
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        meta = ctx.attn_metadata
+        q, _ = self.backend.rope_and_write_kv(
+            q, k, v, positions, cos_sin_cache, ctx.kv_cache, self.local_layer, meta.slot_mapping
+        )
+        out = self.backend.attention(q, ctx.kv_cache, self.local_layer, meta)
+        return self.o_proj(out.reshape(n, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.backend = backend
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, local_layer: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.self_attn = Attention(cfg, local_layer, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
+        self.mlp = MLP(cfg, backend)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(x, positions, cos_sin_cache)
+        x, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    """Decoder layers ``[start, end)`` plus embedding (first stage) and head (last stage)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        layer_range: tuple[int, int] | None = None,
+        max_positions: int | None = None,
+    ) -> None:
+        super().__init__()
+        start, end = layer_range or (0, cfg.num_layers)
+        if not 0 <= start < end <= cfg.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) is outside [0, {cfg.num_layers})")
+        self.cfg, self.start, self.end = cfg, start, end
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(end - start))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend) if self.is_last else None
+        self.lm_head = (
+            nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        )
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        self.reset_rope_cache()
+
+    def reset_rope_cache(self) -> None:
+        """(Re)computes the RoPE table on the model's device; call after ``to_empty``."""
+        cfg = self.cfg
+        device = self.cos_sin_cache.device
+        if device.type == "meta":
+            return
+        self.cos_sin_cache = rope_cos_sin_cache(
+            cfg.head_dim, self.max_positions, cfg.rope_theta, cfg.rope_scaling
+        ).to(device)
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.cfg.num_layers
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [num_tokens] int64
+        input_ids: torch.Tensor | None = None,  # [num_tokens] int64, first stage only
+        hidden: torch.Tensor | None = None,  # [num_tokens, hidden], later stages
+        residual: torch.Tensor | None = None,  # [num_tokens, hidden], later stages
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs this stage's layers. The last stage returns ``(normed_hidden, residual)``; the
+        others return ``(hidden, residual)`` for the next stage."""
+        if self.is_first:
+            hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache)
+        if self.is_last:
+            hidden, residual = self.norm(hidden, residual)
+        return hidden, residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] normed states -> [n, vocab] logits (last stage only)."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copies HuggingFace-named tensors into this stage's parameters.
+
+        Tensors of layers outside ``[start, end)`` are skipped. Returns the names of the
+        parameters that were filled, so the loader can report any left empty.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            for target, shard in self.map_weight_name(name):
+                if target not in params:
+                    continue
+                _copy_shard(params[target], tensor, shard, self.cfg)
+                loaded.add(target)
+        return loaded
+
+    def map_weight_name(self, name: str) -> list[tuple[str, str | None]]:
+        """HF name -> [(our parameter name, shard)]; empty when this stage does not hold it."""
+        if name == "model.embed_tokens.weight":
+            out = [("embed_tokens.weight", None)]
+            if self.cfg.tie_word_embeddings:
+                out.append(("lm_head.weight", None))
+            return out
+        if name == "lm_head.weight":
+            return [("lm_head.weight", None)]
+        if name == "model.norm.weight":
+            return [("norm.weight", None)]
+        if not name.startswith("model.layers."):
+            return []
+        idx_str, rest = name[len("model.layers.") :].split(".", 1)
+        idx = int(idx_str)
+        if not self.start <= idx < self.end:
+            return []
+        prefix = f"layers.{idx - self.start}."
+        for hf, ours in _FUSED.items():
+            if rest.startswith(hf):
+                return [(prefix + ours + rest[len(hf) :], hf)]
+        return [(prefix + rest, None)]
+
+
+_FUSED = {
+    "self_attn.q_proj": "self_attn.qkv_proj",
+    "self_attn.k_proj": "self_attn.qkv_proj",
+    "self_attn.v_proj": "self_attn.qkv_proj",
+    "mlp.gate_proj": "mlp.gate_up_proj",
+    "mlp.up_proj": "mlp.gate_up_proj",
+}
+
+
+def _copy_shard(param: torch.Tensor, tensor: torch.Tensor, shard: str | None, cfg: ModelConfig):
+    """Copies ``tensor`` into ``param`` or into its rows for a fused projection."""
+    if shard is None:
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(tensor.shape)}"
+            )
+        param.data.copy_(tensor)
+        return
+    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    offsets = {
+        "self_attn.q_proj": (0, q),
+        "self_attn.k_proj": (q, kv),
+        "self_attn.v_proj": (q + kv, kv),
+        "mlp.gate_proj": (0, inter),
+        "mlp.up_proj": (inter, inter),
+    }
+    start, size = offsets[shard]
+    if tensor.shape[0] != size:
+        raise ValueError(f"{shard}: expected {size} rows, checkpoint has {tensor.shape[0]}")
+    param.data[start : start + size].copy_(tensor)

@@ -1,0 +1,155 @@
+"""Batched next-token sampling: penalties, temperature, top-k, top-p, min-p, seeds, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.request import Request
+
+TokenLogprobs = tuple[float, list[int], list[float]]
+"""(logprob of the chosen token, top token ids, their logprobs), from the raw model logits."""
+
+
+class Sampler:
+    """Picks one token per row of ``logits``; each row belongs to one request.
+
+    Seeded requests draw from their own ``torch.Generator`` (kept here, keyed by request id), so
+    their output does not depend on what else is in the batch or on preemption. Others share the
+    engine's generator.
+    """
+
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self._seeded: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        """Drops a finished request's generator."""
+        self._seeded.pop(request_id, None)
+
+    def sample(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """``logits``: [num_requests, vocab] (any float dtype). Returns token ids and logprobs."""
+        logits = logits.float()
+        raw_logprobs = (
+            torch.log_softmax(logits, dim=-1)
+            if any(r.sampling.logprobs for r in requests)
+            else None
+        )
+        if any(r.sampling.needs_penalties for r in requests):
+            logits = self._apply_penalties(logits.clone(), requests)
+        logits = self._mask_early_stops(logits, requests)
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            picked = self._sample_random(logits[rows], [requests[i] for i in random_rows])
+            tokens[rows] = picked
+        if raw_logprobs is None:
+            return tokens.tolist(), [None] * len(requests)
+        return tokens.tolist(), _gather_logprobs(raw_logprobs, tokens, requests)
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Repetition penalty over prompt and output (CTRL, Keskar et al. 2019); presence and
+        frequency penalties over the output (OpenAI's definition)."""
+        for row, r in enumerate(requests):
+            sp = r.sampling
+            if not sp.needs_penalties:
+                continue
+            if sp.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.all_token_ids())), device=logits.device)
+                vals = logits[row, seen]
+                logits[row, seen] = torch.where(
+                    vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty
+                )
+            if r.output_token_ids and (sp.presence_penalty or sp.frequency_penalty):
+                out = torch.tensor(r.output_token_ids, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[-1]).float()
+                logits[row] -= sp.frequency_penalty * counts
+                logits[row] -= sp.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _mask_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Forbids EOS and stop token ids while a request has fewer than ``min_tokens``."""
+        rows = [i for i, r in enumerate(requests) if r.num_output_tokens < r.sampling.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            r = requests[i]
+            banned = set(r.sampling.stop_token_ids)
+            if not r.sampling.ignore_eos:
+                banned |= r.eos_token_ids
+            if banned:
+                logits[i, sorted(banned)] = float("-inf")
+        return logits
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Temperature, then top-k, top-p and min-p filtering, then an exponential race.
+
+        ``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p`` (the Gumbel-max trick in another
+        form) and needs one random number per logit, which a per-request generator can supply.
+        """
+        dev = logits.device
+        temp = torch.tensor([r.sampling.temperature for r in requests], device=dev)
+        logits = logits / temp[:, None]
+        top_k = torch.tensor([_top_k(r, logits.shape[-1]) for r in requests], device=dev)
+        top_p = torch.tensor([r.sampling.top_p for r in requests], device=dev)
+        min_p = torch.tensor([r.sampling.min_p for r in requests], device=dev)
+        logits = _filter(logits, top_k, top_p, min_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs)
+        for row, r in enumerate(requests):
+            noise[row].exponential_(generator=self._generator_for(r))
+        return (probs / noise).argmax(dim=-1)
+
+    def _generator_for(self, r: Request) -> torch.Generator:
+        if r.sampling.seed is None:
+            return self._generator
+        g = self._seeded.get(r.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
+            self._seeded[r.request_id] = g
+        return g
+
+
+def _gather_logprobs(
+    logp: torch.Tensor,  # [n, vocab] float32 log-softmax of the raw logits
+    tokens: torch.Tensor,  # [n] int64 chosen tokens
+    requests: list[Request],
+) -> list[TokenLogprobs | None]:
+    k = max(r.sampling.logprobs for r in requests)
+    top_v, top_i = logp.topk(k, dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    out: list[TokenLogprobs | None] = []
+    for row, r in enumerate(requests):
+        n = r.sampling.logprobs
+        out.append(
+            None if n == 0 else (chosen[row], top_i[row, :n].tolist(), top_v[row, :n].tolist())
+        )
+    return out
+
+
+def _top_k(r: Request, vocab: int) -> int:
+    k = r.sampling.top_k
+    return vocab if k <= 0 else min(k, vocab)
+
+
+def _filter(
+    logits: torch.Tensor,  # [n, vocab] float32
+    top_k: torch.Tensor,  # [n] int64, vocab when off
+    top_p: torch.Tensor,  # [n] float32
+    min_p: torch.Tensor,  # [n] float32
+) -> torch.Tensor:
+    """Sets filtered-out logits to -inf; always keeps each row's most likely token."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

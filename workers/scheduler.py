@@ -1,0 +1,189 @@
+"""Token-budget continuous batching with chunked prefill and recompute preemption.
+
+Rules (vLLM v1, reference/kunserve.md §5.1): running requests first, in admission order, each
+given ``num_tokens - num_computed_tokens`` tokens capped by the step's budget; when blocks run
+out, the newest running request is preempted (its blocks freed, ``num_computed_tokens`` reset,
+back to the head of the waiting queue) until the allocation fits; waiting requests are admitted
+FCFS, and not at all in a step that preempted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from planner.policies import preemption_victim
+from workers.block_pool import KVCacheManager
+from workers.config import SchedulerConfig
+from workers.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last pending token, so it samples one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; the worker pushes a list of these per step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None
+    logprobs: list[tuple[float, list[int], list[float]]] | None = None
+    num_prompt_tokens: int = 0
+    num_preemptions: int = 0
+    queue_time_s: float | None = None
+    error: str | None = None  # set when an engine fault ended the request
+
+
+class Scheduler:
+    """Owns the waiting and running queues of one instance. Not thread-safe: one engine thread."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_pending_tokens, budget)
+            while self.kv.allocate_slots(req, n) is None:
+                victim = self.running.pop(preemption_victim(self.running))
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_pending_tokens, budget)
+            if self.kv.allocate_slots(req, n) is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s (recompute, %d tokens)", req.request_id, req.num_tokens)
+
+    def update(
+        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict | None = None
+    ) -> list[RequestOutput]:
+        """Applies one executed step: advances computed tokens, appends samples, finishes."""
+        outputs = []
+        for s in out.scheduled:
+            req = s.request
+            samples = s.samples
+            req.num_computed_tokens += s.num_new_tokens
+            if not samples or req.status is not RequestStatus.RUNNING:
+                continue
+            req.output_token_ids.append(sampled[req.request_id])
+            reason = req.check_stop(self.max_model_len)
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(self._output(req, [req.output_token_ids[-1]], logprobs))
+        return outputs
+
+    def _output(self, req: Request, tokens: list[int], logprobs: dict | None) -> RequestOutput:
+        first = req.num_output_tokens == len(tokens)
+        queue_time = None
+        if first and req.first_scheduled_time is not None:
+            queue_time = req.first_scheduled_time - req.arrival_time
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=tokens,
+            finish_reason=req.finish_reason,
+            stop_token_id=req.stop_token_id,
+            logprobs=None if logprobs is None else logprobs.get(req.request_id),
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_preemptions=req.num_preemptions,
+            queue_time_s=queue_time,
+        )
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.running.remove(req)
+        self.kv.free(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Removes a request from whichever queue holds it and frees its blocks.
+
+        Returns its final output, or None when the id is unknown or already finished.
+        """
+        for queue in (self.running, self.waiting):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self.kv.free(req)
+                    req.status = RequestStatus.FINISHED
+                    req.finish_reason = FinishReason.ABORT
+                    logger.debug("aborted %s", request_id)
+                    return self._output(req, [], None)
+        return None
+
+    def kv_demand_blocks(self) -> int:
+        """Blocks that running and waiting requests need for the tokens they hold now."""
+        return sum(self.kv.blocks_needed(r.num_tokens) for r in (*self.running, *self.waiting))

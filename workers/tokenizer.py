@@ -1,0 +1,113 @@
+"""Tokenization, chat templates and incremental detokenization from the checkpoint's own files."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
+
+from workers.request import InvalidRequestError
+
+
+def _token_str(value: str | dict | None) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """``tokenizer.json`` through the ``tokenizers`` library plus ``tokenizer_config.json``.
+
+    Raises FileNotFoundError when the directory has no tokenizer.json.
+    """
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: the model directory needs tokenizer.json")
+        self.json = path.read_text()
+        self._tok = HFTokenizer.from_str(self.json)
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self._template: jinja2.Template | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Renders ``[{"role", "content"}, ...]`` with the checkpoint's jinja2 template.
+
+        Raises InvalidRequestError("messages", ...) when the model has no template or the
+        template rejects the conversation.
+        """
+        if self.chat_template is None:
+            raise InvalidRequestError("messages", "this model has no chat template")
+        for i, m in enumerate(messages):
+            if not m.get("role"):
+                raise InvalidRequestError(f"messages[{i}].role", "must not be empty")
+        try:
+            return self._compiled().render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise InvalidRequestError("messages", f"chat template error: {e}") from e
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Chat prompt ids; the template supplies any BOS, as HF's ``apply_chat_template``."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def _compiled(self) -> jinja2.Template:
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent)
+            self._template = env.from_string(self.chat_template)
+        return self._template
+
+    def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> Detokenizer:
+        return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+class Detokenizer:
+    """Turns a request's generated ids into text, one step at a time.
+
+    Multi-byte UTF-8 characters split across tokens (byte-fallback or byte-level BPE) are held
+    back until complete, so each returned piece is valid text; the prompt is fed first so that
+    leading-space handling matches a full decode.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+        self._tok = tokenizer._tok
+        self._stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_ids: list[int]) -> str:
+        pieces = (self._stream.step(self._tok, t) for t in token_ids)
+        return "".join(p for p in pieces if p)

@@ -1,0 +1,203 @@
+"""``kunserve``: serve, generate, replay, bench."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (STYLE.md 5: config docs double as CLI help)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:], strict=False):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from coordinator.server import ServeConfig
+
+    cache, sched, eng, serve = (
+        field_docs(c) for c in (CacheConfig, SchedulerConfig, EngineConfig, ServeConfig)
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name, HF directory or .gguf file (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join ('auto' for a running one); default: start a local one",
+    )
+    p.add_argument("--host", default="0.0.0.0", help=serve["host"])
+    p.add_argument("--port", type=int, default=50051, help=serve["port"])
+    p.add_argument(
+        "--metrics-port", type=int, default=8000, help=serve["metrics_port"] + " (0 disables)"
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="GPU workers, one per GPU (default: every GPU in the cluster)",
+    )
+    p.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=None,
+        help="run N CPU workers instead of GPU workers (default 1 when no GPU)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help=cache["block_size"])
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help=cache["gpu_memory_utilization"]
+    )
+    p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help=cache["cpu_kv_cache_gb"])
+    p.add_argument("--num-kv-blocks", type=int, default=None, help=cache["num_kv_blocks"])
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help=sched["max_num_batched_tokens"]
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help=sched["max_num_seqs"])
+    p.add_argument("--max-model-len", type=int, default=None, help=sched["max_model_len"])
+    p.add_argument("--max-waiting", type=int, default=4096, help=sched["max_waiting"])
+    p.add_argument("--dtype", default="auto", help=eng["dtype"])
+    p.add_argument(
+        "--load-format", default="auto", choices=["auto", "dummy"], help=eng["load_format"]
+    )
+    p.add_argument("--attention-backend", default="auto", help=eng["attention_backend"])
+    p.add_argument("--overload-policy", default="recompute", help=serve["overload_policy"])
+    p.add_argument("--seed", type=int, default=0, help=eng["seed"])
+    p.add_argument("--log-level", default="INFO")
+
+
+def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
+    return EngineConfig(
+        model_path=str(model_path),
+        load_format=args.load_format,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+            num_kv_blocks=args.num_kv_blocks,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            max_waiting=args.max_waiting,
+        ),
+        seed=args.seed,
+    )
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from coordinator.server import CoordinatorServer, ServeConfig
+    from planner.policies import check_overload_policy
+    from workers.checkpoint.registry import resolve_model
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("kunserve")
+    check_overload_policy(args.overload_policy)
+    model_path = resolve_model(args.model)
+    engine = engine_config(args, model_path)
+    engine.model_config()  # fail here, before Ray starts, on a bad config.json
+    ray.init(
+        address=args.address,
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = args.cpu_workers is None and gpus > 0
+    num_workers = (args.num_gpus or gpus) if use_gpu else (args.cpu_workers or 1)
+    config = ServeConfig(
+        engine=engine,
+        served_model_name=args.served_model_name or args.model,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port or None,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        overload_policy=args.overload_policy,
+    )
+    actor = (
+        ray.remote(CoordinatorServer)
+        .options(
+            name="kunserve-coordinator",
+            num_cpus=0,
+            max_concurrency=64,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False
+            ),
+        )
+        .remote(config)
+    )
+    address = ray.get(actor.start.remote())
+    log.info(
+        "gRPC listening on %s; starting %d %s worker(s) for %s",
+        address,
+        num_workers,
+        "GPU" if use_gpu else "CPU",
+        model_path,
+    )
+    ray.get(actor.wait_ready.remote(timeout=1800))
+    metrics = f", metrics on :{config.metrics_port}/metrics" if config.metrics_port else ""
+    print(f"kunserve: serving {config.served_model_name} on {address}{metrics}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    ray.get(actor.shutdown.remote(), timeout=30)
+    ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "generate":
+        from client.cli import generate_main
+
+        return generate_main(argv[1:])
+    if argv and argv[0] == "replay":
+        from client.replay.cli import replay_main
+
+        return replay_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="kunserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_args(sub.add_parser("serve", help="serve a model over gRPC"))
+    sub.add_parser("generate", help="stream one completion from a server", add_help=False)
+    sub.add_parser("replay", help="replay a request trace against a server", add_help=False)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    return serve_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

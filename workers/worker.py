@@ -1,0 +1,198 @@
+"""The per-GPU (or per-CPU-slot) worker: a Ray actor whose engine loop runs in its own thread.
+
+Actor methods only enqueue work (``add_requests``, ``abort``) and return at once; the loop
+thread drains the inbox, steps the engine and pushes every step's outputs for all its requests
+to the coordinator in one actor call (``push_outputs``), never once per token per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workers.config import EngineConfig
+from workers.engine import Engine, EngineStats, RequestSpec
+from workers.scheduler import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """One engine step's outputs for all its requests, plus the worker's load."""
+
+    rank: int
+    seq: int  # per-worker step counter, so the coordinator can order pushes
+    outputs: list[RequestOutput]
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    device: str
+    layer_range: tuple[int, int]
+    max_model_len: int
+    stats: EngineStats
+
+
+@dataclass
+class _Inbox:
+    adds: list[RequestSpec] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """Holds one engine. Two-phase start: construct (cheap), then ``init_distributed``, then
+    ``load`` (model and KV cache), then ``start`` (the loop)."""
+
+    def __init__(self, rank: int, config: EngineConfig, coordinator: Any) -> None:
+        self.rank = rank
+        self.config = config
+        self.coordinator = coordinator
+        self.device = _pick_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads)
+        self.engine: Engine | None = None
+        self._inbox = _Inbox()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def rendezvous_address(self) -> str:
+        """``tcp://ip:port`` on this worker's node with a free port (call on rank 0)."""
+        ip = _node_ip()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    def init_distributed(self, init_method: str, world_size: int) -> None:
+        """Joins the workers' process group (NCCL on CUDA, gloo on CPU): call on all at once."""
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=init_method, world_size=world_size, rank=self.rank
+        )
+        probe = torch.ones(1, device=self.device)
+        dist.all_reduce(probe)
+        if int(probe.item()) != world_size:
+            raise RuntimeError(f"process group check failed: all_reduce gave {probe.item()}")
+
+    def load(self) -> WorkerInfo:
+        self.engine = Engine(self.config, self.device)
+        runner = self.engine.runner
+        return WorkerInfo(
+            rank=self.rank,
+            device=_describe(self.device),
+            layer_range=(runner.model.start, runner.model.end),
+            max_model_len=self.engine.max_model_len,
+            stats=self.engine.stats(),
+        )
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.rank}", daemon=True)
+        self._thread.start()
+
+    def add_requests(self, specs: list[RequestSpec]) -> None:
+        with self._cv:
+            self._inbox.adds.extend(specs)
+            self._cv.notify()
+
+    def abort(self, request_ids: list[str]) -> None:
+        with self._cv:
+            self._inbox.aborts.extend(request_ids)
+            self._cv.notify()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def check_integrity(self) -> bool:
+        """Runs the block pool's invariant check (tests call it when the worker is idle)."""
+        with self._cv:
+            self.engine.pool.check_integrity()
+        return True
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _take_inbox(self) -> _Inbox | None:
+        with self._cv:
+            while not self._stop and not self._inbox.adds and not self._inbox.aborts:
+                if self.engine.has_work:
+                    break
+                self._cv.wait()
+            if self._stop:
+                return None
+            inbox, self._inbox = self._inbox, _Inbox()
+            return inbox
+
+    def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while (inbox := self._take_inbox()) is not None:
+            outputs = self._apply(inbox)
+            if self.engine.has_work:
+                outputs += self._step()
+            if outputs:
+                self._push(outputs)
+
+    def _apply(self, inbox: _Inbox) -> list[RequestOutput]:
+        for spec in inbox.adds:
+            self.engine.add_request(spec)
+        outputs = []
+        for rid in inbox.aborts:
+            out = self.engine.abort(rid)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception:  # an engine fault: end this worker's requests, keep serving
+            err = traceback.format_exc()
+            logger.error("engine step failed on worker %d:\n%s", self.rank, err)
+            return self.engine.fail_all(err.strip().splitlines()[-1])
+
+    def _push(self, outputs: list[RequestOutput]) -> None:
+        self._seq += 1
+        result = StepResult(self.rank, self._seq, outputs, self.engine.stats())
+        self.coordinator.push_outputs.remote(result)
+
+
+def _pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
+    return torch.device("cpu")
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
+

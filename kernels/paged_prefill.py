@@ -1,0 +1,199 @@
+"""Prefill attention over the paged KV cache: varlen, causal FlashAttention-2 in Triton.
+
+Covers prefill, chunked prefill over a cached prefix, and mixed batches (a decode is a query
+of length 1). One program takes ``BLOCK_M`` consecutive queries of one sequence and one query
+head, and runs the online-softmax loop of FlashAttention-2 (Dao 2023, Algorithm 1) over the
+keys its queries may see, reading K/V through the block table. The key range splits in two:
+keys before the tile's first query position are visible to every row and need no causal mask;
+only the last few key tiles, on the diagonal, are masked. Programs of the query heads that
+share a KV head are adjacent in the grid, so their K/V reads hit L2. The layout of
+``kv_cache`` is described in :mod:`kernels.paged_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels._triton import INDEX_DTYPES, check_tensor, jit, next_pow2, tl, triton
+from kernels.paged_decode import _kv_tile_offsets, check_paged_args
+
+
+@jit
+def _attend_key_range(
+    acc,  # [BLOCK_M, BLOCK_D] float32 running output
+    m_i,  # [BLOCK_M] float32 running max, base 2
+    l_i,  # [BLOCK_M] float32 running sum
+    q,  # [BLOCK_M, BLOCK_D] query tile
+    q_pos,  # [BLOCK_M] int32 query positions in the sequence
+    k_base,  # [1, BLOCK_D] pointers to K of block 0 at this layer and KV head
+    block_table,  # pointer to this sequence's block-table row
+    lo,
+    hi,
+    mask_d,  # [BLOCK_D]
+    stride_block,
+    stride_kv,
+    stride_token,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update over keys [lo, hi); CAUSAL masks keys after each query."""
+    for tile_start in range(lo, hi, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        mask_n = tokens < hi
+        offsets = _kv_tile_offsets(
+            block_table, tokens, mask_n, stride_block, stride_token, BLOCK_SIZE
+        )
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offsets[:, None], mask=kv_mask, other=0.0)
+        v = tl.load(k_base + stride_kv + offsets[:, None], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL:
+            s = tl.where(tokens[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@jit
+def _paged_prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    kv_ptr,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32/int64
+    out_ptr,  # [num_tokens, num_heads, head_dim], contiguous
+    q_stride_token,
+    q_stride_head,
+    block_tables_stride,
+    layer_offset,  # layer * kv_cache.stride(1)
+    stride_block,
+    stride_kv,
+    stride_token,
+    qk_scale,  # softmax scale * log2(e)
+    num_heads,
+    head_dim,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (num_heads, cdiv(max_query_len, BLOCK_M), num_seqs); later query tiles first."""
+    head = tl.program_id(0)
+    q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    seq = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    q_len = (tl.load(query_start_loc_ptr + seq + 1) - q_start).to(tl.int32)
+    if q_tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len  # cached tokens before this step's queries
+
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = rows < q_len
+    mask_d = offs_d < head_dim
+    q_ptrs = q_ptr + (q_start + rows[:, None]) * q_stride_token + head * q_stride_head
+    q = tl.load(q_ptrs + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    k_base = kv_ptr + layer_offset + (head // GROUP) * head_dim + offs_d[None, :]
+    block_table = block_tables_ptr + seq * block_tables_stride
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    unmasked_end = (prefix + q_tile * BLOCK_M) // BLOCK_N * BLOCK_N
+    kv_end = tl.minimum(seq_len, prefix + (q_tile + 1) * BLOCK_M)
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, prefix + rows, k_base, block_table, 0, unmasked_end, mask_d,
+        stride_block, stride_kv, stride_token, qk_scale, BLOCK_N, BLOCK_SIZE, False,
+        DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, prefix + rows, k_base, block_table, unmasked_end, kv_end, mask_d,
+        stride_block, stride_kv, stride_token, qk_scale, BLOCK_N, BLOCK_SIZE, True,
+        DOT_PRECISION,
+    )  # fmt: skip
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + ((q_start + rows[:, None]) * num_heads + head) * head_dim + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]
+    layer: int,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32: context length including this step's tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32/int64: prefix sums of query lengths
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged context.
+
+    Same semantics as :func:`~kernels.paged_attention.paged_attention_ref`: sequence i's
+    queries ``q[query_start_loc[i]:query_start_loc[i+1]]`` sit at its last ``q_len``
+    positions, whose K/V must already be in the cache; covers prefill, chunked prefill over a
+    cached prefix and mixed batches. ``max_query_len`` (tokens) must be >= every query length:
+    it sizes the grid without a device sync, and queries past it are left unwritten. ``q`` and
+    ``kv_cache`` share a dtype (fp16, bf16, fp32); accumulation is fp32. Returns a new
+    [num_tokens, num_heads, head_dim] in q.dtype. Raises ValueError naming a bad argument,
+    RuntimeError without Triton.
+    """
+    device = check_paged_args(q, kv_cache, layer, block_tables, seq_lens, scale)
+    num_seqs = seq_lens.shape[0]
+    check_tensor("query_start_loc", query_start_loc, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"query_start_loc must have num_seqs + 1 = {num_seqs + 1} entries, "
+            f"got {query_start_loc.shape[0]}"
+        )
+    if not isinstance(max_query_len, int) or max_query_len < 0:
+        raise ValueError(f"max_query_len must be a non-negative int, got {max_query_len!r}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=device)
+    if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
+        return out
+    _launch_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, max_query_len,
+                    scale, out)  # fmt: skip
+    return out
+
+
+def _launch_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    layer: int,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_d = max(next_pow2(head_dim), 16)
+    block_m, block_n = (128, 64) if block_d <= 128 else (64, 32)
+    grid = (num_heads, triton.cdiv(max_query_len, block_m), seq_lens.shape[0])
+    stride = kv_cache.stride()
+    _paged_prefill_kernel[grid](
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        layer * stride[1], stride[0], stride[2], stride[3],
+        scale * math.log2(math.e), num_heads, head_dim,
+        GROUP=num_heads // kv_cache.shape[4],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=kv_cache.shape[3],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8,
+        num_stages=2,
+    )  # fmt: skip

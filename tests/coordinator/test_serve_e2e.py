@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import subprocess
 import sys
@@ -30,7 +31,7 @@ PROMPTS = (
 def real_prompts(n: int, max_chars: int = 160) -> list[str]:
     """The first ``n`` ShareGPT first-turn prompts, cut to fit stories260K's 512-token context."""
     with gzip.open(PROMPTS, "rt") as f:
-        return [json.loads(line)["prompt"][:max_chars] for _, line in zip(range(n), f)]
+        return [json.loads(line)["prompt"][:max_chars] for line in itertools.islice(f, n)]
 
 
 async def generate(stub: pb_grpc.InferenceServiceStub, text: str, **sampling) -> dict:

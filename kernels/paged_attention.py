@@ -8,6 +8,11 @@ A block holds every layer the worker computes, so that after a drop a free block
 as several blocks of fewer layers with no copy. ``layer`` below is the index inside a block
 (0 <= layer < layers_per_block), and ``[:, :, 0]`` is K, ``[:, :, 1]`` is V. A token's slot is
 ``block_id * block_size + offset``; block tables map a sequence's logical block i to a block id.
+
+Torch references (``*_ref``) and their Triton twins: :func:`write_kv` here,
+:func:`paged_attention` (dispatching to :func:`~kernels.paged_decode.paged_decode_attention`
+and :func:`~kernels.paged_prefill.paged_prefill_attention`, re-exported here), and the fused
+``rope_and_write_kv`` in :mod:`kernels.rope`.
 """
 
 from __future__ import annotations

@@ -212,6 +212,7 @@ def _launch_rope(
     k_rot = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=q.device)
     if num_tokens == 0:
         return q_rot, k_rot
+    # Without a cache the kernel reads none of v, kv_cache, slot_mapping: any tensors will do.
     v, kv_cache, layer, slot_mapping = kv if kv is not None else (k, q, 0, positions)
     cache_strides = kv_cache.stride() if kv is not None else (0,) * 6
     block_size = kv_cache.shape[3] if kv is not None else 1

@@ -1,0 +1,1 @@
+"""Checkpoint formats: GGUF to HuggingFace conversion and the registry of named models."""

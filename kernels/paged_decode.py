@@ -48,6 +48,55 @@ def _kv_tile_offsets(
 
 
 @jit
+def _attend_key_range(
+    acc,  # [BLOCK_M, BLOCK_D] float32 running output
+    m_i,  # [BLOCK_M] float32 running max, base 2
+    l_i,  # [BLOCK_M] float32 running sum
+    q,  # [BLOCK_M, BLOCK_D] query tile
+    q_pos,  # [BLOCK_M] int32 query positions in the sequence
+    k_base,  # [1, BLOCK_D] pointers to K of block 0 at this layer and KV head
+    block_table,  # pointer to this sequence's block-table row
+    lo,
+    hi,
+    mask_d,  # [BLOCK_D]
+    stride_block,
+    stride_kv,
+    stride_token,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """FlashAttention-2's online-softmax update of (acc, m_i, l_i) over keys [lo, hi).
+
+    Shared by both kernels: rows are one KV head's query heads (decode) or consecutive queries
+    of one head (prefill). K/V tiles are gathered through the block table. CAUSAL masks keys
+    after each row's ``q_pos``; without it every key in [lo, hi) must be visible to every
+    row and hi - lo must be a multiple of BLOCK_N (tokens past hi would score 0, not -inf).
+    """
+    for tile_start in range(lo, hi, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        mask_n = tokens < hi
+        offsets = _kv_tile_offsets(
+            block_table, tokens, mask_n, stride_block, stride_token, BLOCK_SIZE
+        )
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offsets[:, None], mask=kv_mask, other=0.0)
+        v = tl.load(k_base + stride_kv + offsets[:, None], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL:
+            s = tl.where(tokens[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@jit
 def _paged_decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     kv_ptr,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]
@@ -96,24 +145,14 @@ def _paged_decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for tile_start in range(start, end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        mask_n = tokens < end
-        offsets = _kv_tile_offsets(
-            block_table, tokens, mask_n, stride_block, stride_token, BLOCK_SIZE
-        )
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offsets[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(k_base + stride_kv + offsets[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Split bounds are multiples of BLOCK_N except the sequence's end, so a causal mask at
+    # position seq_len - 1 masks exactly the padding of the last tile.
+    q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, q_pos, k_base, block_table, start, end, mask_d,
+        stride_block, stride_kv, stride_token, qk_scale, BLOCK_N, BLOCK_SIZE, True,
+        DOT_PRECISION,
+    )  # fmt: skip
 
     # An empty split (past the end of a short sequence) leaves l_i == 0: it writes zeros and
     # a log-sum-exp of -inf, which gives it weight 0 in the merge.

@@ -17,50 +17,7 @@ import math
 import torch
 
 from kernels._triton import INDEX_DTYPES, check_tensor, jit, next_pow2, tl, triton
-from kernels.paged_decode import _kv_tile_offsets, check_paged_args
-
-
-@jit
-def _attend_key_range(
-    acc,  # [BLOCK_M, BLOCK_D] float32 running output
-    m_i,  # [BLOCK_M] float32 running max, base 2
-    l_i,  # [BLOCK_M] float32 running sum
-    q,  # [BLOCK_M, BLOCK_D] query tile
-    q_pos,  # [BLOCK_M] int32 query positions in the sequence
-    k_base,  # [1, BLOCK_D] pointers to K of block 0 at this layer and KV head
-    block_table,  # pointer to this sequence's block-table row
-    lo,
-    hi,
-    mask_d,  # [BLOCK_D]
-    stride_block,
-    stride_kv,
-    stride_token,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Online-softmax update over keys [lo, hi); CAUSAL masks keys after each query."""
-    for tile_start in range(lo, hi, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        mask_n = tokens < hi
-        offsets = _kv_tile_offsets(
-            block_table, tokens, mask_n, stride_block, stride_token, BLOCK_SIZE
-        )
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offsets[:, None], mask=kv_mask, other=0.0)
-        v = tl.load(k_base + stride_kv + offsets[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if CAUSAL:
-            s = tl.where(tokens[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+from kernels.paged_decode import _attend_key_range, check_paged_args
 
 
 @jit

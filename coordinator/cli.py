@@ -67,6 +67,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="run N CPU workers instead of GPU workers (default 1 when no GPU)",
     )
+    p.add_argument("--overload-policy", default="recompute", help=serve["overload_policy"])
+    p.add_argument("--log-level", default="INFO")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    cache, sched, eng = (field_docs(c) for c in (CacheConfig, SchedulerConfig, EngineConfig))
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name, HF directory or .gguf file (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--block-size", type=int, default=16, help=cache["block_size"])
     p.add_argument(
         "--gpu-memory-utilization", type=float, default=0.9, help=cache["gpu_memory_utilization"]
@@ -84,9 +95,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--load-format", default="auto", choices=["auto", "dummy"], help=eng["load_format"]
     )
     p.add_argument("--attention-backend", default="auto", help=eng["attention_backend"])
-    p.add_argument("--overload-policy", default="recompute", help=serve["overload_policy"])
     p.add_argument("--seed", type=int, default=0, help=eng["seed"])
-    p.add_argument("--log-level", default="INFO")
 
 
 def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
@@ -179,6 +188,40 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_main(args: argparse.Namespace) -> int:
+    from workers.checkpoint.registry import resolve_model
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.bench == "kernels":
+        from kernels.bench import run_kernel_bench
+
+        run_kernel_bench(args.output_json)
+        return 0
+    from workers.bench import run_engine_bench
+
+    config = engine_config(args, resolve_model(args.model))
+    run_engine_bench(
+        config, _ints(args.batch_sizes), _ints(args.contexts), args.steps, args.output_json
+    )
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", required=True)
+    eng = sub.add_parser("engine", help="decode step time of one engine vs the HBM floor")
+    add_engine_args(eng)
+    eng.add_argument("--batch-sizes", default="1,8,64,128,256")
+    eng.add_argument("--contexts", default="1024,4096")
+    eng.add_argument("--steps", type=int, default=32, help="timed decode steps per point")
+    eng.add_argument("--output-json", default=None)
+    ker = sub.add_parser("kernels", help="Triton kernels vs torch SDPA and the HBM floor")
+    ker.add_argument("--output-json", default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "generate":
@@ -192,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kunserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_args(sub.add_parser("serve", help="serve a model over gRPC"))
+    add_bench_args(sub.add_parser("bench", help="benchmarks, each beside its floor or baseline"))
     sub.add_parser("generate", help="stream one completion from a server", add_help=False)
     sub.add_parser("replay", help="replay a request trace against a server", add_help=False)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_main(args)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     return serve_main(args)
 

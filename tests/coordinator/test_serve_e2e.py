@@ -72,16 +72,16 @@ def test_concurrent_greedy_equals_sequential(server: ServerProcess) -> None:
     async def body(stub):
         one_by_one = [await generate(stub, p, **params) for p in prompts]
         together = await asyncio.gather(*[generate(stub, p, **params) for p in prompts])
-        return one_by_one, together
+        return one_by_one, together, await stub.GetServerInfo(pb.GetServerInfoRequest())
 
-    one_by_one, together = run(_with_stub(server, body))
+    one_by_one, together, info = run(_with_stub(server, body))
     for a, b in zip(one_by_one, together, strict=True):
         assert a["finished"].reason == pb.FINISH_REASON_LENGTH
         assert len(a["tokens"]) == 32
         assert (a["tokens"], a["text"]) == (b["tokens"], b["text"])
     assert len({tuple(r["tokens"]) for r in together}) > 1  # different prompts, different outputs
     instances = {r["finished"].timing.instance_id for r in together}
-    assert instances == {0, 1}  # both workers served
+    assert instances == {i.instance_id for i in info.instances}  # every instance served
 
 
 def test_cancel_frees_blocks(server: ServerProcess) -> None:
@@ -211,13 +211,14 @@ def test_model_and_server_info(server: ServerProcess) -> None:
     assert (model.max_model_len, model.vocab_size, model.num_layers) == (512, 512, 5)
     assert list(model.eos_token_ids) == [2]
     assert '"model"' in model.tokenizer_json
-    assert [i.instance_id for i in info.instances] == [0, 1]
+    assert [i.instance_id for i in info.instances] == list(range(len(info.instances)))
     for inst in info.instances:
         assert inst.state == pb.INSTANCE_STATE_NORMAL
         assert list(inst.layer_range) == [0, 5]
-        # 1 GiB of float32 KV at 5 layers x 2 x 16 tokens x 4 heads x 8 dims x 4 bytes per block
-        assert inst.kv_blocks_total == 2**30 // 20480
+        # a float32 block: 5 layers x 2 (K, V) x 16 tokens x 4 heads x 8 dims x 4 bytes
         assert inst.kv_bytes_total == inst.kv_blocks_total * 20480
+        if inst.device.startswith("cpu"):
+            assert inst.kv_blocks_total == 2**30 // 20480  # --cpu-kv-cache-gb 1
 
 
 def test_metrics_endpoint(server: ServerProcess) -> None:

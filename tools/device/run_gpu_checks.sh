@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device run: install carried wheels, then GPU tests and benchmarks, logs under $OUT.
+# Usage on the device machine (repo root): bash tools/device/run_gpu_checks.sh [steps...]
+# steps: probe kernels-test kernels-bench engine-bench serve e2e (default: all)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+kunserve() { python3 -m coordinator.cli "$@"; }
+steps=${*:-probe kernels-test kernels-bench engine-bench serve e2e}
+for step in $steps; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    probe)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import torch, triton, google.protobuf as p, grpc, ray; print('torch', torch.__version__, 'triton', triton.__version__, 'protobuf', p.__version__, 'grpc', grpc.__version__, 'ray', ray.__version__)"
+      python3 -c "from proto.kunserve.v1 import inference_pb2; print('proto ok')" ;;
+    kernels-test)
+      timeout 300 python3 -m pytest -q -m gpu tests/kernels 2>&1 | tee "$OUT/kernels_test.log" | tail -15 ;;
+    kernels-bench)
+      timeout 300 python3 -m coordinator.cli bench kernels --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels_bench.log" ;;
+    engine-bench)
+      for backend in torch triton; do
+        timeout 240 python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy \
+          --attention-backend $backend --batch-sizes 1,64 --contexts 1024 --steps 16 \
+          --max-num-batched-tokens 8192 --output-json "$OUT/engine_$backend.json" 2>&1 | tee -a "$OUT/engine_bench.log"
+      done ;;
+    serve)
+      (python3 -m coordinator.cli serve --model llama-3-8b --load-format dummy --port 50051 \
+          --metrics-port 8000 >"$OUT/serve.log" 2>&1 &)
+      for i in $(seq 1 120); do grep -q "kunserve: serving" "$OUT/serve.log" && break; sleep 1; done
+      tail -3 "$OUT/serve.log"
+      python3 -m coordinator.cli generate --max-tokens 16 --temperature 0 "Once upon a time"; echo " [rc=$?]"
+      python3 -m coordinator.cli generate --max-tokens 0 "x"; echo " [rc=$? expected non-zero]"
+      python3 - <<'PY'
+import grpc
+from proto.kunserve.v1 import inference_pb2 as pb, inference_pb2_grpc as g
+s = g.InferenceServiceStub(grpc.insecure_channel("127.0.0.1:50051"))
+print(s.GetServerInfo(pb.GetServerInfoRequest()))
+PY
+      pkill -f "coordinator.cli serve"; sleep 3; ray stop --force >/dev/null 2>&1 ;;
+    e2e)
+      timeout 300 python3 -m pytest -q -m gpu tests/coordinator/test_serve_gpu.py 2>&1 | tee "$OUT/e2e_gpu.log" | tail -15 ;;
+  esac
+done

@@ -160,16 +160,22 @@ class LlamaModel(nn.Module):
         """Copies HuggingFace-named tensors into this stage's parameters.
 
         Tensors of layers outside ``[start, end)`` are skipped. Returns the names of the
-        parameters that were filled, so the loader can report any left empty.
+        parameters that were filled, so the loader can report any left empty; a fused
+        parameter (``qkv_proj``, ``gate_up_proj``) counts as filled only once all its shards are.
         """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        shards: dict[str, set[str]] = {}
         for name, tensor in weights:
             for target, shard in self.map_weight_name(name):
                 if target not in params:
                     continue
                 _copy_shard(params[target], tensor, shard, self.cfg)
-                loaded.add(target)
+                if shard is None:
+                    loaded.add(target)
+                else:
+                    shards.setdefault(target, set()).add(shard)
+        loaded.update(t for t, got in shards.items() if got == _shards_of(next(iter(got))))
         return loaded
 
     def map_weight_name(self, name: str) -> list[tuple[str, str | None]]:
@@ -203,6 +209,11 @@ _FUSED = {
     "mlp.gate_proj": "mlp.gate_up_proj",
     "mlp.up_proj": "mlp.gate_up_proj",
 }
+
+
+def _shards_of(shard: str) -> set[str]:
+    """All HF projections fused with ``shard`` (e.g. q, k and v for ``self_attn.k_proj``)."""
+    return {hf for hf, ours in _FUSED.items() if ours == _FUSED[shard]}
 
 
 def _copy_shard(param: torch.Tensor, tensor: torch.Tensor, shard: str | None, cfg: ModelConfig):

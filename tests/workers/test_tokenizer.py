@@ -109,7 +109,9 @@ def test_no_chat_template_is_an_invalid_request(tok: Tokenizer) -> None:
 
 def test_chat_template_errors_are_invalid_requests(stories_dir: Path) -> None:
     tok = Tokenizer(stories_dir)
-    tok.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    tok.chat_template = (
+        "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    )
     with pytest.raises(InvalidRequestError, match="user first") as err:
         tok.apply_chat_template([{"role": "assistant", "content": "Hi"}])
     assert err.value.field == "messages"

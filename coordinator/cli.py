@@ -36,14 +36,8 @@ def field_docs(cls: type) -> dict[str, str]:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     from coordinator.server import ServeConfig
 
-    cache, sched, eng, serve = (
-        field_docs(c) for c in (CacheConfig, SchedulerConfig, EngineConfig, ServeConfig)
-    )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"model name, HF directory or .gguf file (default {DEFAULT_MODEL})",
-    )
+    serve = field_docs(ServeConfig)
+    add_engine_args(p)
     p.add_argument("--served-model-name", default=None, help="name clients use (default: --model)")
     p.add_argument(
         "--address",

@@ -142,13 +142,16 @@ def _filter(
     top_p: torch.Tensor,  # [n] float32
     min_p: torch.Tensor,  # [n] float32
 ) -> torch.Tensor:
-    """Sets filtered-out logits to -inf; always keeps each row's most likely token."""
+    """Sets filtered-out logits to -inf; always keeps each row's most likely token.
+
+    Order: top-k, then top-p over the distribution renormalized to the top k, then min-p.
+    """
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    drop = ranks >= top_k[:, None]
-    probs = torch.softmax(sorted_logits, dim=-1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)  # renormalized over the top k, as vLLM and HF
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
+    drop = mass_before >= top_p[:, None]
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

@@ -55,12 +55,16 @@ def run_burst_replay(host: str, port: int, out_dir: Path, **overrides: Any) -> R
 def check_replay_result(result: ReplayResult) -> dict[str, Any]:
     """Asserts every request is accounted for and the outputs exist; returns the saved JSON.
 
-    Checks: each request finished or failed; completed + failed == requests planned; the JSON
+    Checks: each request finished or failed; completed + failed == requests planned; the
+    server counted exactly the planned prompt length of every completed request; the JSON
     agrees with the result and its error summary adds up to `failed`; the PNG is a real image.
     """
     m = result.metrics
     assert result.all_accounted, "some request neither finished nor failed"
     assert m.completed + m.failed == len(result.workload.requests) == len(result.records)
+    for record in result.records:
+        if record.success:
+            assert record.server_prompt_tokens == record.input_len, record.request_id
     assert result.result_path is not None and result.result_path.is_file()
     doc = json.loads(result.result_path.read_text())
     assert (doc["completed"], doc["failed"], doc["num_prompts"]) == (

@@ -132,3 +132,12 @@ def test_replay_cli_fails_cleanly_without_server(capsys: pytest.CaptureFixture[s
     argv = ["--port", "1", "--ready-timeout", "0.3", "--num-prompts", "1", "--disable-tqdm"]
     assert replay_main(argv) == 1
     assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_empty_window_is_an_input_error(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--port", str(fake_server.port), "--start", "830", "--duration", "10"]
+    assert replay_main([*argv, "--disable-tqdm"]) == 2
+    assert "[830, 840) s of azure-code holds no requests" in capsys.readouterr().err
+    assert fake_server.state.requests == []

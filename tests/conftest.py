@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; set before any test module imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.server_harness import ServerProcess, start_server
 

@@ -360,7 +360,8 @@ def test_resolve_hf_directory_as_is(tmp_path: Path) -> None:
 
 
 def test_resolve_unknown_name_lists_known_models(tmp_path: Path) -> None:
-    known = ["HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", "stories260K"]
+    known = ["HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", "llama-3-8b"]
+    known += ["qwen2.5-14b", "stories260K"]
     message = (
         "unknown model 'llama-9000': expected a directory with config.json, a .gguf file, "
         f"or one of {known}"

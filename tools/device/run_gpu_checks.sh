@@ -12,7 +12,6 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-kunserve() { python3 -m coordinator.cli "$@"; }
 steps=${*:-probe kernels-test kernels-bench engine-bench serve e2e}
 for step in $steps; do
   echo "=== $step $(date +%T)"
@@ -44,7 +43,16 @@ from proto.kunserve.v1 import inference_pb2 as pb, inference_pb2_grpc as g
 s = g.InferenceServiceStub(grpc.insecure_channel("127.0.0.1:50051"))
 print(s.GetServerInfo(pb.GetServerInfoRequest()))
 PY
+      if [ -n "${REPLAY_ARGS:-}" ]; then
+        timeout 330 python3 -m coordinator.cli replay --port 50051 $REPLAY_ARGS --disable-tqdm \
+          --save-result --result-dir "$OUT" --result-filename replay.json --plot "$OUT/replay.png" \
+          2>&1 | tee "$OUT/replay.log" | tail -45
+      fi
       pkill -f "coordinator.cli serve"; sleep 3; ray stop --force >/dev/null 2>&1 ;;
+    engine-bench-full)
+      timeout 300 python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy \
+        --batch-sizes 1,8,64,128,256 --contexts 1024,4096 --steps 16 --max-num-batched-tokens 8192 \
+        --output-json "$OUT/engine_full.json" 2>&1 | tee "$OUT/engine_full.log" ;;
     e2e)
       timeout 300 python3 -m pytest -q -m gpu tests/coordinator/test_serve_gpu.py 2>&1 | tee "$OUT/e2e_gpu.log" | tail -15 ;;
   esac

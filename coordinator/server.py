@@ -152,7 +152,7 @@ class CoordinatorServer:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=rank
                 ),
-            ).remote(rank, cfg.engine, me)
+            ).remote(rank, cfg.engine, me, cfg.use_gpu)
             for rank in range(cfg.num_workers)
         ]
         url = await self.workers[0].rendezvous_address.remote()

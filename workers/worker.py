@@ -53,11 +53,11 @@ class Worker:
     """Holds one engine. Two-phase start: construct (cheap), then ``init_distributed``, then
     ``load`` (model and KV cache), then ``start`` (the loop)."""
 
-    def __init__(self, rank: int, config: EngineConfig, coordinator: Any) -> None:
+    def __init__(self, rank: int, config: EngineConfig, coordinator: Any, use_gpu: bool) -> None:
         self.rank = rank
         self.config = config
         self.coordinator = coordinator
-        self.device = _pick_device()
+        self.device = _pick_device(use_gpu)
         if self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
         self.engine: Engine | None = None
@@ -176,10 +176,13 @@ class Worker:
         self.coordinator.push_outputs.remote(result)
 
 
-def _pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
-    return torch.device("cpu")
+def _pick_device(use_gpu: bool) -> torch.device:
+    """The configured device: a CPU worker stays on the CPU even where GPUs are visible."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("a GPU worker was placed where CUDA is not available")
+    return torch.device("cuda", 0)  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU
 
 
 def _describe(device: torch.device) -> str:
@@ -195,4 +198,3 @@ def _node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:
         return "127.0.0.1"
-

@@ -1,8 +1,10 @@
-"""The end-to-end suite against a server whose worker runs on a GPU (float32, stories260K)."""
+"""The end-to-end suite against a server whose worker runs on a GPU (float32, stories260K).
+
+The tests are test_serve_e2e's; the ``gpu`` marker makes the ``server`` fixture (conftest.py)
+start a GPU worker instead of two CPU workers.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,21 +19,5 @@ from tests.coordinator.test_serve_e2e import (  # noqa: F401 (collected here wit
     test_seeded_burst_completes_once_and_reproduces,
     test_unavailable_while_starting_then_serving,
 )
-from tests.server_harness import ServerProcess, start_server
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(
-        tmp_path_factory.mktemp("gpu-server"),
-        "--num-gpus",
-        "1",
-        "--dtype",
-        "float32",
-        "--gpu-memory-utilization",
-        "0.3",
-    )
-    yield proc
-    proc.stop()

@@ -8,6 +8,7 @@ the result document, so a saved JSON can be re-plotted later.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,20 @@ def _plot_load(ax: Axes, ts: dict[str, list]) -> None:
     arrivals = ts["arrivals"] or [0]
     ax.stairs(arrivals, edges, fill=True, color="#90caf9", label="arrivals (on schedule)")
     ax.stairs(ts["completions"] or [0], edges, color="#1b5e20", linewidth=1.5, label="completed")
-    if any(ts["failures"]):
-        ax.stairs(ts["failures"], edges, color="#e53935", linewidth=1.5, label="failed")
     ax.set_ylabel("requests / s")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, 1.15 * max(max(arrivals), max(ts["completions"] or [0]), 1))
+    handles, labels = ax.get_legend_handles_labels()
+    if any(ts["failures"]):
+        # Failures come in spikes (e.g. all at the drain cap): a cumulative count on their own
+        # axis keeps the arrival and completion rates readable.
+        cum = list(itertools.accumulate(ts["failures"]))
+        twin = ax.twinx()
+        twin.stairs(cum, edges, color="#e53935", linewidth=1.5, label="failed (cumulative)")
+        twin.set_ylabel("failed (cumulative)", color="#e53935")
+        twin.set_ylim(0, 1.15 * cum[-1])
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
 
 

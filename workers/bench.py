@@ -24,6 +24,8 @@ class DecodeResult:
     step_ms: float
     tokens_per_s: float
     floor_ms: float
+    mean_running: float  # requests actually decoding per timed step
+    preemptions: int  # during the whole point (prefill included)
 
     @property
     def vs_floor(self) -> float:
@@ -53,6 +55,7 @@ def bench_decode(
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     sampling = SamplingParams(temperature=0.0, ignore_eos=True)
     ids = [f"bench-{batch}-{context}-{i}" for i in range(batch)]
+    preempted_before = engine.scheduler.num_preemptions
     for rid in ids:
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
         engine.add_request(RequestSpec(rid, prompt, sampling, max_tokens=steps + 8))
@@ -65,10 +68,13 @@ def bench_decode(
         engine.step()  # warm-up decode steps
     _sync(engine.runner.device)
     t0 = time.perf_counter()
+    running = 0
     for _ in range(steps):
+        running += len(engine.scheduler.running)
         engine.step()
     _sync(engine.runner.device)
     elapsed = time.perf_counter() - t0
+    preemptions = engine.scheduler.num_preemptions - preempted_before
     for rid in ids:
         engine.abort(rid)
     runner = engine.runner
@@ -76,7 +82,9 @@ def bench_decode(
     kv_bytes = batch * (context + 4) * runner.block_bytes // runner.block_size
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth if bandwidth else 0.0
     step_ms = 1e3 * elapsed / steps
-    return DecodeResult(batch, context, step_ms, batch * steps / elapsed, floor_ms)
+    return DecodeResult(
+        batch, context, step_ms, running / elapsed, floor_ms, running / steps, preemptions
+    )
 
 
 def run_engine_bench(
@@ -94,7 +102,10 @@ def run_engine_bench(
         f"device {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
         f"KV blocks {engine.pool.num_blocks}"
     )
-    print(f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'tok/s':>10} {'floor ms':>9} {'x floor':>8}")
+    print(
+        f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'tok/s':>10} {'floor ms':>9} {'x floor':>8} "
+        f"{'running':>8} {'preempt':>8}"
+    )
     for ctx in contexts:
         for b in batches:
             need = b * engine.kv.blocks_needed(ctx + steps + 8)
@@ -105,7 +116,7 @@ def run_engine_bench(
             results.append(r)
             print(
                 f"{b:>6} {ctx:>6} {r.step_ms:>9.2f} {r.tokens_per_s:>10.1f} "
-                f"{r.floor_ms:>9.2f} {r.vs_floor:>8.2f}"
+                f"{r.floor_ms:>9.2f} {r.vs_floor:>8.2f} {r.mean_running:>8.1f} {r.preemptions:>8}"
             )
     if out_json:
         with open(out_json, "w") as f:

@@ -55,10 +55,13 @@ def bench_decode(
     gen = torch.Generator().manual_seed(batch * 7919 + context)
     sampling = SamplingParams(temperature=0.0, ignore_eos=True)
     ids = [f"bench-{batch}-{context}-{i}" for i in range(batch)]
+    # Requests whose prompt finished early decode while the others prefill: leave them room,
+    # so every request is still decoding through the timed steps.
+    max_new = decode_tokens_needed(engine, batch, context, steps)
     preempted_before = engine.scheduler.num_preemptions
     for rid in ids:
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-        engine.add_request(RequestSpec(rid, prompt, sampling, max_tokens=steps + 8))
+        engine.add_request(RequestSpec(rid, prompt, sampling, max_tokens=max_new))
     while any(
         r.num_computed_tokens < r.num_prompt_tokens
         for r in (*engine.scheduler.running, *engine.scheduler.waiting)
@@ -87,6 +90,13 @@ def bench_decode(
     )
 
 
+def decode_tokens_needed(engine: Engine, batch: int, context: int, steps: int) -> int:
+    """Tokens a request may generate before the timed steps end: the prefill steps of the whole
+    batch (budget-bound) plus warm-up and timed steps, with slack."""
+    prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens)
+    return prefill_steps + steps + 8
+
+
 def run_engine_bench(
     config: EngineConfig,
     batches: list[int],
@@ -108,7 +118,7 @@ def run_engine_bench(
     )
     for ctx in contexts:
         for b in batches:
-            need = b * engine.kv.blocks_needed(ctx + steps + 8)
+            need = b * engine.kv.blocks_needed(ctx + decode_tokens_needed(engine, b, ctx, steps))
             if need > engine.pool.num_blocks:
                 print(f"{b:>6} {ctx:>6}   skipped: needs {need} KV blocks")
                 continue

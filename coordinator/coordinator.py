@@ -7,6 +7,7 @@ handles (``.add_requests.remote``, ``.abort.remote``, ``.stats.remote``), so tes
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -190,6 +191,26 @@ class Coordinator:
         if fin.reason is FinishReason.ABORT:
             logger.debug("request %s aborted", state.request_id)
 
+    async def monitor(self, interval_s: float, timeout_s: float = 30.0) -> None:
+        """Samples every live instance's load each ``interval_s``; an instance whose worker
+        fails to answer (dead actor, or ``timeout_s`` without a reply) is failed."""
+        while True:
+            live = [i for i in self.instances if i.state is not InstanceState.FAILED]
+            replies = await asyncio.gather(
+                *[asyncio.wait_for(_awaitable(i.leader.stats.remote()), timeout_s) for i in live],
+                return_exceptions=True,
+            )
+            for inst, reply in zip(live, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    logger.error("instance %d failed: %r", inst.instance_id, reply)
+                    self.fail_instance(
+                        inst,
+                        f"worker of instance {inst.instance_id} failed: {type(reply).__name__}",
+                    )
+                else:
+                    inst.stats = reply
+            await asyncio.sleep(interval_s)
+
     def fail_instance(self, inst: Instance, error: str) -> None:
         """Ends every live request of an instance whose worker died (INTERNAL to their clients)."""
         inst.state = InstanceState.FAILED
@@ -200,3 +221,8 @@ class Coordinator:
             fin.error = error
             state.queue.put_nowait(fin)
             self._release(state, fin, notify_worker=False)
+
+
+async def _awaitable(ref: Any) -> Any:
+    """Awaits a Ray ObjectRef (or any awaitable) inside ``asyncio.wait_for``."""
+    return await ref

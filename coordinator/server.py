@@ -29,6 +29,9 @@ from workers.worker import StepResult, Worker, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
+LOAD_SAMPLE_INTERVAL_S = 0.5
+"""How often the coordinator samples every instance's load (KunServe samples demand at 0.5 s)."""
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -125,6 +128,7 @@ class CoordinatorServer:
             self.core.attach(self.workers, infos)
             await set_serving(self.health, True)
             self._ready.set_result(True)
+            self._monitor_task = asyncio.ensure_future(self.core.monitor(LOAD_SAMPLE_INTERVAL_S))
             logger.info(
                 "serving %s on %s:%d with %d instance(s)",
                 cfg.served_model_name,

@@ -26,11 +26,13 @@ logger = logging.getLogger(__name__)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    samples: bool = field(init=False)
+    """True when this step computes the request's last pending token, so it samples one. Fixed
+    at scheduling time: ``update`` advances ``num_computed_tokens`` afterwards."""
 
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last pending token, so it samples one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        r = self.request
+        self.samples = r.num_computed_tokens + self.num_new_tokens == r.num_tokens
 
 
 @dataclass

@@ -1,0 +1,180 @@
+"""The coordinator core without Ray: routing, admission, output ordering, stop strings, abort,
+and failing the requests of a dead worker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.coordinator import (
+    Coordinator,
+    InstanceState,
+    OverloadedError,
+    ServerUnavailableError,
+)
+from coordinator.metrics import Metrics
+from coordinator.request_state import Delta, Finished
+from coordinator.validation import ModelLimits, ParsedRequest
+from workers.engine import EngineStats
+from workers.request import FinishReason, SamplingParams
+from workers.scheduler import RequestOutput
+from workers.tokenizer import Tokenizer
+from workers.worker import StepResult, WorkerInfo
+
+STORIES = Path(__file__).parents[1] / "fixtures" / "stories260K"
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.calls: list = []
+
+    def remote(self, *args):
+        self.calls.append(args)
+        return self.fn(*args)
+
+
+class FakeWorker:
+    """Records actor calls; ``stats`` answers from ``self.stats_value`` or raises ``dead``."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self.stats_value = stats
+        self.dead: BaseException | None = None
+        self.add_requests = _Method(lambda specs: None)
+        self.abort = _Method(lambda ids: None)
+        self.stats = _Method(self._stats)
+
+    async def _stats(self) -> EngineStats:
+        if self.dead is not None:
+            raise self.dead
+        return self.stats_value
+
+
+def make_stats(total: int = 100, waiting: int = 0) -> EngineStats:
+    return EngineStats(
+        num_running=0,
+        num_waiting=waiting,
+        kv_blocks_total=total,
+        kv_blocks_used=0,
+        kv_block_bytes=20480,
+        kv_demand_blocks=0,
+        num_preemptions=0,
+    )
+
+
+def make_coordinator(n: int = 2, max_waiting: int = 8, totals=(100, 100)):
+    tok = Tokenizer(STORIES)
+    core = Coordinator(
+        tok,
+        ModelLimits("stories", 512, 512),
+        Metrics("stories"),
+        block_size=16,
+        max_waiting=max_waiting,
+        overload_policy="recompute",
+    )
+    workers = [FakeWorker(make_stats(totals[i])) for i in range(n)]
+    infos = [WorkerInfo(i, "cpu", (0, 5), 512, make_stats(totals[i])) for i in range(n)]
+    core.attach(workers, infos)
+    return core, workers
+
+
+def parsed(n_tokens: int, **sampling) -> ParsedRequest:
+    return ParsedRequest([1] + [300] * (n_tokens - 1), SamplingParams(**sampling), 16, True)
+
+
+def drain(state) -> list:
+    events = []
+    while not state.queue.empty():
+        events.append(state.queue.get_nowait())
+    return events
+
+
+def step(rank: int, seq: int, outputs: list[RequestOutput]) -> StepResult:
+    return StepResult(rank, seq, outputs, make_stats())
+
+
+def test_routes_to_lowest_kv_demand_fraction() -> None:
+    core, workers = make_coordinator(totals=(100, 50))
+    a = core.submit("a", parsed(160))  # 10 blocks -> instance 0 (tie on 0 demand: lower id)
+    b = core.submit("b", parsed(16))  # 0 (10/100) vs 1 (0/50): instance 1
+    c = core.submit("c", parsed(96))  # 0: 10/100 = 0.10, 1: 1/50 = 0.02 -> 1
+    d = core.submit("d", parsed(16))  # 0: 0.10, 1: 7/50 = 0.14 -> 0
+    assert [s.instance_id for s in (a, b, c, d)] == [0, 1, 1, 0]
+    assert [call[0][0].request_id for call in workers[1].add_requests.calls] == ["b", "c"]
+
+
+def test_admission_and_unavailable() -> None:
+    core, _ = make_coordinator(max_waiting=3)
+    core.instances[0].stats = make_stats(waiting=2)
+    core.instances[1].stats = make_stats(waiting=1)
+    with pytest.raises(OverloadedError, match="3 requests are waiting"):
+        core.submit("x", parsed(4))
+    core.ready = False
+    with pytest.raises(ServerUnavailableError):
+        core.submit("y", parsed(4))
+
+
+def test_duplicate_request_id_is_invalid() -> None:
+    core, _ = make_coordinator()
+    core.submit("same", parsed(4))
+    with pytest.raises(ValueError, match="request_id"):
+        core.submit("same", parsed(4))
+
+
+def test_pushes_apply_in_step_order() -> None:
+    core, _ = make_coordinator()
+    state = core.submit("r", parsed(4))
+    core.on_step(step(0, 2, [RequestOutput("r", [401])]))
+    assert drain(state) == []  # step 2 waits for step 1
+    core.on_step(step(0, 1, [RequestOutput("r", [400])]))
+    assert [e.token_ids for e in drain(state)] == [[400], [401]]
+
+
+def test_stop_string_finishes_here_and_aborts_on_worker() -> None:
+    core, workers = make_coordinator()
+    tok = core.tokenizer
+    state = core.submit("s", parsed(4, stop=("Lily",)))
+    text_ids = tok.encode("there was a girl named Lily who", add_special_tokens=False)
+    for i, t in enumerate(text_ids):
+        core.on_step(step(0, i + 1, [RequestOutput("s", [t])]))
+        if "s" not in core.requests:
+            break
+    events = drain(state)
+    fin = events[-1]
+    assert isinstance(fin, Finished) and fin.reason is FinishReason.STOP
+    assert fin.stop_string == "Lily"
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    assert text.endswith("named ") and "Lily" not in text
+    assert workers[0].abort.calls == [(["s"],)]
+
+
+def test_abort_finishes_stream_and_frees_on_worker() -> None:
+    core, workers = make_coordinator()
+    state = core.submit("a", parsed(4))
+    assert core.abort(["a", "unknown"]) == ["a"]
+    (fin,) = drain(state)
+    assert fin.reason is FinishReason.ABORT
+    assert workers[0].abort.calls == [(["a"],)]
+    assert core.instances[0].live == set()
+
+
+def test_dead_worker_fails_its_requests_and_stops_routing_there() -> None:
+    core, workers = make_coordinator()
+    on_0 = core.submit("a", parsed(16))
+    on_1 = core.submit("b", parsed(16))
+    assert (on_0.instance_id, on_1.instance_id) == (0, 1)
+    workers[1].dead = RuntimeError("actor died")
+
+    async def one_round() -> None:
+        task = asyncio.ensure_future(core.monitor(interval_s=10.0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(one_round())
+    assert core.instances[1].state is InstanceState.FAILED
+    (fin,) = drain(on_1)
+    assert fin.reason is FinishReason.ABORT and "instance 1" in fin.error
+    assert drain(on_0) == []  # the other instance's request keeps running
+    assert core.submit("c", parsed(4)).instance_id == 0

@@ -91,40 +91,20 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.model_name = model_name
         r, m, mi = self.registry, ["model_name"], ["model_name", "instance"]
-        self.ttft = Histogram(
-            P + "time_to_first_token_seconds",
-            "Time to first token.",
-            m,
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            P + "inter_token_latency_seconds",
-            "Time between tokens.",
-            m,
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            P + "request_time_per_output_token_seconds",
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(P + name, doc, m, buckets=buckets, registry=r)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens.", ITL_BUCKETS)
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds",
             "Per-request mean time per output token after the first.",
-            m,
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
-        self.e2e = Histogram(
-            P + "e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            m,
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
-        self.queue_time = Histogram(
-            P + "request_queue_time_seconds",
-            "Arrival to first scheduled.",
-            m,
-            buckets=E2E_BUCKETS,
-            registry=r,
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end latency.", E2E_BUCKETS)
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled.", E2E_BUCKETS
         )
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prefill tokens.", m, registry=r)
         self.generation_tokens = Counter(

@@ -8,7 +8,6 @@ handles (``.add_requests.remote``, ``.abort.remote``, ``.stats.remote``), so tes
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 from coordinator.metrics import Metrics
 from coordinator.request_state import Delta, Finished, RequestState
 from coordinator.validation import ModelLimits, ParsedRequest
+from planner.types import InstanceState
 from workers.engine import EngineStats, RequestSpec
 from workers.request import FinishReason, InvalidRequestError
 from workers.tokenizer import Tokenizer
@@ -31,15 +31,6 @@ class ServerUnavailableError(RuntimeError):
 
 class OverloadedError(RuntimeError):
     """Admission control refused the request (maps to RESOURCE_EXHAUSTED)."""
-
-
-class InstanceState(enum.Enum):
-    STARTING = "starting"
-    NORMAL = "normal"
-    DROPPING = "dropping"
-    PIPELINED = "pipelined"
-    RESTORING = "restoring"
-    FAILED = "failed"
 
 
 @dataclass

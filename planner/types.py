@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 
 class InstanceState(enum.Enum):
-    """Serving mode of one instance; the values match ``coordinator.coordinator.InstanceState``."""
+    """Serving mode of one instance (the coordinator's state machine uses this type)."""
 
     STARTING = "starting"
     NORMAL = "normal"

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.coordinator import (
-    Coordinator,
-    InstanceState,
-    OverloadedError,
-    ServerUnavailableError,
-)
+from coordinator.coordinator import Coordinator, OverloadedError, ServerUnavailableError
 from coordinator.metrics import Metrics
 from coordinator.request_state import Delta, Finished
 from coordinator.validation import ModelLimits, ParsedRequest
+from planner.types import InstanceState
 from workers.engine import EngineStats
 from workers.request import FinishReason, SamplingParams
 from workers.scheduler import RequestOutput

@@ -17,6 +17,10 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: prefix sums of query lengths
     max_query_len: int
     max_seq_len: int
+    decode_num_splits: int | None = None
+    """Flash-decoding context splits for a decode-only step (1..64); None lets the kernel
+    choose from the batch size and the block-table width. A captured CUDA graph fixes it at
+    capture (workers/cuda_graphs.py), so a replay launches the same grid it recorded."""
 
     @property
     def num_seqs(self) -> int:

@@ -90,6 +90,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attention-backend", default="auto", help=eng["attention_backend"])
     p.add_argument("--seed", type=int, default=0, help=eng["seed"])
+    p.add_argument("--enforce-eager", action="store_true", help=eng["enforce_eager"])
 
 
 def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
@@ -111,6 +112,7 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
             max_waiting=args.max_waiting,
         ),
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -195,7 +197,13 @@ def bench_main(args: argparse.Namespace) -> int:
 
     config = engine_config(args, resolve_model(args.model))
     run_engine_bench(
-        config, _ints(args.batch_sizes), _ints(args.contexts), args.steps, args.output_json
+        config,
+        _ints(args.batch_sizes),
+        _ints(args.contexts),
+        args.steps,
+        args.output_json,
+        prefill=not args.no_prefill,
+        hf=not args.no_hf,
     )
     return 0
 
@@ -206,12 +214,22 @@ def _ints(text: str) -> list[int]:
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True)
-    eng = sub.add_parser("engine", help="decode step time of one engine vs the HBM floor")
+    eng = sub.add_parser(
+        "engine",
+        help="decode step time vs the HBM floor (and eager, with CUDA graphs), prefill "
+        "TFLOP/s vs the bf16 matmul rate, decode vs HF transformers",
+    )
     add_engine_args(eng)
     eng.add_argument("--batch-sizes", default="1,8,64,128,256")
     eng.add_argument("--contexts", default="1024,4096")
     eng.add_argument("--steps", type=int, default=32, help="timed decode steps per point")
     eng.add_argument("--output-json", default=None)
+    eng.add_argument(
+        "--no-prefill", action="store_true", help="skip prefill at 8k tokens (1x8192, 8x1024)"
+    )
+    eng.add_argument(
+        "--no-hf", action="store_true", help="skip the HF transformers decode baseline"
+    )
     ker = sub.add_parser("kernels", help="Triton kernels vs torch SDPA and the HBM floor")
     ker.add_argument("--output-json", default=None)
 
@@ -226,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         from client.replay.cli import replay_main
 
         return replay_main(argv[1:])
+    if argv and argv[0] == "admin":
+        from coordinator.admin_cli import admin_main
+
+        return admin_main(argv[1:])
     parser = argparse.ArgumentParser(prog="kunserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_args(sub.add_parser("serve", help="serve a model over gRPC"))

@@ -1,20 +1,36 @@
-"""``kunserve bench engine``: decode step time of one engine, beside the HBM floor.
+"""``kunserve bench engine``: one engine's decode and prefill, each beside a floor or a baseline
+measured in the same run.
 
-The floor is the bytes a decode step must read (all weights plus every request's KV) over the
-copy bandwidth measured in the same run (a device-to-device copy, bytes read plus written).
+- Decode step time beside the HBM floor: the bytes a decode step must read (all weights plus
+  every request's KV) over the copy bandwidth measured in the same run (a device-to-device
+  copy, bytes read plus written). With CUDA graphs captured, every point is timed a second
+  time with the graphs bypassed (``ModelRunner.eager``) on the same engine and requests.
+- Prefill throughput at 8k tokens (1 x 8192 and 8 x 1024) in tokens/s and TFLOP/s, beside
+  the bf16 rate of an 8192^3 ``torch.matmul`` measured in the same run.
+- HF transformers baseline: a ``LlamaForCausalLM`` built from the same ``config.json`` with
+  random weights in the engine's dtype, its decode step at batch 1 and 64 with 1k context,
+  beside ours. It runs before the engine is built, so both never hold GPU memory at once.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from workers.config import EngineConfig
+from workers.config import EngineConfig, ModelConfig, parse_dtype
 from workers.engine import Engine, RequestSpec
 from workers.request import SamplingParams
+
+HF_POINTS = ((1, 1024), (64, 1024))
+"""(batch, context) points of the HF transformers baseline."""
+PREFILL_SHAPES = ((1, 8192), (8, 1024))
+"""(prompts, tokens per prompt) of the prefill points: 8192 tokens each."""
+WARMUP_STEPS = 2
 
 
 @dataclass
@@ -26,10 +42,51 @@ class DecodeResult:
     floor_ms: float
     mean_running: float  # requests actually decoding per timed step
     preemptions: int  # during the whole point (prefill included)
+    eager_step_ms: float | None = None  # the same point with CUDA graphs bypassed
 
     @property
     def vs_floor(self) -> float:
         return self.step_ms / self.floor_ms if self.floor_ms else float("nan")
+
+    @property
+    def graph_speedup(self) -> float:
+        """Eager step time over graph step time (nan without graphs)."""
+        return self.eager_step_ms / self.step_ms if self.eager_step_ms else float("nan")
+
+
+@dataclass
+class PrefillResult:
+    num_seqs: int
+    prompt_len: int  # tokens per prompt
+    seconds: float  # mean wall time from adding the prompts to their first token
+    flops: float  # model FLOPs of the prefill (prefill_flops)
+    matmul_flops_per_s: float  # bf16 8192^3 matmul rate, same run
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_seqs * self.prompt_len / self.seconds
+
+    @property
+    def tflops_per_s(self) -> float:
+        return self.flops / self.seconds / 1e12
+
+    @property
+    def vs_matmul(self) -> float:
+        """Achieved FLOP/s over the matmul rate (a model-FLOPs utilization)."""
+        return self.flops / self.seconds / self.matmul_flops_per_s
+
+
+@dataclass
+class HfResult:
+    batch: int
+    context: int
+    hf_step_ms: float
+    ours_step_ms: float
+
+    @property
+    def speedup(self) -> float:
+        """HF step time over ours: how many times faster our decode step is."""
+        return self.hf_step_ms / self.ours_step_ms
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
@@ -47,28 +104,64 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * src.numel() * src.element_size() * iters / (time.perf_counter() - t0)
 
 
-def bench_decode(
-    engine: Engine, batch: int, context: int, steps: int, bandwidth: float
-) -> DecodeResult:
-    """Fills ``batch`` requests with ``context`` prompt tokens, then times ``steps`` decode steps."""
+def matmul_flops_per_s(device: torch.device, n: int = 8192, iters: int = 10) -> float:
+    """FLOP/s of an ``n x n x n`` bf16 ``torch.matmul`` on random data (2 n^3 per product)."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        torch.matmul(a, b)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        torch.matmul(a, b)
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def prefill_flops(cfg: ModelConfig, prompt_lens: list[int]) -> float:
+    """FLOPs of prefilling ``prompt_lens`` (tokens each) and sampling one token per prompt.
+
+    ``2 * params * tokens`` for the decoder layers' matmuls (q/k/v, o, gate/up, down), plus
+    the LM head once per prompt, plus causal attention: ``QK^T`` and ``PV`` cost ``2 * d``
+    each per (query, key) pair, and a prompt of L tokens has ``L (L + 1) / 2`` pairs per head
+    and layer, so ``2 * layers * heads * d * L (L + 1)`` in all.
+    """
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
+    tokens = sum(prompt_lens)
+    dense = 2 * cfg.num_layers * layer_params * tokens + 2 * h * cfg.vocab_size * len(prompt_lens)
+    attn = sum(2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) for n in prompt_lens)
+    return float(dense + attn)
+
+
+def _random_prompt(vocab: int, length: int, gen: torch.Generator) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=gen).tolist()
+
+
+def bench_prefill(engine: Engine, num_seqs: int, prompt_len: int, reps: int = 3) -> float:
+    """Mean seconds from adding ``num_seqs`` random prompts of ``prompt_len`` tokens (one
+    output token each) until all finish, after one untimed warm-up run."""
     vocab = engine.runner.model_config.vocab_size
-    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    gen = torch.Generator().manual_seed(num_seqs * 31 + prompt_len)
     sampling = SamplingParams(temperature=0.0, ignore_eos=True)
-    ids = [f"bench-{batch}-{context}-{i}" for i in range(batch)]
-    # Requests whose prompt finished early decode while the others prefill: leave them room,
-    # so every request is still decoding through the timed steps.
-    max_new = decode_tokens_needed(engine, batch, context, steps)
-    preempted_before = engine.scheduler.num_preemptions
-    for rid in ids:
-        prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-        engine.add_request(RequestSpec(rid, prompt, sampling, max_tokens=max_new))
-    while any(
-        r.num_computed_tokens < r.num_prompt_tokens
-        for r in (*engine.scheduler.running, *engine.scheduler.waiting)
-    ):
+    times = []
+    for rep in range(reps + 1):
+        prompts = [_random_prompt(vocab, prompt_len, gen) for _ in range(num_seqs)]
+        _sync(engine.runner.device)
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            engine.add_request(RequestSpec(f"prefill-{rep}-{i}", prompt, sampling, max_tokens=1))
+        while engine.has_work:
+            engine.step()
+        _sync(engine.runner.device)
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / reps
+
+
+def _timed_steps(engine: Engine, steps: int) -> tuple[float, int]:
+    """Runs warm-up then ``steps`` timed steps; returns (seconds, request-steps decoded)."""
+    for _ in range(WARMUP_STEPS):
         engine.step()
-    for _ in range(2):
-        engine.step()  # warm-up decode steps
     _sync(engine.runner.device)
     t0 = time.perf_counter()
     running = 0
@@ -76,7 +169,35 @@ def bench_decode(
         running += len(engine.scheduler.running)
         engine.step()
     _sync(engine.runner.device)
-    elapsed = time.perf_counter() - t0
+    return time.perf_counter() - t0, running
+
+
+def bench_decode(
+    engine: Engine, batch: int, context: int, steps: int, bandwidth: float
+) -> DecodeResult:
+    """Fills ``batch`` requests with ``context`` prompt tokens, then times ``steps`` decode
+    steps (and ``steps`` more with CUDA graphs bypassed, when the engine captured them)."""
+    vocab = engine.runner.model_config.vocab_size
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
+    ids = [f"bench-{batch}-{context}-{i}" for i in range(batch)]
+    graphs = engine.runner.cuda_graphs is not None
+    # Requests whose prompt finished early decode while the others prefill: leave them room,
+    # so every request is still decoding through the timed steps.
+    max_new = decode_tokens_needed(engine, batch, context, steps, phases=2 if graphs else 1)
+    preempted_before = engine.scheduler.num_preemptions
+    for rid in ids:
+        engine.add_request(RequestSpec(rid, _random_prompt(vocab, context, gen), sampling, max_new))
+    while any(
+        r.num_computed_tokens < r.num_prompt_tokens
+        for r in (*engine.scheduler.running, *engine.scheduler.waiting)
+    ):
+        engine.step()
+    elapsed, running = _timed_steps(engine, steps)
+    eager_ms = None
+    if graphs:
+        with engine.runner.eager():
+            eager_ms = 1e3 * _timed_steps(engine, steps)[0] / steps
     preemptions = engine.scheduler.num_preemptions - preempted_before
     for rid in ids:
         engine.abort(rid)
@@ -86,15 +207,67 @@ def bench_decode(
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth if bandwidth else 0.0
     step_ms = 1e3 * elapsed / steps
     return DecodeResult(
-        batch, context, step_ms, running / elapsed, floor_ms, running / steps, preemptions
+        batch, context, step_ms, running / elapsed, floor_ms, running / steps, preemptions, eager_ms
     )
 
 
-def decode_tokens_needed(engine: Engine, batch: int, context: int, steps: int) -> int:
+def decode_tokens_needed(
+    engine: Engine, batch: int, context: int, steps: int, phases: int = 1
+) -> int:
     """Tokens a request may generate before the timed steps end: the prefill steps of the whole
-    batch (budget-bound) plus warm-up and timed steps, with slack."""
+    batch (budget-bound) plus ``phases`` rounds of warm-up and timed steps, with slack."""
     prefill_steps = -(-batch * context // engine.config.scheduler.max_num_batched_tokens)
-    return prefill_steps + steps + 8
+    return prefill_steps + phases * (steps + WARMUP_STEPS) + 8
+
+
+@torch.inference_mode()
+def hf_decode_step_ms(model: torch.nn.Module, batch: int, context: int, steps: int) -> float:
+    """Mean ms of one greedy decode step of a HF causal LM at ``batch`` x ``context``.
+
+    Prefills random prompts into the model's own KV cache (``DynamicCache``, as ``generate``
+    uses), then times ``steps`` steps of forward + argmax + reading the tokens back to the host
+    (``generate`` reads them each step too, for its stopping check), after 2 warm-up steps.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    del out
+    for i in range(WARMUP_STEPS + steps):
+        if i == WARMUP_STEPS:
+            _sync(device)
+            t0 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        token.tolist()
+    _sync(device)
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def hf_baseline(
+    config: EngineConfig, device: torch.device, points: tuple[tuple[int, int], ...], steps: int
+) -> dict[tuple[int, int], float]:
+    """HF ``LlamaForCausalLM(LlamaConfig(**config.json))`` with random weights in the engine's
+    dtype on ``device``: its decode step ms at each (batch, context). Frees the model and its
+    cache before returning. Raises ImportError without transformers."""
+    import transformers
+
+    raw = json.loads((Path(config.model_path) / "config.json").read_text())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(parse_dtype(config.dtype, str(device)))
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    try:
+        return {p: hf_decode_step_ms(model, *p, steps) for p in points}
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def run_engine_bench(
@@ -103,43 +276,125 @@ def run_engine_bench(
     contexts: list[int],
     steps: int = 32,
     out_json: str | None = None,
+    prefill: bool = True,
+    hf: bool = True,
 ) -> list[DecodeResult]:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    engine = Engine(config, device)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else 0.0
-    results = []
+    hf_ms = _hf_section(config, device, steps) if hf else {}
+    engine = Engine(config, device)
+    graphs = engine.runner.cuda_graphs
     print(
         f"device {device}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-        f"KV blocks {engine.pool.num_blocks}"
+        f"KV blocks {engine.pool.num_blocks}; CUDA graphs "
+        + (f"for decode batches {graphs.sizes}" if graphs else "off (eager)")
     )
+    results = _decode_grid(engine, batches, contexts, steps, bandwidth)
+    hf_results = _compare_hf(engine, hf_ms, results, steps, bandwidth)
+    prefills = _prefill_section(engine, device) if prefill else []
+    if out_json:
+        report = {
+            "bandwidth_Bps": bandwidth,
+            "device": str(device),
+            "cuda_graph_sizes": graphs.sizes if graphs else [],
+            "results": [
+                asdict(r) | {"vs_floor": r.vs_floor, "graph_speedup": r.graph_speedup}
+                for r in results
+            ],
+            "prefill": [asdict(p) | {"vs_matmul": p.vs_matmul} for p in prefills],
+            "hf": [asdict(h) | {"speedup": h.speedup} for h in hf_results],
+        }
+        Path(out_json).write_text(json.dumps(report, indent=2))
+    return results
+
+
+def _decode_grid(
+    engine: Engine, batches: list[int], contexts: list[int], steps: int, bandwidth: float
+) -> list[DecodeResult]:
+    results = []
     print(
         f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'tok/s':>10} {'floor ms':>9} {'x floor':>8} "
-        f"{'running':>8} {'preempt':>8}"
+        f"{'running':>8} {'preempt':>8} {'eager ms':>9} {'graph x':>8}"
     )
     for ctx in contexts:
         for b in batches:
-            need = b * engine.kv.blocks_needed(ctx + decode_tokens_needed(engine, b, ctx, steps))
+            phases = 2 if engine.runner.cuda_graphs else 1
+            tokens = ctx + decode_tokens_needed(engine, b, ctx, steps, phases)
+            need = b * engine.kv.blocks_needed(tokens)
             if need > engine.pool.num_blocks:
                 print(f"{b:>6} {ctx:>6}   skipped: needs {need} KV blocks")
                 continue
             r = bench_decode(engine, b, ctx, steps, bandwidth)
             results.append(r)
+            eager = f"{r.eager_step_ms:>9.2f}" if r.eager_step_ms else f"{'-':>9}"
             print(
                 f"{b:>6} {ctx:>6} {r.step_ms:>9.2f} {r.tokens_per_s:>10.1f} "
-                f"{r.floor_ms:>9.2f} {r.vs_floor:>8.2f} {r.mean_running:>8.1f} {r.preemptions:>8}"
-            )
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(
-                {
-                    "bandwidth_Bps": bandwidth,
-                    "device": str(device),
-                    "results": [asdict(r) | {"vs_floor": r.vs_floor} for r in results],
-                },
-                f,
-                indent=2,
+                f"{r.floor_ms:>9.2f} {r.vs_floor:>8.2f} {r.mean_running:>8.1f} {r.preemptions:>8} "
+                f"{eager} {r.graph_speedup:>8.2f}"
             )
     return results
+
+
+def _hf_section(
+    config: EngineConfig, device: torch.device, steps: int
+) -> dict[tuple[int, int], float]:
+    """The HF baseline, or {} (with the reason printed) when it cannot run here."""
+    if device.type != "cuda":
+        print("HF transformers baseline: skipped (CUDA only)")
+        return {}
+    try:
+        return hf_baseline(config, device, HF_POINTS, steps)
+    except Exception as e:  # the bench still reports everything else
+        print(f"HF transformers baseline: skipped ({type(e).__name__}: {e})")
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {}
+
+
+def _compare_hf(
+    engine: Engine,
+    hf_ms: dict[tuple[int, int], float],
+    results: list[DecodeResult],
+    steps: int,
+    bandwidth: float,
+) -> list[HfResult]:
+    """Prints ours beside HF at each HF point, running our point if the grid skipped it."""
+    out = []
+    for (batch, ctx), hf_step in hf_ms.items():
+        ours = next((r for r in results if (r.batch, r.context) == (batch, ctx)), None)
+        if ours is None:
+            ours = bench_decode(engine, batch, ctx, steps, bandwidth)
+        h = HfResult(batch, ctx, hf_step, ours.step_ms)
+        out.append(h)
+        print(
+            f"HF transformers decode step, batch {batch}, ctx {ctx}: HF {h.hf_step_ms:.2f} ms, "
+            f"ours {h.ours_step_ms:.2f} ms; HF / ours {h.speedup:.2f}"
+        )
+    return out
+
+
+def _prefill_section(engine: Engine, device: torch.device) -> list[PrefillResult]:
+    """Prefill throughput at each PREFILL_SHAPES point beside the matmul rate (CUDA only)."""
+    if device.type != "cuda":
+        print("prefill: skipped (CUDA only: its ceiling is the bf16 matmul rate)")
+        return []
+    rate = matmul_flops_per_s(device)
+    budget = engine.config.scheduler.max_num_batched_tokens
+    print(f"bf16 matmul 8192^3: {rate / 1e12:.1f} TFLOP/s; step token budget {budget}")
+    out = []
+    for num_seqs, length in PREFILL_SHAPES:
+        if length > engine.max_model_len:
+            print(f"prefill {num_seqs} x {length}: skipped (max_model_len {engine.max_model_len})")
+            continue
+        seconds = bench_prefill(engine, num_seqs, length)
+        flops = prefill_flops(engine.runner.model_config, [length] * num_seqs)
+        p = PrefillResult(num_seqs, length, seconds, flops, rate)
+        out.append(p)
+        print(
+            f"prefill {num_seqs} x {length}: {1e3 * seconds:.1f} ms, {p.tokens_per_s:,.0f} tok/s, "
+            f"{p.tflops_per_s:.1f} TFLOP/s = {p.vs_matmul:.2f} x matmul"
+        )
+    return out
 
 
 def _sync(device: torch.device) -> None:

@@ -185,6 +185,9 @@ class EngineConfig:
     """Seed of the sampler for requests without their own seed."""
     cpu_threads: int = 1
     """torch threads per CPU worker."""
+    enforce_eager: bool = False
+    """Run every step eagerly: capture no CUDA graphs for decode steps (graphs are captured
+    only on CUDA with the triton attention backend; CPU workers are always eager)."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

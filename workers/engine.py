@@ -55,6 +55,7 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = load_eos_token_ids(config.model_path)
         self._init_kv_cache()
+        self.runner.capture_cuda_graphs()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._last_step = (0.0, 0)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,6 +14,7 @@ import torch
 from attention.backends import get_backend
 from attention.metadata import AttentionMetadata
 from workers.config import EngineConfig, ModelConfig, parse_dtype
+from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.model_loader import build_model
 from workers.request import Request, SamplingParams
@@ -18,6 +22,20 @@ from workers.sampler import Sampler, TokenLogprobs
 from workers.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HostInputs:
+    """One step's inputs as host lists, before they reach the device."""
+
+    input_ids: list[int] = field(default_factory=list)  # [num_tokens]
+    positions: list[int] = field(default_factory=list)  # [num_tokens]
+    slot_mapping: list[int] = field(default_factory=list)  # [num_tokens]
+    query_lens: list[int] = field(default_factory=list)  # [num_seqs] new tokens per request
+    seq_lens: list[int] = field(default_factory=list)  # [num_seqs] context incl. new tokens
+    block_tables: list[list[int]] = field(default_factory=list)  # [num_seqs][blocks]
+    logits_indices: list[int] = field(default_factory=list)  # [num_sampling]
+    sampling_requests: list[Request] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +72,9 @@ class ModelRunner:
         )
         self.sampler = Sampler(device, config.seed)
         self.kv_cache = torch.empty(0, device=device)
+        self.cuda_graphs: CudaGraphRunner | None = None
+        """Captured decode graphs (:meth:`capture_cuda_graphs`); None runs every step eagerly."""
+        self._force_eager = False
 
     @property
     def layers_per_block(self) -> int:
@@ -106,56 +127,111 @@ class ModelRunner:
             cfg.head_dim,
         )
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cuda_graphs = None  # graphs recorded the old cache's address
 
-    def prepare(self, out: SchedulerOutput) -> ModelInputs:
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Captures the decode graphs over the allocated KV cache (call once, after
+        :meth:`allocate_kv_cache`; the Engine does). Logs why and stays eager on CPU, with
+        ``enforce_eager``, with the torch backend, or on a pipeline stage."""
+        full = self.model.is_first and self.model.is_last
+        reason = graph_blocker(self.device, self.config.enforce_eager, self.backend.name, full)
+        if reason is not None:
+            logger.info("CUDA graphs off: %s", reason)
+            return
+        sched = self.config.scheduler
+        sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
+        width = -(-self.max_model_len // self.block_size)
+        start = time.perf_counter()
+        graphs = CudaGraphRunner(self.model, self.kv_cache, sizes, width)
+        graphs.capture()
+        self.cuda_graphs = graphs
+        logger.info(
+            "CUDA graphs: captured decode batch sizes %s in %.1f s",
+            sizes,
+            time.perf_counter() - start,
+        )
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Runs every step inside the block eagerly, graphs or not (benchmarks, tests)."""
+        previous, self._force_eager = self._force_eager, True
+        try:
+            yield
+        finally:
+            self._force_eager = previous
+
+    def gather(self, out: SchedulerOutput) -> HostInputs:
+        """Collects one step's token ids, positions, slots and block tables as host lists."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl, seq_lens, tables, logits_idx, sampling = [0], [], [], [], []
+        h = HostInputs()
         for s in out.scheduled:
             r, c, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
-            ids.extend(_token_slice(r, c, c + n))
-            positions.extend(range(c, c + n))
-            slots.extend(r.block_ids[p // bs] * bs + p % bs for p in range(c, c + n))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(c + n)
-            tables.append(r.block_ids)
+            h.input_ids.extend(_token_slice(r, c, c + n))
+            h.positions.extend(range(c, c + n))
+            h.slot_mapping.extend(r.block_ids[p // bs] * bs + p % bs for p in range(c, c + n))
+            h.query_lens.append(n)
+            h.seq_lens.append(c + n)
+            h.block_tables.append(r.block_ids)
             if s.samples:
-                logits_idx.append(qsl[-1] - 1)
-                sampling.append(r)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
+                h.logits_indices.append(len(h.input_ids) - 1)
+                h.sampling_requests.append(r)
+        return h
+
+    def prepare(self, out: SchedulerOutput) -> ModelInputs:
+        return self._to_device(self.gather(out))
+
+    def _to_device(self, h: HostInputs) -> ModelInputs:
+        width = max(len(t) for t in h.block_tables)
+        table = [t + [0] * (width - len(t)) for t in h.block_tables]
+        qsl = [0]
+        for n in h.query_lens:
+            qsl.append(qsl[-1] + n)
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=_tensor(slots, torch.int64, dev),
+            slot_mapping=_tensor(h.slot_mapping, torch.int64, dev),
             block_tables=_tensor(table, torch.int32, dev),
-            seq_lens=_tensor(seq_lens, torch.int32, dev),
+            seq_lens=_tensor(h.seq_lens, torch.int32, dev),
             query_start_loc=_tensor(qsl, torch.int32, dev),
-            max_query_len=max(s.num_new_tokens for s in out.scheduled),
-            max_seq_len=max(seq_lens),
+            max_query_len=max(h.query_lens),
+            max_seq_len=max(h.seq_lens),
         )
         return ModelInputs(
-            _tensor(ids, torch.int64, dev),
-            _tensor(positions, torch.int64, dev),
+            _tensor(h.input_ids, torch.int64, dev),
+            _tensor(h.positions, torch.int64, dev),
             meta,
-            _tensor(logits_idx, torch.int64, dev),
-            sampling,
+            _tensor(h.logits_indices, torch.int64, dev),
+            h.sampling_requests,
         )
+
+    def forward(self, h: HostInputs) -> torch.Tensor:
+        """[num_tokens, hidden] final-norm states of one step: a graph replay for a
+        decode-only step that a captured size holds, else an eager forward."""
+        graphs = self.cuda_graphs
+        if (
+            graphs is not None
+            and not self._force_eager
+            and graphs.fits(h.query_lens, h.block_tables)
+        ):
+            return graphs.run(h.input_ids, h.positions, h.slot_mapping, h.seq_lens, h.block_tables)
+        inputs = self._to_device(h)
+        with set_forward_context(ForwardContext(inputs.meta, self.kv_cache)):
+            hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
+        return hidden
 
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput
     ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
         """Runs one step; returns sampled token ids (and logprobs) by request id."""
-        inputs = self.prepare(out)
-        with set_forward_context(ForwardContext(inputs.meta, self.kv_cache)):
-            hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
-        if not inputs.sampling_requests:
+        h = self.gather(out)
+        hidden = self.forward(h)
+        if not h.sampling_requests:
             return {}, {}
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        tokens, logprobs = self.sampler.sample(logits, inputs.sampling_requests)
-        ids = [r.request_id for r in inputs.sampling_requests]
+        logits_indices = _tensor(h.logits_indices, torch.int64, self.device)
+        logits = self.model.compute_logits(hidden[logits_indices])
+        tokens, logprobs = self.sampler.sample(logits, h.sampling_requests)
+        ids = [r.request_id for r in h.sampling_requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
 

@@ -1,0 +1,437 @@
+"""CUDA graphs for decode: bucketing and static inputs on CPU, replays against eager on a GPU.
+
+CPU tests cover the pure pieces (captured sizes, padding, which steps replay, the static
+buffers) and the forward a graph records, run eagerly through the Triton interpreter. The
+``gpu`` tests capture real graphs and check greedy outputs against eager and the golden file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.cli import add_engine_args, engine_config
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.cuda_graphs import (
+    CudaGraphRunner,
+    StaticDecodeInputs,
+    capture_sizes,
+    graph_blocker,
+    padded_batch_size,
+    replay_size,
+)
+from workers.engine import Engine, RequestSpec
+from workers.model_runner import ModelRunner
+from workers.request import Request, SamplingParams
+from workers.scheduler import ScheduledRequest, SchedulerOutput
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+GREEDY = SamplingParams(temperature=0.0)
+SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def gpu(test: Callable) -> Callable:
+    """Marks a test ``gpu`` and skips it where no CUDA device is present (also when a plain
+    ``-m "not slow"`` overrides the default ``-m "not gpu"``)."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+# --- CPU: bucketing and padding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_num_seqs", "max_batched", "expected"),
+    [
+        (256, 2048, SIZES),
+        (512, 8192, SIZES),
+        (100, 2048, [1, 2, 4, 8, 16, 32, 64, 100]),
+        (256, 48, [1, 2, 4, 8, 16, 32, 48]),
+        (1, 2048, [1]),
+    ],
+)
+def test_capture_sizes_stop_at_the_largest_decode_batch(
+    max_num_seqs: int, max_batched: int, expected: list[int]
+) -> None:
+    assert capture_sizes(max_num_seqs, max_batched) == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "padded"), [(1, 1), (2, 2), (3, 4), (37, 64), (64, 64), (129, 256), (256, 256)]
+)
+def test_padded_batch_size_is_the_next_captured_size(n: int, padded: int) -> None:
+    assert padded_batch_size(n, SIZES) == padded
+
+
+def test_padded_batch_size_beyond_the_largest_is_none() -> None:
+    assert padded_batch_size(257, SIZES) is None
+    with pytest.raises(ValueError, match="num_seqs must be >= 1"):
+        padded_batch_size(0, SIZES)
+
+
+@pytest.mark.parametrize(
+    ("query_lens", "size"),
+    [([1, 1, 1], 4), ([1] * 37, 64), ([1, 5], None), ([3], None), ([1] * 300, None), ([], None)],
+)
+def test_only_decode_only_steps_that_fit_replay(query_lens: list[int], size: int | None) -> None:
+    assert replay_size(query_lens, SIZES) == size
+
+
+@pytest.mark.parametrize(
+    ("device", "eager", "backend", "full", "reason"),
+    [
+        (CUDA, False, "triton", True, None),
+        (CUDA, True, "triton", True, "enforce_eager"),
+        (CPU, False, "triton", True, "device is cpu"),
+        (CUDA, False, "torch", True, "graphs need 'triton'"),
+        (CUDA, False, "triton", False, "pipeline stage"),
+    ],
+)
+def test_graph_blocker_names_why_a_runner_stays_eager(
+    device: torch.device, eager: bool, backend: str, full: bool, reason: str | None
+) -> None:
+    got = graph_blocker(device, eager, backend, full)
+    assert got is None if reason is None else reason in got
+
+
+def test_static_inputs_fill_pads_with_skipped_slots_and_empty_contexts() -> None:
+    inputs = StaticDecodeInputs(max_batch=8, max_blocks_per_seq=4, device=CPU)
+    inputs.fill([11, 12, 13], [5, 0, 8], [21, 4, 35], [6, 1, 9], [[5, 3], [1], [2, 7, 8]], 4)
+    assert inputs.input_ids.tolist() == [11, 12, 13, 0, 0, 0, 0, 0]
+    assert inputs.positions.tolist() == [5, 0, 8, 0, 0, 0, 0, 0]
+    assert inputs.slot_mapping.tolist() == [21, 4, 35, -1, -1, -1, -1, -1]
+    assert inputs.seq_lens.tolist() == [6, 1, 9, 0, 0, 0, 0, 0]
+    assert inputs.block_tables[:4].tolist() == [[5, 3, 0, 0], [1, 0, 0, 0], [2, 7, 8, 0], [0] * 4]
+    assert inputs.query_start_loc.tolist() == list(range(9))
+    # A smaller step reuses the buffers: its rows and padding are rewritten up to its size;
+    # the stale table columns past its widest row are never read (context lengths bound them).
+    inputs.fill([40], [3], [17], [4], [[4]], 2)
+    assert inputs.slot_mapping[:2].tolist() == [17, -1]
+    assert inputs.seq_lens[:2].tolist() == [4, 0]
+    assert inputs.block_tables[:2].tolist() == [[4, 3, 0, 0], [1, 0, 0, 0]]
+    meta = inputs.metadata(2, num_splits=3, block_size=16)
+    assert (meta.num_seqs, meta.max_query_len, meta.decode_num_splits) == (2, 1, 3)
+    assert meta.block_tables.data_ptr() == inputs.block_tables.data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("n", "padded", "tables", "error"),
+    [
+        (3, 2, [[1]] * 3, "padded"),
+        (3, 16, [[1]] * 3, "padded"),
+        (1, 1, [[1, 2, 3, 4, 5]], "5 blocks > 4"),
+    ],
+)
+def test_static_inputs_fill_rejects_what_no_graph_holds(
+    n: int, padded: int, tables: list[list[int]], error: str
+) -> None:
+    inputs = StaticDecodeInputs(max_batch=8, max_blocks_per_seq=4, device=CPU)
+    with pytest.raises(ValueError, match=error):
+        inputs.fill([0] * n, [0] * n, [0] * n, [1] * n, tables, padded)
+
+
+# --- CPU: config and runner -----------------------------------------------------------------
+
+
+def config(model_dir: Path, backend: str = "auto", **engine: object) -> EngineConfig:
+    return EngineConfig(
+        model_path=str(model_dir),
+        dtype="float32",
+        attention_backend=backend,
+        cache=CacheConfig(block_size=4, num_kv_blocks=1024),
+        scheduler=SchedulerConfig(max_num_seqs=64, max_model_len=96),
+        **engine,
+    )
+
+
+def test_enforce_eager_defaults_off_and_the_cli_flag_sets_it(stories_dir: Path) -> None:
+    assert EngineConfig(model_path=str(stories_dir)).enforce_eager is False
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for argv, expected in (([], False), (["--enforce-eager"], True)):
+        assert engine_config(parser.parse_args(argv), stories_dir).enforce_eager is expected
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_cpu_engine_never_captures(stories_dir: Path) -> None:
+    engine = Engine(config(stories_dir), CPU)
+    assert engine.runner.cuda_graphs is None
+    engine.add_request(RequestSpec("a", [1, 403, 407], GREEDY, 2))
+    while engine.has_work:
+        engine.step()
+
+
+PROMPTS = [[1, 403, 407, 261, 378], [1, 291], [1, 291, 376, 280, 294, 286, 399, 296, 418]]
+TABLES = [[0, 5], [2], [7, 3, 9]]  # block 0 holds live KV: padding must neither read nor write
+
+
+def decode_step(prompts: list[list[int]], blocks: list[list[int]]) -> SchedulerOutput:
+    """A decode step of requests whose prompts are all computed but the last token."""
+    scheduled = []
+    for i, (ids, table) in enumerate(zip(prompts, blocks, strict=True)):
+        req = Request(f"r{i}", list(ids), GREEDY, 8, frozenset())
+        req.num_computed_tokens = len(ids) - 1
+        req.block_ids = list(table)
+        scheduled.append(ScheduledRequest(req, 1))
+    return SchedulerOutput(scheduled=scheduled)
+
+
+def prefill_before(decode: SchedulerOutput) -> SchedulerOutput:
+    """The step that computes every prompt token before ``decode``'s (it samples nothing)."""
+    scheduled = []
+    for s in decode.scheduled:
+        s.request.num_computed_tokens = 0
+        scheduled.append(ScheduledRequest(s.request, s.request.num_prompt_tokens - 1))
+    return SchedulerOutput(scheduled=scheduled)
+
+
+def triton_runner(model_dir: Path) -> ModelRunner:
+    runner = ModelRunner(config(model_dir, "triton"), CPU)
+    runner.allocate_kv_cache(16)
+    return runner
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_padded_static_forward_equals_eager_and_writes_only_real_slots(
+    stories_dir: Path,
+) -> None:
+    """What a graph records, run eagerly (Triton interpreter): 3 requests padded to 4. Block 0
+    holds live KV, so a padding row that wrote its slot or read its table would show."""
+    pytest.importorskip("triton")
+    runner = triton_runner(stories_dir)
+    torch.manual_seed(0)
+    runner.kv_cache.normal_()
+    host = runner.gather(decode_step(PROMPTS, TABLES))
+    with torch.inference_mode(), runner.eager():
+        expected = runner.forward(host).clone()
+    after_eager = runner.kv_cache.clone()
+    graphs = CudaGraphRunner(runner.model, runner.kv_cache, [1, 2, 4], max_blocks_per_seq=24)
+    assert graphs.num_splits(4) == 1  # 96 tokens of context give one split
+    assert graphs.fits(host.query_lens, host.block_tables)
+    assert not graphs.fits([1] * 5, [[1]] * 5)  # no captured size holds 5
+    assert not graphs.fits([1], [list(range(25))])  # wider than max_model_len's 24 blocks
+    assert not graphs.fits([2, 1], [[1], [2]])  # not decode-only
+    graphs.inputs.fill(
+        host.input_ids, host.positions, host.slot_mapping, host.seq_lens, host.block_tables, 4
+    )
+    with torch.inference_mode():
+        hidden = graphs.forward_static(4)
+    torch.testing.assert_close(hidden[:3], expected, atol=1e-5, rtol=1e-5)
+    assert hidden[3].isfinite().all()  # the padding row attends to nothing, without NaN
+    slots = torch.tensor(host.slot_mapping)
+    untouched = torch.ones(16 * 4, dtype=torch.bool)
+    untouched[slots] = False
+    now, before = by_slot(runner.kv_cache), by_slot(after_eager)
+    assert torch.equal(now[untouched], before[untouched])
+    torch.testing.assert_close(now[slots], before[slots], atol=1e-5, rtol=1e-5)
+
+
+class ReplayEagerly:
+    """Stands in for a captured ``torch.cuda.CUDAGraph`` on CPU: ``replay`` runs the forward the
+    graph would have recorded into the graph's output tensor."""
+
+    def __init__(self, graphs: CudaGraphRunner, batch: int) -> None:
+        self.graphs, self.batch = graphs, batch
+
+    def replay(self) -> None:
+        self.graphs.outputs[self.batch].copy_(self.graphs.forward_static(self.batch))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_execute_replays_decode_only_steps_and_runs_the_rest_eagerly(stories_dir: Path) -> None:
+    pytest.importorskip("triton")
+    runner = triton_runner(stories_dir)
+    graphs = CudaGraphRunner(runner.model, runner.kv_cache, [1, 2, 4], max_blocks_per_seq=24)
+    for b in graphs.sizes:
+        graphs.graphs[b] = ReplayEagerly(graphs, b)
+        graphs.outputs[b] = torch.empty(b, runner.model_config.hidden_size)
+    runner.cuda_graphs = graphs
+    decode = decode_step(PROMPTS, TABLES)
+    assert runner.execute(prefill_before(decode)) == ({}, {})
+    assert graphs.num_replays == 0
+    for s, ids in zip(decode.scheduled, PROMPTS, strict=True):
+        s.request.num_computed_tokens = len(ids) - 1
+    replayed, _ = runner.execute(decode)
+    assert graphs.num_replays == 1
+    with runner.eager():
+        eager, _ = runner.execute(decode)
+    assert graphs.num_replays == 1
+    assert replayed == eager and len(replayed) == 3
+    runner.allocate_kv_cache(16)
+    assert runner.cuda_graphs is None  # graphs recorded the old cache's address
+
+
+def by_slot(kv_cache: torch.Tensor) -> torch.Tensor:
+    """[num_blocks * block_size, ...]: the cache's rows indexed by slot."""
+    num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[3]
+    return kv_cache.permute(0, 3, 1, 2, 4, 5).reshape(num_blocks * block_size, -1)
+
+
+# --- GPU: real graphs -----------------------------------------------------------------------
+
+
+def generate(engine: Engine) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work:
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+    engine.pool.check_integrity()
+    assert engine.pool.num_used == 0
+    return tokens
+
+
+def graph_and_eager_outputs(
+    engine: Engine, prompts: list[list[int]], max_tokens: int
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Greedy outputs of the same prompts with graphs, then eagerly, on one engine; asserts
+    that the first run replayed graphs and the second did not."""
+    runs = []
+    graphs = engine.runner.cuda_graphs
+    assert graphs is not None
+    for eager in (False, True):
+        before = graphs.num_replays
+        for i, p in enumerate(prompts):
+            engine.add_request(RequestSpec(str(i), p, GREEDY, max_tokens))
+        if eager:
+            with engine.runner.eager():
+                runs.append(generate(engine))
+            assert graphs.num_replays == before
+        else:
+            runs.append(generate(engine))
+            assert graphs.num_replays > before
+    return runs[0], runs[1]
+
+
+def random_prompts(n: int, vocab: int, max_len: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=gen).tolist()
+    return [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in lengths]
+
+
+@gpu
+def test_graphs_reproduce_the_golden_greedy_outputs(stories_dir: Path, golden_cases) -> None:
+    engine = Engine(config(stories_dir), CUDA)
+    prompts = [c["input_ids"] for c in golden_cases]  # 6 requests: padded to 8
+    with_graphs, eager = graph_and_eager_outputs(engine, prompts, 64)
+    expected = {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
+    assert with_graphs == eager == expected
+
+
+@gpu
+@pytest.mark.parametrize("batch", [3, 37])
+def test_padded_batches_equal_eager_on_stories(stories_dir: Path, batch: int) -> None:
+    engine = Engine(config(stories_dir), CUDA)
+    prompts = random_prompts(batch, 512, 40, seed=batch)
+    with_graphs, eager = graph_and_eager_outputs(engine, prompts, 16)
+    assert with_graphs == eager
+    assert len(with_graphs) == batch
+
+
+def dummy_model_dir(tmp_path: Path) -> Path:
+    """A small GQA Llama config (8 query / 2 KV heads, head_dim 64) for dummy weights."""
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 1000,
+        "max_position_embeddings": 1024,
+        "eos_token_id": 2,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def dummy_engine(model_dir: Path, seed: int = 0) -> Engine:
+    """Dummy weights redrawn as N(0, 0.02) in place (after capture: graphs read the same
+    memory), so greedy picks are not near-ties as with the loader's tiny uniform noise."""
+    cfg = EngineConfig(
+        model_path=str(model_dir),
+        load_format="dummy",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=2048),
+        scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096),
+    )
+    engine = Engine(cfg, CUDA)
+    gen = torch.Generator(device=CUDA).manual_seed(seed)
+    for name, p in engine.runner.model.named_parameters():
+        if not name.endswith("norm.weight"):
+            p.data.normal_(0.0, 0.02, generator=gen)
+    return engine
+
+
+@gpu
+@pytest.mark.parametrize("batch", [3, 37])
+def test_padded_batches_equal_eager_on_a_dummy_gqa_model(tmp_path: Path, batch: int) -> None:
+    engine = dummy_engine(dummy_model_dir(tmp_path))
+    graphs = engine.runner.cuda_graphs
+    assert graphs is not None and graphs.num_splits(4) > 1  # the split-K decode path
+    prompts = random_prompts(batch, 1000, 300, seed=batch)
+    with_graphs, eager = graph_and_eager_outputs(engine, prompts, 12)
+    assert with_graphs == eager
+
+
+@gpu
+def test_one_decode_step_replayed_equals_eager_hidden_states(tmp_path: Path) -> None:
+    engine = dummy_engine(dummy_model_dir(tmp_path), seed=1)
+    for i, p in enumerate(random_prompts(37, 1000, 300, seed=7)):
+        engine.add_request(RequestSpec(str(i), p, GREEDY, 8))
+    while engine.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running
+    ):
+        engine.step()
+    out = engine.scheduler.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [1] * 37
+    runner = engine.runner
+    host = runner.gather(out)
+    with torch.inference_mode():
+        replayed = runner.forward(host).clone()
+        with runner.eager():
+            eager = runner.forward(host)
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+@gpu
+def test_decode_after_aborts_and_new_requests_stays_correct(
+    stories_dir: Path, golden_cases: list[dict]
+) -> None:
+    """Aborting frees blocks that new requests then reuse, and the batch shrinks and grows
+    across captured sizes; every surviving request still gets its golden greedy output."""
+    engine = Engine(config(stories_dir), CUDA)
+
+    def add(i: int) -> None:
+        engine.add_request(RequestSpec(str(i), golden_cases[i]["input_ids"], GREEDY, 64))
+
+    for i in (0, 1, 2):
+        add(i)
+    tokens: dict[str, list[int]] = {}
+    for step in range(40):
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+        if step == 10:
+            engine.abort("1")
+            for i in (3, 4, 5):
+                add(i)
+    for rid, new in generate(engine).items():
+        tokens[rid].extend(new)
+    del tokens["1"]
+    expected = {str(i): golden_cases[i]["greedy_new_token_ids"] for i in (0, 2, 3, 4, 5)}
+    assert tokens == expected
+    assert engine.runner.cuda_graphs.num_replays > 30
+
+
+@gpu
+def test_enforce_eager_captures_nothing_on_a_gpu(stories_dir: Path, golden_cases) -> None:
+    engine = Engine(config(stories_dir, enforce_eager=True), CUDA)
+    assert engine.runner.cuda_graphs is None
+    engine.add_request(RequestSpec("0", golden_cases[2]["input_ids"], GREEDY, 64))
+    assert generate(engine) == {"0": golden_cases[2]["greedy_new_token_ids"]}

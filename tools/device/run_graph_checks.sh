@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device run for CUDA graphs (issue 6): install carried wheels, the graph GPU tests, then the
+# engine bench with graphs (eager beside each point, prefill at 8k tokens vs the bf16 matmul
+# rate, HF transformers decode baseline) and the bench with --enforce-eager. Logs under $OUT.
+# Usage on the device machine (repo root): bash tools/device/run_graph_checks.sh [steps...]
+# steps: probe test bench bench-eager (default: all); about 5 minutes on one H200.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+BENCH=(python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy
+       --steps 16 --max-num-batched-tokens 8192)
+steps=${*:-probe test bench bench-eager}
+for step in $steps; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    probe)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" ;;
+    test)
+      timeout 150 python3 -m pytest -q -m gpu tests/workers/test_cuda_graphs.py 2>&1 \
+        | tee "$OUT/graph_test.log" | tail -25 ;;
+    bench)
+      timeout 240 "${BENCH[@]}" --batch-sizes 1,8,64,128,256 --contexts 1024,4096 \
+        --output-json "$OUT/engine_graphs.json" 2>&1 | tee "$OUT/engine_graphs.log" ;;
+    bench-eager)
+      timeout 120 "${BENCH[@]}" --enforce-eager --batch-sizes 1,64 --contexts 1024 \
+        --no-prefill --no-hf --output-json "$OUT/engine_eager.json" 2>&1 | tee "$OUT/engine_eager.log" ;;
+  esac
+done

@@ -58,6 +58,54 @@ class BlockPool:
             if self._ref_counts[i] == 0:
                 self._free.append(i)
 
+    # Capacity changes, driven by the KV pool when its mapped memory grows or shrinks
+    # (workers/kv_pool.py). Ids are positions in the KV tensor, so capacity only changes at
+    # the tail: ``grow`` appends ids, ``shrink_tail`` removes free ones, ``evacuate`` moves
+    # used ones out of the tail first.
+
+    def grow(self, n: int) -> None:
+        """Adds ids ``num_blocks .. num_blocks + n - 1``, free, at the back of the free list."""
+        if n < 0:
+            raise ValueError(f"cannot grow by {n} blocks")
+        self._free.extend(range(self.num_blocks, self.num_blocks + n))
+        self._ref_counts.extend([0] * n)
+        self.num_blocks += n
+
+    def used_ids(self, lo: int, hi: int) -> list[int]:
+        """Ids in ``[lo, hi)`` with a nonzero reference count, ascending."""
+        if not 0 <= lo <= hi <= self.num_blocks:
+            raise ValueError(f"id range [{lo}, {hi}) is outside [0, {self.num_blocks})")
+        return [i for i in range(lo, hi) if self._ref_counts[i] > 0]
+
+    def shrink_tail(self, n: int) -> bool:
+        """Removes the last ``n`` ids if all are free; returns False, changing nothing, if any
+        is used. Raises ValueError if ``n`` is negative or would leave no block."""
+        if not 0 <= n < self.num_blocks:
+            raise ValueError(f"cannot shrink {self.num_blocks} blocks by {n}")
+        lo = self.num_blocks - n
+        if self.used_ids(lo, self.num_blocks):
+            return False
+        self._free = deque(i for i in self._free if i < lo)
+        del self._ref_counts[lo:]
+        self.num_blocks = lo
+        return True
+
+    def evacuate(self, lo: int) -> dict[int, int] | None:
+        """Moves every used id ``>= lo`` to a free id ``< lo`` (taken in free-list order),
+        keeping its reference count; the old ids become free. Returns ``{old: new}``, or None,
+        changing nothing, when fewer free ids lie below ``lo`` than used ids above it. The
+        caller copies the blocks' data and rewrites the block tables."""
+        used = self.used_ids(lo, self.num_blocks)
+        below = [i for i in self._free if i < lo][: len(used)]
+        if len(below) < len(used):
+            return None
+        taken = set(below)
+        self._free = deque(i for i in self._free if i not in taken)
+        for old, new in zip(used, below, strict=True):
+            self._ref_counts[new], self._ref_counts[old] = self._ref_counts[old], 0
+            self._free.append(old)
+        return dict(zip(used, below, strict=True))
+
     def check_integrity(self) -> None:
         """Raises AssertionError if the free list and the ref counts disagree."""
         free = set(self._free)

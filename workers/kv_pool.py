@@ -1,0 +1,238 @@
+"""The KV pool: one reserved virtual range whose mapped prefix grows and shrinks by chunks.
+
+Block ``b`` lives at byte ``b * block_bytes`` of the range, so the base address (and the
+pointer every kernel and CUDA graph holds) never moves; capacity is the number of whole blocks
+in the mapped prefix, and ids past it are simply never handed out (DESIGN §5; the elastic KV of
+vTensor/GLakeServe and kvcached, memory-systems.md §2, §7). The pool keeps its ``BlockPool`` in
+step with the mapped bytes:
+
+- ``grow(chunks)`` maps chunks at the end (e.g. a dropped layer's) and adds the new block ids;
+- ``shrink(n)`` takes the last ``n`` chunks back, only when no live block lies in them
+  (optionally leaving them mapped as stale aliases, unmapped later by ``unmap_stale``);
+- ``evacuate(n, block_tables)`` first moves live blocks out of those chunks: it copies their
+  data to free blocks below, moves their reference counts, and rewrites the block tables.
+
+One thread (the engine loop) calls these between steps; every unmap waits for queued kernels
+(the device is synchronized first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from kernels.vmm import Chunk, ChunkBackend, VirtualRange, slot_runs
+from workers.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class KVBlockFormat:
+    """One KV block: ``[layers_per_block, 2, block_size, num_kv_heads, head_dim]`` of ``dtype``
+    (a block holds every layer the stage computes, K then V; DESIGN §5)."""
+
+    layers_per_block: int
+    block_size: int
+    """Tokens per block."""
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for name in ("layers_per_block", "block_size", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (self.layers_per_block, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class EvacuationNeeded(RuntimeError):
+    """A shrink (or a restore) found live blocks in the chunks it must give back."""
+
+    def __init__(self, block_ids: list[int]) -> None:
+        self.block_ids = block_ids
+        super().__init__(
+            f"{len(block_ids)} live KV blocks (first {block_ids[:8]}) lie in the chunks to give "
+            "back: evacuate them first"
+        )
+
+
+class KVPool:
+    """KV blocks over a VMM range of ``max_chunks`` slots whose first ``num_chunks`` are mapped.
+
+    ``kv_cache`` is ``[num_blocks, *fmt.shape]``; ``kv_cache_full`` is the same storage viewed
+    at the full reserved capacity ``[max_blocks, *fmt.shape]`` (only ids < ``num_blocks`` may be
+    touched), for CUDA graphs captured once. Both start at ``base``, which never moves.
+    Raises ValueError when the chunks hold no whole block or exceed ``max_chunks``.
+    """
+
+    def __init__(
+        self,
+        backend: ChunkBackend,
+        fmt: KVBlockFormat,
+        chunks: list[Chunk],
+        max_chunks: int,
+        block_pool: BlockPool | None = None,
+    ) -> None:
+        if not 1 <= len(chunks) <= max_chunks:
+            raise ValueError(f"the KV pool needs 1..{max_chunks} chunks, got {len(chunks)}")
+        self.fmt, self.chunk_bytes = fmt, backend.chunk_bytes
+        num_blocks = len(chunks) * self.chunk_bytes // fmt.block_bytes
+        if num_blocks < 1:
+            raise ValueError(
+                f"{len(chunks)} chunks of {self.chunk_bytes} bytes hold no KV block of "
+                f"{fmt.block_bytes} bytes"
+            )
+        if block_pool is not None and block_pool.num_blocks != num_blocks:
+            raise ValueError(
+                f"block pool has {block_pool.num_blocks} blocks, chunks hold {num_blocks}"
+            )
+        self.range = VirtualRange(backend, max_chunks, "kv")
+        self.range.map(0, chunks)
+        self.num_chunks = len(chunks)
+        self.block_pool = block_pool or BlockPool(num_blocks)
+        self.max_blocks = self.range.nbytes // fmt.block_bytes
+        full = (self.max_blocks, *fmt.shape)
+        self.kv_cache_full = self.range.view(0, full, fmt.dtype, require_mapped=False)
+
+    @property
+    def base(self) -> int:
+        """Virtual address of block 0; constant for the pool's life."""
+        return self.range.base
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_pool.num_blocks
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.num_chunks * self.chunk_bytes
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """``[num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]``."""
+        return self.kv_cache_full[: self.num_blocks]
+
+    def prefix_bytes(self) -> torch.Tensor:
+        """``[mapped_bytes]`` uint8 view of the live prefix, e.g. to view the same bytes as
+        blocks of another ``layers_per_block`` after a drop (DESIGN §5)."""
+        return self.range.view(0, (self.mapped_bytes,), torch.uint8)
+
+    def blocks_in(self, num_chunks: int) -> int:
+        """Whole blocks in the first ``num_chunks`` chunks of the range."""
+        return num_chunks * self.chunk_bytes // self.fmt.block_bytes
+
+    def grow(self, chunks: list[Chunk]) -> int:
+        """Maps ``chunks`` after the live prefix; returns the number of block ids added.
+
+        Slots past the prefix that still map the same chunks (left by ``shrink(unmap=False)``)
+        are adopted back with no driver call. Raises ValueError when the reserved range has
+        too few slots left.
+        """
+        if self.num_chunks + len(chunks) > self.range.num_slots:
+            raise ValueError(
+                f"KV range of {self.range.num_slots} chunks cannot grow from {self.num_chunks} "
+                f"by {len(chunks)}"
+            )
+        self.range.remap(self.num_chunks, chunks)
+        before = self.num_blocks
+        self.num_chunks += len(chunks)
+        self.block_pool.grow(self.blocks_in(self.num_chunks) - before)
+        return self.num_blocks - before
+
+    def live_tail_blocks(self, n: int) -> list[int]:
+        """Live block ids that lie, even partly, in the last ``n`` mapped chunks."""
+        return self.block_pool.used_ids(self._tail_start(n), self.num_blocks)
+
+    def evacuate(self, n: int, block_tables: Iterable[list[int]]) -> dict[int, int] | None:
+        """Moves the live blocks out of the last ``n`` chunks to free blocks below them.
+
+        Copies each moved block's data (on the device's current stream), moves its reference
+        count, and rewrites every list in ``block_tables`` in place (e.g. each running
+        request's ``block_ids``). Returns ``{old_id: new_id}``, or None, changing nothing,
+        when too few blocks below are free.
+        """
+        moves = self.block_pool.evacuate(self._tail_start(n))
+        if moves is None:
+            return None
+        if moves:
+            dev = self.kv_cache_full.device
+            src = torch.tensor(list(moves), dtype=torch.int64, device=dev)
+            dst = torch.tensor(list(moves.values()), dtype=torch.int64, device=dev)
+            kv = self.kv_cache
+            kv.index_copy_(0, dst, kv.index_select(0, src))
+        for table in block_tables:
+            table[:] = [moves.get(b, b) for b in table]
+        return moves
+
+    def shrink(self, n: int, *, unmap: bool = True) -> list[Chunk]:
+        """Takes the last ``n`` live chunks out of the pool and returns them in slot order.
+
+        Raises EvacuationNeeded, changing nothing, while live blocks lie in them. With
+        ``unmap=False`` they stay mapped here as stale aliases (nothing may touch block ids
+        past ``num_blocks``) until ``unmap_stale``, so the caller can map them elsewhere
+        without waiting for a device sync and ``cuMemUnmap``.
+        """
+        lo = self._tail_start(n)
+        live = self.block_pool.used_ids(lo, self.num_blocks)
+        if live:
+            raise EvacuationNeeded(live)
+        if not self.block_pool.shrink_tail(self.num_blocks - lo):
+            raise AssertionError("block pool refused a tail with no live block")
+        self.num_chunks -= n
+        chunks = self._mapped(self.num_chunks, self.num_chunks + n)
+        if unmap:
+            self.range.unmap(self.num_chunks, n)
+        return chunks
+
+    def live_chunks(self) -> list[Chunk]:
+        """Chunks of the live prefix, in slot order."""
+        return self._mapped(0, self.num_chunks)
+
+    def stale_chunks(self) -> list[Chunk]:
+        """Chunks still mapped past the live prefix (lent elsewhere, not yet unmapped here)."""
+        return self._mapped(self.num_chunks, self.range.num_slots)
+
+    def unmap_stale(self) -> int:
+        """Unmaps every slot past the live prefix (after one device sync); returns how many."""
+        stale = [s for s, _ in self.range.mapped_slots(self.num_chunks)]
+        if stale:
+            self.range.backend.synchronize()
+        for first, count in slot_runs(stale):
+            self.range.unmap(first, count, sync=False)  # synchronized just above
+        return len(stale)
+
+    def close(self) -> list[Chunk]:
+        """Unmaps everything and frees the range; returns the live chunks (stale aliases belong
+        to their other range). Views into the pool die with it."""
+        self.unmap_stale()
+        self.num_chunks = 0
+        return self.range.close()
+
+    def _mapped(self, lo: int, hi: int) -> list[Chunk]:
+        return [c for _, c in self.range.mapped_slots(lo, hi)]
+
+    def check_integrity(self) -> None:
+        """Raises AssertionError if blocks, mapped chunks and the block pool disagree."""
+        self.block_pool.check_integrity()
+        assert self.num_blocks == self.blocks_in(self.num_chunks), (
+            f"{self.num_blocks} blocks over {self.num_chunks} chunks"
+        )
+        assert self.range.is_mapped(0, self.num_chunks), "the live prefix has unmapped slots"
+
+    def _tail_start(self, n: int) -> int:
+        """First block id that lies, even partly, in the last ``n`` chunks."""
+        if not 0 <= n < self.num_chunks:
+            raise ValueError(f"cannot give back {n} of {self.num_chunks} KV chunks (keep >= 1)")
+        lo = self.blocks_in(self.num_chunks - n)
+        if lo < 1:
+            raise ValueError(f"giving back {n} KV chunks would leave no whole block")
+        return lo

@@ -115,16 +115,28 @@ class WorkerMemory:
         """Gives the chunks of layers ``[start, end)`` to the KV pool, which grows by exactly
         their bytes (no copy, no allocation).
 
-        The chunks are mapped into the KV range first; the KV blocks are usable from there.
-        Eagerly (``lazy=False``) the weight range is then unmapped (device sync, then
-        ``cuMemUnmap``, ~17.5 µs a chunk on H200); lazily its slots stay mapped as stale
-        aliases until ``flush``, and a later restore adopts them back for free.
+        Lazily the chunks are mapped into the KV range while the weight range keeps them as
+        stale aliases (CUDA's virtual aliasing) until ``flush``; a later restore adopts them
+        back for free. Eagerly (``lazy=False``) the weight range is unmapped first (device
+        sync, then ``cuMemUnmap``, ~17.5 µs a chunk on H200); without lazy calls no chunk is
+        ever mapped in two places.
+        Raises ValueError, changing nothing, for bad layers or a KV range without room.
         """
         t0 = time.perf_counter()
-        chunks = self.arena.layer_chunks(start, end)
-        added = self.kv.grow(chunks)
-        usable = time.perf_counter()
-        self.arena.drop_layers(start, end, unmap=not lazy)
+        self.arena.check_layers(start, end, dropped=False)
+        n = self.arena.num_layer_chunks(start, end)
+        room = self.kv.range.num_slots - self.kv.num_chunks
+        if n > room:
+            raise ValueError(f"the KV range has room for {room} more chunks, layers need {n}")
+        if lazy:
+            chunks = self.arena.layer_chunks(start, end)
+            added = self.kv.grow(chunks)
+            usable = time.perf_counter()
+            self.arena.drop_layers(start, end, unmap=False)
+        else:
+            chunks = self.arena.drop_layers(start, end)
+            added = self.kv.grow(chunks)
+            usable = time.perf_counter()
         nbytes = len(chunks) * self.backend.chunk_bytes
         return DropStats(len(chunks), nbytes, added, usable - t0, time.perf_counter() - t0)
 

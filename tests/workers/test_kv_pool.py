@@ -297,6 +297,10 @@ def test_drop_and_restore_reject_bad_layer_ranges(backend: ChunkBackend) -> None
         mem.drop_layers(0, 2)
     with pytest.raises(ValueError, match="layers.1.w: layer 1 is dropped"):
         mem.arena.tensor("layers.1.w")
+    mem.add_kv_chunks(7)  # the KV range (12 slots) now has room for 1 more chunk
+    with pytest.raises(ValueError, match="room for 1 more chunks, layers need 2"):
+        mem.drop_layers(0, 1, lazy=False)
+    assert mem.arena.dropped == {1}
     mem.check_integrity()
     mem.close()
 

@@ -27,6 +27,21 @@ class Sampler:
         """Drops a finished request's generator."""
         self._seeded.pop(request_id, None)
 
+    def export_state(self, request_id: str) -> bytes | None:
+        """The request's generator state, for moving it to another worker (KunServe drop and
+        restore); None when it has no generator yet (unseeded, or not sampled yet)."""
+        g = self._seeded.get(request_id)
+        return None if g is None else bytes(g.get_state().numpy())
+
+    def import_state(self, request_id: str, seed: int | None, state: bytes | None) -> None:
+        """Installs a generator state from :meth:`export_state`; a None state is a no-op (the
+        generator is made from the seed at the first sample, as on the sending worker)."""
+        if state is None or seed is None:
+            return
+        g = torch.Generator(device=self.device)
+        g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._seeded[request_id] = g
+
     def sample(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:

@@ -20,6 +20,7 @@ import torch
 from workers.config import EngineConfig
 from workers.engine import Engine, EngineStats, RequestSpec
 from workers.scheduler import RequestOutput
+from workers.transition import GroupController, check_block_ownership
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class Worker:
         self._stop = False
         self._seq = 0
         self._thread: threading.Thread | None = None
+        # Drop and restore (workers/transition.py): a transition parks the engine thread
+        # between steps (pause/resume) and drives the group controller from an actor thread.
+        self.group = GroupController(self)
+        self._pause_requested = False
+        self._parked = False
 
     def rendezvous_address(self) -> str:
         """``tcp://ip:port`` on this worker's node with a free port (call on rank 0)."""
@@ -119,10 +125,50 @@ class Worker:
         return self.engine.stats()
 
     def check_integrity(self) -> bool:
-        """Runs the block pool's invariant check (tests call it when the worker is idle)."""
+        """Runs the block pool's invariant check and checks that the running requests hold
+        exactly the used blocks (tests call it when the worker is idle)."""
         with self._cv:
-            self.engine.pool.check_integrity()
+            check_block_ownership(self.engine)
         return True
+
+    # --- transitions (drop / restore): see workers/transition.py ---------------------------
+
+    def pause(self) -> int:
+        """Parks the engine thread between steps; returns the seq of its last pushed step, so
+        the coordinator can wait until it has applied every push before moving requests."""
+        with self._cv:
+            self._pause_requested = True
+            self._cv.notify_all()
+            while not self._parked and not self._stop:
+                self._cv.wait()
+            return self._seq
+
+    def resume(self) -> None:
+        with self._cv:
+            self._pause_requested = False
+            self._cv.notify_all()
+
+    def transition(self, step: str, *args: Any) -> Any:
+        """Runs one step of a drop or restore (``GroupController.STEPS``) while parked."""
+        return self.group.call(step, *args)
+
+    def drain_inbox(self) -> None:
+        """Applies queued adds and aborts now (a transition exports the result)."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, _Inbox()
+        self._apply(inbox)
+
+    def _ready(self) -> bool:
+        """Under ``_cv``: whether the engine thread has something to do; parks it while a
+        transition holds the worker."""
+        if self._pause_requested:
+            if not self._parked:
+                self._parked = True
+                self._cv.notify_all()
+            return False
+        self._parked = False
+        inbox = self._inbox.adds or self._inbox.aborts
+        return bool(self.group.stage_loop is not None or inbox or self.engine.has_work)
 
     def shutdown(self) -> None:
         with self._cv:
@@ -133,12 +179,12 @@ class Worker:
 
     def _take_inbox(self) -> _Inbox | None:
         with self._cv:
-            while not self._stop and not self._inbox.adds and not self._inbox.aborts:
-                if self.engine.has_work:
-                    break
+            while not self._stop and not self._ready():
                 self._cv.wait()
             if self._stop:
                 return None
+            if self.group.stage_loop is not None:  # requests wait until the pipeline stops
+                return _Inbox()
             inbox, self._inbox = self._inbox, _Inbox()
             return inbox
 
@@ -146,6 +192,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while (inbox := self._take_inbox()) is not None:
+            if self.group.stage_loop is not None:
+                self.group.run_stage_loop()  # a pipeline stage: until the leader sends STOP
+                continue
             outputs = self._apply(inbox)
             if self.engine.has_work:
                 outputs += self._step()

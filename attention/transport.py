@@ -1,0 +1,173 @@
+"""Point-to-point tensor transport between the workers of a pipeline group.
+
+Every tensor that crosses workers after a drop goes through :class:`StageTransport`: one
+micro-batch's activations and attention metadata from stage r to stage r+1, the sampling rows'
+logits from the last stage back to the leader, KV-cache slices during a drop or restore, and
+weights during a restore (KunServe §3(b)-(d), reference/kunserve.md). It is a thin layer over
+``torch.distributed`` send/recv, so the same code runs on gloo (CPU) and NCCL (GPU); shapes and
+dtypes are explicit on both sides, and every send has its recv in this one file.
+
+Ordering contract: the two ends of a pair issue the matching calls in the same order (gloo and
+NCCL match point-to-point messages in order per peer). Empty tensors are never sent: both ends
+know the shape, so both skip them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from attention.metadata import AttentionMetadata
+
+HEADER_LEN = 8
+"""int64 fields in a step header (op, tokens, seqs, table width, sampling rows, max query
+length, max sequence length, one spare)."""
+
+
+class StageOp(enum.IntEnum):
+    """What a header announces."""
+
+    STEP = 1
+    """One micro-batch follows."""
+    STOP = 2
+    """Pipeline mode ends: the receiving stage loop returns (after forwarding the stop)."""
+
+
+@dataclass(frozen=True)
+class StepHeader:
+    """The fixed-size int64 header sent ahead of a micro-batch; it gives every shape."""
+
+    op: StageOp
+    num_tokens: int = 0
+    num_seqs: int = 0
+    table_width: int = 0
+    """Block-table columns (blocks of the longest sequence)."""
+    num_sampling: int = 0
+    """Rows that sample a token (their logits go back to the leader)."""
+    max_query_len: int = 0
+    max_seq_len: int = 0
+
+    def encode(self, device: torch.device) -> torch.Tensor:
+        fields = [int(self.op), self.num_tokens, self.num_seqs, self.table_width]
+        fields += [self.num_sampling, self.max_query_len, self.max_seq_len, 0]
+        return torch.tensor(fields, dtype=torch.int64, device=device)
+
+    @classmethod
+    def decode(cls, t: torch.Tensor) -> StepHeader:
+        op, tokens, seqs, width, sampling, max_q, max_s, _ = t.tolist()
+        return cls(StageOp(op), tokens, seqs, width, sampling, max_q, max_s)
+
+
+@dataclass
+class StageInputs:
+    """One micro-batch as a stage that is not the first receives it."""
+
+    hidden: torch.Tensor  # [num_tokens, hidden_size] model dtype
+    residual: torch.Tensor  # [num_tokens, hidden_size] model dtype
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampling] int64: rows of the sampling tokens
+
+    def header(self) -> StepHeader:
+        m = self.meta
+        return StepHeader(
+            op=StageOp.STEP,
+            num_tokens=self.hidden.shape[0],
+            num_seqs=m.seq_lens.shape[0],
+            table_width=m.block_tables.shape[1],
+            num_sampling=self.logits_indices.shape[0],
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+        )
+
+    def with_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> StageInputs:
+        return replace(self, hidden=hidden, residual=residual)
+
+
+class StageTransport:
+    """Send/recv of micro-batches, logits and raw tensors between global ranks.
+
+    ``hidden_size`` and ``dtype`` fix the activation shapes; ``device`` is where received
+    tensors land (the worker's device: CPU for gloo, its GPU for NCCL). Not thread-safe: one
+    thread per worker uses it at a time (the engine thread in pipeline mode, a transition
+    while the engine thread is parked).
+    """
+
+    def __init__(self, device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
+        self.device = device
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+
+    # --- micro-batches ------------------------------------------------------------------
+
+    def send_step(self, dst: int, x: StageInputs) -> None:
+        """Header, then hidden, residual, positions, slot mapping, block tables, sequence
+        lengths, query start locations and logits indices, in that order."""
+        m = x.meta
+        self.send(dst, x.header().encode(self.device))
+        for t in (x.hidden, x.residual, x.positions, m.slot_mapping, m.block_tables):
+            self.send(dst, t)
+        for t in (m.seq_lens, m.query_start_loc, x.logits_indices):
+            self.send(dst, t)
+
+    def recv_step(self, src: int) -> StageInputs | None:
+        """The next micro-batch from ``src``, or None when it sent STOP."""
+        h = self.recv_header(src)
+        if h.op is StageOp.STOP:
+            return None
+        n, s, hid = h.num_tokens, h.num_seqs, self.hidden_size
+        hidden = self.recv(src, (n, hid), self.dtype)
+        residual = self.recv(src, (n, hid), self.dtype)
+        positions = self.recv(src, (n,), torch.int64)
+        slot_mapping = self.recv(src, (n,), torch.int64)
+        block_tables = self.recv(src, (s, h.table_width), torch.int32)
+        seq_lens = self.recv(src, (s,), torch.int32)
+        query_start_loc = self.recv(src, (s + 1,), torch.int32)
+        logits_indices = self.recv(src, (h.num_sampling,), torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            query_start_loc=query_start_loc,
+            max_query_len=h.max_query_len,
+            max_seq_len=h.max_seq_len,
+        )
+        return StageInputs(hidden, residual, positions, meta, logits_indices)
+
+    def send_stop(self, dst: int) -> None:
+        self.send(dst, StepHeader(StageOp.STOP).encode(self.device))
+
+    def recv_header(self, src: int) -> StepHeader:
+        return StepHeader.decode(self.recv(src, (HEADER_LEN,), torch.int64))
+
+    def send_logits(self, dst: int, logits: torch.Tensor) -> None:
+        """``logits``: [num_sampling, vocab], from the last stage to the leader."""
+        self.send(dst, logits)
+
+    def recv_logits(self, src: int, num_sampling: int, vocab_size: int) -> torch.Tensor:
+        return self.recv(src, (num_sampling, vocab_size), self.dtype)
+
+    # --- raw tensors (KV slices, weights) -------------------------------------------------
+
+    def send(self, dst: int, t: torch.Tensor) -> None:
+        """Sends ``t`` (any shape and dtype, made contiguous); a no-op when it is empty."""
+        if t.numel() == 0:
+            return
+        dist.send(t.contiguous(), dst)
+
+    def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor of ``shape`` and ``dtype`` filled from ``src`` (empty: no message)."""
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        self.recv_into(src, out)
+        return out
+
+    def recv_into(self, src: int, out: torch.Tensor) -> None:
+        """Fills the contiguous tensor ``out`` in place from ``src``; a no-op when empty."""
+        if out.numel() == 0:
+            return
+        if not out.is_contiguous():
+            raise ValueError("recv_into needs a contiguous tensor")
+        dist.recv(out, src)

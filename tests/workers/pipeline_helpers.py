@@ -1,0 +1,212 @@
+"""Helpers for the pipeline tests: engine config, a loopback transport, and the bodies of the
+two-process gloo tests (run with ``torch.multiprocessing.spawn``, so they live in a module)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from attention.transport import StageInputs, StageTransport
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.engine import Engine, RequestSpec
+from workers.pipeline import build_stage_model, run_stage
+from workers.request import SamplingParams
+from workers.transition import GroupController, GroupSpec, check_block_ownership
+
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+RANGES = ((0, 3), (3, 5))
+"""stories260K's 5 layers over 2 stages (planner.drop_plan.stage_layer_ranges(5, 2))."""
+GREEDY = SamplingParams(temperature=0.0)
+SEEDED = SamplingParams(temperature=0.8, seed=7)
+
+PROMPTS = {
+    "a0": ([1, 403, 407, 261, 378], GREEDY),
+    "a1": ([1, 291, 376, 280, 294, 286, 399, 296, 418, 329, 429, 412, 425, 372, 13, 300], GREEDY),
+    "a2": ([1, 306, 302, 300], SEEDED),
+    "b0": ([1, 403, 407], GREEDY),
+    "b1": ([1, 280, 294, 286, 399, 296, 418, 329, 429, 412, 425], GREEDY),
+    "b2": ([1, 376, 280, 294], GREEDY),
+    "late": ([1, 403, 407, 261, 378, 432, 383], GREEDY),
+}
+"""Requests of the drop/restore test: a* start on rank 0, b* on rank 1, ``late`` arrives on the
+leader while the group is pipelined."""
+MAX_TOKENS = 20
+PHASES = ("before", "pipelined", "after")
+"""Phases of the drop/restore test, in time order: own engines, the group, homes again."""
+
+
+def engine_config(model_dir: Path | str, blocks: int = 64, budget: int = 8) -> EngineConfig:
+    """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
+    and a request can be mid-prefill when a transition starts; at most 2 running requests."""
+    return EngineConfig(
+        model_path=str(model_dir),
+        dtype="float32",
+        attention_backend="torch",
+        cache=CacheConfig(block_size=BLOCK_SIZE, num_kv_blocks=blocks),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=2, max_model_len=96),
+    )
+
+
+def spec_of(rid: str) -> RequestSpec:
+    ids, sampling = PROMPTS[rid]
+    return RequestSpec(rid, ids, sampling, MAX_TOKENS)
+
+
+def run_alone(model_dir: Path | str, rid: str) -> list[int]:
+    """The tokens a fresh full engine generates for ``rid`` alone (the reference)."""
+    engine = Engine(engine_config(model_dir), CPU)
+    engine.add_request(spec_of(rid))
+    tokens: list[int] = []
+    while engine.has_work:
+        for out in engine.step():
+            tokens += out.new_token_ids
+    return tokens
+
+
+class LoopbackTransport(StageTransport):
+    """A StageTransport for stages in one process: each (src, dst) pair is a queue."""
+
+    def __init__(self, rank: int, links: dict, hidden_size: int) -> None:
+        super().__init__(CPU, hidden_size, torch.float32)
+        self.rank = rank
+        self.links = links
+
+    def _link(self, src: int, dst: int) -> queue.Queue:
+        return self.links.setdefault((src, dst), queue.Queue())
+
+    def send(self, dst: int, t: torch.Tensor) -> None:
+        if t.numel():
+            self._link(self.rank, dst).put(t.detach().clone())
+
+    def recv_into(self, src: int, out: torch.Tensor) -> None:
+        if out.numel():
+            out.copy_(self._link(src, self.rank).get(timeout=30))
+
+
+# --- two-process gloo bodies (torch.multiprocessing.spawn calls fn(rank, *args)) ------------
+
+
+def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, world_size=world, rank=rank)
+    try:
+        result = {"transport_step": _transport_step, "drop_restore": _drop_restore}[body](
+            rank, model_dir
+        )
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@torch.inference_mode()
+def _transport_step(rank: int, model_dir: str) -> dict:
+    """Rank 0 runs stage 0 of one prefill step and sends it; rank 1 runs stage 1 and sends the
+    logits back; rank 0 compares them with its full model's."""
+    engine = Engine(engine_config(model_dir, budget=64), CPU)
+    runner = engine.runner
+    stage, _ = build_stage_model(runner.model, RANGES[rank])
+    kv = torch.zeros(16, 3 if rank == 0 else 2, *runner.kv_cache.shape[2:])
+    transport = StageTransport(CPU, runner.model_config.hidden_size, torch.float32)
+    if rank == 1:
+        x = transport.recv_step(0)
+        hidden, _ = run_stage(stage, kv, x)
+        transport.send_logits(0, stage.compute_logits(hidden[x.logits_indices]))
+        return {}
+    full = Engine(engine_config(model_dir, budget=64), CPU).runner
+    for rid in ("a0", "a1"):
+        engine.add_request(spec_of(rid))
+    out = engine.scheduler.schedule()
+    inputs = full.prepare(out)
+    ref, _ = run_stage(full.model, full.kv_cache, None, **_first(inputs))
+    ref_logits = full.model.compute_logits(ref[inputs.logits_indices])
+    hidden, residual = run_stage(stage, kv, None, **_first(inputs))
+    x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
+    transport.send_step(1, x)
+    logits = transport.recv_logits(1, len(inputs.sampling_requests), ref_logits.shape[1])
+    return {"equal": bool(torch.equal(logits, ref_logits)), "rows": logits.shape[0]}
+
+
+def _first(inputs) -> dict:
+    return {"input_ids": inputs.input_ids, "positions": inputs.positions, "meta": inputs.meta}
+
+
+class _StubWorker:
+    """What GroupController needs of a Worker."""
+
+    def __init__(self, rank: int, engine: Engine) -> None:
+        self.rank = rank
+        self.engine = engine
+
+    def drain_inbox(self) -> None:
+        pass
+
+
+def _drop_restore(rank: int, model_dir: str) -> dict:
+    """Both ranks serve their requests, drop into a 2-stage group, the leader steps the group
+    (a request arrives meanwhile), restore, both finish. Returns tokens by request and the
+    capacities seen."""
+    engine = Engine(engine_config(model_dir), CPU)
+    ctl = GroupController(_StubWorker(rank, engine))
+    tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
+    for rid in PROMPTS:
+        if rid.startswith("ab"[rank]):
+            engine.add_request(spec_of(rid))
+    _steps(engine, tokens["before"], 2)
+    sched = engine.scheduler
+    at_drop = {
+        "mid_prefill": [r.request_id for r in sched.running if r.num_pending_tokens > 1],
+        "waiting": [r.request_id for r in sched.waiting],
+    }
+    spec = GroupSpec(0, (0, 1), RANGES)
+    reports = _all_gather(ctl.drop_prepare(spec))
+    copies = _broadcast(ctl.drop_merge(spec, reports) if rank == 0 else None)
+    group_blocks = min(r.stage_blocks for r in reports)
+    stage_blocks = ctl.drop_execute(spec, copies, group_blocks)
+    info = {"reports": [(r.stage_blocks, r.freed_bytes, r.normal_blocks) for r in reports]}
+    info["at_drop"] = at_drop
+    info["pipelined"] = ctl.describe()
+    if rank == 0:
+        _steps(engine, tokens["pipelined"], 4)
+        engine.add_request(spec_of("late"))
+        _steps(engine, tokens["pipelined"], 4)
+        ctl.stop_pipeline()
+    else:
+        loop = threading.Thread(target=ctl.run_stage_loop)
+        loop.start()
+        loop.join(timeout=120)
+    plan = _broadcast(ctl.restore_plan() if rank == 0 else None)
+    restored_blocks = ctl.restore_execute(plan)
+    check_block_ownership(engine)
+    info["homes"] = plan.homes
+    _steps(engine, tokens["after"], 10_000)
+    check_block_ownership(engine)
+    info.update(stage_blocks=stage_blocks, restored_blocks=restored_blocks, tokens=tokens)
+    info["restored"] = ctl.describe()
+    return info
+
+
+def _steps(engine: Engine, tokens: dict[str, list[int]], n: int) -> None:
+    for _ in range(n):
+        if not engine.has_work:
+            return
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+
+
+def _all_gather(obj: object) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: object) -> object:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,228 @@
+"""Pipeline stages, drop capacity arithmetic, and drop/restore over gloo (stories260K, CPU)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from attention.transport import StageInputs, StageOp, StepHeader
+from planner.drop_plan import stage_layer_ranges
+from tests.workers.pipeline_helpers import (
+    CPU,
+    PHASES,
+    PROMPTS,
+    RANGES,
+    LoopbackTransport,
+    engine_config,
+    gloo_main,
+    run_alone,
+    spec_of,
+)
+from workers.engine import Engine
+from workers.kv_buffer import KVBuffer
+from workers.pipeline import PipelineRunner, StageLoop, build_stage_model, run_stage
+from workers.transition import GroupSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LAYER_BYTES = 45440 * 4
+"""One stories260K layer: 64·(64+2·32) + 64·64 + 3·64·172 + 2·64 float32 parameters."""
+EMBED_BYTES = 512 * 64 * 4
+"""The embedding (and the tied LM head's own copy of it): vocab 512 × hidden 64, float32."""
+FULL_BLOCK_BYTES = 5 * 2 * 4 * 4 * 8 * 4
+"""5 layers × K,V × 4 tokens × 4 KV heads × 8 dims × 4 bytes."""
+
+
+def test_stage_ranges_split_five_layers() -> None:
+    assert stage_layer_ranges(5, 2) == list(RANGES)
+
+
+def test_step_header_round_trip() -> None:
+    h = StepHeader(StageOp.STEP, 7, 2, 3, 2, 5, 9)
+    assert StepHeader.decode(h.encode(CPU)) == h
+
+
+@torch.inference_mode()
+def test_stage_models_chained_equal_full_model(stories_dir: Path) -> None:
+    """Prefill then decode: stage 0 then stage 1 give the full model's logits exactly, and
+    each stage's KV cache holds the full cache's slice of its layers."""
+    full = Engine(engine_config(stories_dir, budget=64), CPU)
+    split = Engine(engine_config(stories_dir, budget=64), CPU).runner
+    stage0, _ = build_stage_model(split.model, RANGES[0])
+    stage1, _ = build_stage_model(Engine(engine_config(stories_dir), CPU).runner.model, RANGES[1])
+    kv0 = torch.zeros(64, 3, *full.runner.kv_cache.shape[2:])
+    kv1 = torch.zeros(64, 2, *full.runner.kv_cache.shape[2:])
+    for rid in ("a0", "a1", "b1"):
+        full.add_request(spec_of(rid))
+    for _ in range(2):  # prefill, then one decode
+        out = full.scheduler.schedule()
+        inputs = full.runner.prepare(out)
+        first = {"input_ids": inputs.input_ids, "positions": inputs.positions, "meta": inputs.meta}
+        ref, _ = run_stage(full.runner.model, full.runner.kv_cache, None, **first)
+        ref_logits = full.runner.model.compute_logits(ref[inputs.logits_indices])
+        h, r = run_stage(stage0, kv0, None, **first)
+        x = StageInputs(h, r, inputs.positions, inputs.meta, inputs.logits_indices)
+        h1, _ = run_stage(stage1, kv1, x)
+        assert torch.equal(stage1.compute_logits(h1[x.logits_indices]), ref_logits)
+        tokens = ref_logits.argmax(-1).tolist()
+        ids = [q.request_id for q in inputs.sampling_requests]
+        full.scheduler.update(out, dict(zip(ids, tokens, strict=True)))
+    used = sorted(b for q in full.scheduler.running for b in q.block_ids)
+    assert torch.equal(kv0[used], full.runner.kv_cache[used, 0:3])
+    assert torch.equal(kv1[used], full.runner.kv_cache[used, 3:5])
+
+
+def test_build_stage_model_moves_modules_and_counts_freed_bytes(stories_dir: Path) -> None:
+    model = Engine(engine_config(stories_dir), CPU).runner.model
+    layers = list(model.layers)
+    stage, freed = build_stage_model(model, (3, 5))
+    assert (stage.start, stage.end, stage.embed_tokens) == (3, 5, None)
+    assert stage.layers[0] is layers[3] and stage.layers[1] is layers[4]  # moved, not copied
+    assert [m.self_attn.local_layer for m in stage.layers] == [0, 1]
+    assert stage.lm_head is model.lm_head
+    assert freed == 3 * LAYER_BYTES + EMBED_BYTES
+    _, freed0 = build_stage_model(Engine(engine_config(stories_dir), CPU).runner.model, (0, 3))
+    assert freed0 == 2 * LAYER_BYTES + EMBED_BYTES + 64 * 4  # layers 3-4, LM head, final norm
+
+
+class _Stub:
+    def __init__(self, rank: int, engine: Engine) -> None:
+        self.rank, self.engine = rank, engine
+
+    def drain_inbox(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("rank", "blocks"), [(0, 267), (1, 490)])
+def test_drop_capacity_is_old_plus_freed_bytes_in_stage_blocks(
+    stories_dir: Path, rank: int, blocks: int
+) -> None:
+    """M_r = floor((N·full block bytes + freed bytes) / stage block bytes), N = 64 blocks."""
+    from workers.transition import GroupController
+
+    engine = Engine(engine_config(stories_dir, blocks=64), CPU)
+    report = GroupController(_Stub(rank, engine)).drop_prepare(GroupSpec(0, (0, 1), RANGES))
+    start, end = RANGES[rank]
+    freed = 2 * LAYER_BYTES + EMBED_BYTES + 256 if rank == 0 else 3 * LAYER_BYTES + EMBED_BYTES
+    stage_block = FULL_BLOCK_BYTES * (end - start) // 5
+    assert (report.freed_bytes, report.normal_blocks) == (freed, 64)
+    assert report.stage_blocks == (64 * FULL_BLOCK_BYTES + freed) // stage_block == blocks
+
+
+def test_kv_buffer_grows_and_shrinks_keeping_the_prefix() -> None:
+    cache = torch.arange(64 * 5 * 2 * 4 * 4 * 8, dtype=torch.float32).view(64, 5, 2, 4, 4, 8)
+    buf = KVBuffer.adopt(cache)
+    assert (buf.nbytes, buf.num_blocks(5), buf.num_blocks(3)) == (64 * FULL_BLOCK_BYTES, 64, 106)
+    buf.resize(146 * buf.block_bytes(3))
+    assert buf.view(3).shape == (146, 3, 2, 4, 4, 8)
+    buf.resize(64 * FULL_BLOCK_BYTES)
+    assert torch.equal(buf.view(5), cache)
+
+
+def test_pipeline_runner_and_stage_loop_generate_what_the_full_engine_does(
+    stories_dir: Path,
+) -> None:
+    """The leader's engine steps through a PipelineRunner; stage 1 runs a StageLoop in a
+    thread; they talk over a loopback transport. Greedy and seeded tokens equal each request's
+    alone on a full engine."""
+    leader = Engine(engine_config(stories_dir, budget=16), CPU)
+    member = Engine(engine_config(stories_dir, budget=16), CPU)
+    links: dict = {}
+    ranks = (0, 1)
+    for engine, layers in ((leader, RANGES[0]), (member, RANGES[1])):
+        engine.runner.model, _ = build_stage_model(engine.runner.model, layers)
+        engine.runner.kv_cache = torch.zeros(64, layers[1] - layers[0], 2, 4, 4, 8)
+    hidden = leader.runner.model_config.hidden_size
+    loop = StageLoop(member.runner, LoopbackTransport(1, links, hidden), ranks, 1)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    transport = LoopbackTransport(0, links, hidden)
+    leader.runner = PipelineRunner(leader.runner, transport, ranks)
+    rids = ["a0", "a1", "a2", "b1"]
+    for rid in rids:
+        leader.add_request(spec_of(rid))
+    tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+    while leader.has_work:
+        for out in leader.step():
+            tokens[out.request_id] += out.new_token_ids
+    transport.send_stop(1)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
+
+
+def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Path) -> None:
+    """A step whose only request is mid-prefill samples nothing: no logits come back."""
+    leader = Engine(engine_config(stories_dir, budget=4), CPU)
+    links: dict = {}
+    leader.runner.model, _ = build_stage_model(leader.runner.model, RANGES[0])
+    leader.runner.kv_cache = torch.zeros(64, 3, 2, 4, 4, 8)
+    runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, 64), (0, 1))
+    leader.add_request(spec_of("a1"))
+    out = leader.scheduler.schedule()
+    assert [s.samples for s in out.scheduled] == [False]
+    assert runner.execute(out) == ({}, {})
+    # the header and 7 tensors; the logits indices are empty, so neither end moves them
+    assert links[(0, 1)].qsize() == 8
+    assert (1, 0) not in links  # and no logits come back
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(body: str, model_dir: Path, out: Path) -> list[dict]:
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    mp.spawn(gloo_main, args=(2, init, body, str(model_dir), str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_gloo_transport_one_step_equals_local(stories_dir: Path, tmp_path: Path) -> None:
+    rank0, _ = _spawn("transport_step", stories_dir, tmp_path)
+    assert rank0 == {"equal": True, "rows": 2}
+
+
+def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: Path) -> None:
+    """Two workers over gloo: serve, drop into 2 stages mid-generation (one request mid-prefill,
+    some waiting, one seeded), serve as a pipeline while a request arrives, restore, finish.
+    Every request's tokens equal its tokens alone on a full engine; capacities are exact."""
+    r0, r1 = _spawn("drop_restore", stories_dir, tmp_path)
+    tokens: dict[str, list[int]] = {rid: [] for rid in PROMPTS}
+    for phase in PHASES:  # a request is on one rank per phase
+        for rank in (r0, r1):
+            for rid, ids in rank["tokens"][phase].items():
+                tokens[rid] += ids
+    assert all(r0["tokens"][p] for p in PHASES)  # every phase generated tokens
+    assert r0["at_drop"] == {"mid_prefill": ["a1"], "waiting": ["a2"]}
+    assert r1["at_drop"]["waiting"] == ["b2"]
+    assert tokens == {rid: run_alone(stories_dir, rid) for rid in PROMPTS}
+    assert r0["reports"] == [
+        [267, 2 * LAYER_BYTES + EMBED_BYTES + 256, 64],
+        [490, 3 * LAYER_BYTES + EMBED_BYTES, 64],
+    ]
+    assert r0["pipelined"]["kv_blocks"] == 267 and r1["pipelined"]["kv_blocks"] == 490
+    assert r0["pipelined"]["pool_blocks"] == r1["pipelined"]["pool_blocks"] == 267
+    assert (
+        r0["restored"]
+        == r1["restored"] | {"pool_blocks": 64}
+        == {
+            "group_id": None,
+            "layer_range": [0, 5],
+            "kv_blocks": 64,
+            "pool_blocks": 64,
+            "stage_loop": False,
+        }
+    )
+    assert {rid: h for rid, h in r0["homes"].items() if rid[0] == "b"} == {
+        "b0": 1,
+        "b1": 1,
+        "b2": 1,
+    }

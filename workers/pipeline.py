@@ -1,0 +1,269 @@
+"""Pipeline stages of a dropped group: stage models, the leader's step, the stage loop.
+
+After a drop (KunServe §3(a)-(b), reference/kunserve.md), stage r of a g-stage group keeps
+decoder layers ``[start_r, end_r)``; stage 0 keeps the embedding, the last stage the final
+norm and LM head. The leader (stage 0) runs the group's scheduler; per engine step it runs its
+layers and sends the micro-batch to stage 1 (:class:`PipelineRunner`); every other stage runs
+:class:`StageLoop` in its engine thread: receive, run its layers, forward to the next stage or,
+on the last, compute the sampling rows' logits and send them back to the leader, which samples.
+v1 keeps one micro-batch in flight (lockstep); sampling state stays on the leader.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from attention.transport import StageInputs, StageTransport
+from workers.forward_context import ForwardContext, set_forward_context
+from workers.models.llama import LlamaModel
+from workers.sampler import TokenLogprobs
+from workers.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+# --- stage models -----------------------------------------------------------------------
+
+
+def param_bytes(module: nn.Module | None) -> int:
+    """Bytes of a module's parameters (0 for None)."""
+    return 0 if module is None else sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def dropped_param_bytes(model: LlamaModel, layer_range: tuple[int, int]) -> int:
+    """Parameter bytes ``model`` frees when it keeps only ``layer_range`` (bytes): the layers
+    outside it, the embedding unless the range is first, the norm and LM head unless it is last.
+    A tied LM head is its own copy of the embedding here, so the last stage frees the embedding
+    and keeps the head."""
+    start, end = layer_range
+    keep = range(start, end)
+    freed = sum(param_bytes(m) for j, m in _layers_by_index(model) if j not in keep)
+    if start != 0:
+        freed += param_bytes(model.embed_tokens)
+    if end != model.cfg.num_layers:
+        freed += param_bytes(model.norm) + param_bytes(model.lm_head)
+    return freed
+
+
+def _layers_by_index(model: LlamaModel) -> Iterator[tuple[int, nn.Module]]:
+    """(global layer index, layer module) of every layer ``model`` holds."""
+    for i, layer in enumerate(model.layers):
+        yield model.start + i, layer
+
+
+def empty_model(model: LlamaModel, layer_range: tuple[int, int]) -> LlamaModel:
+    """A model for ``layer_range`` of the same config and backend, with every parameter on the
+    meta device (no memory) and the RoPE table taken from ``model``."""
+    backend = model.layers[0].self_attn.backend
+    with torch.device("meta"):
+        out = LlamaModel(model.cfg, backend, layer_range, model.max_positions)
+    out.cos_sin_cache = model.cos_sin_cache
+    return out
+
+
+def adopt_layer(model: LlamaModel, index: int, layer: nn.Module) -> None:
+    """Puts decoder layer ``index`` (global) into ``model``, re-pointing its attention at its
+    slot inside ``model``'s KV block (``index - model.start``)."""
+    local = index - model.start
+    layer.self_attn.local_layer = local
+    model.layers[local] = layer
+
+
+def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[LlamaModel, int]:
+    """Moves the kept modules of ``model`` into a new model for ``layer_range`` (no reload, no
+    copy); the rest is left to be freed with ``model``. Returns (stage model, freed bytes).
+
+    Raises ValueError when ``layer_range`` is not inside what ``model`` holds.
+    """
+    start, end = layer_range
+    if not model.start <= start < end <= model.end:
+        raise ValueError(f"[{start}, {end}) is not inside [{model.start}, {model.end})")
+    freed = dropped_param_bytes(model, layer_range)
+    stage = empty_model(model, layer_range)
+    for j, layer in _layers_by_index(model):
+        if start <= j < end:
+            adopt_layer(stage, j, layer)
+    if stage.is_first:
+        stage.embed_tokens = model.embed_tokens
+    if stage.is_last:
+        stage.norm, stage.lm_head = model.norm, model.lm_head
+    _check_materialized(stage)
+    return stage.eval(), freed
+
+
+def _check_materialized(model: LlamaModel) -> None:
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise RuntimeError(f"stage model has parameters left on meta: {meta[:4]}")
+
+
+# --- one stage's compute ------------------------------------------------------------------
+
+
+def run_stage(
+    model: LlamaModel, kv_cache: torch.Tensor, x: StageInputs | None, **first: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``model``'s layers over one micro-batch with its own KV cache.
+
+    The first stage passes ``input_ids``, ``positions`` and ``meta`` as keywords (x is None);
+    later stages pass the received :class:`StageInputs`. Returns (hidden, residual), each
+    [num_tokens, hidden_size]; on the last stage hidden is the final-norm output.
+    """
+    if x is None:
+        meta, positions = first["meta"], first["positions"]
+        kwargs = {"input_ids": first["input_ids"]}
+    else:
+        meta, positions = x.meta, x.positions
+        kwargs = {"hidden": x.hidden, "residual": x.residual}
+    with set_forward_context(ForwardContext(meta, kv_cache)):
+        return model(positions, **kwargs)
+
+
+class PipelineRunner:
+    """The leader's model runner in pipeline mode: the engine calls :meth:`execute` as it calls
+    ``ModelRunner.execute``; every other attribute is the wrapped runner's (sampler, model,
+    kv_cache, block_bytes)."""
+
+    def __init__(self, runner: Any, transport: StageTransport, ranks: tuple[int, ...]) -> None:
+        self.runner = runner
+        self.transport = transport
+        self.ranks = ranks
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "runner":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput
+    ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
+        """Stage 0's layers here, the rest on the other stages; samples from the returned
+        logits [num_sampling, vocab]. Returns token ids and logprobs by request id."""
+        r = self.runner
+        inputs = r.prepare(out)
+        hidden, residual = run_stage(
+            r.model,
+            r.kv_cache,
+            None,
+            input_ids=inputs.input_ids,
+            positions=inputs.positions,
+            meta=inputs.meta,
+        )
+        x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
+        self.transport.send_step(self.ranks[1], x)
+        requests = inputs.sampling_requests
+        if not requests:
+            return {}, {}
+        vocab = r.model_config.vocab_size
+        logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
+        tokens, logprobs = r.sampler.sample(logits, requests)
+        ids = [q.request_id for q in requests]
+        return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
+
+
+class StageLoop:
+    """A non-leader stage's engine loop: serves micro-batches until the previous stage sends
+    STOP (which it forwards). ``stage`` indexes ``ranks``; rank ``ranks[0]`` gets the logits."""
+
+    def __init__(
+        self, runner: Any, transport: StageTransport, ranks: tuple[int, ...], stage: int
+    ) -> None:
+        if not 0 < stage < len(ranks):
+            raise ValueError(f"stage {stage} of {len(ranks)} cannot run a stage loop")
+        self.runner = runner
+        self.transport = transport
+        self.ranks = ranks
+        self.stage = stage
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == len(self.ranks) - 1
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        """Blocks on the previous stage; returns after STOP."""
+        prev = self.ranks[self.stage - 1]
+        while (x := self.transport.recv_step(prev)) is not None:
+            self.step(x)
+        if not self.is_last:
+            self.transport.send_stop(self.ranks[self.stage + 1])
+        logger.debug("stage %d: pipeline stopped", self.stage)
+
+    def step(self, x: StageInputs) -> None:
+        model = self.runner.model
+        hidden, residual = run_stage(model, self.runner.kv_cache, x)
+        if not self.is_last:
+            self.transport.send_step(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
+        elif x.logits_indices.numel():
+            logits = model.compute_logits(hidden[x.logits_indices])
+            self.transport.send_logits(self.ranks[0], logits)
+
+
+# --- restore: weights back from the stages that kept them ---------------------------------
+
+
+def _units(num_layers: int) -> list[tuple[str, int]]:
+    """Every module of a full model, in one order all stages walk: embedding, layers, norm,
+    LM head."""
+    return [("embed", -1), *(("layer", j) for j in range(num_layers)), ("norm", -1), ("head", -1)]
+
+
+def _owner(unit: tuple[str, int], ranges: Sequence[tuple[int, int]]) -> int:
+    """The stage that holds ``unit`` in pipeline mode."""
+    kind, j = unit
+    if kind == "embed":
+        return 0
+    if kind == "layer":
+        return next(r for r, (start, end) in enumerate(ranges) if start <= j < end)
+    return len(ranges) - 1
+
+
+def _get(model: LlamaModel, unit: tuple[str, int]) -> nn.Module:
+    kind, j = unit
+    if kind == "layer":
+        return model.layers[j - model.start]
+    return {"embed": model.embed_tokens, "norm": model.norm, "head": model.lm_head}[kind]
+
+
+def _put(model: LlamaModel, unit: tuple[str, int], module: nn.Module) -> None:
+    kind, j = unit
+    if kind == "layer":
+        adopt_layer(model, j, module)
+    else:
+        setattr(model, {"embed": "embed_tokens", "norm": "norm", "head": "lm_head"}[kind], module)
+
+
+def restore_full_model(
+    model: LlamaModel,
+    ranks: Sequence[int],
+    ranges: Sequence[tuple[int, int]],
+    stage: int,
+    transport: StageTransport,
+) -> LlamaModel:
+    """Every stage at once: rebuilds the full model on each stage from its own modules plus
+    every other stage's, copied over point to point (KunServe §3(d): the dropped layers come
+    back from the peer that kept them). Each module is sent by its owner to every other stage,
+    parameter by parameter, in one order all stages walk. Returns the full model."""
+    device, dtype = model.cos_sin_cache.device, next(model.parameters()).dtype
+    full = empty_model(model, (0, model.cfg.num_layers))
+    for unit in _units(model.cfg.num_layers):
+        owner = _owner(unit, ranges)
+        if owner == stage:
+            module = _get(model, unit)
+            for r, rank in enumerate(ranks):
+                if r != stage:
+                    for p in module.parameters():
+                        transport.send(rank, p.data)
+        else:
+            module = _get(full, unit).to_empty(device=device).to(dtype).requires_grad_(False)
+            for p in module.parameters():
+                transport.recv_into(ranks[owner], p.data)
+        _put(full, unit, module)
+    _check_materialized(full)
+    return full.eval()

@@ -1,0 +1,488 @@
+"""Worker side of a drop and a restore (v1: synchronous, while the engines are parked).
+
+KunServe §3(a), §3(c), §3(d) (reference/kunserve.md); DESIGN.md §6. The coordinator
+(coordinator/transitions.py) pauses every member of a group between engine steps, then calls
+these steps on them through ``Worker.transition``, all members at once where it says "every":
+
+drop
+  1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
+     on members other than the leader, export their requests (pickled, no tensors).
+  2. ``drop_merge`` (leader): one group block pool of min-over-stages blocks, the merged
+     request queues, a pipeline block for every running request, the KV copy plan.
+  3. ``drop_execute`` (every): read the KV slices (send/recv), drop the other stages' weights,
+     grow and re-view the KV buffer, write the slices; the leader runs the group scheduler
+     through :class:`~workers.pipeline.PipelineRunner`, the others a
+     :class:`~workers.pipeline.StageLoop`.
+
+restore
+  1. ``restore_plan`` (leader, parked, pipeline still up): a home for every request (back to
+     where it came from when it fits, else the least-loaded member), L-layer blocks there, the
+     KV copy plan. Raises TransitionError, changing nothing, when the live KV does not fit.
+  2. ``stop_pipeline`` (leader): STOP down the stages; each stage loop returns and parks.
+  3. ``restore_execute`` (every): read the slices, shrink the KV buffer back, copy the dropped
+     weights back from the stage that kept them, write the slices, rebuild each member's
+     engine with its requests.
+
+Requests keep ``num_computed_tokens`` (their KV moves with them), so nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attention.transport import StageTransport
+from workers import kv_exchange
+from workers.block_pool import BlockPool, KVCacheManager
+from workers.kv_buffer import KVBuffer
+from workers.kv_exchange import BlockMove, SliceCopy
+from workers.pipeline import (
+    PipelineRunner,
+    StageLoop,
+    build_stage_model,
+    dropped_param_bytes,
+    restore_full_model,
+)
+from workers.request import Request, RequestStatus
+from workers.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class TransitionError(RuntimeError):
+    """A drop or restore cannot start (wrong mode, KV does not fit); nothing was changed."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A pipeline group: global ``torch.distributed`` ranks in stage order (``ranks[0]`` leads)
+    and the decoder layers ``[start, end)`` each stage keeps."""
+
+    group_id: int
+    ranks: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ranks) < 2 or len(set(self.ranks)) != len(self.ranks):
+            raise ValueError(f"a group needs >= 2 distinct ranks, got {self.ranks}")
+        if len(self.ranges) != len(self.ranks):
+            raise ValueError(f"{len(self.ranks)} ranks but {len(self.ranges)} layer ranges")
+
+    def stage_of(self, rank: int) -> int:
+        return self.ranks.index(rank)
+
+
+@dataclass
+class RequestTransfer:
+    """A request moving between workers through Ray. ``request.block_ids`` are the blocks that
+    hold its KV on the sender (drop) or its new blocks on the receiver (restore)."""
+
+    request: Request
+    generator_state: bytes | None
+    """Its seeded sampler's generator state, or None (unseeded, or not sampled yet)."""
+    origin: int | None
+    """Rank of the instance that served it before the drop; None if it arrived after."""
+
+
+@dataclass
+class DropReport:
+    """What a member tells the coordinator at ``drop_prepare``."""
+
+    rank: int
+    stage_blocks: int
+    """M_r = floor((KV bytes + freed weight bytes) / stage block bytes)."""
+    freed_bytes: int
+    normal_blocks: int
+    """Its L-layer blocks before the drop (N)."""
+    used_blocks: int
+    transfers: list[RequestTransfer] = field(default_factory=list)
+    """Its requests, running then waiting (members other than the leader)."""
+
+
+@dataclass
+class RestorePlan:
+    """The leader's restore plan: who gets which request, and the KV copies."""
+
+    copies: list[SliceCopy]
+    homes: dict[str, int]
+    """Request id -> rank of its home after the restore."""
+    transfers: dict[int, list[RequestTransfer]]
+    """Requests for each member other than the leader, running then waiting, new blocks set."""
+    new_blocks: dict[str, list[int]]
+    """Running request id -> its L-layer blocks on its home."""
+    normal_blocks: dict[int, int]
+
+
+@dataclass
+class _Merge:
+    """The leader's pending drop (between ``drop_merge`` and ``drop_execute``)."""
+
+    pool: BlockPool
+    running: list[Request]
+    waiting: list[Request]
+    new_blocks: dict[str, list[int]]
+    incoming: list[RequestTransfer]
+
+
+class GroupController:
+    """A worker's part in its group's transitions; the worker calls :meth:`call` from an actor
+    thread while its engine thread is parked, and runs :attr:`stage_loop` when it is set."""
+
+    STEPS = (
+        "drop_prepare",
+        "drop_merge",
+        "drop_execute",
+        "stop_pipeline",
+        "restore_plan",
+        "restore_execute",
+        "describe",
+    )
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.spec: GroupSpec | None = None
+        self.stage_loop: StageLoop | None = None
+        self.transport: StageTransport | None = None
+        self.buffer: KVBuffer | None = None
+        self.normal_bytes = 0
+        self.normal_blocks: dict[int, int] = {}
+        self.origins: dict[str, int] = {}
+        self._merge: _Merge | None = None
+        self._restore: RestorePlan | None = None
+
+    def call(self, step: str, *args: Any) -> Any:
+        if step not in self.STEPS:
+            raise ValueError(f"unknown transition step {step!r}; steps: {list(self.STEPS)}")
+        return getattr(self, step)(*args)
+
+    @property
+    def rank(self) -> int:
+        return self.worker.rank
+
+    @property
+    def engine(self) -> Any:
+        return self.worker.engine
+
+    def describe(self) -> dict[str, Any]:
+        """Mode, layer range and KV capacity, for status and tests."""
+        runner = _base_runner(self.engine)
+        return {
+            "group_id": None if self.spec is None else self.spec.group_id,
+            "layer_range": (runner.model.start, runner.model.end),
+            "kv_blocks": runner.kv_cache.shape[0],
+            "pool_blocks": self.engine.pool.num_blocks,
+            "stage_loop": self.stage_loop is not None,
+        }
+
+    # --- drop ---------------------------------------------------------------------------
+
+    def drop_prepare(self, spec: GroupSpec) -> DropReport:
+        if self.spec is not None:
+            raise TransitionError(f"worker {self.rank} is already in group {self.spec.group_id}")
+        self.worker.drain_inbox()
+        engine, runner = self.engine, self.engine.runner
+        if self.buffer is None:
+            self.buffer = KVBuffer.adopt(runner.kv_cache)
+            self.normal_bytes = self.buffer.nbytes
+        start, end = spec.ranges[spec.stage_of(self.rank)]
+        freed = dropped_param_bytes(runner.model, (start, end))
+        stage_blocks = (self.buffer.nbytes + freed) // self.buffer.block_bytes(end - start)
+        transfers = [] if spec.ranks[0] == self.rank else self._export(self.rank)
+        logger.debug(
+            "drop prepare on %d: %d stage blocks, %d freed bytes, exports %s",
+            self.rank,
+            stage_blocks,
+            freed,
+            [t.request.request_id for t in transfers],
+        )
+        pool = engine.pool
+        return DropReport(self.rank, stage_blocks, freed, pool.num_blocks, pool.num_used, transfers)
+
+    def _export(self, origin: int | None) -> list[RequestTransfer]:
+        sched, sampler = self.engine.scheduler, self.engine.runner.sampler
+        return [
+            RequestTransfer(_detached(r), sampler.export_state(r.request_id), origin)
+            for r in (*sched.running, *sched.waiting)
+        ]
+
+    def drop_merge(self, spec: GroupSpec, reports: list[DropReport]) -> list[SliceCopy]:
+        """Leader: the group pool (min over stages of their blocks), the merged queues, and
+        the KV copy plan. Running requests keep their admission order, waiting ones put the
+        preempted first, then arrival order. Raises TransitionError when the running requests'
+        KV does not fit in the group pool (nothing changed)."""
+        group_blocks = min(r.stage_blocks for r in reports)
+        incoming = [t for r in reports for t in r.transfers]
+        everyone = [RequestTransfer(r, None, self.rank) for r in _requests(self.engine)]
+        everyone += incoming
+        running = [t for t in everyone if t.request.status is RequestStatus.RUNNING]
+        running.sort(key=lambda t: t.request.first_scheduled_time or 0.0)
+        waiting = [t for t in everyone if t.request.status is not RequestStatus.RUNNING]
+        waiting.sort(
+            key=lambda t: (t.request.status is not RequestStatus.PREEMPTED, t.request.arrival_time)
+        )
+        kv = KVCacheManager(BlockPool(group_blocks), self.engine.kv.block_size)
+        moves = _allocate(kv, running)
+        self.normal_blocks = {r.rank: r.normal_blocks for r in reports}
+        self.origins = {t.request.request_id: t.origin for t in everyone}
+        new_blocks = {m.request_id: list(m.dst_blocks) for m in moves}
+        requests = ([t.request for t in running], [t.request for t in waiting])
+        self._merge = _Merge(kv.pool, *requests, new_blocks, incoming)
+        logger.debug(
+            "drop merge on %d: %d group blocks; running %s; waiting %s",
+            self.rank,
+            group_blocks,
+            {m.request_id: (m.home, m.dst_blocks) for m in moves},
+            [t.request.request_id for t in waiting],
+        )
+        return kv_exchange.plan_drop(moves, spec.ranks, spec.ranges)
+
+    @torch.inference_mode()
+    def drop_execute(self, spec: GroupSpec, copies: list[SliceCopy], group_blocks: int) -> int:
+        """Every member: moves KV, drops weights, re-views KV memory, enters pipeline mode.
+        Returns this stage's capacity in its own blocks."""
+        engine, runner = self.engine, self.engine.runner
+        stage = spec.stage_of(self.rank)
+        start, end = spec.ranges[stage]
+        self.transport = StageTransport(
+            runner.device, runner.model_config.hidden_size, runner.dtype
+        )
+        pending = kv_exchange.read(copies, self.rank, runner.kv_cache, self.transport)
+        runner.model, freed = build_stage_model(runner.model, (start, end))
+        buf = self.buffer
+        stage_blocks = (buf.nbytes + freed) // buf.block_bytes(end - start)
+        buf.resize(stage_blocks * buf.block_bytes(end - start))
+        _set_kv(runner, buf.view(end - start))
+        kv_exchange.write(pending, runner.kv_cache)
+        self.spec = spec
+        if stage == 0:
+            self._become_leader(spec)
+        else:
+            self._become_stage(spec, stage, group_blocks)
+        check_block_ownership(engine)
+        logger.debug(
+            "drop done on %d: layers [%d, %d), %d stage blocks, %d in the group pool",
+            self.rank,
+            start,
+            end,
+            stage_blocks,
+            group_blocks,
+        )
+        return stage_blocks
+
+    def _become_leader(self, spec: GroupSpec) -> None:
+        engine, m = self.engine, self._merge
+        for r in m.running:
+            r.block_ids = list(m.new_blocks[r.request_id])
+        sampler = engine.runner.sampler
+        for t in m.incoming:
+            sampler.import_state(t.request.request_id, t.request.sampling.seed, t.generator_state)
+        _install(engine, m.pool, m.running, m.waiting)
+        engine.runner = PipelineRunner(engine.runner, self.transport, spec.ranks)
+        self._merge = None
+
+    def _become_stage(self, spec: GroupSpec, stage: int, group_blocks: int) -> None:
+        engine = self.engine
+        for r in _requests(engine):
+            engine.runner.sampler.forget(r.request_id)
+        _install(engine, BlockPool(group_blocks), [], [])
+        self.stage_loop = StageLoop(engine.runner, self.transport, spec.ranks, stage)
+
+    def run_stage_loop(self) -> None:
+        """Engine thread of a stage other than the leader: serves until STOP. A fault ends the
+        loop (logged): the leader's step then fails and ends the group's requests."""
+        try:
+            self.stage_loop.run()
+        except Exception:
+            logger.exception("pipeline stage loop on worker %d failed", self.rank)
+        finally:
+            self.stage_loop = None
+
+    # --- restore ------------------------------------------------------------------------
+
+    def restore_plan(self) -> RestorePlan:
+        """Leader: homes, L-layer blocks and KV copies for every request (changes nothing)."""
+        spec, engine = self._require_leader(), self.engine
+        sched, kv = engine.scheduler, engine.kv
+        pools = {rank: BlockPool(n) for rank, n in self.normal_blocks.items()}
+        load = {rank: [0, 0] for rank in spec.ranks}  # blocks, requests
+        homes, moves = {}, []
+        for r in sched.running:
+            n = kv.blocks_needed(r.num_computed_tokens)
+            home = self._pick_home(r.request_id, n, pools, load)
+            ids = pools[home].allocate(n)
+            moves.append(BlockMove(r.request_id, home, tuple(r.block_ids[:n]), tuple(ids)))
+            homes[r.request_id] = home
+        for r in sched.waiting:
+            homes[r.request_id] = self._pick_home(r.request_id, 0, pools, load)
+        new_blocks = {m.request_id: list(m.dst_blocks) for m in moves}
+        transfers: dict[int, list[RequestTransfer]] = {rank: [] for rank in spec.ranks[1:]}
+        sampler = engine.runner.sampler
+        for r in (*sched.running, *sched.waiting):
+            if homes[r.request_id] != self.rank:
+                moved = _detached(r, new_blocks.get(r.request_id, []))
+                state = sampler.export_state(r.request_id)
+                transfers[homes[r.request_id]].append(
+                    RequestTransfer(moved, state, self.origins.get(r.request_id))
+                )
+        copies = kv_exchange.plan_restore(moves, spec.ranks, spec.ranges)
+        logger.debug("restore plan on %d: homes %s", self.rank, homes)
+        self._restore = RestorePlan(copies, homes, transfers, new_blocks, dict(self.normal_blocks))
+        return self._restore
+
+    def _pick_home(
+        self, rid: str, blocks: int, pools: dict[int, BlockPool], load: dict[int, list[int]]
+    ) -> int:
+        """The request's origin if its blocks fit there, else the member with the fewest
+        blocks (then requests) assigned that fits; raises TransitionError when none fits."""
+        fits = [rank for rank, p in pools.items() if p.num_free >= blocks]
+        origin = self.origins.get(rid)
+        if origin in fits:
+            home = origin
+        elif fits:
+            home = min(fits, key=lambda rank: (load[rank][0], load[rank][1], rank))
+        else:
+            raise TransitionError(
+                f"request {rid} needs {blocks} blocks; no member has them free after restore"
+            )
+        load[home][0] += blocks
+        load[home][1] += 1
+        return home
+
+    def stop_pipeline(self) -> None:
+        """Leader: sends STOP down the pipeline (each stage loop forwards it and returns)."""
+        spec = self._require_leader()
+        self.transport.send_stop(spec.ranks[1])
+
+    @torch.inference_mode()
+    def restore_execute(self, plan: RestorePlan) -> int:
+        """Every member: moves KV home, shrinks KV memory, copies weights back, leaves the
+        group. Returns this worker's L-layer blocks."""
+        spec, engine = self.spec, self.engine
+        runner = _base_runner(engine)
+        stage = spec.stage_of(self.rank)
+        pending = kv_exchange.read(plan.copies, self.rank, runner.kv_cache, self.transport)
+        self.buffer.resize(self.normal_bytes)
+        runner.model = restore_full_model(
+            runner.model, spec.ranks, spec.ranges, stage, self.transport
+        )
+        num_layers = runner.model.cfg.num_layers
+        _set_kv(runner, self.buffer.view(num_layers))
+        kv_exchange.write(pending, runner.kv_cache)
+        if stage == 0:
+            self._leave_as_leader(plan)
+        else:
+            self._leave_as_member(plan)
+        self.spec, self.transport, self.origins, self._restore = None, None, {}, None
+        check_block_ownership(engine)
+        logger.debug("restore done on %d: %d blocks", self.rank, runner.kv_cache.shape[0])
+        return runner.kv_cache.shape[0]
+
+    def _leave_as_leader(self, plan: RestorePlan) -> None:
+        engine = self.engine
+        engine.runner = _base_runner(engine)
+        sched = engine.scheduler
+        keep_running = [r for r in sched.running if plan.homes[r.request_id] == self.rank]
+        keep_waiting = [r for r in sched.waiting if plan.homes[r.request_id] == self.rank]
+        for r in (*sched.running, *sched.waiting):
+            if plan.homes[r.request_id] != self.rank:
+                engine.runner.sampler.forget(r.request_id)
+        for r in keep_running:
+            r.block_ids = list(plan.new_blocks[r.request_id])
+        pool = _pool_for(plan.normal_blocks[self.rank], keep_running)
+        _install(engine, pool, keep_running, keep_waiting)
+
+    def _leave_as_member(self, plan: RestorePlan) -> None:
+        engine = self.engine
+        sampler = engine.runner.sampler
+        incoming = plan.transfers.get(self.rank, [])
+        for t in incoming:
+            sampler.import_state(t.request.request_id, t.request.sampling.seed, t.generator_state)
+        running = [t.request for t in incoming if t.request.status is RequestStatus.RUNNING]
+        waiting = [t.request for t in incoming if t.request.status is not RequestStatus.RUNNING]
+        pool = _pool_for(plan.normal_blocks[self.rank], running)
+        _install(engine, pool, running, waiting)
+
+    def _require_leader(self) -> GroupSpec:
+        if self.spec is None or self.spec.ranks[0] != self.rank:
+            raise TransitionError(f"worker {self.rank} does not lead a pipeline group")
+        return self.spec
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _allocate(kv: KVCacheManager, running: list[RequestTransfer]) -> list[BlockMove]:
+    """Group-pool blocks for each running request's computed tokens, from its home's blocks
+    (``origin``); raises TransitionError, allocating nothing, when they do not fit."""
+    need = [kv.blocks_needed(t.request.num_computed_tokens) for t in running]
+    if sum(need) > kv.pool.num_free:
+        raise TransitionError(
+            f"running requests hold {sum(need)} blocks; the group pool has {kv.pool.num_free}"
+        )
+    return [
+        BlockMove(t.request.request_id, t.origin, tuple(t.request.block_ids[:n]), tuple(ids))
+        for t, n in zip(running, need, strict=True)
+        if (ids := kv.pool.allocate(n)) is not None
+    ]
+
+
+def _requests(engine: Any) -> list[Request]:
+    return [*engine.scheduler.running, *engine.scheduler.waiting]
+
+
+def _detached(r: Request, block_ids: list[int] | None = None) -> Request:
+    """A copy to send through Ray, with its own block list (``block_ids`` if given)."""
+    out = copy.copy(r)
+    out.block_ids = list(r.block_ids if block_ids is None else block_ids)
+    return out
+
+
+def _base_runner(engine: Any) -> Any:
+    """The engine's ModelRunner, unwrapped from a PipelineRunner."""
+    r = engine.runner
+    return r.runner if isinstance(r, PipelineRunner) else r
+
+
+def _set_kv(runner: Any, view: torch.Tensor) -> None:
+    """Points the runner at a new KV view; decode graphs recorded the old one's address."""
+    runner.kv_cache = view
+    runner.cuda_graphs = None
+
+
+def _pool_for(num_blocks: int, running: list[Request]) -> BlockPool:
+    """A fresh pool of ``num_blocks`` whose allocations, in order, are the running requests'
+    block ids (the leader planned them on an identical pool; raises RuntimeError otherwise)."""
+    pool = BlockPool(num_blocks)
+    for r in running:
+        ids = pool.allocate(len(r.block_ids))
+        if ids != r.block_ids:
+            raise RuntimeError(f"{r.request_id}: planned blocks {r.block_ids}, pool gave {ids}")
+    return pool
+
+
+def _install(engine: Any, pool: BlockPool, running: list[Request], waiting: list[Request]) -> None:
+    """Gives the engine a new pool and a scheduler holding these requests (queue order kept)."""
+    old = engine.scheduler
+    kv = KVCacheManager(pool, old.kv.block_size)
+    sched = Scheduler(old.config, kv, old.max_model_len)
+    sched.running = list(running)
+    sched.waiting = deque(waiting)
+    sched.num_preemptions = old.num_preemptions
+    engine.pool, engine.kv, engine.scheduler = pool, kv, sched
+
+
+def check_block_ownership(engine: Any) -> None:
+    """Pool integrity plus: every used block is held by exactly one running request, and no
+    waiting request holds blocks. Raises AssertionError. Call between engine steps."""
+    engine.pool.check_integrity()
+    held = [b for r in engine.scheduler.running for b in r.block_ids]
+    assert len(held) == len(set(held)), "a block is held by two running requests"
+    assert len(held) == engine.pool.num_used, (
+        f"running requests hold {len(held)} blocks but the pool has {engine.pool.num_used} used"
+    )
+    assert not any(r.block_ids for r in engine.scheduler.waiting), "a waiting request holds blocks"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +44,22 @@ class Instance:
     stats: EngineStats
     state: InstanceState = InstanceState.NORMAL
     live: set[str] = field(default_factory=set)
+    group: tuple[int, ...] | None = None
+    """Worker ranks of the pipeline group this instance is in, stage order (set from a drop
+    to the end of its restore, coordinator/transitions.py); None in normal mode."""
 
     @property
     def leader(self) -> Any:
         return self.workers[0]
+
+    @property
+    def routable(self) -> bool:
+        """Takes new requests: a normal instance, or a group's leader (also while the group
+        drops or restores: requests wait in its worker's inbox until the transition ends)."""
+        if self.state is InstanceState.NORMAL:
+            return True
+        leads = self.group is not None and self.group[0] == self.info.rank
+        return leads and self.state is not InstanceState.FAILED
 
 
 class Coordinator:
@@ -116,7 +129,7 @@ class Coordinator:
     def route(self) -> Instance:
         """The least-loaded instance by KV demand: blocks its live requests hold or will hold
         for their current tokens, over its capacity; ties go to fewer live requests."""
-        candidates = [i for i in self.instances if i.state is InstanceState.NORMAL]
+        candidates = [i for i in self.instances if i.routable]
         if not candidates:
             raise ServerUnavailableError("no instance can take requests")
         return min(candidates, key=lambda i: (self.demand_fraction(i), len(i.live), i.instance_id))
@@ -181,6 +194,33 @@ class Coordinator:
             inst.leader.abort.remote([state.request_id])
         if fin.reason is FinishReason.ABORT:
             logger.debug("request %s aborted", state.request_id)
+
+    def applied_seq(self, rank: int) -> int:
+        """The last step seq of worker ``rank`` whose outputs have been applied."""
+        return self._next_seq[rank] - 1
+
+    async def wait_applied(self, rank: int, seq: int, timeout_s: float = 30.0) -> None:
+        """Waits until worker ``rank``'s pushes up to ``seq`` are applied (a transition waits
+        for this before requests change workers, so no token arrives out of order)."""
+        deadline = time.monotonic() + timeout_s
+        while self.applied_seq(rank) < seq:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {rank}: step {seq} not applied after {timeout_s} s")
+            await asyncio.sleep(0.002)
+
+    def move_requests(self, request_ids: Iterable[str], to: Instance) -> list[str]:
+        """Points live requests at instance ``to`` (a drop or restore moved them there);
+        returns those that were live."""
+        moved = []
+        for rid in request_ids:
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            self.instances[state.instance_id].live.discard(rid)
+            to.live.add(rid)
+            state.instance_id = to.instance_id
+            moved.append(rid)
+        return moved
 
     async def monitor(self, interval_s: float, timeout_s: float = 30.0) -> None:
         """Samples every live instance's load each ``interval_s``; an instance whose worker

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -111,16 +111,23 @@ def _finished_pb(f: Finished) -> pb.Finished:
 
 
 async def start_grpc_server(
-    servicer: InferenceServicer, host: str, port: int
+    servicer: InferenceServicer,
+    host: str,
+    port: int,
+    extra_services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Binds and starts the server with health NOT_SERVING; raises RuntimeError if the port is
-    taken."""
+    taken. ``extra_services``: (full service name, function adding its servicer), e.g. the
+    AdminService."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    for _, add in extra_services:
+        add(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, *(name for name, _ in extra_services))
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{host}:{port}"
     try:

@@ -18,11 +18,14 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from coordinator.admin import ADMIN_SERVICE_NAME, AdminServicer
 from coordinator.coordinator import Coordinator
 from coordinator.frontend import VERSION, InferenceServicer, set_serving, start_grpc_server
 from coordinator.metrics import Metrics
+from coordinator.transitions import Transitions
 from coordinator.validation import ModelLimits
 from proto.kunserve.v1 import inference_pb2 as pb
+from proto.kunserve.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server as add_admin
 from workers.config import EngineConfig, load_eos_token_ids
 from workers.tokenizer import Tokenizer
 from workers.worker import StepResult, Worker, WorkerInfo
@@ -118,7 +121,10 @@ class CoordinatorServer:
             servicer = InferenceServicer(
                 self.core, self._model_info(tokenizer, limits), self.server_info
             )
-            self.server, self.health = await start_grpc_server(servicer, cfg.host, cfg.port)
+            self.transitions = Transitions(self.core, model_cfg.num_layers, cfg.overload_policy)
+            admin = AdminServicer(self.transitions, self.server_info)
+            extra = [(ADMIN_SERVICE_NAME, lambda s: add_admin(admin, s))]
+            self.server, self.health = await start_grpc_server(servicer, cfg.host, cfg.port, extra)
             bound.set_result(f"{cfg.host}:{cfg.port}")
         except BaseException as e:
             bound.set_exception(e)
@@ -194,17 +200,21 @@ class CoordinatorServer:
         if not core.ready:
             return resp
         fresh = await asyncio.gather(*[i.leader.stats.remote() for i in core.instances])
+        by_rank = {i.info.rank: s for i, s in zip(core.instances, fresh, strict=True)}
         for inst, s in zip(core.instances, fresh, strict=True):
+            # a pipeline group: the leader holds its requests; each stage holds the same
+            # block ids (the group pool), in blocks of its own layers
+            used = by_rank[inst.group[0]].kv_blocks_used if inst.group else s.kv_blocks_used
             resp.instances.add(
                 instance_id=inst.instance_id,
                 state=pb.InstanceState.Value("INSTANCE_STATE_" + inst.state.name),
-                worker_ranks=[inst.info.rank],
+                worker_ranks=list(inst.group or [inst.info.rank]),
                 num_running=s.num_running,
                 num_waiting=s.num_waiting,
                 kv_blocks_total=s.kv_blocks_total,
-                kv_blocks_used=s.kv_blocks_used,
+                kv_blocks_used=used,
                 kv_bytes_total=s.kv_blocks_total * s.kv_block_bytes,
-                kv_bytes_used=s.kv_blocks_used * s.kv_block_bytes,
+                kv_bytes_used=used * s.kv_block_bytes,
                 num_preemptions=s.num_preemptions,
                 device=inst.info.device,
                 layer_range=list(inst.info.layer_range),

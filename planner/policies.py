@@ -11,7 +11,7 @@ from typing import TypeVar
 OVERLOAD_POLICIES = ("drop", "recompute", "swap", "migrate")
 """``drop`` is kunserve's (KunServe); the others are the baselines it is measured against."""
 
-IMPLEMENTED_POLICIES = ("recompute",)
+IMPLEMENTED_POLICIES = ("recompute", "drop")
 
 T = TypeVar("T")
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-PROTO = "proto/kunserve/v1/inference.proto"
+PROTOS = ("inference", "admin")
 
 
-def test_generated_modules_are_current(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", PROTOS)
+def test_generated_modules_are_current(tmp_path: Path, name: str) -> None:
     pytest.importorskip("grpc_tools")
     subprocess.run(
         [
@@ -23,12 +24,12 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            PROTO,
+            f"proto/kunserve/v1/{name}.proto",
         ],
         cwd=ROOT,
         check=True,
     )
-    for name in ("inference_pb2.py", "inference_pb2_grpc.py", "inference_pb2.pyi"):
-        fresh = (tmp_path / "proto/kunserve/v1" / name).read_text()
-        committed = (ROOT / "proto/kunserve/v1" / name).read_text()
-        assert fresh == committed, f"{name} is stale: regenerate it (see proto/README.md)"
+    for module in (f"{name}_pb2.py", f"{name}_pb2_grpc.py", f"{name}_pb2.pyi"):
+        fresh = (tmp_path / "proto/kunserve/v1" / module).read_text()
+        committed = (ROOT / "proto/kunserve/v1" / module).read_text()
+        assert fresh == committed, f"{module} is stale: regenerate it (see proto/README.md)"

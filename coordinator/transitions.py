@@ -1,0 +1,279 @@
+"""Drop and restore, driven from one place: one state machine per pipeline group.
+
+NORMAL → DROPPING → PIPELINED → RESTORING → NORMAL (KunServe's INITIAL → BALLOON → RESTORE →
+INITIAL, reference/kunserve.md §2; DESIGN.md §6). v1 is synchronous: every member parks its
+engine between steps while KV and requests move (workers/transition.py has the worker steps).
+Transitions are forced by the admin RPCs (coordinator/admin.py); the planner's decisions will
+call the same :meth:`Transitions.drop` and :meth:`Transitions.restore` (the hook is
+:meth:`Transitions.apply`).
+
+Ordering: a worker's pushes are applied in step order, but pushes of different workers are not
+ordered. Before requests change workers, each paused worker's last pushed step is waited for
+(``Coordinator.wait_applied``), so a request's tokens never arrive out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.coordinator import Coordinator, Instance
+from planner.drop_plan import stage_layer_ranges
+from planner.types import InstanceState
+from workers.transition import GroupSpec, TransitionError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupRecord:
+    """One pipeline group as the coordinator tracks it."""
+
+    spec: GroupSpec
+    instance_ids: tuple[int, ...]
+    """Members, stage order; the first leads (and is the group id)."""
+    state: InstanceState
+    kv_blocks_before: int
+    """Members' normal KV capacity, summed (L-layer blocks)."""
+    kv_blocks_after: int = 0
+    """The group's block pool (pipeline blocks: one id per token block on every stage)."""
+    stage_blocks: tuple[int, ...] = ()
+    """Each stage's KV capacity in its own blocks after the drop."""
+    num_moved: int = 0
+    """Requests that changed workers in the last transition."""
+    transition_s: float = 0.0
+    """Duration of the last transition (seconds)."""
+
+    @property
+    def group_id(self) -> int:
+        return self.spec.group_id
+
+
+class Transitions:
+    """Runs one transition at a time. ``num_layers`` is the model's L; drops need the
+    ``drop`` overload policy."""
+
+    def __init__(self, core: Coordinator, num_layers: int, overload_policy: str) -> None:
+        self.core = core
+        self.num_layers = num_layers
+        self.overload_policy = overload_policy
+        self.groups: dict[int, GroupRecord] = {}
+        self._lock = asyncio.Lock()
+
+    async def apply(
+        self, drop_groups: Sequence[Sequence[int]] = (), restore_groups: Sequence[int] = ()
+    ) -> None:
+        """The planner hook: drops each group of instance ids (``DropPlan.groups[i]
+        .instance_ids``, stage order) and restores each group id (``RestorePlan.group_id``)."""
+        for ids in drop_groups:
+            await self.drop(ids)
+        for gid in restore_groups:
+            await self.restore(gid)
+
+    # --- drop ---------------------------------------------------------------------------
+
+    async def drop(self, instance_ids: Sequence[int] | None = None) -> GroupRecord:
+        """Merges NORMAL instances (stage order; default: every NORMAL instance) into one
+        pipeline group; returns once it serves. Raises TransitionError (nothing changed) when
+        the policy is not ``drop``, an instance is not NORMAL, or the KV does not fit."""
+        if self.overload_policy != "drop":
+            raise TransitionError(
+                f"overload policy is {self.overload_policy!r}: serve with --overload-policy drop"
+            )
+        async with self._lock:
+            members = self._drop_members(instance_ids)
+            ranges = tuple(stage_layer_ranges(self.num_layers, len(members)))
+            spec = GroupSpec(members[0].instance_id, tuple(m.info.rank for m in members), ranges)
+            ids = tuple(m.instance_id for m in members)
+            record = GroupRecord(spec, ids, InstanceState.DROPPING, kv_blocks_before=0)
+            start = time.monotonic()
+            self._set_state(members, InstanceState.DROPPING)
+            try:
+                reports, copies = await self._prepare_drop(members, spec)
+            except BaseException:
+                self._set_state(members, InstanceState.NORMAL)
+                await _gather(m.leader.resume.remote() for m in members)
+                raise
+            await self._execute_drop(members, record, reports, copies)
+            record.transition_s = time.monotonic() - start
+            self.groups[spec.group_id] = record
+            logger.info(
+                "drop: instances %s -> pipeline group %d, layers %s, KV %d -> %d blocks (%.3f s)",
+                record.instance_ids,
+                spec.group_id,
+                ranges,
+                record.kv_blocks_before,
+                record.kv_blocks_after,
+                record.transition_s,
+            )
+            return record
+
+    def _drop_members(self, instance_ids: Sequence[int] | None) -> list[Instance]:
+        insts = self.core.instances
+        if instance_ids is None or len(instance_ids) == 0:
+            instance_ids = [i.instance_id for i in insts if i.state is InstanceState.NORMAL]
+        ids = list(instance_ids)
+        if len(ids) < 2 or len(set(ids)) != len(ids):
+            raise ValueError(f"a drop needs >= 2 distinct instances, got {ids}")
+        if len(ids) > self.num_layers:
+            raise ValueError(f"{len(ids)} stages exceed the model's {self.num_layers} layers")
+        bad = [i for i in ids if not 0 <= i < len(insts)]
+        if bad:
+            raise ValueError(f"no instance {bad}; instances are 0..{len(insts) - 1}")
+        busy = [i for i in ids if insts[i].state is not InstanceState.NORMAL]
+        if busy:
+            raise TransitionError(f"instances {busy} are not NORMAL")
+        return [insts[i] for i in ids]
+
+    async def _prepare_drop(self, members: list[Instance], spec: GroupSpec) -> tuple[list, list]:
+        """Pauses the members, collects their reports, and has the leader merge them; the
+        last step that may still fail without changing anything."""
+        await self._pause(members)
+        reports = await _gather(m.leader.transition.remote("drop_prepare", spec) for m in members)
+        copies = await members[0].leader.transition.remote("drop_merge", spec, reports)
+        return reports, copies
+
+    async def _execute_drop(
+        self, members: list[Instance], record: GroupRecord, reports: list, copies: list
+    ) -> None:
+        spec, leader = record.spec, members[0]
+        moved = [t.request.request_id for r in reports for t in r.transfers]
+        moved += [rid for m in members[1:] for rid in m.live]
+        moved = self.core.move_requests(dict.fromkeys(moved), leader)
+        logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
+        record.kv_blocks_before = sum(r.normal_blocks for r in reports)
+        record.kv_blocks_after = min(r.stage_blocks for r in reports)
+        try:
+            stage_blocks = await _gather(
+                m.leader.transition.remote("drop_execute", spec, copies, record.kv_blocks_after)
+                for m in members
+            )
+        except BaseException:
+            self._fail(members, "drop failed")
+            raise
+        record.stage_blocks = tuple(stage_blocks)
+        record.num_moved = len(moved)
+        record.state = InstanceState.PIPELINED
+        for m, layers in zip(members, spec.ranges, strict=True):
+            m.group = spec.ranks
+            m.info = dataclasses.replace(m.info, layer_range=layers)
+        self._set_state(members, InstanceState.PIPELINED)
+        await _gather(m.leader.resume.remote() for m in members)
+        self._abort_released(moved, {rid: leader for rid in moved})
+
+    # --- restore ------------------------------------------------------------------------
+
+    async def restore(self, group_id: int | None = None) -> GroupRecord:
+        """Splits a PIPELINED group (default: the only one) back into NORMAL instances; returns
+        once they serve. Raises TransitionError (the group keeps serving as a pipeline) when
+        its live KV does not fit back, or ValueError for an unknown group."""
+        async with self._lock:
+            record = self._restore_group(group_id)
+            members = [self.core.instances[i] for i in record.instance_ids]
+            start = time.monotonic()
+            self._set_state(members, InstanceState.RESTORING)
+            record.state = InstanceState.RESTORING
+            leader = members[0]
+            seq = await leader.leader.pause.remote()
+            try:
+                plan = await leader.leader.transition.remote("restore_plan")
+            except BaseException:
+                self._set_state(members, InstanceState.PIPELINED)
+                record.state = InstanceState.PIPELINED
+                await leader.leader.resume.remote()
+                raise
+            await self._execute_restore(members, record, plan, seq)
+            record.transition_s = time.monotonic() - start
+            del self.groups[record.group_id]
+            logger.info(
+                "restore: pipeline group %d -> instances %s (%.3f s)",
+                record.group_id,
+                record.instance_ids,
+                record.transition_s,
+            )
+            return record
+
+    def _restore_group(self, group_id: int | None) -> GroupRecord:
+        if group_id is None:
+            if len(self.groups) != 1:
+                raise ValueError(f"name the group to restore: groups are {sorted(self.groups)}")
+            group_id = next(iter(self.groups))
+        record = self.groups.get(group_id)
+        if record is None:
+            raise ValueError(f"no pipeline group {group_id}; groups are {sorted(self.groups)}")
+        if record.state is not InstanceState.PIPELINED:
+            raise TransitionError(f"group {group_id} is {record.state.name}, not PIPELINED")
+        return record
+
+    async def _execute_restore(
+        self, members: list[Instance], record: GroupRecord, plan: Any, leader_seq: int
+    ) -> None:
+        leader = members[0]
+        parked = [m.leader.pause.remote() for m in members[1:]]
+        try:
+            await leader.leader.transition.remote("stop_pipeline")
+            seqs = await _gather(parked)
+            await self.core.wait_applied(leader.info.rank, leader_seq)
+            for m, seq in zip(members[1:], seqs, strict=True):
+                await self.core.wait_applied(m.info.rank, seq)
+            await _gather(m.leader.transition.remote("restore_execute", plan) for m in members)
+        except BaseException:
+            self._fail(members, "restore failed")
+            raise
+        by_rank = {m.info.rank: m for m in members}
+        homes = {rid: by_rank[rank] for rid, rank in plan.homes.items()}
+        for m in members:
+            self.core.move_requests([r for r, h in homes.items() if h is m], m)
+        logger.debug("restore: request homes %s", {r: h.instance_id for r, h in homes.items()})
+        record.num_moved = sum(h is not leader for h in homes.values())
+        record.state = InstanceState.NORMAL
+        for m in members:
+            m.group = None
+            m.info = dataclasses.replace(m.info, layer_range=(0, self.num_layers))
+        self._set_state(members, InstanceState.NORMAL)
+        await _gather(m.leader.resume.remote() for m in members)
+        self._abort_released(list(homes), homes)
+
+    # --- shared -------------------------------------------------------------------------
+
+    async def _pause(self, members: list[Instance]) -> None:
+        """Parks every member between steps and waits until the coordinator has applied
+        every step each pushed before parking."""
+        seqs = await _gather(m.leader.pause.remote() for m in members)
+        for m, seq in zip(members, seqs, strict=True):
+            await self.core.wait_applied(m.info.rank, seq)
+
+    def _set_state(self, members: list[Instance], state: InstanceState) -> None:
+        for m in members:
+            m.state = state
+
+    def _abort_released(self, request_ids: list[str], owner: dict[str, Instance]) -> None:
+        """Requests that finished or were aborted here while they moved may still run on
+        their new worker (the abort went to the old one): abort them there."""
+        gone = [rid for rid in request_ids if rid not in self.core.requests]
+        for rid in gone:
+            owner[rid].leader.abort.remote([rid])
+        if gone:
+            logger.debug("transition: re-sent aborts for %s", gone)
+
+    def _fail(self, members: list[Instance], why: str) -> None:
+        """A transition failed after the point of no return: end the group's requests."""
+        for m in members:
+            self.core.fail_instance(m, f"{why} on instance {m.instance_id}")
+
+    def status(self) -> list[GroupRecord]:
+        return [self.groups[g] for g in sorted(self.groups)]
+
+    async def check_integrity(self) -> None:
+        """Runs every worker's block-pool check (``Worker.check_integrity``); raises what a
+        failing check raised. Meant for an idle server."""
+        await _gather(i.workers[0].check_integrity.remote() for i in self.core.instances)
+
+
+async def _gather(refs: Any) -> list:
+    return list(await asyncio.gather(*refs))

@@ -142,9 +142,9 @@ class Transitions:
         self, members: list[Instance], record: GroupRecord, reports: list, copies: list
     ) -> None:
         spec, leader = record.spec, members[0]
-        moved = [t.request.request_id for r in reports for t in r.transfers]
-        moved += [rid for m in members[1:] for rid in m.live]
-        moved = self.core.move_requests(dict.fromkeys(moved), leader)
+        exported = [t.request.request_id for r in reports for t in r.transfers]
+        live = [rid for m in members[1:] for rid in m.live]
+        moved = self.core.move_requests(dict.fromkeys(exported + live), leader)
         logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
         record.kv_blocks_before = sum(r.normal_blocks for r in reports)
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
@@ -164,7 +164,7 @@ class Transitions:
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
         await _gather(m.leader.resume.remote() for m in members)
-        self._abort_released(moved, {rid: leader for rid in moved})
+        self._abort_released(exported, {rid: leader for rid in exported})
 
     # --- restore ------------------------------------------------------------------------
 

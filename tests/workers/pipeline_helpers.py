@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from attention.transport import StageInputs, StageTransport
+from planner.drop_plan import stage_layer_ranges
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
 from workers.pipeline import build_stage_model, run_stage
@@ -33,10 +34,12 @@ PROMPTS = {
     "b0": ([1, 403, 407], GREEDY),
     "b1": ([1, 280, 294, 286, 399, 296, 418, 329, 429, 412, 425], GREEDY),
     "b2": ([1, 376, 280, 294], GREEDY),
+    "c0": ([1, 296, 418, 329, 429], GREEDY),
+    "c1": ([1, 412, 425, 372, 13, 300, 301, 306, 302], GREEDY),
     "late": ([1, 403, 407, 261, 378, 432, 383], GREEDY),
 }
-"""Requests of the drop/restore test: a* start on rank 0, b* on rank 1, ``late`` arrives on the
-leader while the group is pipelined."""
+"""Requests of the drop/restore test: a* start on rank 0, b* on rank 1, c* on rank 2 (with 3
+workers), ``late`` arrives on the leader while the group is pipelined."""
 MAX_TOKENS = 20
 PHASES = ("before", "pipelined", "after")
 """Phases of the drop/restore test, in time order: own engines, the group, homes again."""
@@ -52,6 +55,11 @@ def engine_config(model_dir: Path | str, blocks: int = 64, budget: int = 8) -> E
         cache=CacheConfig(block_size=BLOCK_SIZE, num_kv_blocks=blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=2, max_model_len=96),
     )
+
+
+def requests_for(world: int) -> list[str]:
+    """The drop/restore test's request ids with ``world`` workers."""
+    return [rid for rid in PROMPTS if rid == "late" or "abc".index(rid[0]) < world]
 
 
 def spec_of(rid: str) -> RequestSpec:
@@ -97,16 +105,15 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, world_size=world, rank=rank)
     try:
-        result = {"transport_step": _transport_step, "drop_restore": _drop_restore}[body](
-            rank, model_dir
-        )
+        bodies = {"transport_step": _transport_step, "drop_restore": _drop_restore}
+        result = bodies[body](rank, world, model_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
 @torch.inference_mode()
-def _transport_step(rank: int, model_dir: str) -> dict:
+def _transport_step(rank: int, world: int, model_dir: str) -> dict:
     """Rank 0 runs stage 0 of one prefill step and sends it; rank 1 runs stage 1 and sends the
     logits back; rank 0 compares them with its full model's."""
     engine = Engine(engine_config(model_dir, budget=64), CPU)
@@ -148,15 +155,15 @@ class _StubWorker:
         pass
 
 
-def _drop_restore(rank: int, model_dir: str) -> dict:
-    """Both ranks serve their requests, drop into a 2-stage group, the leader steps the group
-    (a request arrives meanwhile), restore, both finish. Returns tokens by request and the
-    capacities seen."""
+def _drop_restore(rank: int, world: int, model_dir: str) -> dict:
+    """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
+    the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
+    and request, and the capacities seen."""
     engine = Engine(engine_config(model_dir), CPU)
     ctl = GroupController(_StubWorker(rank, engine))
     tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
-    for rid in PROMPTS:
-        if rid.startswith("ab"[rank]):
+    for rid in requests_for(world):
+        if rid.startswith("abc"[rank]):
             engine.add_request(spec_of(rid))
     _steps(engine, tokens["before"], 2)
     sched = engine.scheduler
@@ -164,7 +171,7 @@ def _drop_restore(rank: int, model_dir: str) -> dict:
         "mid_prefill": [r.request_id for r in sched.running if r.num_pending_tokens > 1],
         "waiting": [r.request_id for r in sched.waiting],
     }
-    spec = GroupSpec(0, (0, 1), RANGES)
+    spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
     reports = _all_gather(ctl.drop_prepare(spec))
     copies = _broadcast(ctl.drop_merge(spec, reports) if rank == 0 else None)
     group_blocks = min(r.stage_blocks for r in reports)

@@ -16,11 +16,11 @@ from planner.drop_plan import stage_layer_ranges
 from tests.workers.pipeline_helpers import (
     CPU,
     PHASES,
-    PROMPTS,
     RANGES,
     LoopbackTransport,
     engine_config,
     gloo_main,
+    requests_for,
     run_alone,
     spec_of,
 )
@@ -115,6 +115,50 @@ def test_drop_capacity_is_old_plus_freed_bytes_in_stage_blocks(
     assert report.stage_blocks == (64 * FULL_BLOCK_BYTES + freed) // stage_block == blocks
 
 
+def _busy_engine(model_dir: Path) -> Engine:
+    """An engine with a0 and a1 running (prefilled, 2 and 4 blocks) and a2 waiting."""
+    engine = Engine(engine_config(model_dir, budget=64), CPU)
+    for rid in ("a0", "a1", "a2"):
+        engine.add_request(spec_of(rid))
+    engine.step()
+    return engine
+
+
+def test_drop_that_does_not_fit_changes_nothing(stories_dir: Path) -> None:
+    from workers.transition import DropReport, GroupController, TransitionError
+
+    engine = _busy_engine(stories_dir)
+    before = (engine.scheduler, [list(r.block_ids) for r in engine.scheduler.running])
+    ctl = GroupController(_Stub(0, engine))
+    reports = [DropReport(0, 5, 0, 64, 6), DropReport(1, 9, 0, 64, 0)]  # 5 < 2 + 4 blocks
+    with pytest.raises(TransitionError, match="hold 6 blocks; the group pool has 5"):
+        ctl.drop_merge(GroupSpec(0, (0, 1), RANGES), reports)
+    assert before == (engine.scheduler, [list(r.block_ids) for r in engine.scheduler.running])
+
+
+def test_restore_that_does_not_fit_changes_nothing(stories_dir: Path) -> None:
+    """Each member would get 3 blocks back: a1's 4 blocks fit on neither."""
+    from workers.transition import GroupController, TransitionError
+
+    engine = _busy_engine(stories_dir)
+    ctl = GroupController(_Stub(0, engine))
+    ctl.spec, ctl.normal_blocks = GroupSpec(0, (0, 1), RANGES), {0: 3, 1: 3}
+    with pytest.raises(TransitionError, match="a1 needs 4 blocks"):
+        ctl.restore_plan()
+    ctl.normal_blocks, ctl.origins = {0: 3, 1: 4}, {"a2": 1}
+    plan = ctl.restore_plan()
+    # back to its origin when it fits (a2), else the least-loaded member that fits
+    assert plan.homes == {"a0": 0, "a1": 1, "a2": 1}
+    assert [t.request.request_id for t in plan.transfers[1]] == ["a1", "a2"]
+    assert plan.new_blocks == {"a0": [0, 1], "a1": [0, 1, 2, 3]}
+    assert [(c.src_rank, c.dst_rank, c.src_layers, c.dst_layers) for c in plan.copies] == [
+        (0, 0, (0, 3), (0, 3)),
+        (0, 1, (0, 3), (0, 3)),
+        (1, 0, (0, 2), (3, 5)),
+        (1, 1, (0, 2), (3, 5)),
+    ]
+
+
 def test_kv_buffer_grows_and_shrinks_keeping_the_prefix() -> None:
     cache = torch.arange(64 * 5 * 2 * 4 * 4 * 8, dtype=torch.float32).view(64, 5, 2, 4, 4, 8)
     buf = KVBuffer.adopt(cache)
@@ -179,10 +223,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(body: str, model_dir: Path, out: Path) -> list[dict]:
+def _spawn(body: str, model_dir: Path, out: Path, world: int = 2) -> list[dict]:
     init = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(gloo_main, args=(2, init, body, str(model_dir), str(out)), nprocs=2, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    args = (world, init, body, str(model_dir), str(out))
+    mp.spawn(gloo_main, args=args, nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 def test_gloo_transport_one_step_equals_local(stories_dir: Path, tmp_path: Path) -> None:
@@ -190,39 +235,52 @@ def test_gloo_transport_one_step_equals_local(stories_dir: Path, tmp_path: Path)
     assert rank0 == {"equal": True, "rows": 2}
 
 
+def _tokens(results: list[dict]) -> dict[str, list[int]]:
+    """Each request's tokens over the phases, in time order (one rank per request a phase)."""
+    tokens: dict[str, list[int]] = {}
+    for phase in PHASES:
+        for rank in results:
+            for rid, ids in rank["tokens"][phase].items():
+                tokens.setdefault(rid, []).extend(ids)
+    return tokens
+
+
+RESTORED = {"group_id": None, "layer_range": [0, 5], "kv_blocks": 64, "pool_blocks": 64}
+
+
 def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: Path) -> None:
     """Two workers over gloo: serve, drop into 2 stages mid-generation (one request mid-prefill,
     some waiting, one seeded), serve as a pipeline while a request arrives, restore, finish.
     Every request's tokens equal its tokens alone on a full engine; capacities are exact."""
     r0, r1 = _spawn("drop_restore", stories_dir, tmp_path)
-    tokens: dict[str, list[int]] = {rid: [] for rid in PROMPTS}
-    for phase in PHASES:  # a request is on one rank per phase
-        for rank in (r0, r1):
-            for rid, ids in rank["tokens"][phase].items():
-                tokens[rid] += ids
     assert all(r0["tokens"][p] for p in PHASES)  # every phase generated tokens
     assert r0["at_drop"] == {"mid_prefill": ["a1"], "waiting": ["a2"]}
     assert r1["at_drop"]["waiting"] == ["b2"]
-    assert tokens == {rid: run_alone(stories_dir, rid) for rid in PROMPTS}
+    rids = requests_for(2)
+    assert _tokens([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in rids}
     assert r0["reports"] == [
         [267, 2 * LAYER_BYTES + EMBED_BYTES + 256, 64],
         [490, 3 * LAYER_BYTES + EMBED_BYTES, 64],
     ]
     assert r0["pipelined"]["kv_blocks"] == 267 and r1["pipelined"]["kv_blocks"] == 490
     assert r0["pipelined"]["pool_blocks"] == r1["pipelined"]["pool_blocks"] == 267
-    assert (
-        r0["restored"]
-        == r1["restored"] | {"pool_blocks": 64}
-        == {
-            "group_id": None,
-            "layer_range": [0, 5],
-            "kv_blocks": 64,
-            "pool_blocks": 64,
-            "stage_loop": False,
-        }
-    )
+    for r in (r0, r1):
+        assert r["restored"] == RESTORED | {"stage_loop": False}
     assert {rid: h for rid, h in r0["homes"].items() if rid[0] == "b"} == {
         "b0": 1,
         "b1": 1,
         "b2": 1,
     }
+
+
+def test_gloo_three_stage_drop_then_restore(stories_dir: Path, tmp_path: Path) -> None:
+    """The same with three workers: stages [0, 2), [2, 4), [4, 5); the middle stage forwards
+    activations and STOP, and every layer comes back to every worker."""
+    results = _spawn("drop_restore", stories_dir, tmp_path, world=3)
+    rids = requests_for(3)
+    assert _tokens(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
+    layers = [r["pipelined"]["layer_range"] for r in results]
+    assert layers == [[0, 2], [2, 4], [4, 5]]
+    assert len({r["pipelined"]["pool_blocks"] for r in results}) == 1
+    for r in results:
+        assert r["restored"] == RESTORED | {"stage_loop": False}

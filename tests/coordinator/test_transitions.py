@@ -1,0 +1,144 @@
+"""The drop/restore state machine without Ray: states, request bookkeeping, push ordering,
+aborts that race a move, and a drop refused before its point of no return."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coordinator.transitions import Transitions
+from planner.types import InstanceState
+from tests.coordinator.test_coordinator import (
+    FakeWorker,
+    _Method,
+    make_coordinator,
+    make_stats,
+    parsed,
+    step,
+)
+from workers.request import Request, RequestStatus, SamplingParams
+from workers.scheduler import RequestOutput
+from workers.transition import DropReport, RequestTransfer, RestorePlan, TransitionError
+
+
+class GroupWorker(FakeWorker):
+    """A FakeWorker that also pauses, resumes and answers transition steps from ``answers``
+    (a value, or a function of the step's arguments)."""
+
+    def __init__(self, rank: int, answers: dict) -> None:
+        super().__init__(make_stats())
+        self.rank = rank
+        self.seq = 0
+        self.answers = answers
+        self.steps: list[str] = []
+        self.pause = _Method(self._pause)
+        self.resume = _Method(self._resume)
+        self.transition = _Method(self._transition)
+
+    async def _pause(self) -> int:
+        return self.seq
+
+    async def _resume(self) -> None:
+        return None
+
+    async def _transition(self, name: str, *args):
+        self.steps.append(name)
+        answer = self.answers[name]
+        return answer(*args) if callable(answer) else answer
+
+
+def _request(rid: str) -> Request:
+    r = Request(rid, [1, 2, 3], SamplingParams(), 8, frozenset(), status=RequestStatus.RUNNING)
+    r.num_computed_tokens = 3
+    return r
+
+
+def _report(rank: int, holding: list[str]) -> DropReport:
+    transfers = [RequestTransfer(_request(rid), None, rank) for rid in holding]
+    return DropReport(rank, 150, 4096, 100, len(holding), transfers)
+
+
+def _setup(answers0: dict, answers1: dict):
+    core, _ = make_coordinator()
+    workers = [GroupWorker(0, answers0), GroupWorker(1, answers1)]
+    for inst, w in zip(core.instances, workers, strict=True):
+        inst.workers = [w]
+    return core, workers, Transitions(core, 5, "drop")
+
+
+def test_drop_then_restore_moves_requests_states_and_routing() -> None:
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        a, b = core.submit("a", parsed(16)), core.submit("b", parsed(16))
+        assert (a.instance_id, b.instance_id) == (0, 1)
+        w1.seq = 1  # worker 1 pushed step 1 before parking; it is not applied yet
+
+        def prepare1(spec):
+            assert core.applied_seq(1) == 1  # the drop waited for it
+            core.abort(["b"])  # the client cancels while b moves: the abort goes to worker 1
+            return _report(1, ["b"])
+
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=[])
+        w0.answers.update(drop_execute=140)
+        w1.answers.update(drop_prepare=prepare1, drop_execute=150)
+        out = RequestOutput("b", [7])
+        asyncio.get_running_loop().call_later(0.05, core.on_step, step(1, 1, [out]))
+        record = await tr.drop([0, 1])
+        assert (record.kv_blocks_before, record.kv_blocks_after) == (200, 150)
+        assert record.stage_blocks == (140, 150) and record.spec.ranges == ((0, 3), (3, 5))
+        assert [i.state for i in core.instances] == [InstanceState.PIPELINED] * 2
+        assert [i.group for i in core.instances] == [(0, 1), (0, 1)]
+        assert [i.info.layer_range for i in core.instances] == [(0, 3), (3, 5)]
+        assert w0.abort.calls[-1] == (["b"],)  # re-sent to b's new worker
+        c = core.submit("c", parsed(16))
+        assert c.instance_id == 0 and core.instances[0].live == {"a", "c"}
+        assert core.route() is core.instances[0]
+
+        homes = {"a": 0, "c": 1}
+        w0.answers.update(
+            restore_plan=RestorePlan([], homes, {1: []}, {}, {0: 100, 1: 100}),
+            stop_pipeline=None,
+            restore_execute=100,
+        )
+        w1.answers.update(restore_execute=100)
+        back = await tr.restore()
+        assert back.state is InstanceState.NORMAL and not tr.groups
+        assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
+        assert [i.group for i in core.instances] == [None, None]
+        assert [i.info.layer_range for i in core.instances] == [(0, 5), (0, 5)]
+        assert (core.requests["c"].instance_id, core.instances[1].live) == (1, {"c"})
+        assert w0.steps == ["drop_prepare", "drop_merge", "drop_execute"] + [
+            "restore_plan",
+            "stop_pipeline",
+            "restore_execute",
+        ]
+        assert w1.steps == ["drop_prepare", "drop_execute", "restore_execute"]
+        assert len(w0.resume.calls) == len(w1.resume.calls) == 2
+
+    asyncio.run(body())
+
+
+def test_refused_drop_changes_nothing() -> None:
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        core.submit("a", parsed(16))
+
+        def merge(spec, reports):
+            raise TransitionError("running requests hold 9 blocks; the group pool has 5")
+
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=merge)
+        w1.answers.update(drop_prepare=lambda spec: _report(1, []))
+        with pytest.raises(TransitionError, match="group pool has 5"):
+            await tr.drop()
+        assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
+        assert core.requests["a"].instance_id == 0 and not tr.groups
+        assert len(w0.resume.calls) == len(w1.resume.calls) == 1
+        with pytest.raises(ValueError, match="no pipeline group"):
+            await tr.restore(0)
+        with pytest.raises(ValueError, match=">= 2 distinct"):
+            await tr.drop([1, 1])
+        with pytest.raises(TransitionError, match="--overload-policy drop"):
+            await Transitions(core, 5, "recompute").drop()
+
+    asyncio.run(body())

@@ -5,21 +5,25 @@ One call runs everything and writes JSON::
     python -c "from kernels.bench_vmm import run_vmm_bench; run_vmm_bench('out/vmm.json')"
 
 On GPU 0 it builds the model on the meta device, places its parameters in a VMM weight arena
-(``workers.memory.WorkerMemory``: 2 MiB chunks, each layer on whole chunks) beside a 2 GiB KV
+(``workers.memory.WorkerMemory``: each layer one chunk of whole 2 MiB slots) beside a 2 GiB KV
 pool, fills them with dummy values, then ``repeats`` times:
 
-- **drop** layers 16..31 into the KV pool (target: ≤ 50 ms, decision to usable KV; DESIGN §8);
+- **drop** layers 16..31 into the KV pool (target: ≤ 50 ms, decision to usable KV; DESIGN §8),
+  counting the driver calls it makes (``drop_driver_calls``: 16 ``cuMemMap``, one
+  ``cuMemSetAccess`` and one context check when lazy);
 - **restore** them from a pinned host copy, timed until the copies finished, against the
   **PCIe floor**: one pinned host-to-device copy of the same bytes into ordinary device
   memory, measured in the same run (target ≤ 1.2× floor);
 
-in each of three ``SCENARIOS`` (eager unmapping; lazy, where the restore adopts the chunks
-back; lazy with an idle ``flush`` between, so the restore maps every chunk again).
+in each of the ``SCENARIOS`` (eager unmapping; lazy, where the restore adopts the chunks back;
+lazy with an idle ``flush`` between, so the restore maps every chunk again; premapped, where an
+idle ``premap_drop`` mapped the layers into the KV range beforehand, so the drop calls nothing).
 
 With two GPUs it also restores the layers on GPU 0 from GPU 1 over NCCL (``PeerSource``)
 against the **link floor**, one NCCL send/recv of the same bytes between ordinary buffers
-(target ≤ 2×). It also reports per-chunk VMM costs (create, map + one access call, unmap)
-for comparison with memory-systems.md §6.3. Times are medians, in milliseconds unless named
+(target ≤ 2×). It also reports VMM op costs (create, map + one access call, unmap) for 256
+one-slot chunks, per chunk, and for one chunk of 256 slots, for comparison with
+memory-systems.md §6.3: whether a mapping's cost is per call or per 2 MiB. Times are medians, in milliseconds unless named
 ``_us``. Importing this module needs neither a GPU nor cuda-python; it imports ``workers``
 inside functions (a benchmark of the stores built on this package's remapper).
 """
@@ -96,21 +100,37 @@ def _checksum(memory: Any) -> int:
     return int(memory.arena.layer_bytes(*DROP).view(torch.int64).sum())
 
 
-SCENARIOS = (("eager", False, False), ("lazy", True, False), ("lazy_flushed", True, True))
-"""(name, lazy, flush between drop and restore): eager unmaps at once; lazy leaves aliases
-that the restore adopts back; lazy_flushed is a lazy drop whose aliases an idle ``flush``
-removed, so the restore maps every chunk again."""
+SCENARIOS = (
+    ("eager", False, False, False),
+    ("lazy", True, False, False),
+    ("lazy_flushed", True, True, False),
+    ("premapped", True, False, True),
+)
+"""(name, lazy, flush between drop and restore, premap before the drop): eager unmaps at
+once; lazy leaves aliases that the restore adopts back; lazy_flushed is a lazy drop whose
+aliases an idle ``flush`` removed, so the restore maps every chunk again; premapped maps the
+layers into the KV range while idle (``premap`` time), so the drop itself calls nothing."""
 
 
-def _cycle(memory: Any, lazy: bool, flush: bool, restore: Callable[[bool], Any]) -> dict:
-    """One drop + restore of ``DROP``; returns its times (ms). Leaves no stale alias."""
+def _cycle(
+    memory: Any, scenario: tuple[str, bool, bool, bool], restore: Callable[[bool], Any]
+) -> dict:
+    """One drop + restore of ``DROP``; returns its times (ms) and driver calls. Leaves no
+    stale alias."""
+    _, lazy, flush, premap = scenario
+    times: dict[str, float] = {}
+    if premap:
+        times["premap"] = _timed_ms(lambda: memory.premap_drop(*DROP))
     torch.cuda.synchronize()
     stats = memory.drop_layers(*DROP, lazy=lazy)
-    times = {"drop": stats.total_s * 1e3, "drop_usable": stats.usable_s * 1e3}
+    times.update(drop=stats.total_s * 1e3, drop_usable=stats.usable_s * 1e3)
+    times["drop_driver_calls"] = stats.driver_calls
     if flush:
         times["flush_after_drop"] = _timed_ms(memory.flush)
     memory.kv.kv_cache.fill_(0.5)  # the borrowed chunks really serve as KV
+    calls = sum(memory.backend.calls.values())
     times["restore"] = _timed_ms(lambda: restore(lazy))
+    times["restore_driver_calls"] = sum(memory.backend.calls.values()) - calls
     times["flush_after_restore"] = _timed_ms(memory.flush)
     times["nbytes"] = stats.nbytes
     return times
@@ -139,18 +159,19 @@ def _single_gpu(repeats: int) -> dict:
     rounds = []
     for _ in range(repeats):
         rounds.append({})
-        for name, lazy, flush in SCENARIOS:
+        for scenario in SCENARIOS:
             restore = lambda lazy: memory.restore_layers(*DROP, host, lazy=lazy)  # noqa: E731
-            rounds[-1][name] = _cycle(memory, lazy, flush, restore)
+            rounds[-1][scenario[0]] = _cycle(memory, scenario, restore)
             assert _checksum(memory) == before and memory.kv.num_blocks == blocks
     nbytes = memory.arena.layer_nbytes(*DROP)
-    dropped = memory.kv.blocks_in(memory.kv.num_chunks + memory.arena.num_layer_chunks(*DROP))
+    dropped = memory.kv.blocks_in(memory.kv.mapped_slots + memory.arena.num_layer_slots(*DROP))
     floor = _h2d_floor_ms(host.host, repeats)
     torch.cuda.empty_cache()  # the floor's device buffer
     memory.check_integrity()
     memory.close()
     out.update(
         nbytes=nbytes,
+        slots_per_layer=memory.arena.num_layer_slots(DROP[0], DROP[0] + 1),
         kv_blocks_before_after_drop=[blocks, dropped],
         drop_target_ms=50.0,
         pcie_floor_ms=floor,
@@ -183,16 +204,17 @@ def _h2d_floor_ms(host: torch.Tensor, repeats: int) -> float:
 
 
 def _op_costs(backend: Any, n: int = 256) -> dict:
-    """Per-chunk µs of create, map (+ one access call per run), unmap (batched when the
-    driver allows it, and chunk by chunk), release; n chunks in one scratch range."""
+    """µs per one-slot chunk of create, map (+ one access call per run), unmap (batched when
+    the driver allows it, and chunk by chunk), release, for n chunks in one scratch range;
+    and ``one_chunk_us``: the same ops, in µs in all, for one chunk of n slots."""
     from kernels.vmm import VirtualRange
 
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
 
-    def timed(key: str, fn: Callable[[], Any]) -> Any:
+    def timed(key: str, fn: Callable[[], Any], per: int = n, into: dict = out) -> Any:
         t0 = time.perf_counter()
         r = fn()
-        out[key] = round((time.perf_counter() - t0) * 1e6 / n, 2)
+        into[key] = round((time.perf_counter() - t0) * 1e6 / per, 2)
         return r
 
     rng = VirtualRange(backend, n, "scratch")
@@ -203,6 +225,12 @@ def _op_costs(backend: Any, n: int = 256) -> dict:
         timed("unmap_batched_us" if mode else "unmap_per_chunk_us", lambda: rng.unmap(0, n))
         backend.batched_unmap = batched
     timed("release_us", lambda: backend.release_chunks(chunks))
+    one: dict[str, float] = {"slots": n}
+    big = timed("create", lambda: backend.create_chunks(1, n), 1, one)
+    timed("map_and_access", lambda: rng.map(0, big), 1, one)
+    timed("unmap", lambda: rng.unmap(0, n), 1, one)
+    timed("release", lambda: backend.release_chunks(big), 1, one)
+    out["one_chunk_us"] = one
     rng.close()
     return out
 
@@ -235,11 +263,11 @@ def _peer_worker(rank: int, tmp: str, repeats: int) -> None:
     rounds, floors = [], []
     for _ in range(repeats + 1):  # the first round warms NCCL up and is not counted
         rounds.append({})
-        for name, lazy, flush in SCENARIOS:
+        for scenario in SCENARIOS:
             dist.barrier()
             if rank == 0:
                 restore = lambda lazy: memory.restore_layers(*DROP, PeerSource(1), lazy=lazy)  # noqa: E731
-                rounds[-1][name] = _cycle(memory, lazy, flush, restore)
+                rounds[-1][scenario[0]] = _cycle(memory, scenario, restore)
                 assert _checksum(memory) == before
             else:
                 send_layers(memory.arena, *DROP, dst=0)

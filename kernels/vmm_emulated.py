@@ -1,9 +1,11 @@
 """An emulated VMM backend for CPU: CUDA VMM semantics over Linux shared memory.
 
-A chunk is a page-aligned piece of one ``memfd``; a reservation is a ``PROT_NONE`` anonymous
-mapping; mapping a chunk is ``mmap(MAP_FIXED | MAP_SHARED)`` of its piece into a slot, with no
-access until ``mprotect`` (as ``cuMemMap`` then ``cuMemSetAccess``); unmapping puts a bare
-``PROT_NONE`` reservation back. Tensor views are therefore zero-copy on CPU too: a view over a
+A chunk of ``n`` slots is a page-aligned piece of ``n * chunk_bytes`` of one ``memfd``; a
+reservation is a ``PROT_NONE`` anonymous mapping; mapping a chunk is one
+``mmap(MAP_FIXED | MAP_SHARED)`` of its piece at its first slot, with no access until one
+``mprotect`` over the run (as ``cuMemMap`` per chunk, then one ``cuMemSetAccess``); unmapping
+puts a bare ``PROT_NONE`` reservation back. ``calls`` counts the driver calls each of these
+stands in for, so CPU tests can assert how many a drop makes. Tensor views are therefore zero-copy on CPU too: a view over a
 range always shows the current bytes of the chunks mapped under it, one chunk may be mapped in
 two ranges at once, a remapped chunk keeps its bytes, and touching an unmapped slot faults
 (SIGSEGV) as the GPU would (illegal address).
@@ -22,6 +24,7 @@ import ctypes
 import mmap
 import os
 import sys
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +52,7 @@ class EmulatedBackend(ChunkBackend):
 
     ``capacity_bytes`` plays the device's memory size: ``create_chunks`` past it raises
     VmmError("cuMemCreate", "CUDA_ERROR_OUT_OF_MEMORY") and ``mem_get_info`` reports it.
+    Released pieces of the memfd are punched out and reused by chunks of the same size.
     ``chunk_bytes`` must be a multiple of the host page size (tests use 64 KiB). Linux only.
     """
 
@@ -63,60 +67,74 @@ class EmulatedBackend(ChunkBackend):
         self.capacity_bytes, self.batched_unmap = capacity_bytes, True
         self._libc = _libc()
         self._fd = os.memfd_create("kunserve-vmm-chunks")
-        self._file_bytes, self._free_offsets, self._live, self._next_index = 0, [], 0, 0
+        self._file_bytes, self._live_bytes, self._next_index = 0, 0, 0
+        self._free_offsets: defaultdict[int, list[int]] = defaultdict(list)  # nbytes -> offsets
+        self.calls: Counter[str] = Counter()
 
     def _sys(self, result: int, call: str, detail: str) -> int:
         if result in (-1, ctypes.c_void_p(-1).value, None):
             raise VmmError(call, os.strerror(ctypes.get_errno()), detail)
         return result
 
-    def create_chunks(self, n: int) -> list[Chunk]:
-        if (self._live + n) * self.chunk_bytes > self.capacity_bytes:
-            raise VmmError("cuMemCreate", "CUDA_ERROR_OUT_OF_MEMORY", f"{n} x {self.chunk_bytes}")
-        out = []
+    def create_chunks(self, n: int, num_slots: int = 1) -> list[Chunk]:
+        nbytes = num_slots * self.chunk_bytes
+        if self._live_bytes + n * nbytes > self.capacity_bytes:
+            raise VmmError("cuMemCreate", "CUDA_ERROR_OUT_OF_MEMORY", f"{n} x {nbytes}")
+        out, free = [], self._free_offsets[nbytes]
         for _ in range(n):
-            if not self._free_offsets:
-                self._free_offsets.append(self._file_bytes)
-                self._file_bytes += self.chunk_bytes
+            if not free:
+                free.append(self._file_bytes)
+                self._file_bytes += nbytes
                 os.ftruncate(self._fd, self._file_bytes)
-            out.append(Chunk(self._next_index, self.chunk_bytes, self._free_offsets.pop()))
+            out.append(Chunk(self._next_index, nbytes, free.pop(), num_slots))
             self._next_index += 1
-        self._live += n
+        self._live_bytes += n * nbytes
+        self.calls["cuMemCreate"] += n
         return out
 
     def release_chunks(self, chunks: Sequence[Chunk]) -> None:
         for c in chunks:  # drop the pages now, as cuMemRelease does once nothing maps them
-            got = self._libc.fallocate(self._fd, _FALLOC_PUNCH_HOLE, c.handle, self.chunk_bytes)
+            got = self._libc.fallocate(self._fd, _FALLOC_PUNCH_HOLE, c.handle, c.nbytes)
             self._sys(got, "cuMemRelease", f"chunk {c.index}")
-            self._free_offsets.append(c.handle)
-        self._live -= len(chunks)
+            self._free_offsets[c.nbytes].append(c.handle)
+            self._live_bytes -= c.nbytes
+        self.calls["cuMemRelease"] += len(chunks)
 
     def reserve(self, nbytes: int) -> int:
         flags = _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE
+        self.calls["cuMemAddressReserve"] += 1
         return self._sys(
             self._libc.mmap(None, nbytes, _PROT_NONE, flags, -1, 0), "reserve", f"{nbytes}"
         )
 
     def free_reservation(self, base: int, nbytes: int) -> None:
         self._sys(self._libc.munmap(base, nbytes), "munmap", f"{base:#x}, {nbytes}")
+        self.calls["cuMemAddressFree"] += 1
 
     def map_run(self, addr: int, chunks: Sequence[Chunk]) -> None:
-        cb, n = self.chunk_bytes, len(chunks) * self.chunk_bytes
+        at = addr
         try:
-            for i, c in enumerate(chunks):  # mapped with no access, as cuMemMap leaves it
-                at = addr + i * cb
+            for c in chunks:  # mapped with no access, as cuMemMap leaves it
                 got = self._libc.mmap(
-                    at, cb, _PROT_NONE, _MAP_SHARED | _MAP_FIXED, self._fd, c.handle
+                    at, c.nbytes, _PROT_NONE, _MAP_SHARED | _MAP_FIXED, self._fd, c.handle
                 )
                 self._sys(got, "cuMemMap", f"{at:#x}")
+                self.calls["cuMemMap"] += 1
+                at += c.nbytes
+            n = at - addr
             self._sys(self._libc.mprotect(addr, n, _PROT_RW), "cuMemSetAccess", f"{addr:#x}, {n}")
+            self.calls["cuMemSetAccess"] += 1
         except VmmError:
-            self.unmap_run(addr, len(chunks))  # leave the run as it was: a bare reservation
+            self._bare(addr, sum(c.nbytes for c in chunks))  # leave the run a bare reservation
             raise
 
-    def unmap_run(self, addr: int, count: int) -> None:
-        flags = _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED  # back to a bare reservation
-        n = count * self.chunk_bytes
+    def unmap_run(self, addr: int, chunks: Sequence[Chunk]) -> None:
+        self._bare(addr, sum(c.nbytes for c in chunks))
+        self.calls["cuMemUnmap"] += 1  # batched, as the H200 driver allows
+
+    def _bare(self, addr: int, n: int) -> None:
+        """Puts a bare ``PROT_NONE`` reservation over ``[addr, addr + n)``."""
+        flags = _MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE | _MAP_FIXED
         self._sys(
             self._libc.mmap(addr, n, _PROT_NONE, flags, -1, 0), "cuMemUnmap", f"{addr:#x}, {n}"
         )
@@ -128,7 +146,7 @@ class EmulatedBackend(ChunkBackend):
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=torch.uint8)
 
     def mem_get_info(self) -> tuple[int, int]:
-        return self.capacity_bytes - self._live * self.chunk_bytes, self.capacity_bytes
+        return self.capacity_bytes - self._live_bytes, self.capacity_bytes
 
     def close(self) -> None:
         if self._fd >= 0:

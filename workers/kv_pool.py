@@ -1,5 +1,9 @@
 """The KV pool: one reserved virtual range whose mapped prefix grows and shrinks by chunks.
 
+A chunk is one physical allocation of whole 2 MiB slots (kernels/vmm.py): the pool's own (one
+per growth: start-up, sizing) or a dropped layer's (one per layer). Capacity is counted in
+bytes, so it changes by exactly the bytes of the chunks mapped or given back.
+
 Block ``b`` lives at byte ``b * block_bytes`` of the range, so the base address (and the
 pointer every kernel and CUDA graph holds) never moves; capacity is the number of whole blocks
 in the mapped prefix, and ids past it are simply never handed out (DESIGN §5; the elastic KV of
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.vmm import Chunk, ChunkBackend, VirtualRange, slot_runs
+from kernels.vmm import Chunk, ChunkBackend, VirtualRange
 from workers.block_pool import BlockPool
 
 
@@ -66,12 +70,13 @@ class EvacuationNeeded(RuntimeError):
 
 
 class KVPool:
-    """KV blocks over a VMM range of ``max_chunks`` slots whose first ``num_chunks`` are mapped.
+    """KV blocks over a VMM range of ``max_slots`` slots whose first ``mapped_slots`` are mapped,
+    by the ``num_chunks`` chunks of the live prefix.
 
     ``kv_cache`` is ``[num_blocks, *fmt.shape]``; ``kv_cache_full`` is the same storage viewed
     at the full reserved capacity ``[max_blocks, *fmt.shape]`` (only ids < ``num_blocks`` may be
     touched), for CUDA graphs captured once. Both start at ``base``, which never moves.
-    Raises ValueError when the chunks hold no whole block or exceed ``max_chunks``.
+    Raises ValueError when the chunks hold no whole block or exceed ``max_slots``.
     """
 
     def __init__(
@@ -79,25 +84,27 @@ class KVPool:
         backend: ChunkBackend,
         fmt: KVBlockFormat,
         chunks: list[Chunk],
-        max_chunks: int,
+        max_slots: int,
         block_pool: BlockPool | None = None,
     ) -> None:
-        if not 1 <= len(chunks) <= max_chunks:
-            raise ValueError(f"the KV pool needs 1..{max_chunks} chunks, got {len(chunks)}")
+        slots = sum(c.num_slots for c in chunks)
+        if not chunks or slots > max_slots:
+            raise ValueError(f"the KV pool needs chunks of 1..{max_slots} slots, got {slots}")
         self.fmt, self.chunk_bytes = fmt, backend.chunk_bytes
-        num_blocks = len(chunks) * self.chunk_bytes // fmt.block_bytes
+        num_blocks = slots * self.chunk_bytes // fmt.block_bytes
         if num_blocks < 1:
             raise ValueError(
-                f"{len(chunks)} chunks of {self.chunk_bytes} bytes hold no KV block of "
+                f"{slots} slots of {self.chunk_bytes} bytes hold no KV block of "
                 f"{fmt.block_bytes} bytes"
             )
         if block_pool is not None and block_pool.num_blocks != num_blocks:
             raise ValueError(
                 f"block pool has {block_pool.num_blocks} blocks, chunks hold {num_blocks}"
             )
-        self.range = VirtualRange(backend, max_chunks, "kv")
+        self.range = VirtualRange(backend, max_slots, "kv")
         self.range.map(0, chunks)
-        self.num_chunks = len(chunks)
+        self.mapped_slots = slots
+        """Slots of the live prefix; the next chunk maps here."""
         self.block_pool = block_pool or BlockPool(num_blocks)
         self.max_blocks = self.range.nbytes // fmt.block_bytes
         full = (self.max_blocks, *fmt.shape)
@@ -114,7 +121,12 @@ class KVPool:
 
     @property
     def mapped_bytes(self) -> int:
-        return self.num_chunks * self.chunk_bytes
+        return self.mapped_slots * self.chunk_bytes
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks of the live prefix."""
+        return len(self.live_chunks())
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -126,27 +138,56 @@ class KVPool:
         blocks of another ``layers_per_block`` after a drop (DESIGN §5)."""
         return self.range.view(0, (self.mapped_bytes,), torch.uint8)
 
-    def blocks_in(self, num_chunks: int) -> int:
-        """Whole blocks in the first ``num_chunks`` chunks of the range."""
-        return num_chunks * self.chunk_bytes // self.fmt.block_bytes
+    def blocks_in(self, num_slots: int) -> int:
+        """Whole blocks in the first ``num_slots`` slots of the range."""
+        return num_slots * self.chunk_bytes // self.fmt.block_bytes
 
     def grow(self, chunks: list[Chunk]) -> int:
-        """Maps ``chunks`` after the live prefix; returns the number of block ids added.
+        """Maps ``chunks`` back to back after the live prefix (one ``cuMemMap`` each, one access
+        call over them all); returns the number of block ids added, which is exactly the
+        whole blocks their bytes complete.
 
-        Slots past the prefix that still map the same chunks (left by ``shrink(unmap=False)``)
-        are adopted back with no driver call. Raises ValueError when the reserved range has
-        too few slots left.
+        Chunks still mapped at their place past the prefix (left by ``shrink(unmap=False)`` or
+        ``premap``) are adopted back with no driver call. Raises ValueError when the reserved
+        range has too few slots left.
         """
-        if self.num_chunks + len(chunks) > self.range.num_slots:
+        slots = sum(c.num_slots for c in chunks)
+        if self.mapped_slots + slots > self.range.num_slots:
             raise ValueError(
-                f"KV range of {self.range.num_slots} chunks cannot grow from {self.num_chunks} "
-                f"by {len(chunks)}"
+                f"KV range of {self.range.num_slots} slots cannot grow from {self.mapped_slots} "
+                f"by {slots}"
             )
-        self.range.remap(self.num_chunks, chunks)
+        self.range.remap(self.mapped_slots, chunks)
         before = self.num_blocks
-        self.num_chunks += len(chunks)
-        self.block_pool.grow(self.blocks_in(self.num_chunks) - before)
+        self.mapped_slots += slots
+        self.block_pool.grow(self.blocks_in(self.mapped_slots) - before)
         return self.num_blocks - before
+
+    def premap(self, chunks: list[Chunk]) -> int:
+        """Maps ``chunks`` where ``grow`` would put them, without adding blocks (stale aliases
+        past the prefix), so a later ``grow`` by the same chunks makes no driver call; for an
+        idle worker ahead of a drop. Returns how many were newly mapped. Raises ValueError
+        when the reserved range has too few slots left."""
+        slots = sum(c.num_slots for c in chunks)
+        if self.mapped_slots + slots > self.range.num_slots:
+            raise ValueError(f"KV range has {self.range.num_slots - self.mapped_slots} free slots")
+        return self.range.remap(self.mapped_slots, chunks)
+
+    def tail_count(self, nbytes: int) -> int:
+        """How many chunks at the end of the live prefix hold exactly ``nbytes`` bytes (what
+        giving those bytes back takes). Raises ValueError when no chunk boundary lies
+        ``nbytes`` before the end of the prefix (chunks are given back whole)."""
+        n, slot, want = 0, self.mapped_slots, nbytes // self.chunk_bytes
+        lives = self.live_chunks()
+        while slot > self.mapped_slots - want and n < len(lives):
+            n += 1
+            slot -= lives[-n].num_slots
+        if nbytes % self.chunk_bytes or slot != self.mapped_slots - want:
+            raise ValueError(
+                f"the KV pool's chunks do not end {nbytes} bytes before its end "
+                f"(last chunks: {[c.nbytes for c in lives[-4:]]} bytes)"
+            )
+        return n
 
     def live_tail_blocks(self, n: int) -> list[int]:
         """Live block ids that lie, even partly, in the last ``n`` mapped chunks."""
@@ -187,52 +228,47 @@ class KVPool:
             raise EvacuationNeeded(live)
         if not self.block_pool.shrink_tail(self.num_blocks - lo):
             raise AssertionError("block pool refused a tail with no live block")
-        self.num_chunks -= n
-        chunks = self._mapped(self.num_chunks, self.num_chunks + n)
+        chunks = self.live_chunks()[-n:] if n else []
+        self.mapped_slots -= sum(c.num_slots for c in chunks)
         if unmap:
-            self.range.unmap(self.num_chunks, n)
+            self.range.unmap(self.mapped_slots, sum(c.num_slots for c in chunks))
         return chunks
 
     def live_chunks(self) -> list[Chunk]:
         """Chunks of the live prefix, in slot order."""
-        return self._mapped(0, self.num_chunks)
+        return [c for _, c in self.range.mappings(0, self.mapped_slots)]
 
     def stale_chunks(self) -> list[Chunk]:
         """Chunks still mapped past the live prefix (lent elsewhere, not yet unmapped here)."""
-        return self._mapped(self.num_chunks, self.range.num_slots)
+        return [c for _, c in self.range.mappings(self.mapped_slots)]
 
     def unmap_stale(self) -> int:
-        """Unmaps every slot past the live prefix (after one device sync); returns how many."""
-        stale = [s for s, _ in self.range.mapped_slots(self.num_chunks)]
-        if stale:
-            self.range.backend.synchronize()
-        for first, count in slot_runs(stale):
-            self.range.unmap(first, count, sync=False)  # synchronized just above
-        return len(stale)
+        """Unmaps every chunk past the live prefix (after one device sync, one backend call per
+        run of adjacent chunks); returns how many."""
+        return len(self.range.unmap_within(self.mapped_slots, self.range.num_slots))
 
     def close(self) -> list[Chunk]:
         """Unmaps everything and frees the range; returns the live chunks (stale aliases belong
         to their other range). Views into the pool die with it."""
         self.unmap_stale()
-        self.num_chunks = 0
+        self.mapped_slots = 0
         return self.range.close()
 
-    def _mapped(self, lo: int, hi: int) -> list[Chunk]:
-        return [c for _, c in self.range.mapped_slots(lo, hi)]
-
     def check_integrity(self) -> None:
-        """Raises AssertionError if blocks, mapped chunks and the block pool disagree."""
+        """Raises AssertionError if blocks, mapped slots and the block pool disagree."""
         self.block_pool.check_integrity()
-        assert self.num_blocks == self.blocks_in(self.num_chunks), (
-            f"{self.num_blocks} blocks over {self.num_chunks} chunks"
+        assert self.num_blocks == self.blocks_in(self.mapped_slots), (
+            f"{self.num_blocks} blocks over {self.mapped_slots} slots"
         )
-        assert self.range.is_mapped(0, self.num_chunks), "the live prefix has unmapped slots"
+        assert self.range.is_mapped(0, self.mapped_slots), "the live prefix has unmapped slots"
+        assert sum(c.num_slots for c in self.live_chunks()) == self.mapped_slots
 
     def _tail_start(self, n: int) -> int:
         """First block id that lies, even partly, in the last ``n`` chunks."""
-        if not 0 <= n < self.num_chunks:
-            raise ValueError(f"cannot give back {n} of {self.num_chunks} KV chunks (keep >= 1)")
-        lo = self.blocks_in(self.num_chunks - n)
+        lives = self.live_chunks()
+        if not 0 <= n < len(lives):
+            raise ValueError(f"cannot give back {n} of {len(lives)} KV chunks (keep >= 1)")
+        lo = self.blocks_in(self.mapped_slots - sum(c.num_slots for c in lives[len(lives) - n :]))
         if lo < 1:
             raise ValueError(f"giving back {n} KV chunks would leave no whole block")
         return lo

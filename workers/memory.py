@@ -2,11 +2,16 @@
 
 ::
 
-    ChunkPool (all chunks, created once) ──lease──▶ WeightArena  (embed | layers | head)
+    ChunkPool (chunks created up front) ──lease──▶ WeightArena  (embed | layers | head)
                                           └─lease──▶ KVPool       (blocks over a growing prefix)
     drop_layers:    arena layers' chunks ──map──▶ KV tail   (no copy, no allocation)
     restore_layers: KV tail chunks ──map──▶ arena layers, refilled from a host copy or a peer
     flush:          unmap the old aliases that lazy drops and restores left behind (when idle)
+
+Chunk sizes follow the driver's costs (memory-systems.md §6.3, and the H200 bench: ~23 µs per
+2 MiB mapping with its access, i.e. 76 ms to map Llama-3-8B's layers 16..31 slot by slot):
+each arena region is one chunk of its own slots and the KV pool grows by one chunk per call, so
+a drop of ``k`` layers is ``k`` ``cuMemMap`` and one ``cuMemSetAccess`` (``DropStats.driver_calls``).
 
 DESIGN §5-6 (drop and restore), memory-systems.md §1.6 (Oneiros' remap sequence) and §6.5
 (synchronize before unmap; batch access). Every call comes from the engine loop's thread,
@@ -16,13 +21,14 @@ between steps.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kernels.vmm import ChunkBackend, ChunkPool, make_backend
+from kernels.vmm import ChunkBackend, ChunkPool, VmmError, make_backend
 from workers.kv_pool import EvacuationNeeded, KVBlockFormat, KVPool
 from workers.weight_arena import (
     ArenaLayout,
@@ -44,6 +50,8 @@ class DropStats:
     blocks_added: int
     usable_s: float
     total_s: float
+    driver_calls: int = 0
+    """VMM driver calls the drop made (``ChunkBackend.calls``, every name counted)."""
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,13 @@ class RestoreStats:
 
 
 class WorkerMemory:
-    """The chunk pool, the weight arena of ``layout`` and a KV pool of ``kv_chunks`` chunks.
+    """The chunk pool, the weight arena of ``layout`` and a KV pool of ``kv_slots`` slots.
 
-    The pool holds ``layout.num_slots + kv_chunks`` chunks, created up front (more with
-    ``add_kv_chunks``). The KV range reserves ``max_kv_chunks`` slots (at least every chunk of
-    the pool, so it can absorb all droppable layers; virtual addresses are cheap, so a worker
-    passes the device's memory size in chunks). Raises VmmError when the device cannot commit
-    the chunks, ValueError on bad sizes.
+    Created up front: one chunk per arena region (its slots) and one of ``kv_slots`` for the
+    KV pool (more with ``add_kv_slots``). The KV range reserves ``max_kv_slots`` slots (at
+    least every slot of the pool, so it can absorb all droppable layers; virtual addresses are
+    cheap, so a worker passes the device's memory size in slots). Raises VmmError when the
+    device cannot commit the chunks (releasing what it created), ValueError on bad sizes.
     """
 
     def __init__(
@@ -72,23 +80,43 @@ class WorkerMemory:
         backend: ChunkBackend,
         layout: ArenaLayout,
         fmt: KVBlockFormat,
-        kv_chunks: int,
-        max_kv_chunks: int | None = None,
+        kv_slots: int,
+        max_kv_slots: int | None = None,
     ) -> None:
         self.backend = backend
-        self.pool = ChunkPool(backend, layout.num_slots + kv_chunks)
+        self.pool = ChunkPool(backend)
+        try:
+            for num_slots, n in sorted(Counter(r.num_slots for r in layout.regions).items()):
+                self.pool.create(n, num_slots)
+            self.pool.create(1, kv_slots)
+        except VmmError:
+            self.pool.close()
+            raise
         self.arena = WeightArena(self.pool, layout)
-        kv = self.pool.take(kv_chunks)
+        kv = self.pool.take(1, kv_slots)
         assert kv is not None, "the pool was sized for the arena and the KV pool"
-        max_kv = max(max_kv_chunks or 0, self.pool.num_chunks)
+        max_kv = max(max_kv_slots or 0, self.pool.num_slots)
         self.kv = KVPool(backend, fmt, kv, max_kv)
         self.owns_backend = False
 
-    def add_kv_chunks(self, n: int) -> int:
-        """Commits ``n`` more chunks (``cuMemCreate``) and grows the KV pool by them; returns
-        the block ids added. For sizing the KV cache after a profiling run."""
-        self.pool.create(n)
-        return self.kv.grow(self.pool.take(n) or [])
+    def add_kv_slots(self, n: int) -> int:
+        """Commits one more chunk of ``n`` slots (one ``cuMemCreate``) and grows the KV pool by
+        it; returns the block ids added. For sizing the KV cache after a profiling run."""
+        self.pool.create(1, n)
+        return self.kv.grow(self.pool.take(1, n) or [])
+
+    def ensure_kv_blocks(self, num_blocks: int) -> int:
+        """Grows the KV pool (one new chunk, zero-filled as ``torch.zeros`` would be) until it
+        holds at least ``num_blocks`` blocks, rounding up to whole slots; returns the block
+        ids added (0 when it held enough)."""
+        cb = self.backend.chunk_bytes
+        missing = -(-num_blocks * self.kv.fmt.block_bytes // cb) - self.kv.mapped_slots
+        if missing <= 0:
+            return 0
+        before = self.kv.num_blocks
+        added = self.add_kv_slots(missing)
+        self.kv.kv_cache[before:].zero_()
+        return added
 
     @classmethod
     def for_model(
@@ -96,38 +124,43 @@ class WorkerMemory:
         model: nn.Module,
         dtype: torch.dtype,
         fmt: KVBlockFormat,
-        kv_chunks: int,
+        kv_slots: int,
         backend: ChunkBackend | None = None,
         device: torch.device | str = "cpu",
-        max_kv_chunks: int | None = None,
+        max_kv_slots: int | None = None,
     ) -> WorkerMemory:
         """Lays out ``model``'s parameters (``dtype``), builds the memory, and places the
         model in the arena (binding meta parameters, copying real ones). Without ``backend``
         one is made for ``device`` and closed by ``close``."""
         owns, backend = backend is None, backend or make_backend(device)
         layout = layout_for_model(model, dtype, backend.chunk_bytes)
-        memory = cls(backend, layout, fmt, kv_chunks, max_kv_chunks)
+        memory = cls(backend, layout, fmt, kv_slots, max_kv_slots)
         memory.owns_backend = owns
-        place_model_in_arena(model, memory.arena)
+        try:
+            place_model_in_arena(model, memory.arena)
+        except Exception:
+            memory.close()
+            raise
         return memory
 
     def drop_layers(self, start: int, end: int, *, lazy: bool = True) -> DropStats:
         """Gives the chunks of layers ``[start, end)`` to the KV pool, which grows by exactly
         their bytes (no copy, no allocation).
 
-        Lazily the chunks are mapped into the KV range while the weight range keeps them as
-        stale aliases (CUDA's virtual aliasing) until ``flush``; a later restore adopts them
-        back for free. Eagerly (``lazy=False``) the weight range is unmapped first (device
-        sync, then ``cuMemUnmap``, ~17.5 µs a chunk on H200); without lazy calls no chunk is
-        ever mapped in two places.
+        Lazily the chunks (one per layer) are mapped into the KV range, ``k`` ``cuMemMap`` and
+        one ``cuMemSetAccess`` for ``k`` layers, while the weight range keeps them as stale
+        aliases (CUDA's virtual aliasing) until ``flush``; a later restore adopts them back for
+        free, and a ``premap_drop`` beforehand makes the drop itself call nothing. Eagerly
+        (``lazy=False``) the weight range is unmapped first (device sync, then one batched
+        ``cuMemUnmap``); without lazy calls no chunk is ever mapped in two places.
         Raises ValueError, changing nothing, for bad layers or a KV range without room.
         """
-        t0 = time.perf_counter()
+        t0, calls = time.perf_counter(), self._num_calls()
         self.arena.check_layers(start, end, dropped=False)
-        n = self.arena.num_layer_chunks(start, end)
-        room = self.kv.range.num_slots - self.kv.num_chunks
+        n = self.arena.num_layer_slots(start, end)
+        room = self.kv.range.num_slots - self.kv.mapped_slots
         if n > room:
-            raise ValueError(f"the KV range has room for {room} more chunks, layers need {n}")
+            raise ValueError(f"the KV range has room for {room} more slots, layers need {n}")
         if lazy:
             chunks = self.arena.layer_chunks(start, end)
             added = self.kv.grow(chunks)
@@ -137,8 +170,21 @@ class WorkerMemory:
             chunks = self.arena.drop_layers(start, end)
             added = self.kv.grow(chunks)
             usable = time.perf_counter()
-        nbytes = len(chunks) * self.backend.chunk_bytes
-        return DropStats(len(chunks), nbytes, added, usable - t0, time.perf_counter() - t0)
+        nbytes = sum(c.nbytes for c in chunks)
+        total, calls = time.perf_counter() - t0, self._num_calls() - calls
+        return DropStats(len(chunks), nbytes, added, usable - t0, total, calls)
+
+    def premap_drop(self, start: int, end: int) -> int:
+        """Maps held layers ``[start, end)``'s chunks into the KV range where dropping them
+        would put them, as stale aliases past the live blocks, so the drop itself then makes
+        no driver call (``KVPool.premap``); returns how many were newly mapped.
+
+        For an idle worker that expects this drop (the mapping costs what a drop's would).
+        Until the drop, block ids past ``num_blocks`` alias those weights (they are never handed
+        out); ``flush`` and any other KV growth undo it. Raises ValueError for layers not all
+        held or a KV range without room."""
+        self.arena.check_layers(start, end, dropped=False)
+        return self.kv.premap(self.arena.layer_chunks(start, end))
 
     def evacuate_for_restore(
         self, start: int, end: int, block_tables: Iterable[list[int]]
@@ -146,37 +192,64 @@ class WorkerMemory:
         """Moves live KV blocks out of the chunks that restoring ``[start, end)`` takes back;
         see ``KVPool.evacuate`` (None: too few free blocks below, nothing changed)."""
         self.arena.check_layers(start, end, dropped=True)
-        return self.kv.evacuate(self.arena.num_layer_chunks(start, end), block_tables)
+        n = sum(k for _, k in self._restore_plan(start, end))
+        return self.kv.evacuate(n, block_tables)
 
     def restore_layers(
         self, start: int, end: int, source: WeightSource | None, *, lazy: bool = True
     ) -> RestoreStats:
         """Takes the KV tail back for layers ``[start, end)`` and refills them from ``source``.
 
-        Raises EvacuationNeeded, changing nothing, while live blocks lie in that tail. Layer by
-        layer in ``restore_order`` the tail chunks are mapped under the layer (kept as they
-        are where a lazy drop left them mapped) and its refill is enqueued, so later layers'
-        remaps overlap earlier layers' copies. Eagerly the whole tail is unmapped from the KV
-        range first (one device sync); lazily it stays mapped there as stale aliases, past
-        ``num_blocks``, until ``flush``.
+        The KV pool shrinks by exactly the layers' bytes: layer by layer in ``restore_order``,
+        the tail chunks whose slots add up to the layer's are mapped under it (kept as they are
+        where a lazy drop left them mapped) and its refill is enqueued, so later layers' remaps
+        overlap earlier layers' copies. Eagerly the whole tail is unmapped from the KV range
+        first (one device sync); lazily it stays mapped there as stale aliases, past
+        ``num_blocks``, until ``flush``. Raises, changing nothing, EvacuationNeeded while live
+        blocks lie in that tail, and ValueError when a layer's bytes do not end on a chunk
+        boundary of the tail (chunks are given back whole).
         """
         t0 = time.perf_counter()
         self.arena.check_layers(start, end, dropped=True)
-        n = self.arena.num_layer_chunks(start, end)
+        plan = self._restore_plan(start, end)
+        n = sum(k for _, k in plan)
         live = self.kv.live_tail_blocks(n)
         if live:
             raise EvacuationNeeded(live)
         before = self.kv.num_blocks
         tail = [] if lazy else self.kv.shrink(n)
-        for layer in restore_order(start, end):
-            k = self.arena.num_layer_chunks(layer, layer + 1)
+        for layer, k in plan:
             if lazy:
                 chunks = self.kv.shrink(k, unmap=False)
             else:
                 chunks, tail = tail[-k:], tail[:-k]
             self.arena.restore_layers(layer, layer + 1, chunks, source)
-        nbytes = n * self.backend.chunk_bytes
+        nbytes = self.arena.layer_nbytes(start, end)
         return RestoreStats(n, nbytes, before - self.kv.num_blocks, time.perf_counter() - t0)
+
+    def _restore_plan(self, start: int, end: int) -> list[tuple[int, int]]:
+        """``[(layer, tail chunks it takes)]`` in ``restore_order``: each layer takes the KV
+        tail's last chunks whose slots add up to its own. Raises ValueError when they do not
+        add up exactly, or when nothing would be left in the KV pool."""
+        lives, i, plan = self.kv.live_chunks(), len(self.kv.live_chunks()), []
+        for layer in restore_order(start, end):
+            want, got, k = self.arena.num_layer_slots(layer, layer + 1), 0, 0
+            while got < want and k < i:
+                k += 1
+                got += lives[i - k].num_slots
+            if got != want:
+                raise ValueError(
+                    f"layer {layer} needs {want} slots back; the KV tail's chunks give {got} "
+                    "(chunks are given back whole)"
+                )
+            plan.append((layer, k))
+            i -= k
+        if i < 1:
+            raise ValueError(f"restoring layers [{start}, {end}) would leave the KV pool empty")
+        return plan
+
+    def _num_calls(self) -> int:
+        return sum(self.backend.calls.values())
 
     def flush(self) -> int:
         """Unmaps the stale aliases that lazy drops and restores left (a device sync and

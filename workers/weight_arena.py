@@ -1,11 +1,12 @@
 """The weight arena: a model stage's parameters in one VMM range, each layer on whole chunks.
 
-Layout (one reserved range, chunk-aligned regions, tensors 256-byte aligned inside them)::
+Layout (one reserved range, slot-aligned regions, tensors 256-byte aligned inside them)::
 
     | embed (first stage) | layer s | layer s+1 | ... | layer e-1 | head: norm, lm_head (last) |
 
-Because each decoder layer owns whole chunks and the layers are contiguous, dropping layers
-``[start, end)`` hands back whole chunks (which become KV cache: Oneiros' remap, DESIGN §5-6),
+Each region is backed by chunks of exactly its slots, normally one chunk (one ``cuMemCreate``
+of the region's 2 MiB-aligned size), so dropping layers ``[start, end)`` hands back one chunk
+per layer (which becomes KV cache with one ``cuMemMap`` each: Oneiros' remap, DESIGN §5-6),
 and restoring maps chunks back and refills them with one contiguous copy per layer from a
 pinned host copy (``HostCopy``) or a peer worker that kept the layers (``PeerSource``, NCCL).
 Parameters are zero-copy views into the arena (``place_model_in_arena``), so the model's
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.vmm import Chunk, ChunkPool, VirtualRange, slot_runs
+from kernels.vmm import Chunk, ChunkPool, VirtualRange
 
 TENSOR_ALIGN = 256
 """Byte alignment of every tensor inside its region (wide vector loads in kernels)."""
@@ -144,7 +145,9 @@ def _region_of(name: str, first_layer: int) -> tuple[str, int | None]:
 
 
 class WeightArena:
-    """The mapped arena of one layout, built from chunks leased from ``pool``.
+    """The mapped arena of one layout, built from chunks leased from ``pool``: for each region
+    one chunk of its slots if the pool has one free, else one-slot chunks. No mapping ever
+    crosses a region boundary.
 
     ``drop_layers`` unmaps layers and returns their chunks; ``restore_layers`` maps chunks
     back and refills them. Raises ValueError for layer ranges that are empty, outside the
@@ -156,11 +159,16 @@ class WeightArena:
             raise ValueError(
                 f"layout chunks {layout.chunk_bytes} != pool's {pool.backend.chunk_bytes}"
             )
-        chunks = pool.take(layout.num_slots)
-        if chunks is None:
-            raise ValueError(
-                f"chunk pool has {pool.num_free} free chunks, the arena needs {layout.num_slots}"
-            )
+        free, chunks = pool.num_free, []
+        for region in layout.regions:
+            got = pool.take_slots(region.num_slots)
+            if got is None:
+                pool.give(chunks)
+                raise ValueError(
+                    f"chunk pool has {free} free chunks, the arena needs {layout.num_slots} "
+                    f"slots in {len(layout.regions)} regions (none free for {region.key!r})"
+                )
+            chunks += got
         self.pool, self.layout = pool, layout
         self.range = VirtualRange(pool.backend, layout.num_slots, "weights")
         self.range.map(0, chunks)
@@ -173,12 +181,14 @@ class WeightArena:
             raise ValueError(f"{name}: layer {region.layer} is dropped")
         return self.range.view(place.offset, place.shape, place.dtype)
 
-    def num_layer_chunks(self, start: int, end: int) -> int:
+    def num_layer_slots(self, start: int, end: int) -> int:
+        """Slots (``chunk_bytes`` each) that layers ``[start, end)`` occupy."""
         return self.layout.layer_run(start, end)[1]
 
     def layer_nbytes(self, start: int, end: int) -> int:
-        """Bytes of whole chunks that layers ``[start, end)`` occupy (padding included)."""
-        return self.num_layer_chunks(start, end) * self.layout.chunk_bytes
+        """Bytes of the whole slots that layers ``[start, end)`` occupy (padding included):
+        exactly what dropping them gives the KV pool."""
+        return self.num_layer_slots(start, end) * self.layout.chunk_bytes
 
     def layer_bytes(self, start: int, end: int) -> torch.Tensor:
         """``[layer_nbytes]`` uint8 view of layers ``[start, end)`` (must be mapped)."""
@@ -190,7 +200,7 @@ class WeightArena:
         """The chunks under held layers ``[start, end)``, in slot order (they stay mapped)."""
         self.check_layers(start, end, dropped=False)
         first, count = self.layout.layer_run(start, end)
-        return [c for _, c in self.range.mapped_slots(first, first + count)]
+        return [c for _, c in self.range.mappings(first, first + count)]
 
     def check_layers(self, start: int, end: int, *, dropped: bool) -> None:
         """Raises ValueError unless every layer of ``[start, end)`` is dropped (or held)."""
@@ -220,13 +230,17 @@ class WeightArena:
     def restore_layers(
         self, start: int, end: int, chunks: Sequence[Chunk], source: WeightSource | None
     ) -> None:
-        """Maps ``chunks`` (any, as many as the layers need) under dropped layers ``[start,
-        end)`` and, with a ``source``, enqueues their refill on the current stream. A slot that
-        still maps its chunk (a stale alias) is kept with no driver call."""
+        """Maps ``chunks`` (any whose slots add up to the layers', in order) back to back under
+        dropped layers ``[start, end)`` and, with a ``source``, enqueues their refill on the
+        current stream. A chunk still mapped at its place (a stale alias) is kept with no
+        driver call."""
         self.check_layers(start, end, dropped=True)
         first, count = self.layout.layer_run(start, end)
-        if len(chunks) != count:
-            raise ValueError(f"layers [{start}, {end}) need {count} chunks, got {len(chunks)}")
+        got = sum(c.num_slots for c in chunks)
+        if got != count:
+            raise ValueError(
+                f"layers [{start}, {end}) need chunks of {count} slots in all, got {got}"
+            )
         self.range.remap(first, chunks)
         self.dropped.difference_update(range(start, end))
         if source is not None:
@@ -235,22 +249,25 @@ class WeightArena:
     def held_chunks(self) -> list[Chunk]:
         """Chunks under layers and regions that are not dropped."""
         dropped = self._dropped_slots()
-        return [c for s, c in self._mapped_slots() if s not in dropped]
+        return [c for s, c in self.range.mappings() if s not in dropped]
 
     def stale_chunks(self) -> list[Chunk]:
         """Chunks still mapped under dropped layers (lent to the KV pool, not yet unmapped)."""
         dropped = self._dropped_slots()
-        return [c for s, c in self._mapped_slots() if s in dropped]
+        return [c for s, c in self.range.mappings() if s in dropped]
 
     def unmap_stale(self) -> int:
-        """Unmaps the slots of dropped layers that are still mapped (after one device sync)."""
-        dropped = self._dropped_slots()
-        stale = [s for s, _ in self._mapped_slots() if s in dropped]
-        if stale:
-            self.range.backend.synchronize()
-        for first, count in slot_runs(stale):
-            self.range.unmap(first, count, sync=False)  # synchronized just above
-        return len(stale)
+        """Unmaps the chunks still mapped under dropped layers (after one device sync, one
+        backend call per run of adjacent dropped layers); returns how many."""
+        runs = _runs(sorted(r.layer for r in self.layout.regions if r.layer in self.dropped))
+        if not self.stale_chunks():
+            return 0
+        self.range.backend.synchronize()
+        unmapped = 0
+        for start, end in runs:
+            first, count = self.layout.layer_run(start, end)
+            unmapped += len(self.range.unmap_within(first, first + count, sync=False))  # synced
+        return unmapped
 
     def close(self) -> None:
         """Unmaps the arena and returns its held chunks to the pool (stale aliases belong to
@@ -258,12 +275,20 @@ class WeightArena:
         self.unmap_stale()
         self.pool.give(self.range.close())
 
-    def _mapped_slots(self) -> list[tuple[int, Chunk]]:
-        return self.range.mapped_slots()
-
     def _dropped_slots(self) -> set[int]:
         regions = (r for r in self.layout.regions if r.layer in self.dropped)
         return {s for r in regions for s in range(r.first_slot, r.first_slot + r.num_slots)}
+
+
+def _runs(layers: list[int]) -> list[tuple[int, int]]:
+    """Sorted layer ids -> ``[(start, end)]`` of consecutive runs."""
+    out: list[tuple[int, int]] = []
+    for i in layers:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 def restore_order(start: int, end: int) -> list[int]:

@@ -4,6 +4,7 @@ raise. Every test runs on the emulated backend (CPU) and, marked ``gpu``, on CUD
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -130,6 +131,61 @@ def test_a_view_over_remapped_chunks_computes_like_a_plain_tensor(backend: Chunk
     torch.testing.assert_close(remapped @ x, w @ x)
     pool.give(dst.close())
     src.close()
+    pool.close()
+
+
+MAP_CALLS = ("cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap", "cuMemRelease")
+
+
+def map_calls(backend: ChunkBackend, before: Counter[str]) -> dict[str, int]:
+    """VMM calls that create, map or unmap memory since ``before`` (a copy of ``calls``)."""
+    return {k: backend.calls[k] - before[k] for k in MAP_CALLS if backend.calls[k] - before[k]}
+
+
+def test_a_chunk_of_several_slots_maps_and_moves_whole(backend: ChunkBackend) -> None:
+    pool = ChunkPool(backend)
+    before = Counter(backend.calls)
+    pool.create(1, num_slots=3)
+    big = (pool.take(1, 3) or [])[0]
+    assert (big.num_slots, big.nbytes, pool.num_slots) == (3, 3 * backend.chunk_bytes, 3)
+    rng = VirtualRange(backend, 5, "w")
+    rng.map(1, [big])
+    assert map_calls(backend, before) == {"cuMemCreate": 1, "cuMemMap": 1, "cuMemSetAccess": 1}
+    assert [rng.chunk_at(i) for i in range(5)] == [None, big, big, big, None]
+    assert (rng.mappings(), rng.num_mapped) == ([(1, big)], 3)
+    fill_each_chunk(rng, 1, [1.0, 2.0, 3.0])  # one value per slot
+    with pytest.raises(ValueError, match="w: slot 2 lies inside the chunk mapped at slot 1"):
+        rng.unmap(1, 1)  # CUDA unmaps whole mappings only
+    with pytest.raises(ValueError, match="slot 2 lies inside the chunk mapped at slot 1"):
+        rng.mappings(2, 5)
+    other = VirtualRange(backend, 3, "kv")
+    other.map(0, rng.unmap(1, 3))
+    assert chunk_values(other, 0, 3) == [1.0, 2.0, 3.0]  # remapped whole, bytes kept
+    pool.give(other.close() + rng.close())
+    pool.close()
+
+
+def test_remap_unmaps_a_stale_chunk_whole_even_past_the_run(backend: ChunkBackend) -> None:
+    pool = ChunkPool(backend, 2)
+    pool.create(1, 3)
+    big, (a, b) = (pool.take(1, 3) or [])[0], pool.take(2) or []
+    rng = VirtualRange(backend, 4)
+    rng.map(0, [big])
+    assert rng.remap(0, [a, b]) == 2
+    assert [rng.chunk_at(i) for i in range(4)] == [a, b, None, None]
+    assert rng.remap(0, [a, b]) == 0  # already in place: no driver call
+    pool.give(rng.close() + [big])
+    pool.close()
+
+
+def test_take_slots_prefers_one_chunk_of_the_size(backend: ChunkBackend) -> None:
+    pool = ChunkPool(backend, 3)
+    pool.create(1, 2)
+    one, singles = pool.take_slots(2) or [], pool.take_slots(2) or []
+    assert ([c.num_slots for c in one], [c.num_slots for c in singles]) == ([2], [1, 1])
+    assert (pool.take_slots(2), pool.take(1, 2), pool.num_free) == (None, None, 1)
+    assert (pool.num_chunks, pool.num_slots, pool.nbytes) == (4, 5, 5 * backend.chunk_bytes)
+    pool.give(one + singles)
     pool.close()
 
 

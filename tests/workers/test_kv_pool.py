@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -145,15 +146,15 @@ def test_kv_pool_rejects_bad_sizes(backend: ChunkBackend) -> None:
     pool = ChunkPool(backend, 4)
     huge = KVBlockFormat(8, 16, 2, 64, torch.float32)  # 128 KiB blocks
     one = pool.take(1) or []
-    with pytest.raises(ValueError, match="1 chunks of 65536 bytes hold no KV block of 131072"):
+    with pytest.raises(ValueError, match="1 slots of 65536 bytes hold no KV block of 131072"):
         KVPool(backend, huge, one, 4)
-    with pytest.raises(ValueError, match="the KV pool needs 1..4 chunks, got 0"):
+    with pytest.raises(ValueError, match="the KV pool needs chunks of 1..4 slots, got 0"):
         KVPool(backend, FMT, [], 4)
     with pytest.raises(ValueError, match="block pool has 3 blocks, chunks hold 8"):
         KVPool(backend, FMT, one, 4, BlockPool(3))
     kv = KVPool(backend, FMT, one + (pool.take(1) or []), 3)
     two = pool.take(2) or []
-    with pytest.raises(ValueError, match="KV range of 3 chunks cannot grow from 2 by 2"):
+    with pytest.raises(ValueError, match="KV range of 3 slots cannot grow from 2 by 2"):
         kv.grow(two)
     with pytest.raises(ValueError, match=r"cannot give back 2 of 2 KV chunks \(keep >= 1\)"):
         kv.shrink(2)
@@ -186,11 +187,11 @@ def test_drop_grows_kv_by_exactly_the_freed_bytes(backend: ChunkBackend, lazy: b
     blocks, mapped = mem.kv.num_blocks, mem.kv.mapped_bytes
     freed = mem.arena.layer_nbytes(2, 4)
     stats = mem.drop_layers(2, 4, lazy=lazy)
-    assert (freed, stats.nbytes, stats.num_chunks) == (4 * CHUNK, 4 * CHUNK, 4)
+    assert (freed, stats.nbytes, stats.num_chunks) == (4 * CHUNK, 4 * CHUNK, 2)  # a chunk a layer
     assert mem.kv.mapped_bytes - mapped == freed
     assert mem.kv.num_blocks - blocks == stats.blocks_added == freed // FMT.block_bytes == 32
     assert mem.arena.dropped == {2, 3}
-    assert len(mem.arena.stale_chunks()) == (4 if lazy else 0)
+    assert len(mem.arena.stale_chunks()) == (2 if lazy else 0)
     mem.check_integrity()
     mem.close()
 
@@ -218,7 +219,7 @@ def test_restore_refuses_until_evacuated_then_returns_the_same_capacity(
     assert [float(mem.kv.kv_cache[i].mean()) for i in live] == [float(i) for i in ids[30:]]
     mem.restore_layers(2, 4, host, lazy=lazy)
     assert (mem.kv.num_blocks, mem.kv.mapped_bytes) == original
-    assert len(mem.kv.stale_chunks()) == (4 if lazy else 0)
+    assert len(mem.kv.stale_chunks()) == (2 if lazy else 0)
     assert mem.arena.dropped == set()
     assert torch.equal(
         mem.arena.tensor("layers.2.w"), torch.arange(layer2.numel(), dtype=torch.float32)
@@ -241,10 +242,10 @@ def test_lazy_drop_and_restore_make_no_unmap_and_restore_adopts_its_chunks(
     mem.check_integrity()
     mem.drop_layers(2, 4)  # the KV adopts its stale tail back as well
     assert calls == {"map_run": 1, "unmap_run": 0, "synchronize": 0}
-    assert mem.flush() == 4  # the weight aliases
+    assert mem.flush() == 2  # the weight aliases, one chunk a layer
     assert calls == {"map_run": 1, "unmap_run": 1, "synchronize": 1}
     mem.restore_layers(2, 4, None)  # now the chunks must really be mapped again
-    assert (calls["map_run"], len(mem.kv.stale_chunks()), mem.flush()) == (3, 4, 4)
+    assert (calls["map_run"], len(mem.kv.stale_chunks()), mem.flush()) == (3, 2, 2)
     mem.check_integrity()
     mem.close()
 
@@ -267,15 +268,16 @@ def test_restores_out_of_drop_order_swap_chunks_and_keep_the_weights(backend: Ch
         3.0,
         4.0,
     ]
-    assert mem.flush() == 8  # the KV's stale tail; the arena's swapped aliases went on restore
+    assert mem.flush() == 4  # the KV's stale tail; the arena's swapped aliases went on restore
     mem.close()
 
 
 def test_kv_grows_into_new_chunks_after_start_up(backend: ChunkBackend) -> None:
     mem = make_memory(backend, kv_chunks=1, max_kv=40)
-    assert (mem.kv.num_blocks, mem.kv.range.num_slots, mem.pool.num_chunks) == (8, 40, 11)
-    assert mem.add_kv_chunks(20) == 160
-    assert (mem.kv.num_blocks, mem.pool.num_chunks) == (168, 31)
+    assert (mem.kv.num_blocks, mem.kv.range.num_slots, mem.pool.num_slots) == (8, 40, 11)
+    assert mem.pool.num_chunks == 7  # one a region (embed, 4 layers, head), one for the KV
+    assert mem.add_kv_slots(20) == 160
+    assert (mem.kv.num_blocks, mem.pool.num_slots, mem.pool.num_chunks) == (168, 31, 8)
     mem.drop_layers(0, 4)  # 8 more chunks still fit the 40 reserved
     assert mem.kv.num_blocks == 232
     mem.check_integrity()
@@ -297,10 +299,96 @@ def test_drop_and_restore_reject_bad_layer_ranges(backend: ChunkBackend) -> None
         mem.drop_layers(0, 2)
     with pytest.raises(ValueError, match="layers.1.w: layer 1 is dropped"):
         mem.arena.tensor("layers.1.w")
-    mem.add_kv_chunks(7)  # the KV range (12 slots) now has room for 1 more chunk
-    with pytest.raises(ValueError, match="room for 1 more chunks, layers need 2"):
+    mem.add_kv_slots(7)  # the KV range (12 slots) now has room for 1 more slot
+    with pytest.raises(ValueError, match="room for 1 more slots, layers need 2"):
         mem.drop_layers(0, 1, lazy=False)
     assert mem.arena.dropped == {1}
+    mem.check_integrity()
+    mem.close()
+
+
+def calls_since(backend: ChunkBackend, before: Counter[str]) -> dict[str, int]:
+    return {k: v - before[k] for k, v in backend.calls.items() if v != before[k]}
+
+
+def test_a_drop_maps_one_chunk_per_layer_with_one_access_call(backend: ChunkBackend) -> None:
+    mem = make_memory(backend, kv_chunks=2)
+    before = Counter(backend.calls)
+    stats = mem.drop_layers(0, 4)
+    assert calls_since(backend, before) == {"cuMemMap": 4, "cuMemSetAccess": 1}
+    assert (stats.driver_calls, stats.num_chunks, stats.nbytes) == (5, 4, 8 * CHUNK)
+    mem.restore_layers(0, 4, None)  # adopts the chunks back: no call
+    assert calls_since(backend, before) == {"cuMemMap": 4, "cuMemSetAccess": 1}
+    mem.flush()
+    before = Counter(backend.calls)
+    stats = mem.drop_layers(0, 4, lazy=False)  # one batched unmap of the 4 layers first
+    assert calls_since(backend, before) == {"cuMemUnmap": 1, "cuMemMap": 4, "cuMemSetAccess": 1}
+    assert stats.driver_calls == 6
+    mem.check_integrity()
+    mem.close()
+
+
+def test_a_premapped_drop_makes_no_driver_call_and_keeps_the_bytes(backend: ChunkBackend) -> None:
+    mem = make_memory(backend, kv_chunks=2)
+    mem.arena.tensor("layers.3.w").fill_(3.0)
+    assert mem.premap_drop(2, 4) == 2
+    assert (mem.kv.num_blocks, len(mem.kv.stale_chunks())) == (16, 2)
+    mem.check_integrity()
+    stats = mem.drop_layers(2, 4)
+    assert (stats.driver_calls, stats.blocks_added) == (0, 32)
+    assert bool((mem.kv.kv_cache[32:44] == 3.0).all())  # layer 3's 96 KiB, at slot 4
+    mem.restore_layers(2, 4, None)
+    assert float(mem.arena.tensor("layers.3.w").mean()) == 3.0
+    mem.check_integrity()
+    mem.close()
+
+
+def test_capacity_changes_by_exactly_the_layer_bytes_when_blocks_straddle_chunks(
+    backend: ChunkBackend,
+) -> None:
+    mem = make_memory(backend, kv_chunks=3, fmt=ODD)  # 12 KiB blocks, 64 KiB slots
+    counts = [mem.kv.num_blocks]
+    for layers in ((3, 4), (1, 3)):
+        mem.drop_layers(*layers)
+        counts.append(mem.kv.num_blocks)
+    for layers in ((1, 3), (3, 4)):
+        mem.restore_layers(*layers, None, lazy=False)
+        counts.append(mem.kv.num_blocks)
+    assert counts == [16, 26, 48, 26, 16]  # 192, 320, 576, 320, 192 KiB // 12 KiB
+    assert mem.kv.mapped_bytes == 3 * CHUNK
+    mem.check_integrity()
+    mem.close()
+
+
+def test_restore_refuses_a_kv_tail_that_does_not_end_on_the_layers_chunks(
+    backend: ChunkBackend,
+) -> None:
+    mem = make_memory(backend, kv_chunks=2, max_kv=40)
+    mem.drop_layers(2, 4)
+    mem.add_kv_slots(3)  # the KV's own chunk now ends the tail
+    with pytest.raises(ValueError, match="layer 3 needs 2 slots back; the KV tail's chunks give 3"):
+        mem.restore_layers(2, 4, None)
+    assert (mem.arena.dropped, mem.kv.mapped_slots) == ({2, 3}, 9)
+    with pytest.raises(ValueError, match="do not end 131072 bytes before its end"):
+        mem.kv.tail_count(2 * CHUNK)
+    assert mem.kv.tail_count(3 * CHUNK) == 1
+    mem.check_integrity()
+    mem.close()
+
+
+def test_ensure_kv_blocks_adds_one_zeroed_chunk_rounded_to_slots(backend: ChunkBackend) -> None:
+    mem = make_memory(backend, kv_chunks=1, max_kv=40)
+    assert (mem.kv.num_blocks, mem.ensure_kv_blocks(5)) == (8, 0)
+    mem.kv.kv_cache.fill_(7.0)
+    before = Counter(backend.calls)
+    assert mem.ensure_kv_blocks(20) == 16  # 160 KiB -> 3 slots -> 24 blocks
+    assert calls_since(backend, before) == {"cuMemCreate": 1, "cuMemMap": 1, "cuMemSetAccess": 1}
+    kv = mem.kv.kv_cache
+    assert (kv.shape[0], bool((kv[:8] == 7.0).all()), bool((kv[8:] == 0.0).all())) == (
+        24,
+        True,
+        True,
+    )
     mem.check_integrity()
     mem.close()
 

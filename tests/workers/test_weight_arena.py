@@ -188,14 +188,14 @@ def test_restore_from_a_host_copy_of_a_wider_range(backend: ChunkBackend) -> Non
         arena.tensor(f"layers.{i}.w").fill_(float(i + 1))
     host = HostCopy(arena, 0, 3)
     chunks = arena.drop_layers(1, 3)
-    assert len(chunks) == arena.num_layer_chunks(1, 3) == 2
+    assert len(chunks) == arena.num_layer_slots(1, 3) == 2
     arena.restore_layers(2, 3, chunks[1:], host)
     arena.restore_layers(1, 2, chunks[:1], host)
     assert [float(arena.tensor(f"layers.{i}.w")[-1]) for i in range(3)] == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match=r"host copy holds layers \[0, 3\), not \[0, 4\)"):
         host.fill(arena, 0, 4)
     again = arena.drop_layers(1, 2)
-    with pytest.raises(ValueError, match=r"layers \[1, 2\) need 1 chunks, got 2"):
+    with pytest.raises(ValueError, match=r"layers \[1, 2\) need chunks of 1 slots in all, got 2"):
         arena.restore_layers(1, 2, again + again, host)
     arena.restore_layers(1, 2, again, None)
     arena.close()

@@ -378,6 +378,7 @@ class GroupController:
         else:
             self._leave_as_member(plan)
         self.spec, self.transport, self.origins, self._restore = None, None, {}, None
+        runner.capture_cuda_graphs()  # the full model again (a no-op, logged, on CPU)
         check_block_ownership(engine)
         logger.debug("restore done on %d: %d blocks", self.rank, runner.kv_cache.shape[0])
         return runner.kv_cache.shape[0]

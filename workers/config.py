@@ -5,6 +5,7 @@ Each field's docstring doubles as the CLI help (coordinator/cli.py reads them).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from kernels.rope import RopeScaling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MEMORY_BACKENDS = ("auto", "vmm", "torch")
 
 
 def parse_dtype(name: str, device: str) -> torch.dtype:
@@ -23,6 +25,18 @@ def parse_dtype(name: str, device: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES) + ['auto']}")
     return _DTYPES[name]
+
+
+def resolve_memory_backend(name: str, device: torch.device | str) -> str:
+    """'vmm' or 'torch' for ``EngineConfig.memory_backend`` on ``device``: ``auto`` is vmm on
+    CUDA when cuda-python (``cuda.bindings``) is installed, else torch. Raises ValueError on
+    unknown names."""
+    if name not in _MEMORY_BACKENDS:
+        raise ValueError(f"memory_backend {name!r} is not one of {list(_MEMORY_BACKENDS)}")
+    if name != "auto":
+        return name
+    on_cuda = torch.device(device).type == "cuda"
+    return "vmm" if on_cuda and importlib.util.find_spec("cuda.bindings") else "torch"
 
 
 @dataclass(frozen=True)
@@ -188,12 +202,21 @@ class EngineConfig:
     enforce_eager: bool = False
     """Run every step eagerly: capture no CUDA graphs for decode steps (graphs are captured
     only on CUDA with the triton attention backend; CPU workers are always eager)."""
+    memory_backend: str = "auto"
+    """Where weights and KV cache live: 'vmm' (CUDA virtual memory: each layer and the KV cache
+    on remappable physical chunks, so dropped layers become KV without a copy; emulated over
+    shared memory on CPU), 'torch' (the torch allocator), or 'auto' (vmm on CUDA when
+    cuda-python is installed, torch otherwise)."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES) + ['auto']}")
+        if self.memory_backend not in _MEMORY_BACKENDS:
+            raise ValueError(
+                f"memory_backend must be one of {list(_MEMORY_BACKENDS)}, got {self.memory_backend!r}"
+            )
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dir(Path(self.model_path))

@@ -69,13 +69,16 @@ class Engine:
                 "num_kv_blocks, or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
-        self.pool = BlockPool(num_blocks)
+        # VMM: the KV pool's own block pool, so capacity changes (drop / restore) reach the
+        # scheduler; it may hold a few more blocks than asked (whole 2 MiB slots).
+        memory = self.runner.memory
+        self.pool = BlockPool(num_blocks) if memory is None else memory.kv.block_pool
         self.kv = KVCacheManager(self.pool, self.config.cache.block_size)
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f MiB",
-            num_blocks,
+            self.pool.num_blocks,
             self.config.cache.block_size,
-            num_blocks * self.runner.block_bytes / 2**20,
+            self.pool.num_blocks * self.runner.block_bytes / 2**20,
         )
 
     def add_request(self, spec: RequestSpec) -> None:
@@ -88,6 +91,11 @@ class Engine:
                 eos_token_ids=self.eos_token_ids,
             )
         )
+
+    def close(self) -> None:
+        """Releases the runner's device memory (VMM chunks, graphs, KV cache); the engine
+        cannot step again."""
+        self.runner.close()
 
     def abort(self, request_id: str) -> RequestOutput | None:
         self.runner.sampler.forget(request_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,16 +25,28 @@ def build_model(
     layer_range: tuple[int, int] | None = None,
     load_format: str = "auto",
     max_positions: int | None = None,
+    place: Callable[[LlamaModel], None] | None = None,
 ) -> LlamaModel:
     """Returns the stage for ``layer_range`` on ``device`` in ``dtype``, in eval mode.
 
-    ``load_format='dummy'`` fills weights with small uniform noise (norms with ones), as vLLM
-    does for benchmarks of large shapes. Raises ValueError when the checkpoint lacks a tensor
-    the stage needs or has a tensor of the wrong shape.
+    The stage is built on the meta device (no memory), then its parameters get memory: from
+    ``place`` when given, which must bind every parameter to a ``dtype`` tensor on ``device``
+    that the caller owns (``WorkerMemory.for_model``: views of a VMM weight arena), else from
+    torch (``to_empty``). Then they are filled: ``load_format='dummy'`` with small uniform
+    noise (norms with ones), as vLLM does for benchmarks of large shapes, else from the
+    checkpoint. Raises ValueError when the checkpoint lacks a tensor the stage needs or has a
+    tensor of the wrong shape, or when ``place`` leaves a parameter on the meta device.
     """
     with torch.device("meta"):
         model = LlamaModel(cfg, backend, layer_range, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+    if place is None:
+        model = model.to_empty(device=device).to(dtype)
+    else:
+        place(model)
+        unbound = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if unbound:
+            raise ValueError(f"place left parameters unbound: {unbound[:8]}")
+        model.cos_sin_cache = torch.empty(0, device=device)
     model.reset_rope_cache()
     if load_format == "dummy":
         _fill_dummy(model)

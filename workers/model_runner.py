@@ -13,10 +13,14 @@ import torch
 
 from attention.backends import get_backend
 from attention.metadata import AttentionMetadata
-from workers.config import EngineConfig, ModelConfig, parse_dtype
+from kernels.vmm import make_backend
+from workers.config import EngineConfig, ModelConfig, parse_dtype, resolve_memory_backend
 from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker
 from workers.forward_context import ForwardContext, set_forward_context
+from workers.kv_pool import KVBlockFormat
+from workers.memory import WorkerMemory
 from workers.model_loader import build_model
+from workers.models.llama import LlamaModel
 from workers.request import Request, SamplingParams
 from workers.sampler import Sampler, TokenLogprobs
 from workers.scheduler import ScheduledRequest, SchedulerOutput
@@ -48,7 +52,12 @@ class ModelInputs:
 
 
 class ModelRunner:
-    """Owns one worker's model stage, its KV-cache tensor and its sampler."""
+    """Owns one worker's model stage, its KV-cache tensor and its sampler.
+
+    With ``memory_backend`` 'vmm' the weights and the KV cache live in ``memory``
+    (:class:`WorkerMemory`: a VMM weight arena and KV pool; emulated on CPU), which drop and
+    restore act on; with 'torch' the torch allocator holds them and ``memory`` is None.
+    """
 
     def __init__(
         self, config: EngineConfig, device: torch.device, layer_range: tuple[int, int] | None = None
@@ -60,6 +69,10 @@ class ModelRunner:
         self.max_model_len = config.max_model_len(self.model_config)
         self.block_size = config.cache.block_size
         self.backend = get_backend(config.attention_backend, device)
+        self.memory_backend = resolve_memory_backend(config.memory_backend, device)
+        self.memory: WorkerMemory | None = None
+        """VMM weights and KV (``drop_layers`` / ``restore_layers``); None on 'torch'."""
+        logger.info("memory backend: %s", self.memory_backend)
         self.model = build_model(
             self.model_config,
             Path(config.model_path),
@@ -69,6 +82,7 @@ class ModelRunner:
             layer_range,
             config.load_format,
             max_positions=self.max_model_len,
+            place=self._place_in_vmm if self.memory_backend == "vmm" else None,
         )
         self.sampler = Sampler(device, config.seed)
         self.kv_cache = torch.empty(0, device=device)
@@ -89,7 +103,8 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         """KV blocks that fit: the override, ``cpu_kv_cache_gb`` on CPU, or on CUDA what is left
-        of ``gpu_memory_utilization`` after weights and a profiled peak-activation forward."""
+        of ``gpu_memory_utilization`` after weights and a profiled peak-activation forward (on
+        VMM the KV chunks the profile committed count as KV, not as used memory)."""
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
@@ -98,6 +113,8 @@ class ModelRunner:
         activation_peak = self._profile_activation_bytes()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * cache.gpu_memory_utilization - (total - free) - activation_peak
+        if self.memory is not None:
+            budget += self.memory.kv.mapped_bytes
         return max(0, int(budget) // self.block_bytes)
 
     def _profile_activation_bytes(self) -> int:
@@ -117,6 +134,14 @@ class ModelRunner:
         return peak
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """torch: ``kv_cache`` becomes a new zeroed ``[num_blocks, ...]`` tensor (graphs are
+        dropped: they recorded the old address). VMM: the KV pool grows to hold at least
+        ``num_blocks`` blocks (whole 2 MiB slots, so maybe a few more; new blocks zeroed) and
+        ``kv_cache`` views its live blocks at its fixed base; graphs stay valid."""
+        if self.memory is not None:
+            self.memory.ensure_kv_blocks(num_blocks)
+            self.refresh_kv_cache()
+            return
         cfg = self.model_config
         shape = (
             num_blocks,
@@ -128,6 +153,44 @@ class ModelRunner:
         )
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cuda_graphs = None  # graphs recorded the old cache's address
+
+    def refresh_kv_cache(self) -> None:
+        """VMM: points ``kv_cache`` at the KV pool's live blocks, after the pool grew or shrank
+        (``memory.drop_layers`` / ``restore_layers``). The base address does not move, so
+        captured graphs (which read the full-capacity view) stay valid."""
+        if self.memory is not None:
+            self.kv_cache = self.memory.kv.kv_cache
+
+    def close(self) -> None:
+        """Drops the graphs and the KV cache and, on VMM, releases every chunk (weights and
+        KV). The parameters move to the meta device first, so any later use raises instead of
+        reading freed memory: the runner cannot run again."""
+        self.cuda_graphs = None
+        self.kv_cache = torch.empty(0, device=self.device)
+        if self.memory is not None:
+            self.model.to("meta")
+            self.memory.close()
+            self.memory = None
+
+    def _place_in_vmm(self, model: LlamaModel) -> None:
+        """``build_model``'s ``place`` hook on 'vmm': binds the meta model's parameters to a
+        VMM weight arena on this device (one chunk per layer) beside a one-block KV pool that
+        :meth:`allocate_kv_cache` grows; the KV range reserves the device's memory size."""
+        cfg = self.model_config
+        layers = model.end - model.start
+        fmt = KVBlockFormat(layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        backend = make_backend(self.device)
+        slots = -(-fmt.block_bytes // backend.chunk_bytes)
+        max_slots = backend.mem_get_info()[1] // backend.chunk_bytes
+        try:
+            memory = WorkerMemory.for_model(
+                model, self.dtype, fmt, slots, backend, self.device, max_slots
+            )
+        except Exception:
+            backend.close()
+            raise
+        memory.owns_backend = True
+        self.memory = memory
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
@@ -143,7 +206,8 @@ class ModelRunner:
         sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
         width = -(-self.max_model_len // self.block_size)
         start = time.perf_counter()
-        graphs = CudaGraphRunner(self.model, self.kv_cache, sizes, width)
+        kv = self.kv_cache if self.memory is None else self.memory.kv.kv_cache_full  # stable
+        graphs = CudaGraphRunner(self.model, kv, sizes, width)
         graphs.capture()
         self.cuda_graphs = graphs
         logger.info(

@@ -161,6 +161,19 @@ class ModelRunner:
         if self.memory is not None:
             self.kv_cache = self.memory.kv.kv_cache
 
+    @property
+    def graph_kv_cache(self) -> torch.Tensor:
+        """The KV tensor decode graphs capture: on VMM, while ``kv_cache`` is the KV pool's view
+        of its live blocks, the pool's full-capacity view (same base and block shape), so the
+        graphs stay valid as the pool grows; otherwise ``kv_cache`` itself (a torch tensor,
+        or a view someone re-pointed ``kv_cache`` at, e.g. another layer count)."""
+        kv = self.kv_cache
+        if self.memory is None:
+            return kv
+        full = self.memory.kv.kv_cache_full
+        same = kv.data_ptr() == full.data_ptr() and kv.shape[1:] == full.shape[1:]
+        return full if same and kv.dtype == full.dtype else kv
+
     def close(self) -> None:
         """Drops the graphs and the KV cache and, on VMM, releases every chunk (weights and
         KV). The parameters move to the meta device first, so any later use raises instead of
@@ -179,6 +192,8 @@ class ModelRunner:
         cfg = self.model_config
         layers = model.end - model.start
         fmt = KVBlockFormat(layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.device.type == "cuda":  # torch's context current first (memory-systems §6.5)
+            torch.zeros(1, device=self.device)
         backend = make_backend(self.device)
         slots = -(-fmt.block_bytes // backend.chunk_bytes)
         max_slots = backend.mem_get_info()[1] // backend.chunk_bytes
@@ -206,8 +221,7 @@ class ModelRunner:
         sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
         width = -(-self.max_model_len // self.block_size)
         start = time.perf_counter()
-        kv = self.kv_cache if self.memory is None else self.memory.kv.kv_cache_full  # stable
-        graphs = CudaGraphRunner(self.model, kv, sizes, width)
+        graphs = CudaGraphRunner(self.model, self.graph_kv_cache, sizes, width)
         graphs.capture()
         self.cuda_graphs = graphs
         logger.info(

@@ -87,6 +87,10 @@ def test_engine_on_emulated_vmm_reproduces_the_golden_greedy_outputs(
     )
     assert runner.kv_cache.data_ptr() == memory.kv.base and engine.pool is memory.kv.block_pool
     assert engine.pool.num_blocks == memory.kv.num_blocks >= 256  # whole 2 MiB slots
+    assert runner.graph_kv_cache.shape[0] == memory.kv.max_blocks  # graphs survive growth
+    runner.kv_cache = torch.zeros(4, *memory.kv.fmt.shape)  # re-pointed elsewhere: graphs follow
+    assert runner.graph_kv_cache is runner.kv_cache
+    runner.refresh_kv_cache()
     prompts, expected = golden(golden_cases, range(len(golden_cases)))
     assert generate(engine, prompts, 64) == expected
     assert engine.scheduler.num_preemptions == 0

@@ -57,8 +57,10 @@ class Sampler:
         logits = self._mask_early_stops(logits, requests)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.sampling.greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
+        if len(random_rows) == len(requests):
+            tokens = self._sample_random(logits, requests)
+        elif random_rows:
+            rows = _on_device(random_rows, torch.int64, logits.device)
             picked = self._sample_random(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = picked
         if raw_logprobs is None:
@@ -73,13 +75,13 @@ class Sampler:
             if not sp.needs_penalties:
                 continue
             if sp.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.all_token_ids())), device=logits.device)
+                seen = _on_device(sorted(set(r.all_token_ids())), torch.int64, logits.device)
                 vals = logits[row, seen]
                 logits[row, seen] = torch.where(
                     vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty
                 )
             if r.output_token_ids and (sp.presence_penalty or sp.frequency_penalty):
-                out = torch.tensor(r.output_token_ids, device=logits.device)
+                out = _on_device(r.output_token_ids, torch.int64, logits.device)
                 counts = torch.bincount(out, minlength=logits.shape[-1]).float()
                 logits[row] -= sp.frequency_penalty * counts
                 logits[row] -= sp.presence_penalty * (counts > 0).float()
@@ -97,7 +99,7 @@ class Sampler:
             if not r.sampling.ignore_eos:
                 banned |= r.eos_token_ids
             if banned:
-                logits[i, sorted(banned)] = float("-inf")
+                logits[i, _on_device(sorted(banned), torch.int64, logits.device)] = float("-inf")
         return logits
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -105,19 +107,38 @@ class Sampler:
 
         ``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p`` (the Gumbel-max trick in another
         form) and needs one random number per logit, which a per-request generator can supply.
+        ``logits``: [n, vocab] float32; returns [n] int64 token ids. The parameters go to the
+        device in one non-blocking copy; the filter (a full-vocabulary sort) is skipped when
+        no row asks for top-k, top-p or min-p; rows without a seed draw their noise in one
+        call on the shared generator, seeded rows each from their own.
         """
-        dev = logits.device
-        temp = torch.tensor([r.sampling.temperature for r in requests], device=dev)
+        vocab = logits.shape[-1]
+        params = [
+            (r.sampling.temperature, _top_k(r, vocab), r.sampling.top_p, r.sampling.min_p)
+            for r in requests
+        ]
+        temp, top_k, top_p, min_p = _on_device(params, torch.float32, logits.device).unbind(1)
         logits = logits / temp[:, None]
-        top_k = torch.tensor([_top_k(r, logits.shape[-1]) for r in requests], device=dev)
-        top_p = torch.tensor([r.sampling.top_p for r in requests], device=dev)
-        min_p = torch.tensor([r.sampling.min_p for r in requests], device=dev)
-        logits = _filter(logits, top_k, top_p, min_p)
+        if any(k < vocab or p < 1.0 or m > 0.0 for _, k, p, m in params):
+            logits = _filter(logits, top_k.long(), top_p, min_p)
         probs = torch.softmax(logits, dim=-1)
+        return (probs / self._exponential_noise(probs, requests)).argmax(dim=-1)
+
+    def _exponential_noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """[n, vocab] float32 Exp(1) draws: one call on the shared generator for the rows
+        without a seed, one per seeded row on that request's generator."""
         noise = torch.empty_like(probs)
+        shared = [i for i, r in enumerate(requests) if r.sampling.seed is None]
+        if len(shared) == len(requests):
+            return noise.exponential_(generator=self._generator)
         for row, r in enumerate(requests):
-            noise[row].exponential_(generator=self._generator_for(r))
-        return (probs / noise).argmax(dim=-1)
+            if r.sampling.seed is not None:
+                noise[row].exponential_(generator=self._generator_for(r))
+        if shared:
+            rows = _on_device(shared, torch.int64, probs.device)
+            draws = torch.empty(len(shared), probs.shape[-1], device=probs.device)
+            noise[rows] = draws.exponential_(generator=self._generator)
+        return noise
 
     def _generator_for(self, r: Request) -> torch.Generator:
         if r.sampling.seed is None:
@@ -137,13 +158,34 @@ def _gather_logprobs(
     k = max(r.sampling.logprobs for r in requests)
     top_v, top_i = logp.topk(k, dim=-1)
     chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    top_v, top_i = top_v.tolist(), top_i.tolist()  # one copy each, not one per row
     out: list[TokenLogprobs | None] = []
     for row, r in enumerate(requests):
         n = r.sampling.logprobs
-        out.append(
-            None if n == 0 else (chosen[row], top_i[row, :n].tolist(), top_v[row, :n].tolist())
-        )
+        out.append(None if n == 0 else (chosen[row], top_i[row][:n], top_v[row][:n]))
     return out
+
+
+def argmax_suffices(r: Request) -> bool:
+    """True when :meth:`Sampler.sample` would return the argmax of ``r``'s raw logits and
+    nothing else: greedy, no penalties, no logprobs, and no ``min_tokens`` mask in force. A
+    captured decode step hands such rows its in-graph argmax without running the sampler."""
+    sp = r.sampling
+    return (
+        sp.temperature == 0.0
+        and not sp.logprobs
+        and not sp.needs_penalties
+        and len(r.output_token_ids) >= sp.min_tokens
+    )
+
+
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``; on CUDA through pinned memory and a non-blocking
+    copy (a copy from pageable memory would wait for the whole stream first)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def _top_k(r: Request, vocab: int) -> int:

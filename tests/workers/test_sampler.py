@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.sampler import Sampler
+from workers.sampler import Sampler, argmax_suffices
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -195,3 +195,19 @@ def test_logprobs_come_from_the_raw_logits(make_request) -> None:
         assert top_values == expected[row, top_ids].tolist()
         assert top_values == sorted(top_values, reverse=True)
     assert tokens[2] == logprobs[2][1][0]  # greedy picks the top logprob
+
+
+def test_argmax_suffices_only_where_the_sampler_returns_the_raw_argmax(make_request) -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0, 3.0]]).expand(6, -1)  # argmax: EOS (2)
+    reqs = [
+        make_request("plain", temperature=0.0),
+        make_request("met", temperature=0.0, min_tokens=1),
+        make_request("hot", temperature=0.7),
+        make_request("logprobs", temperature=0.0, logprobs=1),
+        make_request("penalty", [0], temperature=0.0, repetition_penalty=1.2),
+        make_request("min", temperature=0.0, min_tokens=1),
+    ]
+    reqs[1].output_token_ids.append(4)
+    assert [argmax_suffices(r) for r in reqs] == [True, True, False, False, False, False]
+    tokens, _ = make_sampler().sample(logits, reqs)
+    assert tokens[:2] == [EOS, EOS] and tokens[5] == 3  # min_tokens bans EOS

@@ -4,7 +4,11 @@ measured in the same run.
 - Decode step time beside the HBM floor: the bytes a decode step must read (all weights plus
   every request's KV) over the copy bandwidth measured in the same run (a device-to-device
   copy, bytes read plus written). With CUDA graphs captured, every point is timed a second
-  time with the graphs bypassed (``ModelRunner.eager``) on the same engine and requests.
+  time with the graphs bypassed (``ModelRunner.eager``) on the same engine and requests,
+  and two columns say where a graph step's time goes: ``replay ms``, the GPU time of the
+  point's captured graph replayed alone (embedding through the greedy argmax), and ``host gap
+  ms``, the mean host time per step from one step's tokens reaching the host to the next
+  replay's launch (scheduler update and schedule, input preparation), while the GPU idles.
 - Prefill throughput at 8k tokens (1 x 8192 and 8 x 1024) in tokens/s and TFLOP/s, beside
   the bf16 rate of an 8192^3 ``torch.matmul`` measured in the same run.
 - HF transformers baseline: a ``LlamaForCausalLM`` built from the same ``config.json`` with
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from workers.config import EngineConfig, ModelConfig, parse_dtype
+from workers.cuda_graphs import padded_batch_size
 from workers.engine import Engine, RequestSpec
 from workers.request import SamplingParams
 
@@ -43,6 +48,10 @@ class DecodeResult:
     mean_running: float  # requests actually decoding per timed step
     preemptions: int  # during the whole point (prefill included)
     eager_step_ms: float | None = None  # the same point with CUDA graphs bypassed
+    graph_ms: float | None = None  # GPU time of one replay of the point's decode graph alone
+    host_gap_ms: float | None = None
+    """Mean host time per timed step between the tokens reaching the host and the next
+    replay's launch (update, schedule, input preparation), while the GPU idles."""
 
     @property
     def vs_floor(self) -> float:
@@ -193,9 +202,13 @@ def bench_decode(
         for r in (*engine.scheduler.running, *engine.scheduler.waiting)
     ):
         engine.step()
+    gap_before = _host_gap(engine)
     elapsed, running = _timed_steps(engine, steps)
-    eager_ms = None
+    gap_after = _host_gap(engine)
+    eager_ms = graph_ms = gap_ms = None
     if graphs:
+        graph_ms = graph_replay_ms(engine, batch)
+        gap_ms = 1e3 * (gap_after[0] - gap_before[0]) / max(1, gap_after[1] - gap_before[1])
         with engine.runner.eager():
             eager_ms = 1e3 * _timed_steps(engine, steps)[0] / steps
     preemptions = engine.scheduler.num_preemptions - preempted_before
@@ -207,8 +220,43 @@ def bench_decode(
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth if bandwidth else 0.0
     step_ms = 1e3 * elapsed / steps
     return DecodeResult(
-        batch, context, step_ms, running / elapsed, floor_ms, running / steps, preemptions, eager_ms
+        batch,
+        context,
+        step_ms,
+        running / elapsed,
+        floor_ms,
+        running / steps,
+        preemptions,
+        eager_ms,
+        graph_ms,
+        gap_ms,
     )
+
+
+def _host_gap(engine: Engine) -> tuple[float, int]:
+    """(seconds, intervals) of the runner's host-gap clock so far; (0, 0) without graphs."""
+    graphs = engine.runner.cuda_graphs
+    return (graphs.host_gap.total_s, graphs.host_gap.count) if graphs else (0.0, 0)
+
+
+def graph_replay_ms(engine: Engine, batch: int, iters: int = 20) -> float | None:
+    """GPU ms of one replay of the decode graph a step of ``batch`` requests uses, replayed
+    ``iters`` times back to back (CUDA events) over the inputs of the last step: it rewrites
+    that step's KV slots with the same values. None when the last step replayed another size
+    (its inputs may name blocks that other requests hold now)."""
+    graphs = engine.runner.cuda_graphs
+    size = padded_batch_size(batch, graphs.sizes)
+    if size is None or graphs.last_size != size:
+        return None
+    graph = graphs.graphs[size]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def decode_tokens_needed(
@@ -314,7 +362,8 @@ def _decode_grid(
     results = []
     print(
         f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'tok/s':>10} {'floor ms':>9} {'x floor':>8} "
-        f"{'running':>8} {'preempt':>8} {'eager ms':>9} {'graph x':>8}"
+        f"{'running':>8} {'preempt':>8} {'eager ms':>9} {'graph x':>8} {'replay ms':>10} "
+        f"{'host gap ms':>12}"
     )
     for ctx in contexts:
         for b in batches:
@@ -326,13 +375,17 @@ def _decode_grid(
                 continue
             r = bench_decode(engine, b, ctx, steps, bandwidth)
             results.append(r)
-            eager = f"{r.eager_step_ms:>9.2f}" if r.eager_step_ms else f"{'-':>9}"
             print(
                 f"{b:>6} {ctx:>6} {r.step_ms:>9.2f} {r.tokens_per_s:>10.1f} "
                 f"{r.floor_ms:>9.2f} {r.vs_floor:>8.2f} {r.mean_running:>8.1f} {r.preemptions:>8} "
-                f"{eager} {r.graph_speedup:>8.2f}"
+                f"{_ms(r.eager_step_ms, 9)} {r.graph_speedup:>8.2f} {_ms(r.graph_ms, 10)} "
+                f"{_ms(r.host_gap_ms, 12)}"
             )
     return results
+
+
+def _ms(value: float | None, width: int) -> str:
+    return f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
 
 
 def _hf_section(

@@ -2,16 +2,20 @@
 
 A decode step of a small batch launches a few hundred short kernels (about 12 per layer), and
 on a GPU their launch and the Python around them cost more than the kernels themselves. A CUDA
-graph records those launches once and replays them with one call. This module captures the
-model forward (embedding through the final norm; the LM head and the sampler stay eager) for
-a fixed set of batch sizes, as PyTorch's "whole-network capture" recipe describes
-(https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs) and as vLLM does for decode.
+graph records those launches once and replays them with one call. This module captures, for a
+fixed set of batch sizes, the whole decode step up to the greedy token: embedding, every
+layer, the final norm, the LM head over every row and the argmax of each row's logits, as
+PyTorch's "whole-network capture" recipe describes
+(https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs) and as vLLM does for decode. A
+greedy step is then one host-to-device copy of the packed inputs, one replay and one
+device-to-host copy of the token ids; other sampling runs on the captured logits.
 
 What a replay may change and what it may not:
 
-- Every tensor a graph reads lives at a fixed address: :class:`StaticDecodeInputs` holds one
-  buffer per model input, sized for the largest captured batch, and each graph reads the
-  first ``batch`` rows. A step copies its inputs there, then replays.
+- Every tensor a graph reads lives at a fixed address: :class:`~workers.decode_inputs.
+  StaticDecodeInputs` holds one packed buffer sized for the largest captured batch, and each
+  size reads its own layout at the buffer's start. A step writes its inputs there (one copy),
+  then replays.
 - Shapes are fixed: a step of ``n`` requests replays the graph of the next captured size and
   pads rows ``n..size-1`` (token 0 at position 0, slot -1, context length 0). The KV write
   skips slot -1 and the decode kernel writes zeros for a length-0 context without reading any
@@ -21,26 +25,31 @@ What a replay may change and what it may not:
   (:attr:`AttentionMetadata.decode_num_splits`), so a replay launches the grid it recorded.
   Split bounds are read from each row's context length on the device, so a replay stays exact
   as contexts grow.
-- The KV cache tensor must not be reallocated after capture (the runner drops its graphs if
-  it is).
+- The KV cache tensor and the weights must not move after capture (the runner drops its
+  graphs when the cache is reallocated, and a transition drops them when it re-views it).
 
 All graphs share one memory pool, captured largest first, so their intermediate activations
-reuse the same memory; each graph's output tensor stays its own. Only decode-only steps (every
-scheduled request has one new token) replay; prefill and mixed steps run eagerly.
+reuse the same memory; each graph's outputs (hidden states, logits, greedy ids) stay its own:
+``sum(sizes) * vocab`` logits in the model dtype (131 MB for sizes 1..256 and a 128k vocab in
+bf16). Only decode-only steps (every scheduled request has one new token) replay; prefill
+and mixed steps run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from attention.metadata import AttentionMetadata
 from kernels._triton import num_sms
 from kernels.paged_decode import choose_num_splits
+from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
+from workers.scheduler import ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
@@ -97,88 +106,52 @@ def graph_blocker(
     return None
 
 
-class StaticDecodeInputs:
-    """The fixed-address device buffers every captured graph reads, sized for the largest one.
+@dataclass
+class HostGap:
+    """Host time from a replayed step's tokens reaching the host to the next replay's launch:
+    the GPU idles through it (the scheduler's update and schedule, input preparation). An
+    eager step in between voids the interval (:meth:`reset`)."""
 
-    Buffers: ``input_ids``, ``positions``, ``slot_mapping`` [max_batch] int64; ``seq_lens``
-    [max_batch] int32; ``block_tables`` [max_batch, max_blocks_per_seq] int32;
-    ``query_start_loc`` [max_batch + 1] int32 (0, 1, 2, ...: one query token per request,
-    constant). They start as padding (slot -1, context length 0), so a warm-up or capture
-    forward over them writes no KV block.
-    """
+    total_s: float = 0.0  # seconds, summed over ``count`` intervals
+    count: int = 0
+    _since: float | None = None
 
-    def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
+    def ready(self) -> None:
+        """The step's tokens are on the host (call after the device-to-host sync)."""
+        self._since = time.perf_counter()
 
-        self.max_batch = max_batch
-        self.max_blocks_per_seq = max_blocks_per_seq
-        self.device = device
-        self.input_ids = zeros(max_batch)
-        self.positions = zeros(max_batch)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = zeros(max_batch, dtype=torch.int32)
-        self.block_tables = zeros(max_batch, max_blocks_per_seq, dtype=torch.int32)
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+    def launched(self) -> None:
+        """A replay was just launched: closes the open interval, if any."""
+        if self._since is not None:
+            self.total_s += time.perf_counter() - self._since
+            self.count += 1
+            self._since = None
 
-    def fill(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-        padded: int,
-    ) -> None:
-        """Copies one decode step of ``n`` requests into rows ``0..n-1`` and pads rows
-        ``n..padded-1`` (token 0, position 0, slot -1, context length 0).
+    def reset(self) -> None:
+        self._since = None
 
-        Only ``block_tables[:n, :width]`` is written (``width`` = the longest table): columns
-        past a row's blocks and the padding rows' tables keep stale block ids, which the
-        decode kernel never reads (it reads ``ceil(seq_len / block_size)`` blocks per row).
-        Copies are asynchronous on CUDA (pinned host memory). Raises ValueError when the
-        batch is empty, exceeds ``padded`` or ``max_batch``, or a table is too wide.
-        """
-        n = len(input_ids)
-        if not 0 < n <= padded <= self.max_batch:
-            raise ValueError(f"need 0 < {n} requests <= padded {padded} <= {self.max_batch}")
-        width = max(len(t) for t in block_tables)
-        if width > self.max_blocks_per_seq:
-            raise ValueError(f"block table of {width} blocks > {self.max_blocks_per_seq}")
-        pad = padded - n
-        self._copy(self.input_ids[:padded], input_ids + [0] * pad)
-        self._copy(self.positions[:padded], positions + [0] * pad)
-        self._copy(self.slot_mapping[:padded], slot_mapping + [-1] * pad)
-        self._copy(self.seq_lens[:padded], seq_lens + [0] * pad)
-        table = [t + [0] * (width - len(t)) for t in block_tables]
-        self._copy(self.block_tables[:n, :width], table)
 
-    def _copy(self, dst: torch.Tensor, values: list) -> None:
-        src = torch.tensor(values, dtype=dst.dtype)
-        if self.device.type == "cuda":
-            src = src.pin_memory()
-        dst.copy_(src, non_blocking=True)
+@dataclass
+class DecodeOutputs:
+    """What a decode graph leaves in its output tensors; :meth:`CudaGraphRunner.run` returns
+    views of the first ``n`` (real) rows, overwritten by the next replay of the same size."""
 
-    def metadata(self, batch: int, num_splits: int, block_size: int) -> AttentionMetadata:
-        """Attention metadata over the first ``batch`` rows (views of the buffers)."""
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch],
-            block_tables=self.block_tables[:batch],
-            seq_lens=self.seq_lens[:batch],
-            query_start_loc=self.query_start_loc[: batch + 1],
-            max_query_len=1,
-            max_seq_len=self.max_blocks_per_seq * block_size,
-            decode_num_splits=num_splits,
-        )
+    hidden: torch.Tensor  # [rows, hidden_size] final-norm states, model dtype
+    logits: torch.Tensor  # [rows, vocab_size] LM head of every row, model dtype
+    greedy: torch.Tensor  # [rows] int64: argmax of each row's logits (first maximum on ties)
+
+    def head(self, n: int) -> DecodeOutputs:
+        """Views of the first ``n`` rows."""
+        return DecodeOutputs(self.hidden[:n], self.logits[:n], self.greedy[:n])
 
 
 class CudaGraphRunner:
-    """Captured decode forwards of one model over one KV cache, one graph per batch size.
+    """Captured decode steps of one model over one KV cache, one graph per batch size.
 
     Contract: :meth:`capture` once, after the KV cache is allocated and before any replay;
-    :meth:`run` only for steps that :meth:`fits` accepts (decode-only, a captured size); one
-    caller thread. The tensor :meth:`run` returns is overwritten by the next replay of the
-    same size: consume it (LM head, sampling) before the next step.
+    :meth:`run` only for steps that :meth:`size_for` accepts; one caller thread. The tensors
+    :meth:`run` returns are overwritten by the next replay of the same size: consume them
+    (sampling, the token copy) before the next step.
     """
 
     def __init__(
@@ -195,21 +168,29 @@ class CudaGraphRunner:
         self.sizes = sorted(sizes)
         self.block_size = kv_cache.shape[3]
         self.device = kv_cache.device
-        self.inputs = StaticDecodeInputs(self.sizes[-1], max_blocks_per_seq, self.device)
+        self.inputs = StaticDecodeInputs(
+            self.sizes[-1], max_blocks_per_seq, self.block_size, self.device
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # [size, hidden] final-norm output
+        self.outputs: dict[int, DecodeOutputs] = {}
         self.num_replays = 0
+        self.last_size: int | None = None
+        """The size :meth:`run` replayed last: its static inputs still hold that step."""
+        self.host_gap = HostGap()
+        pin = self.device.type == "cuda"
+        self._greedy_host = torch.zeros(self.max_batch, dtype=torch.int64, pin_memory=pin)
+        self._greedy_copied = torch.cuda.Event() if pin else None
 
     @property
     def max_batch(self) -> int:
         return self.sizes[-1]
 
-    def fits(self, query_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> bool:
-        """True when a step with these new-token counts and block tables can replay: decode-only,
-        a captured size holds it, and no table is wider than the static one."""
-        if replay_size(query_lens, self.sizes) is None:
-            return False
-        return max(len(t) for t in block_tables) <= self.inputs.max_blocks_per_seq
+    def size_for(self, scheduled: Sequence[ScheduledRequest]) -> int | None:
+        """The captured size a step replays, or None when it runs eagerly: a step replays when
+        every scheduled request has one new token and a captured size holds the batch."""
+        if not scheduled or len(scheduled) > self.max_batch:
+            return None
+        return replay_size([s.num_new_tokens for s in scheduled], self.sizes)
 
     def num_splits(self, batch: int) -> int:
         """The decode kernel's context splits for a graph of ``batch`` requests: its automatic
@@ -221,13 +202,14 @@ class CudaGraphRunner:
     def capture(self) -> None:
         """Warms up and captures every size, largest first, into one shared memory pool.
 
-        The warm-up forward (on the capture stream) compiles the Triton kernels and lets
-        cuBLAS pick its algorithms outside the capture. Raises RuntimeError from CUDA if an
-        operation in the forward cannot be captured.
+        The warm-up forward (on the capture stream, over padding inputs) compiles the Triton
+        kernels and lets cuBLAS pick its algorithms outside the capture. Raises RuntimeError
+        from CUDA if an operation in the step cannot be captured.
         """
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for batch in reversed(self.sizes):
+            self.inputs.pad(batch)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 self.forward_static(batch)
@@ -238,32 +220,34 @@ class CudaGraphRunner:
             self.graphs[batch] = graph
         torch.cuda.synchronize(self.device)
 
-    def forward_static(self, batch: int) -> torch.Tensor:
-        """The forward a graph of ``batch`` records, run eagerly: the model over the first
-        ``batch`` rows of the static inputs; returns [batch, hidden] final-norm states."""
-        meta = self.inputs.metadata(batch, self.num_splits(batch), self.block_size)
+    def forward_static(self, batch: int) -> DecodeOutputs:
+        """The step a graph of ``batch`` records, run eagerly over size ``batch``'s static
+        inputs: the model, the LM head on every row and each row's argmax."""
+        meta = self.inputs.metadata(batch, self.num_splits(batch))
+        fields = self.inputs.fields(batch)
         with set_forward_context(ForwardContext(meta, self.kv_cache)):
-            hidden, _ = self.model(
-                self.inputs.positions[:batch], input_ids=self.inputs.input_ids[:batch]
-            )
-        return hidden
+            hidden, _ = self.model(fields.positions, input_ids=fields.input_ids)
+        logits = self.model.compute_logits(hidden)
+        return DecodeOutputs(hidden, logits, logits.argmax(dim=-1))
 
-    def run(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-    ) -> torch.Tensor:
-        """One decode step of ``n`` requests (one token each): fills the static inputs, replays
-        the next captured size and returns its [n, hidden] final-norm states (a view of the
-        graph's output). Raises ValueError when no captured size holds ``n``."""
-        n = len(input_ids)
-        size = padded_batch_size(n, self.sizes)
-        if size is None:
-            raise ValueError(f"batch of {n} exceeds the largest captured size {self.max_batch}")
-        self.inputs.fill(input_ids, positions, slot_mapping, seq_lens, block_tables, size)
+    def run(self, scheduled: Sequence[ScheduledRequest], size: int) -> DecodeOutputs:
+        """One decode step of ``n`` requests (one new token each) replayed on the graph of
+        ``size`` (from :meth:`size_for`): loads the inputs (one copy), replays, and returns
+        views of the first ``n`` rows of the graph's outputs. Raises ValueError when the
+        step does not fit ``size`` (see :meth:`StaticDecodeInputs.load`)."""
+        self.inputs.load(scheduled, size)
         self.graphs[size].replay()
+        self.host_gap.launched()
         self.num_replays += 1
-        return self.outputs[size][:n]
+        self.last_size = size
+        return self.outputs[size].head(len(scheduled))
+
+    def read_greedy(self, greedy: torch.Tensor) -> list[int]:
+        """``greedy`` ([n] int64, from :meth:`run`) on the host: one non-blocking copy into a
+        pinned buffer and a wait for it, the step's only device-to-host sync."""
+        n = greedy.shape[0]
+        self._greedy_host[:n].copy_(greedy, non_blocking=True)
+        if self._greedy_copied is not None:
+            self._greedy_copied.record()
+            self._greedy_copied.synchronize()
+        return self._greedy_host[:n].tolist()

@@ -22,7 +22,7 @@ from workers.memory import WorkerMemory
 from workers.model_loader import build_model
 from workers.models.llama import LlamaModel
 from workers.request import Request, SamplingParams
-from workers.sampler import Sampler, TokenLogprobs
+from workers.sampler import Sampler, TokenLogprobs, argmax_suffices
 from workers.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -283,25 +283,30 @@ class ModelRunner:
         )
 
     def forward(self, h: HostInputs) -> torch.Tensor:
-        """[num_tokens, hidden] final-norm states of one step: a graph replay for a
-        decode-only step that a captured size holds, else an eager forward."""
-        graphs = self.cuda_graphs
-        if (
-            graphs is not None
-            and not self._force_eager
-            and graphs.fits(h.query_lens, h.block_tables)
-        ):
-            return graphs.run(h.input_ids, h.positions, h.slot_mapping, h.seq_lens, h.block_tables)
+        """[num_tokens, hidden] final-norm states of one step, run eagerly."""
         inputs = self._to_device(h)
         with set_forward_context(ForwardContext(inputs.meta, self.kv_cache)):
             hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
         return hidden
+
+    def replay_size(self, out: SchedulerOutput) -> int | None:
+        """The captured size this step replays, or None when it runs eagerly (no graphs,
+        inside :meth:`eager`, or not a decode-only step that a captured size holds)."""
+        graphs = self.cuda_graphs
+        if graphs is None or self._force_eager:
+            return None
+        return graphs.size_for(out.scheduled)
 
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput
     ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
         """Runs one step; returns sampled token ids (and logprobs) by request id."""
+        size = self.replay_size(out)
+        if size is not None:
+            return self._execute_replay(out.scheduled, size)
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.host_gap.reset()
         h = self.gather(out)
         hidden = self.forward(h)
         if not h.sampling_requests:
@@ -310,6 +315,34 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])
         tokens, logprobs = self.sampler.sample(logits, h.sampling_requests)
         ids = [r.request_id for r in h.sampling_requests]
+        return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
+
+    def _execute_replay(
+        self, scheduled: list[ScheduledRequest], size: int
+    ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
+        """A decode step replayed on the graph of ``size``. When every sampling request takes
+        the argmax of its raw logits (:func:`argmax_suffices`), the step's only sync is the
+        copy of the captured argmax ids; otherwise the sampler runs on the captured logits."""
+        graphs = self.cuda_graphs
+        outputs = graphs.run(scheduled, size)
+        rows = [i for i, s in enumerate(scheduled) if s.samples]
+        requests = [scheduled[i].request for i in rows]
+        every_row = len(rows) == len(scheduled)
+        if not requests:
+            tokens, logprobs = [], []
+        elif all(argmax_suffices(r) for r in requests):
+            picked = graphs.read_greedy(outputs.greedy)
+            tokens = picked if every_row else [picked[i] for i in rows]
+            logprobs = [None] * len(rows)
+        else:
+            logits = (
+                outputs.logits
+                if every_row
+                else outputs.logits[_tensor(rows, torch.int64, self.device)]
+            )
+            tokens, logprobs = self.sampler.sample(logits, requests)
+        graphs.host_gap.ready()
+        ids = [r.request_id for r in requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
 

@@ -8,6 +8,7 @@ buffers) and the forward a graph records, run eagerly through the Triton interpr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,13 @@ from coordinator.cli import add_engine_args, engine_config
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.cuda_graphs import (
     CudaGraphRunner,
-    StaticDecodeInputs,
+    DecodeOutputs,
     capture_sizes,
     graph_blocker,
     padded_batch_size,
     replay_size,
 )
+from workers.decode_inputs import StaticDecodeInputs
 from workers.engine import Engine, RequestSpec
 from workers.model_runner import ModelRunner
 from workers.request import Request, SamplingParams
@@ -100,40 +102,69 @@ def test_graph_blocker_names_why_a_runner_stays_eager(
     assert got is None if reason is None else reason in got
 
 
-def test_static_inputs_fill_pads_with_skipped_slots_and_empty_contexts() -> None:
-    inputs = StaticDecodeInputs(max_batch=8, max_blocks_per_seq=4, device=CPU)
-    inputs.fill([11, 12, 13], [5, 0, 8], [21, 4, 35], [6, 1, 9], [[5, 3], [1], [2, 7, 8]], 4)
-    assert inputs.input_ids.tolist() == [11, 12, 13, 0, 0, 0, 0, 0]
-    assert inputs.positions.tolist() == [5, 0, 8, 0, 0, 0, 0, 0]
-    assert inputs.slot_mapping.tolist() == [21, 4, 35, -1, -1, -1, -1, -1]
-    assert inputs.seq_lens.tolist() == [6, 1, 9, 0, 0, 0, 0, 0]
-    assert inputs.block_tables[:4].tolist() == [[5, 3, 0, 0], [1, 0, 0, 0], [2, 7, 8, 0], [0] * 4]
+def test_static_inputs_load_pads_with_skipped_slots_and_empty_contexts() -> None:
+    inputs = StaticDecodeInputs(max_batch=8, max_blocks_per_seq=4, block_size=4, device=CPU)
+    step = decode_at([[11], [12], [13]], [5, 0, 8], [[5, 3], [1], [2, 7, 8]])
+    inputs.load(step.scheduled, 4)
+    f = inputs.fields(4)
+    assert f.input_ids.tolist() == [11, 12, 13, 0]
+    assert f.positions.tolist() == [5, 0, 8, 0]
+    assert f.slot_mapping.tolist() == [13, 4, 32, -1]  # block 3 offset 1, block 1, block 8
+    assert f.seq_lens.tolist() == [6, 1, 9, 0]
+    assert f.block_tables[:3, :3].tolist() == [[5, 3, 0], [1, 0, 0], [2, 7, 8]]
     assert inputs.query_start_loc.tolist() == list(range(9))
-    # A smaller step reuses the buffers: its rows and padding are rewritten up to its size;
-    # the stale table columns past its widest row are never read (context lengths bound them).
-    inputs.fill([40], [3], [17], [4], [[4]], 2)
-    assert inputs.slot_mapping[:2].tolist() == [17, -1]
-    assert inputs.seq_lens[:2].tolist() == [4, 0]
-    assert inputs.block_tables[:2].tolist() == [[4, 3, 0, 0], [1, 0, 0, 0]]
-    meta = inputs.metadata(2, num_splits=3, block_size=16)
+    # A smaller step uses its own layout at the buffer's start; columns past its widest
+    # context keep stale ids, never read (context lengths bound what the kernel reads).
+    inputs.load(decode_at([[40]], [3], [[4]]).scheduled, 2)
+    f = inputs.fields(2)
+    assert f.slot_mapping.tolist() == [19, -1]
+    assert f.seq_lens.tolist() == [4, 0]
+    assert f.block_tables[0, 0] == 4
+    meta = inputs.metadata(2, num_splits=3)
     assert (meta.num_seqs, meta.max_query_len, meta.decode_num_splits) == (2, 1, 3)
-    assert meta.block_tables.data_ptr() == inputs.block_tables.data_ptr()
+    assert meta.block_tables.data_ptr() == f.block_tables.data_ptr()
+    assert meta.block_tables.shape == (2, 4) and meta.max_seq_len == 16
+
+
+def test_static_inputs_pad_empties_a_size() -> None:
+    inputs = StaticDecodeInputs(max_batch=4, max_blocks_per_seq=2, block_size=4, device=CPU)
+    inputs.load(decode_at([[7], [8], [9]], [1, 2, 3], [[1], [2], [3]]).scheduled, 4)
+    inputs.pad(4)
+    f = inputs.fields(4)
+    assert (f.input_ids.tolist(), f.positions.tolist()) == ([0] * 4, [0] * 4)
+    assert (f.slot_mapping.tolist(), f.seq_lens.tolist()) == ([-1] * 4, [0] * 4)
 
 
 @pytest.mark.parametrize(
-    ("n", "padded", "tables", "error"),
+    ("n", "padded", "positions", "tables", "error"),
     [
-        (3, 2, [[1]] * 3, "padded"),
-        (3, 16, [[1]] * 3, "padded"),
-        (1, 1, [[1, 2, 3, 4, 5]], "5 blocks > 4"),
+        (3, 2, [0] * 3, [[1]] * 3, "padded"),
+        (3, 16, [0] * 3, [[1]] * 3, "padded"),
+        (1, 1, [0], [[1, 2, 3, 4, 5]], "5 blocks exceed"),
+        (2, 2, [3, 4], [[1], [2]], "no KV block"),
     ],
 )
-def test_static_inputs_fill_rejects_what_no_graph_holds(
-    n: int, padded: int, tables: list[list[int]], error: str
+def test_static_inputs_load_rejects_what_no_graph_holds(
+    n: int, padded: int, positions: list[int], tables: list[list[int]], error: str
 ) -> None:
-    inputs = StaticDecodeInputs(max_batch=8, max_blocks_per_seq=4, device=CPU)
+    inputs = StaticDecodeInputs(max_batch=8, max_blocks_per_seq=4, block_size=4, device=CPU)
+    step = decode_at([[1]] * n, positions, tables)
     with pytest.raises(ValueError, match=error):
-        inputs.fill([0] * n, [0] * n, [0] * n, [1] * n, tables, padded)
+        inputs.load(step.scheduled, padded)
+
+
+def decode_at(
+    tokens: list[list[int]], positions: list[int], tables: list[list[int]]
+) -> SchedulerOutput:
+    """A decode step whose i-th request computes its last token ``tokens[i][-1]`` at
+    ``positions[i]`` (earlier tokens are filler), holding blocks ``tables[i]``."""
+    scheduled = []
+    for i, (ids, pos, table) in enumerate(zip(tokens, positions, tables, strict=True)):
+        req = Request(f"d{i}", [0] * pos + ids[-1:], GREEDY, 8, frozenset())
+        req.num_computed_tokens = pos
+        req.block_ids = list(table)
+        scheduled.append(ScheduledRequest(req, 1))
+    return SchedulerOutput(scheduled=scheduled)
 
 
 # --- CPU: config and runner -----------------------------------------------------------------
@@ -207,23 +238,25 @@ def test_the_padded_static_forward_equals_eager_and_writes_only_real_slots(
     runner = triton_runner(stories_dir)
     torch.manual_seed(0)
     runner.kv_cache.normal_()
-    host = runner.gather(decode_step(PROMPTS, TABLES))
-    with torch.inference_mode(), runner.eager():
+    step = decode_step(PROMPTS, TABLES)
+    host = runner.gather(step)
+    with torch.inference_mode():
         expected = runner.forward(host).clone()
+        expected_logits = runner.model.compute_logits(expected)
     after_eager = runner.kv_cache.clone()
     graphs = CudaGraphRunner(runner.model, runner.kv_cache, [1, 2, 4], max_blocks_per_seq=24)
     assert graphs.num_splits(4) == 1  # 96 tokens of context give one split
-    assert graphs.fits(host.query_lens, host.block_tables)
-    assert not graphs.fits([1] * 5, [[1]] * 5)  # no captured size holds 5
-    assert not graphs.fits([1], [list(range(25))])  # wider than max_model_len's 24 blocks
-    assert not graphs.fits([2, 1], [[1], [2]])  # not decode-only
-    graphs.inputs.fill(
-        host.input_ids, host.positions, host.slot_mapping, host.seq_lens, host.block_tables, 4
-    )
+    assert graphs.size_for(step.scheduled) == 4
+    assert graphs.size_for(decode_step([[1, 2]] * 5, [[1]] * 5).scheduled) is None  # > 4
+    assert graphs.size_for([ScheduledRequest(s.request, 2) for s in step.scheduled]) is None
+    assert graphs.size_for([]) is None
+    graphs.inputs.load(step.scheduled, 4)
     with torch.inference_mode():
-        hidden = graphs.forward_static(4)
-    torch.testing.assert_close(hidden[:3], expected, atol=1e-5, rtol=1e-5)
-    assert hidden[3].isfinite().all()  # the padding row attends to nothing, without NaN
+        out = graphs.forward_static(4)
+    torch.testing.assert_close(out.hidden[:3], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[:3], expected_logits, atol=1e-5, rtol=1e-5)
+    assert out.greedy.tolist()[:3] == expected_logits.argmax(-1).tolist()
+    assert out.hidden[3].isfinite().all()  # the padding row attends to nothing, without NaN
     slots = torch.tensor(host.slot_mapping)
     untouched = torch.ones(16 * 4, dtype=torch.bool)
     untouched[slots] = False
@@ -240,31 +273,96 @@ class ReplayEagerly:
         self.graphs, self.batch = graphs, batch
 
     def replay(self) -> None:
-        self.graphs.outputs[self.batch].copy_(self.graphs.forward_static(self.batch))
+        out, now = self.graphs.outputs[self.batch], self.graphs.forward_static(self.batch)
+        for dst, src in (
+            (out.hidden, now.hidden),
+            (out.logits, now.logits),
+            (out.greedy, now.greedy),
+        ):
+            dst.copy_(src)
+
+
+def stand_in_graphs(runner: ModelRunner, sizes: list[int]) -> CudaGraphRunner:
+    """A CudaGraphRunner over the runner's model whose graphs replay eagerly (CPU)."""
+    graphs = CudaGraphRunner(runner.model, runner.kv_cache, sizes, max_blocks_per_seq=24)
+    cfg = runner.model_config
+    for b in graphs.sizes:
+        graphs.graphs[b] = ReplayEagerly(graphs, b)
+        graphs.outputs[b] = DecodeOutputs(
+            torch.empty(b, cfg.hidden_size),
+            torch.empty(b, cfg.vocab_size),
+            torch.empty(b, dtype=torch.int64),
+        )
+    runner.cuda_graphs = graphs
+    return graphs
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_execute_replays_decode_only_steps_and_runs_the_rest_eagerly(stories_dir: Path) -> None:
     pytest.importorskip("triton")
     runner = triton_runner(stories_dir)
-    graphs = CudaGraphRunner(runner.model, runner.kv_cache, [1, 2, 4], max_blocks_per_seq=24)
-    for b in graphs.sizes:
-        graphs.graphs[b] = ReplayEagerly(graphs, b)
-        graphs.outputs[b] = torch.empty(b, runner.model_config.hidden_size)
-    runner.cuda_graphs = graphs
+    graphs = stand_in_graphs(runner, [1, 2, 4])
     decode = decode_step(PROMPTS, TABLES)
     assert runner.execute(prefill_before(decode)) == ({}, {})
     assert graphs.num_replays == 0
     for s, ids in zip(decode.scheduled, PROMPTS, strict=True):
         s.request.num_computed_tokens = len(ids) - 1
+    sampled = spy_on_sampler(runner)
     replayed, _ = runner.execute(decode)
     assert graphs.num_replays == 1
+    assert sampled == []  # all greedy: the captured argmax, no sampler
     with runner.eager():
         eager, _ = runner.execute(decode)
     assert graphs.num_replays == 1
     assert replayed == eager and len(replayed) == 3
     runner.allocate_kv_cache(16)
     assert runner.cuda_graphs is None  # graphs recorded the old cache's address
+
+
+def spy_on_sampler(runner: ModelRunner) -> list[int]:
+    """Records the batch size of every ``runner.sampler.sample`` call in the returned list."""
+    calls: list[int] = []
+    sample = runner.sampler.sample
+
+    def spy(logits: torch.Tensor, requests: list[Request]) -> tuple:
+        calls.append(len(requests))
+        return sample(logits, requests)
+
+    runner.sampler.sample = spy
+    return calls
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_replayed_steps_that_need_the_sampler_run_it_on_the_captured_logits(
+    stories_dir: Path,
+) -> None:
+    """Rows with logprobs, an active ``min_tokens`` mask or a seeded temperature go through the
+    sampler on the graph's logits and get what an eager step gives them."""
+    pytest.importorskip("triton")
+    runner = triton_runner(stories_dir)
+    graphs = stand_in_graphs(runner, [1, 2, 4])
+    decode = decode_step(PROMPTS, TABLES)
+    runner.execute(prefill_before(decode))
+    for s, ids in zip(decode.scheduled, PROMPTS, strict=True):
+        s.request.num_computed_tokens = len(ids) - 1
+    with runner.eager():
+        greedy, _ = runner.execute(decode)
+    r0, r1, r2 = (s.request for s in decode.scheduled)
+    r0.sampling = SamplingParams(temperature=0.0, logprobs=3)
+    r1.sampling = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(greedy["r1"],))
+    r2.sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+    sampled = spy_on_sampler(runner)
+    replayed = runner.execute(decode)
+    assert graphs.num_replays == 1 and sampled == [3]
+    runner.sampler.forget("r2")
+    with runner.eager():
+        eager = runner.execute(decode)
+    assert replayed[0] == eager[0]
+    assert replayed[0]["r0"] == greedy["r0"] and replayed[0]["r1"] != greedy["r1"]
+    chosen, top_ids, top_lp = replayed[1]["r0"]
+    assert top_ids == eager[1]["r0"][1] and len(top_ids) == 3
+    assert chosen == pytest.approx(eager[1]["r0"][0], abs=1e-4)
+    assert top_lp == pytest.approx(eager[1]["r0"][2], abs=1e-4)
 
 
 def by_slot(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -290,22 +388,38 @@ def graph_and_eager_outputs(
     engine: Engine, prompts: list[list[int]], max_tokens: int
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Greedy outputs of the same prompts with graphs, then eagerly, on one engine; asserts
-    that the first run replayed graphs and the second did not."""
+    that the first run replayed graphs and took every replayed step's tokens from the
+    captured argmax (no sampler), and that the second did not replay."""
     runs = []
     graphs = engine.runner.cuda_graphs
     assert graphs is not None
+    greedy_reads = count_calls(graphs, "read_greedy")
     for eager in (False, True):
-        before = graphs.num_replays
+        before, reads = graphs.num_replays, len(greedy_reads)
         for i, p in enumerate(prompts):
             engine.add_request(RequestSpec(str(i), p, GREEDY, max_tokens))
         if eager:
             with engine.runner.eager():
                 runs.append(generate(engine))
-            assert graphs.num_replays == before
+            assert graphs.num_replays == before and len(greedy_reads) == reads
         else:
             runs.append(generate(engine))
             assert graphs.num_replays > before
+            assert len(greedy_reads) - reads == graphs.num_replays - before
     return runs[0], runs[1]
+
+
+def count_calls(obj: object, method: str) -> list[int]:
+    """Wraps ``obj.method``; the returned list grows by one entry per call."""
+    calls: list[int] = []
+    wrapped = getattr(obj, method)
+
+    def spy(*args: object) -> object:
+        calls.append(1)
+        return wrapped(*args)
+
+    setattr(obj, method, spy)
+    return calls
 
 
 def random_prompts(n: int, vocab: int, max_len: int, seed: int) -> list[list[int]]:
@@ -380,6 +494,56 @@ def test_padded_batches_equal_eager_on_a_dummy_gqa_model(tmp_path: Path, batch: 
     assert with_graphs == eager
 
 
+def mixed_sampling(i: int) -> SamplingParams:
+    """Request ``i``'s sampling in the mixed test: greedy, greedy with logprobs, greedy with
+    a min_tokens mask, or a seeded temperature, in turn."""
+    return [
+        GREEDY,
+        SamplingParams(temperature=0.0, logprobs=2),
+        SamplingParams(temperature=0.0, min_tokens=6, stop_token_ids=(5, 6, 7)),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i),
+    ][i % 4]
+
+
+@gpu
+@pytest.mark.parametrize("batch", [3, 37])
+def test_steps_needing_the_sampler_equal_eager_on_stories(stories_dir: Path, batch: int) -> None:
+    """Batches mixing plain greedy rows with rows the sampler must handle (logprobs, min_tokens,
+    seeded temperature) sample on the captured logits and match eager, logprobs included."""
+    engine = Engine(config(stories_dir), CUDA)
+    graphs = engine.runner.cuda_graphs
+    prompts = random_prompts(batch, 512, 40, seed=batch + 1)
+    runs = []
+    for eager in (False, True):
+        before = graphs.num_replays
+        for i, p in enumerate(prompts):
+            engine.add_request(RequestSpec(str(i), p, mixed_sampling(i), 12))
+        with engine.runner.eager() if eager else contextlib.nullcontext():
+            runs.append(generate_with_logprobs(engine))
+        assert (graphs.num_replays > before) != eager
+    (tokens, logprobs), (eager_tokens, eager_logprobs) = runs
+    assert tokens == eager_tokens
+    assert logprobs.keys() == eager_logprobs.keys() and len(logprobs) == len(range(1, batch, 4))
+    for rid, steps in logprobs.items():
+        for (chosen, ids, values), (e_chosen, e_ids, e_values) in zip(
+            steps, eager_logprobs[rid], strict=True
+        ):
+            assert ids == e_ids
+            assert [chosen, *values] == pytest.approx([e_chosen, *e_values], abs=1e-4)
+
+
+def generate_with_logprobs(engine: Engine) -> tuple[dict[str, list[int]], dict[str, list]]:
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list] = {}
+    while engine.has_work:
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.logprobs:
+                logprobs.setdefault(o.request_id, []).append(o.logprobs)
+    assert engine.pool.num_used == 0
+    return tokens, logprobs
+
+
 @gpu
 def test_one_decode_step_replayed_equals_eager_hidden_states(tmp_path: Path) -> None:
     engine = dummy_engine(dummy_model_dir(tmp_path), seed=1)
@@ -394,10 +558,12 @@ def test_one_decode_step_replayed_equals_eager_hidden_states(tmp_path: Path) -> 
     runner = engine.runner
     host = runner.gather(out)
     with torch.inference_mode():
-        replayed = runner.forward(host).clone()
-        with runner.eager():
-            eager = runner.forward(host)
-    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+        replayed = runner.cuda_graphs.run(out.scheduled, 64)
+        eager = runner.forward(host)
+        eager_logits = runner.model.compute_logits(eager)
+        torch.testing.assert_close(replayed.hidden, eager, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(replayed.logits, eager_logits, atol=1e-4, rtol=1e-4)
+        assert replayed.greedy.tolist() == eager_logits.argmax(-1).tolist()
 
 
 @gpu

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from coordinator.cli import add_engine_args, engine_config
+from tests.workers.engine_helpers import run_to_completion, write_dummy_gqa_config
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.cuda_graphs import (
     CudaGraphRunner,
@@ -374,16 +374,6 @@ def by_slot(kv_cache: torch.Tensor) -> torch.Tensor:
 # --- GPU: real graphs -----------------------------------------------------------------------
 
 
-def generate(engine: Engine) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work:
-        for o in engine.step():
-            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
-    engine.pool.check_integrity()
-    assert engine.pool.num_used == 0
-    return tokens
-
-
 def graph_and_eager_outputs(
     engine: Engine, prompts: list[list[int]], max_tokens: int
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -400,10 +390,10 @@ def graph_and_eager_outputs(
             engine.add_request(RequestSpec(str(i), p, GREEDY, max_tokens))
         if eager:
             with engine.runner.eager():
-                runs.append(generate(engine))
+                runs.append(run_to_completion(engine))
             assert graphs.num_replays == before and len(greedy_reads) == reads
         else:
-            runs.append(generate(engine))
+            runs.append(run_to_completion(engine))
             assert graphs.num_replays > before
             assert len(greedy_reads) - reads == graphs.num_replays - before
     return runs[0], runs[1]
@@ -448,21 +438,7 @@ def test_padded_batches_equal_eager_on_stories(stories_dir: Path, batch: int) ->
 
 
 def dummy_model_dir(tmp_path: Path) -> Path:
-    """A small GQA Llama config (8 query / 2 KV heads, head_dim 64) for dummy weights."""
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 512,
-        "intermediate_size": 1024,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "vocab_size": 1000,
-        "max_position_embeddings": 1024,
-        "eos_token_id": 2,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return tmp_path
+    return write_dummy_gqa_config(tmp_path, num_layers=2)
 
 
 def dummy_engine(model_dir: Path, seed: int = 0) -> Engine:
@@ -587,7 +563,7 @@ def test_decode_after_aborts_and_new_requests_stays_correct(
             engine.abort("1")
             for i in (3, 4, 5):
                 add(i)
-    for rid, new in generate(engine).items():
+    for rid, new in run_to_completion(engine).items():
         tokens[rid].extend(new)
     del tokens["1"]
     expected = {str(i): golden_cases[i]["greedy_new_token_ids"] for i in (0, 2, 3, 4, 5)}
@@ -600,4 +576,4 @@ def test_enforce_eager_captures_nothing_on_a_gpu(stories_dir: Path, golden_cases
     engine = Engine(config(stories_dir, enforce_eager=True), CUDA)
     assert engine.runner.cuda_graphs is None
     engine.add_request(RequestSpec("0", golden_cases[2]["input_ids"], GREEDY, 64))
-    assert generate(engine) == {"0": golden_cases[2]["greedy_new_token_ids"]}
+    assert run_to_completion(engine) == {"0": golden_cases[2]["greedy_new_token_ids"]}

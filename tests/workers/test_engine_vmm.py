@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from coordinator.cli import add_engine_args, engine_config
+from tests.workers.engine_helpers import run_to_completion, write_dummy_gqa_config
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig, resolve_memory_backend
 from workers.engine import Engine, RequestSpec
 from workers.request import SamplingParams
@@ -43,13 +43,7 @@ def generate(engine: Engine, prompts: dict[str, list[int]], max_tokens: int) -> 
     """Adds every prompt, steps until idle; returns each request's generated ids."""
     for rid, ids in prompts.items():
         engine.add_request(RequestSpec(rid, ids, GREEDY, max_tokens))
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work:
-        for o in engine.step():
-            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
-    engine.pool.check_integrity()
-    assert engine.pool.num_used == 0
-    return tokens
+    return run_to_completion(engine)
 
 
 def golden(cases: list[dict], indices: range) -> tuple[dict, dict]:
@@ -159,21 +153,7 @@ def test_gpu_vmm_engine_equals_torch_and_golden_on_stories_with_graphs(
 
 
 def dummy_model_dir(tmp_path: Path) -> Path:
-    """A small GQA Llama config (8 query / 2 KV heads, head_dim 64) for dummy weights."""
-    cfg = {
-        "model_type": "llama",
-        "hidden_size": 512,
-        "intermediate_size": 1024,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "head_dim": 64,
-        "vocab_size": 1000,
-        "max_position_embeddings": 1024,
-        "eos_token_id": 2,
-    }
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return tmp_path
+    return write_dummy_gqa_config(tmp_path, num_layers=4)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attention.backends import TorchBackend
+from tests.workers.engine_helpers import run_to_completion
 from workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
 from workers.forward_context import ForwardContext, set_forward_context
@@ -73,20 +74,6 @@ def all_position_logits(runner: ModelRunner, out: SchedulerOutput) -> torch.Tens
         return runner.model.compute_logits(hidden)
 
 
-def generate(engine: Engine, preemptions: dict[str, int] | None = None) -> dict[str, list[int]]:
-    """Steps the engine until it is idle; returns each request's generated ids and fills
-    ``preemptions`` (if given) with each request's preemption count."""
-    tokens: dict[str, list[int]] = {}
-    preemptions = {} if preemptions is None else preemptions
-    while engine.has_work:
-        for o in engine.step():
-            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
-            preemptions[o.request_id] = o.num_preemptions
-    engine.pool.check_integrity()
-    assert engine.pool.num_used == 0
-    return tokens
-
-
 def add_golden(engine: Engine, cases: list[dict], indices: range) -> None:
     for i in indices:
         engine.add_request(RequestSpec(str(i), cases[i]["input_ids"], GREEDY, 64))
@@ -137,14 +124,14 @@ def test_engine_reproduces_golden_greedy_one_at_a_time(stories_dir: Path, golden
     engine = Engine(engine_config(stories_dir), CPU)
     for i, case in enumerate(golden_cases):
         add_golden(engine, golden_cases, range(i, i + 1))
-        assert generate(engine) == {str(i): case["greedy_new_token_ids"]}
+        assert run_to_completion(engine) == {str(i): case["greedy_new_token_ids"]}
 
 
 def test_engine_reproduces_golden_greedy_concurrently(stories_dir: Path, golden_cases) -> None:
     engine = Engine(engine_config(stories_dir, budget=7), CPU)
     add_golden(engine, golden_cases, range(len(golden_cases)))
     expected = {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
-    assert generate(engine) == expected
+    assert run_to_completion(engine) == expected
     assert engine.scheduler.num_preemptions == 0
 
 
@@ -153,7 +140,7 @@ def test_engine_reproduces_golden_greedy_under_preemption(stories_dir: Path, gol
     engine = Engine(engine_config(stories_dir, blocks=24, budget=7), CPU)
     add_golden(engine, golden_cases, range(len(golden_cases)))
     expected = {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
-    assert generate(engine) == expected
+    assert run_to_completion(engine) == expected
     assert engine.scheduler.num_preemptions > 0
 
 
@@ -162,14 +149,14 @@ def test_seeded_sampling_survives_batching_and_preemption(stories_dir: Path, gol
     prompt = golden_cases[2]["input_ids"]
     alone = Engine(engine_config(stories_dir), CPU)
     alone.add_request(RequestSpec("s", prompt, seeded, 40))
-    expected = generate(alone)["s"]
+    expected = run_to_completion(alone)["s"]
     assert expected != golden_cases[2]["greedy_new_token_ids"][:40]
     crowded = Engine(engine_config(stories_dir, blocks=24, budget=7), CPU)
     add_golden(crowded, golden_cases, range(2))
     crowded.add_request(RequestSpec("s", prompt, seeded, 40))
     add_golden(crowded, golden_cases, range(3, 6))
     preemptions: dict[str, int] = {}
-    assert generate(crowded, preemptions)["s"] == expected
+    assert run_to_completion(crowded, preemptions)["s"] == expected
     assert preemptions["s"] > 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.workers.engine_helpers import run_to_completion
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
 from workers.request import SamplingParams
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = torch.device("cpu")
 NEW_TOKENS = 8
-
-
-def generate(engine: Engine) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work:
-        for o in engine.step():
-            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
-    engine.pool.check_integrity()
-    assert engine.pool.num_used == 0
-    return tokens
 
 
 def test_triton_backend_matches_torch_with_chunked_prefill(
@@ -54,6 +45,6 @@ def test_triton_backend_matches_torch_with_chunked_prefill(
             engine.add_request(
                 RequestSpec(str(i), case["input_ids"], SamplingParams(temperature=0.0), NEW_TOKENS)
             )
-        outputs[backend] = generate(engine)
+        outputs[backend] = run_to_completion(engine)
     expected = {str(i): c["greedy_new_token_ids"][:NEW_TOKENS] for i, c in enumerate(cases)}
     assert outputs["triton"] == outputs["torch"] == expected

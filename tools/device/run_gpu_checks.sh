@@ -3,15 +3,7 @@
 # Usage on the device machine (repo root): bash tools/device/run_gpu_checks.sh [steps...]
 # steps: probe kernels-test kernels-bench engine-bench serve e2e (default: all)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source "$(dirname "$0")/env.sh"
 steps=${*:-probe kernels-test kernels-bench engine-bench serve e2e}
 for step in $steps; do
   echo "=== $step $(date +%T)"

@@ -7,15 +7,7 @@
 # steps: probe test bench-quick bench bench-eager; default: probe test bench-quick (about
 # 3 minutes on one H200: batches 1,64,128 at 1k context); bench is the full grid (5 minutes).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source "$(dirname "$0")/env.sh"
 BENCH=(python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy
        --steps 16 --max-num-batched-tokens 8192)
 steps=${*:-probe test bench-quick}

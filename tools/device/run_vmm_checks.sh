@@ -6,15 +6,7 @@
 # steps: probe vmm-test e2e vmm-bench (default: all). Logs, vmm.json and summary.txt land
 # under $OUT; the exit status is non-zero if any step failed.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source "$(dirname "$0")/env.sh"
 VMM_TESTS="tests/kernels/test_vmm.py tests/workers/test_kv_pool.py tests/workers/test_weight_arena.py tests/workers/test_engine_vmm.py"
 steps=${*:-probe vmm-test e2e vmm-bench}
 failed=""

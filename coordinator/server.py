@@ -88,9 +88,6 @@ class CoordinatorServer:
     def push_outputs(self, result: StepResult) -> None:
         self.loop.call_soon_threadsafe(self.core.on_step, result)
 
-    def worker_handles(self) -> list:
-        return self.workers
-
     def shutdown(self) -> None:
         for w in self.workers:
             w.shutdown.remote()

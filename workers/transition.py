@@ -39,17 +39,11 @@ import torch
 from attention.transport import StageTransport
 from workers import kv_exchange
 from workers.block_pool import BlockPool, KVCacheManager
-from workers.kv_buffer import KVBuffer
 from workers.kv_exchange import BlockMove, SliceCopy
-from workers.pipeline import (
-    PipelineRunner,
-    StageLoop,
-    build_stage_model,
-    dropped_param_bytes,
-    restore_full_model,
-)
+from workers.pipeline import PipelineRunner, StageLoop
 from workers.request import Request, RequestStatus
 from workers.scheduler import Scheduler
+from workers.stage_memory import StageMemory, stage_memory_for
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +142,8 @@ class GroupController:
         self.spec: GroupSpec | None = None
         self.stage_loop: StageLoop | None = None
         self.transport: StageTransport | None = None
-        self.buffer: KVBuffer | None = None
-        self.normal_bytes = 0
+        self.memory: StageMemory | None = None
+        """Weights out, KV in (made at the first drop, kept: it knows the normal KV size)."""
         self.normal_blocks: dict[int, int] = {}
         self.origins: dict[str, int] = {}
         self._merge: _Merge | None = None
@@ -186,12 +180,12 @@ class GroupController:
             raise TransitionError(f"worker {self.rank} is already in group {self.spec.group_id}")
         self.worker.drain_inbox()
         engine, runner = self.engine, self.engine.runner
-        if self.buffer is None:
-            self.buffer = KVBuffer.adopt(runner.kv_cache)
-            self.normal_bytes = self.buffer.nbytes
+        if self.memory is None:
+            self.memory = stage_memory_for(runner)
         start, end = spec.ranges[spec.stage_of(self.rank)]
-        freed = dropped_param_bytes(runner.model, (start, end))
-        stage_blocks = (self.buffer.nbytes + freed) // self.buffer.block_bytes(end - start)
+        after = self.memory.bytes_after_drop(runner.model, (start, end))
+        freed = after - self.memory.nbytes
+        stage_blocks = after // self.memory.block_bytes(end - start)
         transfers = [] if spec.ranks[0] == self.rank else self._export(self.rank)
         logger.debug(
             "drop prepare on %d: %d stage blocks, %d freed bytes, exports %s",
@@ -252,11 +246,9 @@ class GroupController:
             runner.device, runner.model_config.hidden_size, runner.dtype
         )
         pending = kv_exchange.read(copies, self.rank, runner.kv_cache, self.transport)
-        runner.model, freed = build_stage_model(runner.model, (start, end))
-        buf = self.buffer
-        stage_blocks = (buf.nbytes + freed) // buf.block_bytes(end - start)
-        buf.resize(stage_blocks * buf.block_bytes(end - start))
-        _set_kv(runner, buf.view(end - start))
+        runner.model = self.memory.drop(runner.model, (start, end))
+        _set_kv(runner, self.memory.view(end - start))
+        stage_blocks = runner.kv_cache.shape[0]
         kv_exchange.write(pending, runner.kv_cache)
         self.spec = spec
         if stage == 0:
@@ -366,12 +358,10 @@ class GroupController:
         runner = _base_runner(engine)
         stage = spec.stage_of(self.rank)
         pending = kv_exchange.read(plan.copies, self.rank, runner.kv_cache, self.transport)
-        self.buffer.resize(self.normal_bytes)
-        runner.model = restore_full_model(
+        runner.model = self.memory.restore(
             runner.model, spec.ranks, spec.ranges, stage, self.transport
         )
-        num_layers = runner.model.cfg.num_layers
-        _set_kv(runner, self.buffer.view(num_layers))
+        _set_kv(runner, self.memory.view(runner.model.cfg.num_layers))
         kv_exchange.write(pending, runner.kv_cache)
         if stage == 0:
             self._leave_as_leader(plan)

@@ -24,7 +24,7 @@ from attention.metadata import AttentionMetadata
 
 HEADER_LEN = 8
 """int64 fields in a step header (op, tokens, seqs, table width, sampling rows, max query
-length, max sequence length, one spare)."""
+length, max sequence length, bytes of the step plan that follows)."""
 
 
 class StageOp(enum.IntEnum):
@@ -49,16 +49,18 @@ class StepHeader:
     """Rows that sample a token (their logits go back to the leader)."""
     max_query_len: int = 0
     max_seq_len: int = 0
+    plan_bytes: int = 0
+    """Bytes of the pickled step plan sent right after the header (0: none; a plain step)."""
 
     def encode(self, device: torch.device) -> torch.Tensor:
         fields = [int(self.op), self.num_tokens, self.num_seqs, self.table_width]
-        fields += [self.num_sampling, self.max_query_len, self.max_seq_len, 0]
+        fields += [self.num_sampling, self.max_query_len, self.max_seq_len, self.plan_bytes]
         return torch.tensor(fields, dtype=torch.int64, device=device)
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> StepHeader:
-        op, tokens, seqs, width, sampling, max_q, max_s, _ = t.tolist()
-        return cls(StageOp(op), tokens, seqs, width, sampling, max_q, max_s)
+        op, tokens, seqs, width, sampling, max_q, max_s, plan = t.tolist()
+        return cls(StageOp(op), tokens, seqs, width, sampling, max_q, max_s, plan)
 
 
 @dataclass
@@ -104,10 +106,14 @@ class StageTransport:
     # --- micro-batches ------------------------------------------------------------------
 
     def send_step(self, dst: int, x: StageInputs) -> None:
-        """Header, then hidden, residual, positions, slot mapping, block tables, sequence
-        lengths, query start locations and logits indices, in that order."""
-        m = x.meta
+        """Header, then the body (:meth:`send_body`)."""
         self.send(dst, x.header().encode(self.device))
+        self.send_body(dst, x)
+
+    def send_body(self, dst: int, x: StageInputs) -> None:
+        """Hidden, residual, positions, slot mapping, block tables, sequence lengths, query
+        start locations and logits indices, in that order (the receiver has the header)."""
+        m = x.meta
         for t in (x.hidden, x.residual, x.positions, m.slot_mapping, m.block_tables):
             self.send(dst, t)
         for t in (m.seq_lens, m.query_start_loc, x.logits_indices):
@@ -118,6 +124,10 @@ class StageTransport:
         h = self.recv_header(src)
         if h.op is StageOp.STOP:
             return None
+        return self.recv_body(src, h)
+
+    def recv_body(self, src: int, h: StepHeader) -> StageInputs:
+        """The body of the micro-batch that header ``h`` announced."""
         n, s, hid = h.num_tokens, h.num_seqs, self.hidden_size
         hidden = self.recv(src, (n, hid), self.dtype)
         residual = self.recv(src, (n, hid), self.dtype)
@@ -136,6 +146,9 @@ class StageTransport:
             max_seq_len=h.max_seq_len,
         )
         return StageInputs(hidden, residual, positions, meta, logits_indices)
+
+    def send_header(self, dst: int, h: StepHeader) -> None:
+        self.send(dst, h.encode(self.device))
 
     def send_stop(self, dst: int) -> None:
         self.send(dst, StepHeader(StageOp.STOP).encode(self.device))

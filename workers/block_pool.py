@@ -58,6 +58,19 @@ class BlockPool:
             if self._ref_counts[i] == 0:
                 self._free.append(i)
 
+    def reserve(self, ids: list[int]) -> None:
+        """Takes one reference to each of ``ids``, free or not (a pipeline group reserves the
+        ids that alias a pre-drop request's L-layer blocks, workers/remote_attention.py);
+        ``free`` gives them back. Raises ValueError for an id outside the pool."""
+        bad = [i for i in ids if not 0 <= i < self.num_blocks]
+        if bad:
+            raise ValueError(f"cannot reserve ids {bad[:4]}: the pool has {self.num_blocks}")
+        taken = {i for i in ids if self._ref_counts[i] == 0}
+        if taken:
+            self._free = deque(i for i in self._free if i not in taken)
+        for i in ids:
+            self._ref_counts[i] += 1
+
     # Capacity changes, driven by the KV pool when its mapped memory grows or shrinks
     # (workers/kv_pool.py). Ids are positions in the KV tensor, so capacity only changes at
     # the tail: ``grow`` appends ids, ``shrink_tail`` removes free ones, ``evacuate`` moves

@@ -145,8 +145,15 @@ class CacheConfig:
     """KV-cache size in GiB on a CPU worker."""
     num_kv_blocks: int | None = None
     """Override the number of KV blocks (for tests and to force memory pressure)."""
+    kv_exchange_bytes_per_step: int = 256 * 2**20
+    """After a drop, KV bytes of pre-drop requests moved to the stages that own their layers
+    per pipeline step (at least one layer of one request moves each step; DESIGN.md §6.5)."""
 
     def __post_init__(self) -> None:
+        if self.kv_exchange_bytes_per_step < 0:
+            raise ValueError(
+                f"kv_exchange_bytes_per_step must be >= 0, got {self.kv_exchange_bytes_per_step}"
+            )
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ValueError(
                 f"block_size must be a power of two in [1, 256], got {self.block_size}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +16,9 @@ from attention.metadata import AttentionMetadata
 class ForwardContext:
     attn_metadata: AttentionMetadata
     kv_cache: torch.Tensor  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]
+    router: Any = None
+    """A pipeline step with pre-drop requests: their attention goes through this
+    (workers/remote_attention.py ``RemoteAttention``); None in every other step."""
 
 
 _current: ForwardContext | None = None

@@ -247,7 +247,11 @@ class ModelRunner:
             r, c, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
             h.input_ids.extend(_token_slice(r, c, c + n))
             h.positions.extend(range(c, c + n))
-            h.slot_mapping.extend(r.block_ids[p // bs] * bs + p % bs for p in range(c, c + n))
+            ids = r.block_ids
+            if len(ids) * bs >= c + n:
+                h.slot_mapping.extend(ids[p // bs] * bs + p % bs for p in range(c, c + n))
+            else:  # a pre-drop request in a pipeline step: its KV is not in these blocks
+                h.slot_mapping.extend([-1] * n)
             h.query_lens.append(n)
             h.seq_lens.append(c + n)
             h.block_tables.append(r.block_ids)
@@ -260,7 +264,7 @@ class ModelRunner:
         return self._to_device(self.gather(out))
 
     def _to_device(self, h: HostInputs) -> ModelInputs:
-        width = max(len(t) for t in h.block_tables)
+        width = max(1, max(len(t) for t in h.block_tables))
         table = [t + [0] * (width - len(t)) for t in h.block_tables]
         qsl = [0]
         for n in h.query_lens:

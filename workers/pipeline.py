@@ -2,25 +2,31 @@
 
 After a drop (KunServe §3(a)-(b), reference/kunserve.md), stage r of a g-stage group keeps
 decoder layers ``[start_r, end_r)``; stage 0 keeps the embedding, the last stage the final
-norm and LM head. The leader (stage 0) runs the group's scheduler; per engine step it runs its
-layers and sends the micro-batch to stage 1 (:class:`PipelineRunner`); every other stage runs
-:class:`StageLoop` in its engine thread: receive, run its layers, forward to the next stage or,
-on the last, compute the sampling rows' logits and send them back to the leader, which samples.
-v1 keeps one micro-batch in flight (lockstep); sampling state stays on the leader.
+norm and LM head. The leader (stage 0) runs the group's scheduler; per engine step it sends
+every stage the step header (and, while pre-drop requests remain, the step plan of
+workers/remote_attention.py), runs its layers and sends the micro-batch to stage 1
+(:class:`PipelineRunner`); every other stage runs :class:`StageLoop` in its engine thread:
+receive, run its layers, forward to the next stage or, on the last, compute the sampling rows'
+logits and send them back to the leader, which samples. One micro-batch is in flight
+(lockstep); sampling state stays on the leader.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from attention.transport import StageInputs, StageTransport
+from attention.transport import StageInputs, StageOp, StageTransport, StepHeader
+from workers import kv_exchange
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
+from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttention, StepPlan
 from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
 
@@ -106,12 +112,17 @@ def _check_materialized(model: LlamaModel) -> None:
 
 
 def run_stage(
-    model: LlamaModel, kv_cache: torch.Tensor, x: StageInputs | None, **first: torch.Tensor
+    model: LlamaModel,
+    kv_cache: torch.Tensor,
+    x: StageInputs | None,
+    router: RemoteAttention | None = None,
+    **first: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs ``model``'s layers over one micro-batch with its own KV cache.
 
     The first stage passes ``input_ids``, ``positions`` and ``meta`` as keywords (x is None);
-    later stages pass the received :class:`StageInputs`. Returns (hidden, residual), each
+    later stages pass the received :class:`StageInputs`. ``router`` routes the attention of
+    pre-drop requests (workers/remote_attention.py). Returns (hidden, residual), each
     [num_tokens, hidden_size]; on the last stage hidden is the final-norm output.
     """
     if x is None:
@@ -120,24 +131,118 @@ def run_stage(
     else:
         meta, positions = x.meta, x.positions
         kwargs = {"hidden": x.hidden, "residual": x.residual}
-    with set_forward_context(ForwardContext(meta, kv_cache)):
+    with set_forward_context(ForwardContext(meta, kv_cache, router)):
         return model(positions, **kwargs)
 
 
-class PipelineRunner:
-    """The leader's model runner in pipeline mode: the engine calls :meth:`execute` as it calls
-    ``ModelRunner.execute``; every other attribute is the wrapped runner's (sampler, model,
-    kv_cache, block_bytes)."""
+class _Stage:
+    """What the leader and the other stages share: the group's layout, this stage's place in
+    it, the step plan's KV moves and its remote-attention router."""
 
-    def __init__(self, runner: Any, transport: StageTransport, ranks: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        transport: StageTransport,
+        layout: GroupLayout,
+        stage: int,
+        legacy_view: torch.Tensor | None,
+    ) -> None:
         self.runner = runner
         self.transport = transport
-        self.ranks = ranks
+        self.layout = layout
+        self.stage = stage
+        self.legacy_view = legacy_view
+        """This worker's KV bytes as L-layer blocks, where pre-drop requests' KV lives."""
+        self.counters: Counter = Counter()
+        """Pre-drop traffic: ``moved`` KV slices this worker sent or received in the
+        exchange, and RemoteAttention's ``sent``, ``served`` and ``home`` layer calls."""
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.layout.ranks
+
+    @property
+    def me(self) -> int:
+        return self.layout.ranks[self.stage]
+
+    def exchange(self, plan: StepPlan) -> None:
+        """Runs the plan's KV moves: L-layer slices out of this worker's legacy view, into
+        this stage's view (workers/remote_attention.py, live KV exchange)."""
+        if not plan.moves:
+            return
+        view = self._legacy_view()
+        pending = kv_exchange.read(plan.moves, self.me, view, self.transport)
+        kv_exchange.write(pending, self.runner.kv_cache)
+        self.counters["moved"] += len(pending)
+
+    def router(self, plan: StepPlan | None) -> RemoteAttention | None:
+        if plan is None or not plan.legacy:
+            return None
+        cfg, model = self.runner.model_config, self.runner.model
+        return RemoteAttention(
+            plan,
+            self.me,
+            self.layout,
+            self._legacy_view(),
+            self.transport,
+            model.layers[0].self_attn.backend,
+            model.cos_sin_cache,
+            (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            self.counters,
+        )
+
+    def serve(self, router: RemoteAttention | None, stages: range) -> None:
+        """Serves the remote attention of ``stages`` for the sequences homed here."""
+        if router is not None:
+            for s in stages:
+                router.serve(s, self.runner.dtype)
+
+    def _legacy_view(self) -> torch.Tensor:
+        if self.legacy_view is None:
+            raise RuntimeError("a step plan has pre-drop KV but this stage has no legacy view")
+        return self.legacy_view
+
+
+class PipelineRunner(_Stage):
+    """The leader's model runner in pipeline mode: the engine calls :meth:`execute` as it calls
+    ``ModelRunner.execute``; every other attribute is the wrapped runner's (sampler, model,
+    kv_cache, block_bytes).
+
+    Each step the leader sends every other stage the step header (and, with pre-drop requests
+    or KV moves, the :class:`StepPlan`), runs the moves, runs stage 0's layers, sends the
+    activations to stage 1, serves the later stages' remote attention for the requests homed
+    here, and samples from the logits the last stage returns. ``kv`` is the group's
+    :class:`GroupKVManager` (None: no pre-drop requests to track).
+    """
+
+    def __init__(
+        self,
+        runner: Any,
+        transport: StageTransport,
+        ranks: tuple[int, ...],
+        layout: GroupLayout | None = None,
+        kv: GroupKVManager | None = None,
+        legacy_view: torch.Tensor | None = None,
+    ) -> None:
+        layout = layout or GroupLayout(ranks, ())
+        super().__init__(runner, transport, layout, 0, legacy_view)
+        self.kv = kv
 
     def __getattr__(self, name: str) -> Any:
         if name == "runner":  # not set yet: no recursion
             raise AttributeError(name)
         return getattr(self.runner, name)
+
+    def _announce(self, header: StepHeader, plan: StepPlan | None) -> StepHeader:
+        """Sends every other stage the header and the plan (if any); returns the header."""
+        payload = None if plan is None else plan.encode(self.transport.device)
+        if payload is not None:
+            header = dataclasses.replace(header, plan_bytes=payload.numel())
+        for rank in self.ranks[1:]:
+            self.transport.send_header(rank, header)
+            if payload is not None:
+                self.transport.send(rank, payload)
+        return header
 
     @torch.inference_mode()
     def execute(
@@ -146,17 +251,36 @@ class PipelineRunner:
         """Stage 0's layers here, the rest on the other stages; samples from the returned
         logits [num_sampling, vocab]. Returns token ids and logprobs by request id."""
         r = self.runner
+        plan = None
+        if self.kv is not None and self.kv.legacy:
+            plan = self.kv.step_plan(out, self.kv.plan_exchange(out))
         inputs = r.prepare(out)
+        m = inputs.meta
+        header = StepHeader(
+            StageOp.STEP,
+            num_tokens=inputs.input_ids.shape[0],
+            num_seqs=len(out.scheduled),
+            table_width=m.block_tables.shape[1],
+            num_sampling=inputs.logits_indices.shape[0],
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+        )
+        self._announce(header, plan)
+        if plan is not None:
+            self.exchange(plan)
+        router = self.router(plan)
         hidden, residual = run_stage(
             r.model,
             r.kv_cache,
             None,
+            router,
             input_ids=inputs.input_ids,
             positions=inputs.positions,
             meta=inputs.meta,
         )
         x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
-        self.transport.send_step(self.ranks[1], x)
+        self.transport.send_body(self.ranks[1], x)
+        self.serve(router, range(1, len(self.ranks)))
         requests = inputs.sampling_requests
         if not requests:
             return {}, {}
@@ -166,20 +290,41 @@ class PipelineRunner:
         ids = [q.request_id for q in requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
+    @torch.inference_mode()
+    def finish_exchange(self) -> int:
+        """Moves every pre-drop request's remaining KV now, in one step with no compute (a
+        restore needs every request in pipeline blocks). Returns the requests moved; raises
+        RuntimeError, moving nothing, when the group pool cannot hold them."""
+        if self.kv is None or not self.kv.legacy:
+            return 0
+        n = len(self.kv.legacy)
+        plan = StepPlan(tuple(self.kv.plan_exchange(None, everything=True)))
+        self._announce(StepHeader(StageOp.STEP), plan)
+        self.exchange(plan)
+        return n
 
-class StageLoop:
-    """A non-leader stage's engine loop: serves micro-batches until the previous stage sends
-    STOP (which it forwards). ``stage`` indexes ``ranks``; rank ``ranks[0]`` gets the logits."""
+    def stop(self) -> None:
+        """Sends STOP to every other stage (each stage loop returns)."""
+        for rank in self.ranks[1:]:
+            self.transport.send_stop(rank)
+
+
+class StageLoop(_Stage):
+    """A non-leader stage's engine loop: serves steps until the leader sends STOP. ``stage``
+    indexes ``ranks``; rank ``ranks[0]`` leads (headers, plans, logits)."""
 
     def __init__(
-        self, runner: Any, transport: StageTransport, ranks: tuple[int, ...], stage: int
+        self,
+        runner: Any,
+        transport: StageTransport,
+        ranks: tuple[int, ...],
+        stage: int,
+        layout: GroupLayout | None = None,
+        legacy_view: torch.Tensor | None = None,
     ) -> None:
         if not 0 < stage < len(ranks):
             raise ValueError(f"stage {stage} of {len(ranks)} cannot run a stage loop")
-        self.runner = runner
-        self.transport = transport
-        self.ranks = ranks
-        self.stage = stage
+        super().__init__(runner, transport, layout or GroupLayout(ranks, ()), stage, legacy_view)
 
     @property
     def is_last(self) -> bool:
@@ -187,19 +332,27 @@ class StageLoop:
 
     @torch.inference_mode()
     def run(self) -> None:
-        """Blocks on the previous stage; returns after STOP."""
-        prev = self.ranks[self.stage - 1]
-        while (x := self.transport.recv_step(prev)) is not None:
-            self.step(x)
-        if not self.is_last:
-            self.transport.send_stop(self.ranks[self.stage + 1])
+        """Blocks on the leader; returns after STOP."""
+        leader, prev = self.ranks[0], self.ranks[self.stage - 1]
+        while (h := self.transport.recv_header(leader)).op is not StageOp.STOP:
+            plan = None
+            if h.plan_bytes:
+                raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
+                plan = StepPlan.decode(raw)
+                self.exchange(plan)
+            if h.num_seqs == 0:
+                continue
+            router = self.router(plan)
+            self.serve(router, range(self.stage))
+            self.step(self.transport.recv_body(prev, h), router)
+            self.serve(router, range(self.stage + 1, len(self.ranks)))
         logger.debug("stage %d: pipeline stopped", self.stage)
 
-    def step(self, x: StageInputs) -> None:
+    def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:
         model = self.runner.model
-        hidden, residual = run_stage(model, self.runner.kv_cache, x)
+        hidden, residual = run_stage(model, self.runner.kv_cache, x, router)
         if not self.is_last:
-            self.transport.send_step(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
+            self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
         elif x.logits_indices.numel():
             logits = model.compute_logits(hidden[x.logits_indices])
             self.transport.send_logits(self.ranks[0], logits)

@@ -1,4 +1,4 @@
-"""Worker side of a drop and a restore (v1: synchronous, while the engines are parked).
+"""Worker side of a drop and a restore, while the engines are parked between steps.
 
 KunServe §3(a), §3(c), §3(d) (reference/kunserve.md); DESIGN.md §6. The coordinator
 (coordinator/transitions.py) pauses every member of a group between engine steps, then calls
@@ -7,21 +7,25 @@ these steps on them through ``Worker.transition``, all members at once where it 
 drop
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
      on members other than the leader, export their requests (pickled, no tensors).
-  2. ``drop_merge`` (leader): one group block pool of min-over-stages blocks, the merged
-     request queues, a pipeline block for every running request, the KV copy plan.
-  3. ``drop_execute`` (every): read the KV slices (send/recv), drop the other stages' weights,
-     grow and re-view the KV buffer, write the slices; the leader runs the group scheduler
-     through :class:`~workers.pipeline.PipelineRunner`, the others a
-     :class:`~workers.pipeline.StageLoop`.
+  2. ``drop_merge`` (leader): one group block pool of min-over-stages blocks and the merged
+     request queues. No KV is copied: running requests keep their KV home.
+  3. ``drop_execute`` (every): drop the other stages' weights and give their memory to the KV
+     bytes (workers/stage_memory.py; the prefix, where pre-drop KV lives, is kept); the leader
+     adopts the running requests as pre-drop requests (their L-layer blocks reserved in the
+     group pool, workers/remote_attention.py) and runs the group scheduler through
+     :class:`~workers.pipeline.PipelineRunner`, the others a
+     :class:`~workers.pipeline.StageLoop`. Pre-drop requests keep decoding through remote
+     attention from the next step while the live exchange moves their KV.
 
 restore
-  1. ``restore_plan`` (leader, parked, pipeline still up): a home for every request (back to
-     where it came from when it fits, else the least-loaded member), L-layer blocks there, the
-     KV copy plan. Raises TransitionError, changing nothing, when the live KV does not fit.
-  2. ``stop_pipeline`` (leader): STOP down the stages; each stage loop returns and parks.
-  3. ``restore_execute`` (every): read the slices, shrink the KV buffer back, copy the dropped
+  1. ``restore_plan`` (leader, parked, pipeline still up): moves what pre-drop KV is left (one
+     exchange-only step), then a home for every request (back to where it came from when it
+     fits, else the least-loaded member), L-layer blocks there, the KV copy plan. Raises
+     TransitionError, changing no placement, when the live KV does not fit.
+  2. ``stop_pipeline`` (leader): STOP to every stage; each stage loop returns and parks.
+  3. ``restore_execute`` (every): read the slices, shrink the KV bytes back, copy the dropped
      weights back from the stage that kept them, write the slices, rebuild each member's
-     engine with its requests.
+     engine with its requests. (This copy is synchronous: requests pause for it.)
 
 Requests keep ``num_computed_tokens`` (their KV moves with them), so nothing is recomputed.
 """
@@ -41,6 +45,7 @@ from workers import kv_exchange
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.kv_exchange import BlockMove, SliceCopy
 from workers.pipeline import PipelineRunner, StageLoop
+from workers.remote_attention import GroupKVManager, GroupLayout
 from workers.request import Request, RequestStatus
 from workers.scheduler import Scheduler
 from workers.stage_memory import StageMemory, stage_memory_for
@@ -116,10 +121,9 @@ class RestorePlan:
 class _Merge:
     """The leader's pending drop (between ``drop_merge`` and ``drop_execute``)."""
 
-    pool: BlockPool
+    kv: GroupKVManager
     running: list[Request]
     waiting: list[Request]
-    new_blocks: dict[str, list[int]]
     incoming: list[RequestTransfer]
 
 
@@ -143,6 +147,8 @@ class GroupController:
         self.stage_loop: StageLoop | None = None
         self.transport: StageTransport | None = None
         self.memory: StageMemory | None = None
+        self.legacy_view: torch.Tensor | None = None
+        """In pipeline mode, this worker's KV bytes as L-layer blocks (pre-drop KV)."""
         """Weights out, KV in (made at the first drop, kept: it knows the normal KV size)."""
         self.normal_blocks: dict[int, int] = {}
         self.origins: dict[str, int] = {}
@@ -219,21 +225,31 @@ class GroupController:
         waiting.sort(
             key=lambda t: (t.request.status is not RequestStatus.PREEMPTED, t.request.arrival_time)
         )
-        kv = KVCacheManager(BlockPool(group_blocks), self.engine.kv.block_size)
-        moves = _allocate(kv, running)
+        kv = self._group_kv(spec, group_blocks)
         self.normal_blocks = {r.rank: r.normal_blocks for r in reports}
         self.origins = {t.request.request_id: t.origin for t in everyone}
-        new_blocks = {m.request_id: list(m.dst_blocks) for m in moves}
         requests = ([t.request for t in running], [t.request for t in waiting])
-        self._merge = _Merge(kv.pool, *requests, new_blocks, incoming)
+        self._merge = _Merge(kv, *requests, incoming)
         logger.debug(
-            "drop merge on %d: %d group blocks; running %s; waiting %s",
+            "drop merge on %d: %d group blocks; running (home) %s; waiting %s",
             self.rank,
             group_blocks,
-            {m.request_id: (m.home, m.dst_blocks) for m in moves},
+            {t.request.request_id: t.origin for t in running},
             [t.request.request_id for t in waiting],
         )
-        return kv_exchange.plan_drop(moves, spec.ranks, spec.ranges)
+        return []
+
+    def _group_kv(self, spec: GroupSpec, group_blocks: int) -> GroupKVManager:
+        runner, cache = _base_runner(self.engine), self.engine.config.cache
+        layer_block_bytes = runner.block_bytes // runner.layers_per_block
+        layout = GroupLayout(spec.ranks, spec.ranges)
+        return GroupKVManager(
+            BlockPool(group_blocks),
+            cache.block_size,
+            layout,
+            layer_block_bytes,
+            cache.kv_exchange_bytes_per_step,
+        )
 
     @torch.inference_mode()
     def drop_execute(self, spec: GroupSpec, copies: list[SliceCopy], group_blocks: int) -> int:
@@ -246,10 +262,12 @@ class GroupController:
             runner.device, runner.model_config.hidden_size, runner.dtype
         )
         pending = kv_exchange.read(copies, self.rank, runner.kv_cache, self.transport)
+        num_layers = runner.model.cfg.num_layers
         runner.model = self.memory.drop(runner.model, (start, end))
         _set_kv(runner, self.memory.view(end - start))
         stage_blocks = runner.kv_cache.shape[0]
         kv_exchange.write(pending, runner.kv_cache)
+        self.legacy_view = self.memory.view(num_layers)
         self.spec = spec
         if stage == 0:
             self._become_leader(spec)
@@ -268,21 +286,27 @@ class GroupController:
 
     def _become_leader(self, spec: GroupSpec) -> None:
         engine, m = self.engine, self._merge
-        for r in m.running:
-            r.block_ids = list(m.new_blocks[r.request_id])
         sampler = engine.runner.sampler
         for t in m.incoming:
             sampler.import_state(t.request.request_id, t.request.sampling.seed, t.generator_state)
-        _install(engine, m.pool, m.running, m.waiting)
-        engine.runner = PipelineRunner(engine.runner, self.transport, spec.ranks)
+        for r in m.running:  # pre-drop requests: their KV stays home until it has moved
+            m.kv.adopt_legacy(r, self.origins[r.request_id])
+        _install(engine, m.kv, m.running, m.waiting)
+        layout = GroupLayout(spec.ranks, spec.ranges)
+        engine.runner = PipelineRunner(
+            engine.runner, self.transport, spec.ranks, layout, m.kv, self.legacy_view
+        )
         self._merge = None
 
     def _become_stage(self, spec: GroupSpec, stage: int, group_blocks: int) -> None:
         engine = self.engine
         for r in _requests(engine):
             engine.runner.sampler.forget(r.request_id)
-        _install(engine, BlockPool(group_blocks), [], [])
-        self.stage_loop = StageLoop(engine.runner, self.transport, spec.ranks, stage)
+        _install(engine, KVCacheManager(BlockPool(group_blocks), engine.kv.block_size), [], [])
+        layout = GroupLayout(spec.ranks, spec.ranges)
+        self.stage_loop = StageLoop(
+            engine.runner, self.transport, spec.ranks, stage, layout, self.legacy_view
+        )
 
     def run_stage_loop(self) -> None:
         """Engine thread of a stage other than the leader: serves until STOP. A fault ends the
@@ -299,6 +323,13 @@ class GroupController:
     def restore_plan(self) -> RestorePlan:
         """Leader: homes, L-layer blocks and KV copies for every request (changes nothing)."""
         spec, engine = self._require_leader(), self.engine
+        try:
+            runner = engine.runner
+            moved = runner.finish_exchange() if isinstance(runner, PipelineRunner) else 0
+        except RuntimeError as e:
+            raise TransitionError(f"pre-drop KV cannot finish moving: {e}") from e
+        if moved:
+            logger.debug("restore: finished moving the KV of %d pre-drop requests", moved)
         sched, kv = engine.scheduler, engine.kv
         pools = {rank: BlockPool(n) for rank, n in self.normal_blocks.items()}
         load = {rank: [0, 0] for rank in spec.ranks}  # blocks, requests
@@ -347,8 +378,8 @@ class GroupController:
 
     def stop_pipeline(self) -> None:
         """Leader: sends STOP down the pipeline (each stage loop forwards it and returns)."""
-        spec = self._require_leader()
-        self.transport.send_stop(spec.ranks[1])
+        self._require_leader()
+        self.engine.runner.stop()
 
     @torch.inference_mode()
     def restore_execute(self, plan: RestorePlan) -> int:
@@ -385,7 +416,7 @@ class GroupController:
         for r in keep_running:
             r.block_ids = list(plan.new_blocks[r.request_id])
         pool = _pool_for(plan.normal_blocks[self.rank], keep_running)
-        _install(engine, pool, keep_running, keep_waiting)
+        _install(engine, KVCacheManager(pool, engine.kv.block_size), keep_running, keep_waiting)
 
     def _leave_as_member(self, plan: RestorePlan) -> None:
         engine = self.engine
@@ -396,7 +427,7 @@ class GroupController:
         running = [t.request for t in incoming if t.request.status is RequestStatus.RUNNING]
         waiting = [t.request for t in incoming if t.request.status is not RequestStatus.RUNNING]
         pool = _pool_for(plan.normal_blocks[self.rank], running)
-        _install(engine, pool, running, waiting)
+        _install(engine, KVCacheManager(pool, engine.kv.block_size), running, waiting)
 
     def _require_leader(self) -> GroupSpec:
         if self.spec is None or self.spec.ranks[0] != self.rank:
@@ -405,21 +436,6 @@ class GroupController:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def _allocate(kv: KVCacheManager, running: list[RequestTransfer]) -> list[BlockMove]:
-    """Group-pool blocks for each running request's computed tokens, from its home's blocks
-    (``origin``); raises TransitionError, allocating nothing, when they do not fit."""
-    need = [kv.blocks_needed(t.request.num_computed_tokens) for t in running]
-    if sum(need) > kv.pool.num_free:
-        raise TransitionError(
-            f"running requests hold {sum(need)} blocks; the group pool has {kv.pool.num_free}"
-        )
-    return [
-        BlockMove(t.request.request_id, t.origin, tuple(t.request.block_ids[:n]), tuple(ids))
-        for t, n in zip(running, need, strict=True)
-        if (ids := kv.pool.allocate(n)) is not None
-    ]
 
 
 def _requests(engine: Any) -> list[Request]:
@@ -456,10 +472,12 @@ def _pool_for(num_blocks: int, running: list[Request]) -> BlockPool:
     return pool
 
 
-def _install(engine: Any, pool: BlockPool, running: list[Request], waiting: list[Request]) -> None:
-    """Gives the engine a new pool and a scheduler holding these requests (queue order kept)."""
-    old = engine.scheduler
-    kv = KVCacheManager(pool, old.kv.block_size)
+def _install(
+    engine: Any, kv: KVCacheManager, running: list[Request], waiting: list[Request]
+) -> None:
+    """Gives the engine a new KV manager (and its pool) and a scheduler holding these
+    requests (queue order kept)."""
+    old, pool = engine.scheduler, kv.pool
     sched = Scheduler(old.config, kv, old.max_model_len)
     sched.running = list(running)
     sched.waiting = deque(waiting)
@@ -473,7 +491,10 @@ def check_block_ownership(engine: Any) -> None:
     engine.pool.check_integrity()
     held = [b for r in engine.scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held)), "a block is held by two running requests"
-    assert len(held) == engine.pool.num_used, (
-        f"running requests hold {len(held)} blocks but the pool has {engine.pool.num_used} used"
+    reserved = set(engine.kv.held_ids()) if isinstance(engine.kv, GroupKVManager) else set()
+    assert not reserved & set(held), "a pipeline block aliases a pre-drop request's KV"
+    assert len(held) + len(reserved) == engine.pool.num_used, (
+        f"running requests hold {len(held)} blocks and pre-drop KV reserves {len(reserved)}, "
+        f"but the pool has {engine.pool.num_used} used"
     )
     assert not any(r.block_ids for r in engine.scheduler.waiting), "a waiting request holds blocks"

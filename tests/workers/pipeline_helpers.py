@@ -3,6 +3,7 @@ two-process gloo tests (run with ``torch.multiprocessing.spawn``, so they live i
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -45,14 +46,21 @@ PHASES = ("before", "pipelined", "after")
 """Phases of the drop/restore test, in time order: own engines, the group, homes again."""
 
 
-def engine_config(model_dir: Path | str, blocks: int = 64, budget: int = 8) -> EngineConfig:
+def engine_config(
+    model_dir: Path | str, blocks: int = 64, budget: int = 8, memory_backend: str = "auto"
+) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
     and a request can be mid-prefill when a transition starts; at most 2 running requests."""
     return EngineConfig(
         model_path=str(model_dir),
         dtype="float32",
         attention_backend="torch",
-        cache=CacheConfig(block_size=BLOCK_SIZE, num_kv_blocks=blocks),
+        memory_backend=memory_backend,
+        # the least the KV exchange moves: one layer of one pre-drop request per step, so
+        # remote attention serves them for many steps and a restore finishes the exchange
+        cache=CacheConfig(
+            block_size=BLOCK_SIZE, num_kv_blocks=blocks, kv_exchange_bytes_per_step=0
+        ),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=2, max_model_len=96),
     )
 
@@ -105,7 +113,13 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, world_size=world, rank=rank)
     try:
-        bodies = {"transport_step": _transport_step, "drop_restore": _drop_restore}
+        bodies = {
+            "transport_step": _transport_step,
+            "drop_restore": _drop_restore,
+            "drop_restore_vmm": functools.partial(_drop_restore, memory_backend="vmm"),
+            # one pipelined step, then a restore: the restore finishes the KV exchange
+            "drop_then_restore_at_once": functools.partial(_drop_restore, pipelined=(1, 0)),
+        }
         result = bodies[body](rank, world, model_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -155,11 +169,19 @@ class _StubWorker:
         pass
 
 
-def _drop_restore(rank: int, world: int, model_dir: str) -> dict:
+def _drop_restore(
+    rank: int,
+    world: int,
+    model_dir: str,
+    memory_backend: str = "auto",
+    pipelined: tuple[int, int] = (4, 4),
+) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
-    and request, and the capacities seen."""
-    engine = Engine(engine_config(model_dir), CPU)
+    and request, and the capacities seen. On VMM memory its integrity is checked after each
+    transition."""
+    engine = Engine(engine_config(model_dir, memory_backend=memory_backend), CPU)
+    memory = engine.runner.memory
     ctl = GroupController(_StubWorker(rank, engine))
     tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
     for rid in requests_for(world):
@@ -176,21 +198,31 @@ def _drop_restore(rank: int, world: int, model_dir: str) -> dict:
     copies = _broadcast(ctl.drop_merge(spec, reports) if rank == 0 else None)
     group_blocks = min(r.stage_blocks for r in reports)
     stage_blocks = ctl.drop_execute(spec, copies, group_blocks)
+    if memory is not None:
+        memory.check_integrity()
     info = {"reports": [(r.stage_blocks, r.freed_bytes, r.normal_blocks) for r in reports]}
     info["at_drop"] = at_drop
     info["pipelined"] = ctl.describe()
+    plan = None
     if rank == 0:
-        _steps(engine, tokens["pipelined"], 4)
+        _steps(engine, tokens["pipelined"], pipelined[0])
         engine.add_request(spec_of("late"))
-        _steps(engine, tokens["pipelined"], 4)
+        _steps(engine, tokens["pipelined"], pipelined[1])
+        info["legacy_at_restore"] = sorted(engine.kv.legacy)
+        plan = ctl.restore_plan()  # as the coordinator does: the stage loops still run
+        info["counters"] = dict(engine.runner.counters)
         ctl.stop_pipeline()
     else:
+        stage = ctl.stage_loop
         loop = threading.Thread(target=ctl.run_stage_loop)
         loop.start()
         loop.join(timeout=120)
-    plan = _broadcast(ctl.restore_plan() if rank == 0 else None)
+        info["counters"] = dict(stage.counters)
+    plan = _broadcast(plan)
     restored_blocks = ctl.restore_execute(plan)
     check_block_ownership(engine)
+    if memory is not None:
+        memory.check_integrity()
     info["homes"] = plan.homes
     _steps(engine, tokens["after"], 10_000)
     check_block_ownership(engine)

@@ -124,16 +124,18 @@ def _busy_engine(model_dir: Path) -> Engine:
     return engine
 
 
-def test_drop_that_does_not_fit_changes_nothing(stories_dir: Path) -> None:
-    from workers.transition import DropReport, GroupController, TransitionError
+def test_drop_merge_keeps_pre_drop_kv_in_place(stories_dir: Path) -> None:
+    """A merge plans no KV copy and leaves the running requests' blocks alone: their KV stays
+    home (remote attention) until the exchange moves it, after the drop."""
+    from workers.transition import DropReport, GroupController
 
     engine = _busy_engine(stories_dir)
     before = (engine.scheduler, [list(r.block_ids) for r in engine.scheduler.running])
     ctl = GroupController(_Stub(0, engine))
-    reports = [DropReport(0, 5, 0, 64, 6), DropReport(1, 9, 0, 64, 0)]  # 5 < 2 + 4 blocks
-    with pytest.raises(TransitionError, match="hold 6 blocks; the group pool has 5"):
-        ctl.drop_merge(GroupSpec(0, (0, 1), RANGES), reports)
+    reports = [DropReport(0, 5, 0, 64, 6), DropReport(1, 9, 0, 64, 0)]
+    assert ctl.drop_merge(GroupSpec(0, (0, 1), RANGES), reports) == []
     assert before == (engine.scheduler, [list(r.block_ids) for r in engine.scheduler.running])
+    assert ctl._merge.kv.pool.num_blocks == 5 and not ctl._merge.kv.legacy
 
 
 def test_restore_that_does_not_fit_changes_nothing(stories_dir: Path) -> None:
@@ -262,6 +264,9 @@ def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: P
         [267, 2 * LAYER_BYTES + EMBED_BYTES + 256, 64],
         [490, 3 * LAYER_BYTES + EMBED_BYTES, 64],
     ]
+    # pre-drop requests kept decoding through remote attention while their KV moved
+    for r in (r0, r1):
+        assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served", "home")) > 0
     assert r0["pipelined"]["kv_blocks"] == 267 and r1["pipelined"]["kv_blocks"] == 490
     assert r0["pipelined"]["pool_blocks"] == r1["pipelined"]["pool_blocks"] == 267
     for r in (r0, r1):
@@ -283,4 +288,16 @@ def test_gloo_three_stage_drop_then_restore(stories_dir: Path, tmp_path: Path) -
     assert layers == [[0, 2], [2, 4], [4, 5]]
     assert len({r["pipelined"]["pool_blocks"] for r in results}) == 1
     for r in results:
+        assert r["restored"] == RESTORED | {"stage_loop": False}
+
+
+def test_gloo_restore_right_after_drop_finishes_the_kv_exchange(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    """One pipelined step, then a restore: the pre-drop requests' KV has not all moved, so the
+    restore moves the rest first; every token is still the same as alone."""
+    r0, r1 = _spawn("drop_then_restore_at_once", stories_dir, tmp_path)
+    assert r0["legacy_at_restore"]  # some pre-drop KV was still home at the restore
+    assert _tokens([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in requests_for(2)}
+    for r in (r0, r1):
         assert r["restored"] == RESTORED | {"stage_loop": False}

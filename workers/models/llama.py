@@ -53,6 +53,9 @@ class Attention(nn.Module):
         k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         meta = ctx.attn_metadata
+        if ctx.router is not None:  # pre-drop requests in a pipeline step
+            out = ctx.router.attend(self.local_layer, q, k, v, positions, ctx.kv_cache, meta)
+            return self.o_proj(out.reshape(n, cfg.q_size))
         q, _ = self.backend.rope_and_write_kv(
             q, k, v, positions, cos_sin_cache, ctx.kv_cache, self.local_layer, meta.slot_mapping
         )

@@ -1,0 +1,143 @@
+"""Pre-drop requests in a pipeline group: block accounting, the exchange plan, and remote
+attention equal to local attention (workers/remote_attention.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from attention.backends import TorchBackend
+from attention.metadata import AttentionMetadata
+from kernels.rope import rope_cos_sin_cache
+from tests.workers.pipeline_helpers import LoopbackTransport
+from workers.block_pool import BlockPool
+from workers.remote_attention import (
+    GroupKVManager,
+    GroupLayout,
+    LegacySeq,
+    RemoteAttention,
+    StepPlan,
+)
+from workers.request import Request, RequestStatus, SamplingParams
+from workers.scheduler import ScheduledRequest, SchedulerOutput
+
+BS = 4
+LAYOUT = GroupLayout((0, 1), ((0, 3), (3, 5)))  # 5 layers, uneven like stories260K
+EVEN = GroupLayout((0, 1), ((0, 2), (2, 4)))
+
+
+def _request(rid: str, computed: int, blocks: list[int]) -> Request:
+    r = Request(rid, list(range(1, computed + 2)), SamplingParams(), 64, eos_token_ids=[0])
+    r.num_computed_tokens, r.block_ids, r.status = computed, list(blocks), RequestStatus.RUNNING
+    return r
+
+
+def _manager(layout: GroupLayout, blocks: int = 40, budget: int = 0) -> GroupKVManager:
+    return GroupKVManager(
+        BlockPool(blocks), BS, layout, layer_block_bytes=100, exchange_bytes_per_step=budget
+    )
+
+
+def test_reserved_ids_cover_the_l_layer_blocks_bytes_in_each_home_stage_view() -> None:
+    even = _manager(EVEN)
+    assert even.reserved_ids(0, [0, 3]) == [0, 1, 6, 7]  # g = 2: two stage blocks each
+    uneven = _manager(LAYOUT)
+    # home 0 keeps 3 of 5 layers: L-block b spans stage blocks [5b/3, 5(b+1)/3)
+    assert uneven.reserved_ids(0, [0]) == [0, 1]
+    assert uneven.reserved_ids(0, [1]) == [1, 2, 3]
+    assert uneven.reserved_ids(1, [1]) == [2, 3, 4]  # home 1 keeps 2 of 5: units [5, 10)
+    assert _manager(EVEN, blocks=5).reserved_ids(0, [2, 3]) == [4]  # ids past the pool: none
+
+
+def test_adopt_reserves_then_exchange_moves_layer_by_layer_and_frees() -> None:
+    kv = _manager(LAYOUT)
+    a = _request("a", computed=6, blocks=[0, 1])  # 2 L-blocks on home 0
+    kv.adopt_legacy(a, home=0)
+    assert a.block_ids == [] and kv.pool.num_used == 4  # ids 0..3 alias a's bytes
+    out = SchedulerOutput([ScheduledRequest(a, 1)])
+    assert kv.allocate_slots(a, 1) == []  # 7 tokens fit its 8 L-layer slots: nothing new
+    copies = kv.plan_exchange(out)  # budget 0: one layer a step
+    assert [(c.src_rank, c.dst_rank, c.src_layers, c.dst_layers) for c in copies] == [
+        (0, 0, (0, 1), (0, 1))
+    ]
+    assert a.block_ids == [4, 5] and kv.legacy["a"].moved_upto == 1  # pipeline blocks now
+    assert copies[0].src_blocks == (0, 1) and copies[0].dst_blocks == (4, 5)
+    plan = kv.step_plan(out, copies)
+    assert plan.legacy == (LegacySeq(0, 0, 1, (0, 1)),) and plan.seq_lens == (7,)
+    # the next token would pass its L-layer blocks: every remaining layer moves this step
+    a.num_computed_tokens = 8
+    assert kv.allocate_slots(a, 1) == [6]
+    copies = kv.plan_exchange(SchedulerOutput([ScheduledRequest(a, 1)]))
+    assert [(c.dst_rank, c.src_layers, c.dst_layers) for c in copies] == [
+        (0, (1, 3), (1, 3)),
+        (1, (3, 5), (0, 2)),
+    ]
+    assert "a" not in kv.legacy and kv.pool.num_used == 3  # reservation given back
+    kv.free(a)
+    assert kv.pool.num_used == 0
+    kv.pool.check_integrity()
+
+
+def test_budget_moves_several_layers_and_free_releases_a_legacy_request() -> None:
+    kv = _manager(EVEN, budget=400)  # 4 layer-blocks of 100 bytes a step
+    a, b = _request("a", 4, [0]), _request("b", 4, [1])
+    kv.adopt_legacy(a, home=0)
+    kv.adopt_legacy(b, home=1)
+    assert kv.pool.num_used == 4  # ids 0, 1 alias a on home 0; ids 2, 3 alias b on home 1
+    kv.pool.check_integrity()
+    copies = kv.plan_exchange(None)
+    assert "a" not in kv.legacy and kv.legacy["b"].moved_upto == 0  # a: all 4 layers moved
+    assert {c.src_rank for c in copies} == {0}
+    kv.free(b)  # preempted or aborted before its KV moved: its reservation goes too
+    assert kv.pool.num_used == 1 and not kv.legacy  # only a's pipeline block is held
+    with pytest.raises(ValueError, match="cannot reserve"):
+        kv.pool.reserve([99])
+
+
+@torch.inference_mode()
+def test_remote_attention_equals_local_attention() -> None:
+    """A pre-drop request homed on worker 1, at stage 0's layers 0..2: stage 0 sends q, k, v,
+    worker 1 attends over its L-layer blocks and sends the output back. Each layer's output
+    equals attention over the same KV held locally, and worker 1's cache gets the new K, V."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, layers = 4, 2, 8, 5
+    backend, cos_sin = TorchBackend(), rope_cos_sin_cache(dim, 64, 10000.0, None)
+    legacy = torch.randn(8, layers, 2, BS, kv_heads, dim)  # worker 1's L-layer view
+    ref_cache = legacy.clone()
+    blocks, ctx = (3, 5), 7  # 6 tokens cached + 1 new, at position 6
+    positions = torch.tensor([ctx - 1])
+    plan = StepPlan(legacy=(LegacySeq(0, 1, 0, blocks),), query_lens=(1,), seq_lens=(ctx,))
+    links: dict = {}
+    stage0 = torch.zeros(4, 3, 2, BS, kv_heads, dim)  # stage 0's own view: untouched
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([-1]),
+        block_tables=torch.tensor([list(blocks)], dtype=torch.int32),
+        seq_lens=torch.tensor([ctx], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+        max_query_len=1,
+        max_seq_len=ctx,
+    )
+
+    def router(me: int, view: torch.Tensor) -> RemoteAttention:
+        t = LoopbackTransport(me, links, 16)
+        return RemoteAttention(plan, me, LAYOUT, view, t, backend, cos_sin, (heads, kv_heads, dim))
+
+    home, stage = router(1, legacy), router(0, torch.zeros_like(legacy))
+    server = threading.Thread(target=torch.inference_mode()(home.serve), args=(0, torch.float32))
+    server.start()
+    for layer in range(3):
+        q = torch.randn(1, heads, dim)
+        k, v = torch.randn(1, kv_heads, dim), torch.randn(1, kv_heads, dim)
+        out = stage.attend(layer, q, k, v, positions, stage0, meta)
+        slot = torch.tensor([blocks[1] * BS + 2])  # position 6: block 5, offset 2
+        qr, _ = backend.rope_and_write_kv(q, k, v, positions, cos_sin, ref_cache, layer, slot)
+        ref = backend.attention(qr, ref_cache, layer, dataclasses.replace(meta, slot_mapping=slot))
+        assert torch.allclose(out, ref, atol=1e-6), layer
+    server.join(timeout=30)
+    assert not server.is_alive()
+    assert (home.counters["served"], stage.counters["sent"]) == (3, 3)
+    assert torch.equal(legacy, ref_cache)  # the home's cache holds the new K and V
+    assert not stage0.any()  # nothing went to stage 0's own KV

@@ -1,0 +1,513 @@
+"""Pre-drop requests in a pipeline group: remote attention and the live KV exchange.
+
+DESIGN.md §6.4-6.5; KunServe v1's remote attention and "lively exchanging KVCache with
+incomplete parameters" (reference/kunserve.md §3(b)). At a drop, a request that was running
+keeps its KV where it is: all L layers, in L-layer blocks on its home worker (DESIGN.md §5:
+blocks keep their format until their KV has moved). It keeps decoding with no stall:
+
+- **Remote attention.** At a layer ``j`` whose KV has not moved yet, the stage that owns layer
+  ``j``'s weights computes q, k, v for the request's tokens and sends them to the home worker,
+  which rotates them, appends k, v to its L-layer blocks at layer ``j``, computes attention and
+  sends the output back (:class:`RemoteAttention`). On the home worker's own stage the same
+  attention runs locally over the L-layer view.
+- **Live KV exchange.** Each step, the leader moves a budget of layer slices of pre-drop
+  requests from their home to the stage that owns those layers, in global layer order
+  (:meth:`GroupKVManager.plan_exchange`); every stage runs the step's copies before its compute
+  (:func:`~workers.kv_exchange.read` / :func:`~workers.kv_exchange.write`), so the request's
+  layers ``< moved_upto`` then attend locally, in pipeline blocks. When every layer has moved,
+  its L-layer blocks are given back to the group pool.
+
+Block accounting (the group pool has one id space for every stage): while a pre-drop request
+holds L-layer block ``b`` on its home of ``L_h`` stage layers, the stage-view ids that alias
+those bytes there, ``[floor(b·L/L_h), ceil((b+1)·L/L_h))``, are reserved in the group pool
+(:meth:`GroupKVManager.adopt_legacy`). A pre-drop request gets pipeline blocks when its first
+layer moves. It never grows its L-layer blocks: a step that would write past them moves every
+remaining layer first (and, when the pool cannot give the pipeline blocks, the scheduler
+preempts as for any allocation that fails).
+
+The leader sends every stage a :class:`StepPlan` with the step (workers/pipeline.py), so every
+worker knows which rows are remote at which layer, which home serves them, and in which order:
+a stage at layer ``j`` sends q, k, v to each home in rank order, and each home serves the
+stages before its own (before the step's activations reach it) and after (once it has sent
+them on), layer by layer. All point-to-point messages of a pair are issued in one order on
+both sides, so gloo and NCCL match them.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from attention.backends import AttentionBackend
+from attention.metadata import AttentionMetadata
+from attention.transport import StageTransport
+from workers.block_pool import BlockPool, KVCacheManager
+from workers.kv_exchange import SliceCopy
+from workers.request import Request
+from workers.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LegacyKV:
+    """A pre-drop request's KV that has not fully moved: layers ``>= moved_upto`` live in
+    ``blocks`` (L-layer blocks) on the worker of rank ``home``."""
+
+    request: Request
+    home: int
+    blocks: tuple[int, ...]
+    reserved: list[int]
+    """Group-pool ids reserved because they alias ``blocks`` on ``home``."""
+    moved_upto: int = 0
+
+
+@dataclass(frozen=True)
+class LegacySeq:
+    """One pre-drop sequence of a micro-batch, as every stage sees it in a StepPlan."""
+
+    index: int
+    """Its position among the micro-batch's sequences."""
+    home: int
+    moved_upto: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every stage must know of one step beyond its activations: this step's KV moves
+    (run before the compute) and the micro-batch's pre-drop sequences."""
+
+    moves: tuple[SliceCopy, ...] = ()
+    legacy: tuple[LegacySeq, ...] = ()
+    query_lens: tuple[int, ...] = ()
+    """Tokens of each sequence of the micro-batch this step."""
+    seq_lens: tuple[int, ...] = ()
+    """Context of each sequence including this step's tokens."""
+
+    def encode(self, device: torch.device) -> torch.Tensor:
+        """The plan as a uint8 tensor on ``device`` (sent after the step header)."""
+        raw = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+
+    @classmethod
+    def decode(cls, t: torch.Tensor) -> StepPlan:
+        plan = pickle.loads(t.cpu().numpy().tobytes())
+        if not isinstance(plan, cls):
+            raise TypeError(f"expected a StepPlan, got {type(plan).__name__}")
+        return plan
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """A pipeline group's stages: global ranks in stage order, each stage's layers."""
+
+    ranks: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def num_layers(self) -> int:
+        return self.ranges[-1][1]
+
+    def stage_of_rank(self, rank: int) -> int:
+        return self.ranks.index(rank)
+
+    def stage_layers(self, rank: int) -> int:
+        start, end = self.ranges[self.stage_of_rank(rank)]
+        return end - start
+
+
+class GroupKVManager(KVCacheManager):
+    """The leader's KV manager in pipeline mode: the group pool's pipeline blocks, plus the
+    pre-drop requests' L-layer blocks until their KV has moved (module docstring).
+
+    ``layer_block_bytes`` is the bytes of one layer of one block (K and V);
+    ``exchange_bytes_per_step`` bounds the KV the exchange moves per step (at least one layer
+    of one request moves each step while any is left).
+    """
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        layout: GroupLayout,
+        layer_block_bytes: int,
+        exchange_bytes_per_step: int,
+    ) -> None:
+        super().__init__(pool, block_size)
+        self.layout = layout
+        self.layer_block_bytes = layer_block_bytes
+        self.exchange_bytes_per_step = exchange_bytes_per_step
+        self.legacy: dict[str, LegacyKV] = {}
+        self._must_move: set[str] = set()
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def reserved_ids(self, home: int, blocks: Sequence[int]) -> list[int]:
+        """Group-pool ids that alias L-layer ``blocks`` in the stage view of ``home``."""
+        L, lh = self.layout.num_layers, self.layout.stage_layers(home)
+        ids: set[int] = set()
+        for b in blocks:
+            ids.update(range(b * L // lh, -(-(b + 1) * L // lh)))
+        return sorted(i for i in ids if i < self.pool.num_blocks)
+
+    def adopt_legacy(self, request: Request, home: int) -> None:
+        """Takes a running request whose ``block_ids`` are L-layer blocks on ``home``: they
+        become its legacy blocks (reserved in the group pool) and it holds no pipeline block."""
+        blocks = tuple(request.block_ids)
+        reserved = self.reserved_ids(home, blocks)
+        self.pool.reserve(reserved)
+        self.legacy[request.request_id] = LegacyKV(request, home, blocks, reserved)
+        request.block_ids = []
+        logger.debug(
+            "request %s: pre-drop KV stays on worker %d (L-layer blocks %s)",
+            request.request_id,
+            home,
+            list(blocks),
+        )
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
+        lg = self.legacy.get(request.request_id)
+        if lg is None:
+            return super().allocate_slots(request, num_new_tokens)
+        if request.num_computed_tokens + num_new_tokens > len(lg.blocks) * self.block_size:
+            new = super().allocate_slots(request, num_new_tokens)
+            if new is not None:
+                self._must_move.add(request.request_id)
+            return new
+        if request.block_ids:  # moving: the moved layers write to its pipeline blocks
+            return super().allocate_slots(request, num_new_tokens)
+        return []
+
+    def free(self, request: Request) -> None:
+        super().free(request)
+        self._release(request.request_id)
+
+    def _release(self, rid: str) -> None:
+        lg = self.legacy.pop(rid, None)
+        self._must_move.discard(rid)
+        if lg is not None:
+            self.pool.free(lg.reserved)
+
+    @property
+    def num_reserved(self) -> int:
+        return sum(len(lg.reserved) for lg in self.legacy.values())
+
+    def held_ids(self) -> list[int]:
+        """Every reservation (ids may repeat across requests when layers split unevenly)."""
+        return [i for lg in self.legacy.values() for i in lg.reserved]
+
+    # --- the exchange ---------------------------------------------------------------------
+
+    def plan_exchange(
+        self, out: SchedulerOutput | None, everything: bool = False
+    ) -> list[SliceCopy]:
+        """This step's KV moves, decided after scheduling ``out``: first every remaining layer
+        of the requests that would write past their L-layer blocks, then, within the byte
+        budget (``everything``: no budget), further layers of the others in admission order.
+        Allocates pipeline blocks for requests whose first layer moves (skipping those the pool
+        cannot hold), advances ``moved_upto``, and gives back the L-layer blocks of requests
+        that have fully moved (their copies run this step, before any later allocation).
+        Raises RuntimeError when ``everything`` is asked and the pool is short."""
+        if not self.legacy:
+            return []
+        scheduled = {} if out is None else {s.request.request_id: s for s in out.scheduled}
+        L, budget = self.layout.num_layers, self.exchange_bytes_per_step
+        moves: list[tuple[Request, int, int, int]] = []  # request, first, end layer, blocks
+        order = sorted(
+            self.legacy.values(), key=lambda lg: lg.request.request_id not in self._must_move
+        )
+        for lg in order:
+            r = lg.request
+            n = self.blocks_needed(r.num_computed_tokens)
+            if everything or r.request_id in self._must_move:
+                layers = L - lg.moved_upto
+            else:
+                per_layer = max(1, n) * self.layer_block_bytes
+                layers = min(L - lg.moved_upto, max(0, budget) // per_layer)
+                if layers == 0 and not moves:
+                    layers = 1  # at least one layer a step
+            if layers == 0:
+                continue
+            if not r.block_ids:  # its first move: pipeline blocks for what it holds
+                s = scheduled.get(r.request_id)
+                tokens = r.num_computed_tokens + (s.num_new_tokens if s else 0)
+                ids = self.pool.allocate(self.blocks_needed(tokens))
+                if ids is None:
+                    if everything:
+                        raise RuntimeError(f"{r.request_id}: no group blocks to move its KV into")
+                    continue
+                r.block_ids.extend(ids)
+            budget -= layers * max(1, n) * self.layer_block_bytes
+            moves.append((r, lg.moved_upto, lg.moved_upto + layers, n))
+        done = []
+        for r, a, b, _ in moves:
+            lg = self.legacy[r.request_id]
+            lg.moved_upto = b
+            logger.debug(
+                "request %s: KV of layers [%d, %d) moves from worker %d this step",
+                r.request_id,
+                a,
+                b,
+                lg.home,
+            )
+            if b == L:
+                done.append(r.request_id)
+        copies = self._copies(moves)
+        for rid in done:
+            self._release(rid)
+            logger.debug("request %s: all its KV has moved; L-layer blocks freed", rid)
+        return copies
+
+    def _copies(self, moves: list[tuple[Request, int, int, int]]) -> list[SliceCopy]:
+        """SliceCopies of the moves, one per (home, owner stage, layer span), requests merged."""
+        merged: dict[tuple[int, int, int, int], list[tuple[str, list[int], list[int]]]] = {}
+        for r, a, b, n in moves:
+            if n == 0:
+                continue
+            lg = self.legacy[r.request_id]
+            for rank, (start, end) in zip(self.layout.ranks, self.layout.ranges, strict=True):
+                lo, hi = max(a, start), min(b, end)
+                if lo < hi:
+                    key = (lg.home, rank, lo, hi)
+                    item = (r.request_id, list(lg.blocks[:n]), r.block_ids[:n])
+                    merged.setdefault(key, []).append(item)
+        copies = []
+        for (home, rank, lo, hi), items in merged.items():
+            start = self.layout.ranges[self.layout.stage_of_rank(rank)][0]
+            copies.append(
+                SliceCopy(
+                    src_rank=home,
+                    dst_rank=rank,
+                    src_layers=(lo, hi),
+                    dst_layers=(lo - start, hi - start),
+                    src_blocks=tuple(b for _, src, _ in items for b in src),
+                    dst_blocks=tuple(b for _, _, dst in items for b in dst),
+                    request_ids=tuple(rid for rid, _, _ in items),
+                )
+            )
+        return copies
+
+    def step_plan(self, out: SchedulerOutput, moves: list[SliceCopy]) -> StepPlan | None:
+        """The plan every stage gets with this step; None when it has no moves and no
+        pre-drop sequence (a plain pipeline step)."""
+        legacy = []
+        for i, s in enumerate(out.scheduled):
+            lg = self.legacy.get(s.request.request_id)
+            if lg is not None:
+                legacy.append(LegacySeq(i, lg.home, lg.moved_upto, lg.blocks))
+        if not legacy and not moves:
+            return None
+        q = tuple(s.num_new_tokens for s in out.scheduled)
+        c = tuple(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
+        return StepPlan(tuple(moves), tuple(legacy), q, c)
+
+
+# --- attention for a step with pre-drop sequences --------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Sequences of one micro-batch (their indices) and their token rows."""
+
+    seqs: list[int]
+    rows: torch.Tensor = field(repr=False)
+
+
+class RemoteAttention:
+    """One stage's attention router for one step with pre-drop sequences, and its server for
+    the other stages' remote attention of the sequences homed here (module docstring).
+
+    ``legacy_view`` is this worker's KV bytes as L-layer blocks
+    ``[num_blocks, L, 2, block_size, num_kv_heads, head_dim]``; ``cos_sin_cache`` the RoPE table.
+    """
+
+    def __init__(
+        self,
+        plan: StepPlan,
+        me: int,
+        layout: GroupLayout,
+        legacy_view: torch.Tensor,
+        transport: StageTransport,
+        backend: AttentionBackend,
+        cos_sin_cache: torch.Tensor,
+        head_shape: tuple[int, int, int],
+        counters: Counter | None = None,
+    ) -> None:
+        self.counters = Counter() if counters is None else counters
+        """``sent``: layer calls this stage sent to a remote home; ``served``: layer calls it
+        served as a home; ``home``: layers of pre-drop rows homed here computed locally."""
+        self.plan = plan
+        self.me = me
+        self.layout = layout
+        self.view = legacy_view
+        self.transport = transport
+        self.backend = backend
+        self.cos_sin_cache = cos_sin_cache
+        self.num_heads, self.num_kv_heads, self.head_dim = head_shape
+        self.device = legacy_view.device
+        self.block_size = legacy_view.shape[3]
+        qsl = [0]
+        for n in plan.query_lens:
+            qsl.append(qsl[-1] + n)
+        self.qsl = qsl
+        self.by_index = {s.index: s for s in plan.legacy}
+        self.start = layout.ranges[layout.stage_of_rank(me)][0]
+        self._meta_cache: dict[tuple[int, ...], AttentionMetadata] = {}
+
+    # --- which rows go where ---------------------------------------------------------------
+
+    def _rows(self, seqs: list[int]) -> _Rows:
+        rows = [t for i in seqs for t in range(self.qsl[i], self.qsl[i + 1])]
+        return _Rows(seqs, torch.tensor(rows, dtype=torch.int64, device=self.device))
+
+    def remote_seqs(self, layer: int) -> dict[int, list[int]]:
+        """Home rank -> sequences whose KV of ``layer`` is still on that home."""
+        out: dict[int, list[int]] = {}
+        for s in self.plan.legacy:
+            if s.moved_upto <= layer:
+                out.setdefault(s.home, []).append(s.index)
+        return out
+
+    def _legacy_meta(self, seqs: list[int]) -> AttentionMetadata:
+        """Attention metadata of ``seqs`` over their L-layer blocks (this worker is home)."""
+        key = tuple(seqs)
+        if key not in self._meta_cache:
+            bs, slots, tables, qsl = self.block_size, [], [], [0]
+            for i in seqs:
+                blocks = self.by_index[i].blocks
+                end, n = self.plan.seq_lens[i], self.plan.query_lens[i]
+                slots += [blocks[p // bs] * bs + p % bs for p in range(end - n, end)]
+                tables.append(list(blocks))
+                qsl.append(qsl[-1] + n)
+            width = max(len(t) for t in tables)
+            dev = self.device
+            self._meta_cache[key] = AttentionMetadata(
+                slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                block_tables=torch.tensor(
+                    [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
+                ),
+                seq_lens=torch.tensor(
+                    [self.plan.seq_lens[i] for i in seqs], dtype=torch.int32, device=dev
+                ),
+                query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+                max_query_len=max(self.plan.query_lens[i] for i in seqs),
+                max_seq_len=max(self.plan.seq_lens[i] for i in seqs),
+            )
+        return self._meta_cache[key]
+
+    def _positions(self, seqs: list[int]) -> torch.Tensor:
+        pos = []
+        for i in seqs:
+            end, n = self.plan.seq_lens[i], self.plan.query_lens[i]
+            pos += range(end - n, end)
+        return torch.tensor(pos, dtype=torch.int64, device=self.device)
+
+    def _attend_home(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[int]
+    ) -> torch.Tensor:
+        """Attention of ``seqs`` (homed here) at global ``layer`` over the L-layer blocks."""
+        meta = self._legacy_meta(seqs)
+        q, _ = self.backend.rope_and_write_kv(
+            q, k, v, self._positions(seqs), self.cos_sin_cache, self.view, layer, meta.slot_mapping
+        )
+        return self.backend.attention(q, self.view, layer, meta)
+
+    # --- the stage that owns the layer ------------------------------------------------------
+
+    def attend(
+        self,
+        local_layer: int,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], before RoPE
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], before RoPE
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_cache: torch.Tensor,  # this stage's view [num_blocks, L_r, 2, bs, Hkv, D]
+        meta: AttentionMetadata,  # the micro-batch's pipeline metadata
+    ) -> torch.Tensor:
+        """Attention output [num_tokens, num_heads, head_dim] of the micro-batch at this
+        stage's ``local_layer``: pipeline rows locally, pre-drop rows at their home (here or
+        remote)."""
+        layer = self.start + local_layer
+        remote = self.remote_seqs(layer)
+        legacy = {i for seqs in remote.values() for i in seqs}
+        local = [i for i in range(len(self.plan.query_lens)) if i not in legacy]
+        out = torch.empty_like(q)
+        sent = []
+        for home in sorted(remote):
+            if home == self.me:
+                continue
+            r = self._rows(remote[home])
+            for t in (q, k, v):
+                self.transport.send(home, t.index_select(0, r.rows))
+            sent.append((home, r))
+            self.counters["sent"] += 1
+        if local:
+            r = self._rows(local)
+            m = meta
+            if len(local) < len(self.plan.query_lens):
+                m = _select(meta, r, self.qsl, self.plan.seq_lens)
+            ql, _ = self.backend.rope_and_write_kv(
+                q[r.rows],
+                k[r.rows],
+                v[r.rows],
+                positions[r.rows],
+                self.cos_sin_cache,
+                kv_cache,
+                local_layer,
+                m.slot_mapping,
+            )
+            out[r.rows] = self.backend.attention(ql, kv_cache, local_layer, m)
+        if self.me in remote:
+            r = self._rows(remote[self.me])
+            out[r.rows] = self._attend_home(layer, q[r.rows], k[r.rows], v[r.rows], r.seqs)
+            self.counters["home"] += 1
+        for home, r in sent:
+            shape = (r.rows.numel(), self.num_heads, self.head_dim)
+            out[r.rows] = self.transport.recv(home, shape, q.dtype)
+        return out
+
+    # --- the home worker --------------------------------------------------------------------
+
+    def serve(self, stage: int, dtype: torch.dtype) -> int:
+        """Serves stage ``stage``'s remote attention for the sequences homed here, layer by
+        layer in its range; returns the layers served."""
+        src = self.layout.ranks[stage]
+        start, end = self.layout.ranges[stage]
+        served = 0
+        for layer in range(start, end):
+            seqs = self.remote_seqs(layer).get(self.me)
+            if not seqs:
+                continue
+            n = sum(self.plan.query_lens[i] for i in seqs)
+            q = self.transport.recv(src, (n, self.num_heads, self.head_dim), dtype)
+            k = self.transport.recv(src, (n, self.num_kv_heads, self.head_dim), dtype)
+            v = self.transport.recv(src, (n, self.num_kv_heads, self.head_dim), dtype)
+            self.transport.send(src, self._attend_home(layer, q, k, v, seqs))
+            served += 1
+        self.counters["served"] += served
+        return served
+
+
+def _select(
+    meta: AttentionMetadata, r: _Rows, qsl: list[int], seq_lens: Sequence[int]
+) -> AttentionMetadata:
+    """The metadata of a subset of a micro-batch's sequences (``qsl``, ``seq_lens``: the
+    micro-batch's, on the host)."""
+    idx = torch.tensor(r.seqs, dtype=torch.int64, device=meta.seq_lens.device)
+    sub_qsl = [0]
+    for i in r.seqs:
+        sub_qsl.append(sub_qsl[-1] + qsl[i + 1] - qsl[i])
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping.index_select(0, r.rows),
+        block_tables=meta.block_tables.index_select(0, idx),
+        seq_lens=meta.seq_lens.index_select(0, idx),
+        query_start_loc=torch.tensor(sub_qsl, dtype=torch.int32, device=idx.device),
+        max_query_len=max(qsl[i + 1] - qsl[i] for i in r.seqs),
+        max_seq_len=max(seq_lens[i] for i in r.seqs),
+    )

@@ -143,12 +143,6 @@ def serve_main(args: argparse.Namespace) -> int:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = args.cpu_workers is None and gpus > 0
     num_workers = (args.num_gpus or gpus) if use_gpu else (args.cpu_workers or 1)
-    if use_gpu and args.overload_policy == "drop" and args.memory_backend in ("auto", "vmm"):
-        ray.shutdown()
-        raise SystemExit(
-            "--overload-policy drop on GPU workers needs --memory-backend torch for now: the "
-            "drop transition does not yet remap VMM memory, so it would free no GPU memory"
-        )
     config = ServeConfig(
         engine=engine,
         served_model_name=args.served_model_name or args.model,

@@ -138,6 +138,14 @@ class KVPool:
         blocks of another ``layers_per_block`` after a drop (DESIGN §5)."""
         return self.range.view(0, (self.mapped_bytes,), torch.uint8)
 
+    def detach_block_pool(self) -> BlockPool:
+        """Gives the pool a fresh ``BlockPool`` of ``num_blocks`` ids, all free, and returns the
+        old one, whose allocations then hold nothing here (a later ``grow`` or ``shrink`` does
+        not see them). For a pipeline group: its scheduler counts blocks of another layer count
+        in a pool of its own while these bytes grow and shrink (workers/stage_memory.py)."""
+        old, self.block_pool = self.block_pool, BlockPool(self.num_blocks)
+        return old
+
     def blocks_in(self, num_slots: int) -> int:
         """Whole blocks in the first ``num_slots`` slots of the range."""
         return num_slots * self.chunk_bytes // self.fmt.block_bytes

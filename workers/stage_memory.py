@@ -7,6 +7,9 @@ KunServe §3(a), §3(d) (reference/kunserve.md); DESIGN.md §5-6. The transition
   a drop lets the dropped modules be freed and grows the flat KV buffer by their bytes
   (:class:`~workers.kv_buffer.KVBuffer`: allocate and copy the kept prefix); a restore shrinks
   it back and copies the dropped modules from the stages that kept them.
+- :class:`VmmStageMemory`: VMM memory (``--memory-backend vmm``; emulated on CPU): a drop maps
+  the dropped layers' chunks at the end of the KV range (no copy, no allocation); a restore maps
+  them back under the layers and refills them from the stages that kept them.
 
 The KV bytes are one flat buffer viewed as blocks of any layer count (``view(layers)``); a drop
 and a restore keep its prefix, so blocks that pre-drop requests hold in the L-layer view keep
@@ -15,6 +18,7 @@ their bytes (DESIGN.md §5: blocks keep their format until their KV has moved).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -22,8 +26,15 @@ import torch
 
 from attention.transport import StageTransport
 from workers.kv_buffer import KVBuffer
+from workers.memory import WorkerMemory
 from workers.models.llama import LlamaModel
-from workers.pipeline import build_stage_model, dropped_param_bytes, restore_full_model
+from workers.pipeline import (
+    build_stage_model,
+    dropped_param_bytes,
+    empty_model,
+    restore_full_model,
+)
+from workers.weight_arena import WeightArena, WeightSource, place_model_in_arena, restore_order
 
 
 class StageMemory(Protocol):
@@ -103,9 +114,149 @@ class TorchStageMemory:
         return restore_full_model(model, ranks, ranges, stage, transport)
 
 
+class VmmStageMemory:
+    """:class:`StageMemory` over a worker's VMM memory (:class:`~workers.memory.WorkerMemory`):
+    the KV bytes are the KV pool's mapped prefix, viewed from its fixed base.
+
+    A drop maps the dropped layers' chunks at the end of the KV range (``drop_layers``: one
+    chunk per layer, no copy, no allocation), so the KV bytes grow by exactly those chunks'
+    bytes, padding included. The embedding and the head are not droppable regions: they stay
+    mapped on every stage (a stage that does not run them just holds no module over them), so a
+    restore brings back decoder layers only, each from the stage that kept it, through the
+    transport (:class:`TransportSource`), and binds a new full model to the arena.
+
+    Both are lazy (``WorkerMemory``'s default): a chunk stays mapped where it was as a stale
+    alias, so a drop is one ``cuMemMap`` per layer and one ``cuMemSetAccess`` per run of layers
+    with no device sync, and the restore after it adopts every chunk back with no driver call
+    at all (eagerly, each would pay a device sync and a ``cuMemUnmap``). ``check_integrity``
+    holds throughout, since each alias maps a chunk that the arena holds or the KV pool has
+    live; nothing reads an alias: the dropped layers' parameters go to the meta device at the
+    drop, and block ids past the KV pool's prefix are never handed out. ``WorkerMemory.flush``
+    unmaps the aliases (when idle); a repeat of the same drop adopts them instead.
+
+    The KV pool's own ``BlockPool`` (the engine's pool in normal mode) is replaced by a free one
+    at the drop: the group's scheduler allocates from a pool of its own, and the pre-drop
+    allocations must not stop the KV pool from shrinking back at the restore (whose caller has
+    moved the live KV out of the tail by then).
+    """
+
+    def __init__(self, memory: WorkerMemory) -> None:
+        self.memory = memory
+        self.normal_bytes = memory.kv.mapped_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.memory.kv.mapped_bytes
+
+    def block_bytes(self, layers: int) -> int:
+        return dataclasses.replace(self.memory.kv.fmt, layers_per_block=layers).block_bytes
+
+    def view(self, layers: int) -> torch.Tensor:
+        fmt = dataclasses.replace(self.memory.kv.fmt, layers_per_block=layers)
+        n = self.nbytes // fmt.block_bytes
+        flat = self.memory.kv.prefix_bytes()[: n * fmt.block_bytes]
+        return flat.view(fmt.dtype).view(n, *fmt.shape)
+
+    def bytes_after_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> int:
+        arena = self.memory.arena
+        return self.nbytes + sum(arena.layer_nbytes(a, b) for a, b in _dropped(model, layer_range))
+
+    def drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> LlamaModel:
+        """Raises ValueError, changing nothing, when ``layer_range`` is not inside ``model``,
+        a layer to drop is not held, or the KV range lacks room for the chunks."""
+        runs = _dropped(model, layer_range)
+        kv, arena = self.memory.kv, self.memory.arena
+        for a, b in runs:
+            arena.check_layers(a, b, dropped=False)
+        need = sum(arena.num_layer_slots(a, b) for a, b in runs)
+        if need > kv.range.num_slots - kv.mapped_slots:
+            raise ValueError(
+                f"the KV range has room for {kv.range.num_slots - kv.mapped_slots} more slots, "
+                f"the dropped layers need {need}"
+            )
+        stage, _ = build_stage_model(model, layer_range)
+        for a, b in runs:  # their arena views become KV: nothing may read them as weights
+            for j in range(a, b):
+                model.layers[j - model.start].to("meta")
+        kv.detach_block_pool()
+        for a, b in runs:
+            self.memory.drop_layers(a, b)
+        return stage
+
+    def restore(
+        self,
+        model: LlamaModel,
+        ranks: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        stage: int,
+        transport: StageTransport,
+    ) -> LlamaModel:
+        """Walks the stages' ranges last first, each range's layers last first (one order on
+        every stage): the stage that kept a range sends each layer's bytes to every other stage,
+        which maps the KV tail back under the layer and receives into it. Raises ValueError,
+        before any transfer, when this worker did not drop exactly the other stages' layers."""
+        arena, num_layers = self.memory.arena, model.cfg.num_layers
+        self._check_restore(ranges, stage, num_layers)
+        for s in reversed(range(len(ranges))):
+            start, end = ranges[s]
+            if s != stage:
+                self.memory.restore_layers(start, end, TransportSource(transport, ranks[s]))
+                continue
+            for layer in restore_order(start, end):
+                data = arena.layer_bytes(layer, layer + 1)
+                for r, rank in enumerate(ranks):
+                    if r != stage:
+                        transport.send(rank, data)
+        full = empty_model(model, (0, num_layers))
+        place_model_in_arena(full, arena)
+        return full.eval()
+
+    def _check_restore(
+        self, ranges: Sequence[tuple[int, int]], stage: int, num_layers: int
+    ) -> None:
+        bounds = [0, *(end for _, end in ranges)]
+        if [start for start, _ in ranges] != bounds[:-1] or bounds[-1] != num_layers:
+            raise ValueError(f"stage ranges {list(ranges)} do not split [0, {num_layers})")
+        start, end = ranges[stage]
+        arena = self.memory.arena
+        if arena.dropped != set(range(num_layers)) - set(range(start, end)):
+            raise ValueError(
+                f"stage {stage} keeps [{start}, {end}) but the arena has dropped "
+                f"{sorted(arena.dropped)}"
+            )
+        grown = sum(arena.layer_nbytes(a, b) for a, b in ((0, start), (end, num_layers)) if a < b)
+        if self.nbytes != self.normal_bytes + grown:
+            raise ValueError(
+                f"KV bytes {self.nbytes} are not the normal {self.normal_bytes} plus the dropped "
+                f"layers' {grown}"
+            )
+
+
+def _dropped(model: LlamaModel, layer_range: tuple[int, int]) -> list[tuple[int, int]]:
+    """The runs of layers of ``model`` outside ``layer_range`` (global indices). Raises
+    ValueError when ``layer_range`` is not inside what ``model`` holds."""
+    start, end = layer_range
+    if not model.start <= start < end <= model.end:
+        raise ValueError(f"[{start}, {end}) is not inside [{model.start}, {model.end})")
+    return [(a, b) for a, b in ((model.start, start), (end, model.end)) if a < b]
+
+
+class TransportSource(WeightSource):
+    """Refills restored layers from global rank ``src`` through a :class:`StageTransport`: one
+    message per layer, in ``restore_order`` (what the stage that kept them sends in
+    :meth:`VmmStageMemory.restore`)."""
+
+    def __init__(self, transport: StageTransport, src: int) -> None:
+        self.transport, self.src = transport, src
+
+    def fill(self, arena: WeightArena, start: int, end: int) -> None:
+        for layer in restore_order(start, end):
+            self.transport.recv_into(self.src, arena.layer_bytes(layer, layer + 1))
+
+
 def stage_memory_for(runner: Any) -> StageMemory:
     """The :class:`StageMemory` of a ModelRunner in normal mode: VMM when ``runner.memory``
-    is set (not supported yet: raises NotImplementedError), else the torch allocator's."""
+    is set, else the torch allocator's."""
     if runner.memory is not None:
-        raise NotImplementedError("drop and restore over VMM memory are not implemented yet")
+        return VmmStageMemory(runner.memory)
     return TorchStageMemory(runner.kv_cache)

@@ -1,0 +1,209 @@
+"""`kunserve bench drop`: a forced drop and restore under live decode, measured from a client.
+
+Against a running server with at least two instances and ``--overload-policy drop``: start
+``--num-requests`` requests (random prompt token ids, ``ignore_eos``) and let them decode, then
+``admin drop``, then ``admin restore``, recording every token's arrival time. Prints, each beside
+its baseline from the same run (DESIGN.md §8, issue #5):
+
+- drop and restore time (the server's own transition time) beside the target, and the restore
+  beside the link floor ``weight bytes dropped per stage / --link-gbps``;
+- KV capacity after / before beside the bound ``1 + ((g-1)/g)·W/K`` (W: weight bytes per GPU,
+  K: KV bytes per GPU before the drop);
+- the largest gap between two tokens of a request that was running at the drop, across the
+  drop and across the restore, beside that request's median time between tokens before it;
+- decode tokens/s in pipeline mode beside normal mode (same requests, same concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from client.grpc_client import AsyncKunserveClient
+from proto.kunserve.v1 import admin_pb2 as apb
+from proto.kunserve.v1 import admin_pb2_grpc as apb_grpc
+
+
+@dataclass
+class _Trace:
+    times: list[float] = field(default_factory=list)
+    """Arrival time of each token (monotonic seconds; a delta of k tokens counts k times)."""
+
+
+async def _run_request(client: AsyncKunserveClient, rid: str, prompt: list[int], n: int, tr: _Trace):
+    stream = client.generate(
+        prompt, request_id=rid, max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False
+    )
+    async for ev in stream:
+        ids = getattr(ev, "token_ids", ())
+        now = time.monotonic()
+        tr.times.extend([now] * len(ids))
+
+
+def _max_gap(times: list[float], lo: float, hi: float) -> float:
+    """Largest gap between consecutive tokens with the later one in [lo, hi]."""
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if lo <= b <= hi]
+    return max(gaps, default=0.0)
+
+
+def _tbt(times: list[float], lo: float, hi: float) -> float:
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if lo <= a and b <= hi and b > a]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def _rate(traces: list[_Trace], lo: float, hi: float) -> float:
+    n = sum(1 for t in traces for x in t.times if lo <= x <= hi)
+    return n / max(hi - lo, 1e-9)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    client = AsyncKunserveClient(args.host, args.port)
+    await client.wait_ready(args.ready_timeout)
+    info = await client.server_info()
+    if info.overload_policy != "drop":
+        raise SystemExit(f"the server's overload policy is {info.overload_policy!r}; need drop")
+    inst = [i for i in info.instances if i.state == "normal"]
+    kv_bytes = sum(i.kv_bytes_total for i in inst)
+    vocab = (await client.model_info()).vocab_size
+    rng = random.Random(0)
+    traces = [_Trace() for _ in range(args.num_requests)]
+    tasks = [
+        asyncio.ensure_future(
+            _run_request(
+                client,
+                f"bench-drop-{i}",
+                [rng.randrange(1, vocab) for _ in range(args.prompt_len)],
+                args.max_tokens,
+                traces[i],
+            )
+        )
+        for i in range(args.num_requests)
+    ]
+    while min(len(t.times) for t in traces) < 2:
+        failed = [t for t in tasks if t.done()]
+        if failed:
+            failed[0].result()  # raises what the request raised
+            raise SystemExit("a request finished before the drop: raise --max-tokens")
+        await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await asyncio.sleep(args.phase_s)
+    channel = grpc.aio.insecure_channel(f"{args.host}:{args.port}")
+    admin = apb_grpc.AdminServiceStub(channel)
+    t_drop = time.monotonic()
+    dropped = (await admin.Drop(apb.DropRequest(), timeout=300)).group
+    t_dropped = time.monotonic()
+    await asyncio.sleep(args.phase_s)
+    t_restore = time.monotonic()
+    restored = (await admin.Restore(apb.RestoreRequest(), timeout=300)).group
+    t_restored = time.monotonic()
+    await asyncio.sleep(args.phase_s)
+    t_end = time.monotonic()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+    await client.close()
+
+    g = len(dropped.instance_ids)
+    tbt = [_tbt(t.times, t0, t_drop) for t in traces]
+    drop_gap = [_max_gap(t.times, t_drop, t_dropped + args.phase_s / 2) for t in traces]
+    restore_gap = [_max_gap(t.times, t_restore, t_restored + args.phase_s / 2) for t in traces]
+    weight_bytes = args.weight_gb * 2**30
+    k_per_gpu = kv_bytes / max(1, len(inst))
+    bound = 1 + (g - 1) / g * weight_bytes / k_per_gpu
+    capacity = dropped.kv_blocks_after / max(1, dropped.kv_blocks_before)
+    link_floor = weight_bytes * (g - 1) / g / (args.link_gbps * 1e9)
+    settle = min(args.phase_s / 2, 1.0)
+    out = {
+        "g": g,
+        "drop_s": dropped.transition_s,
+        "drop_client_s": t_dropped - t_drop,
+        "restore_s": restored.transition_s,
+        "restore_client_s": t_restored - t_restore,
+        "restore_link_floor_s": link_floor,
+        "kv_blocks_before": dropped.kv_blocks_before,
+        "kv_blocks_after": dropped.kv_blocks_after,
+        "capacity_ratio": capacity,
+        "capacity_bound": bound,
+        "normal_tbt_ms": statistics.median(tbt) * 1e3,
+        "max_gap_drop_ms": max(drop_gap) * 1e3,
+        "max_gap_drop_x_tbt": max(d / b for d, b in zip(drop_gap, tbt, strict=True)),
+        "max_gap_restore_ms": max(restore_gap) * 1e3,
+        "max_gap_restore_x_tbt": max(d / b for d, b in zip(restore_gap, tbt, strict=True)),
+        "normal_tokens_per_s": _rate(traces, t0, t_drop),
+        "pipeline_tokens_per_s": _rate(traces, t_dropped + settle, t_restore),
+        "after_restore_tokens_per_s": _rate(traces, t_restored + settle, t_end),
+    }
+    out["pipeline_vs_normal"] = out["pipeline_tokens_per_s"] / out["normal_tokens_per_s"]
+    return out
+
+
+def report(r: dict) -> str:
+    rows = [
+        ("drop (server)", f"{r['drop_s'] * 1e3:.1f} ms", "target <= 50 ms"),
+        (
+            "restore (server)",
+            f"{r['restore_s'] * 1e3:.1f} ms",
+            f"{r['restore_s'] / r['restore_link_floor_s']:.2f}x link floor "
+            f"{r['restore_link_floor_s'] * 1e3:.1f} ms (target <= 2x)",
+        ),
+        (
+            "KV capacity after/before",
+            f"{r['capacity_ratio']:.2f}x",
+            f"bound {r['capacity_bound']:.2f}x ({r['capacity_ratio'] / r['capacity_bound']:.0%})",
+        ),
+        (
+            "max token gap at drop",
+            f"{r['max_gap_drop_ms']:.1f} ms",
+            f"{r['max_gap_drop_x_tbt']:.2f}x its TBT (normal TBT {r['normal_tbt_ms']:.1f} ms; "
+            "target <= 2x)",
+        ),
+        (
+            "max token gap at restore",
+            f"{r['max_gap_restore_ms']:.1f} ms",
+            f"{r['max_gap_restore_x_tbt']:.2f}x its TBT",
+        ),
+        (
+            "decode tokens/s pipelined",
+            f"{r['pipeline_tokens_per_s']:.0f}",
+            f"{r['pipeline_vs_normal']:.2f}x normal ({r['normal_tokens_per_s']:.0f})",
+        ),
+    ]
+    width = max(len(a) for a, _, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kunserve bench drop", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--num-requests", type=int, default=32, help="requests decoding at the drop")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per request")
+    p.add_argument("--max-tokens", type=int, default=100000, help="tokens each may generate")
+    p.add_argument("--phase-s", type=float, default=5.0, help="seconds per phase")
+    p.add_argument("--weight-gb", type=float, required=True, help="weight GiB per GPU (W)")
+    p.add_argument("--link-gbps", type=float, default=395.0, help="link floor, GB/s")
+    p.add_argument("--output-json", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = asyncio.run(run(args))
+    print(report(result))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

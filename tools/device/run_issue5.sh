@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device run for issue #5 on 2 GPUs: a forced drop and restore under live decode
+# (`python -m client.transition_bench`, i.e. `kunserve bench drop`), then the burst replay with
+# --overload-policy drop vs recompute. Logs and JSON under $OUT.
+# Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
+# steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm).
+set -uo pipefail
+source "$(dirname "$0")/env.sh"
+steps=${*:-gpu-tests drop-bench replay}
+MEMORY=${MEMORY:-vmm}
+KV_BLOCKS=${KV_BLOCKS:-2048}  # 16-token blocks of 128 KiB/token: 4 GiB of KV per GPU
+SERVE=(python3 -m coordinator.cli serve --model llama-3-8b --load-format dummy --port 50051
+       --metrics-port 8000 --memory-backend "$MEMORY" --num-kv-blocks "$KV_BLOCKS"
+       --max-num-batched-tokens 8192)
+
+start_server() {  # $1: log name; the rest: extra serve flags
+  local log="$OUT/$1.log"; shift
+  ("${SERVE[@]}" "$@" >"$log" 2>&1 &)
+  for _ in $(seq 1 300); do grep -q "kunserve: serving" "$log" && return 0; sleep 1; done
+  echo "server did not start"; tail -30 "$log"; return 1
+}
+stop_server() { pkill -f "coordinator.cli serve"; sleep 3; ray stop --force >/dev/null 2>&1; }
+
+for step in $steps; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    gpu-tests)
+      timeout 400 python3 -m pytest -q -m gpu tests/workers/test_stage_memory.py tests/workers/test_pipeline.py \
+        tests/workers/test_remote_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+    drop-bench)
+      start_server serve_drop --overload-policy drop --no-auto-transitions || continue
+      timeout 240 python3 -m client.transition_bench --num-requests 16 --prompt-len 1024 --max-tokens 6000 \
+        --phase-s 4 --weight-gb 14.96 --output-json "$OUT/drop_bench.json" 2>&1 | tee "$OUT/drop_bench.log"
+      grep -E "drop:|restore:|Traceback|Error" "$OUT/serve_drop.log" | tail -20
+      stop_server ;;
+    replay)
+      for policy in recompute drop; do
+        start_server "serve_$policy" --overload-policy "$policy" --planner-cooldown-s 5 || continue
+        timeout 200 python3 -m coordinator.cli replay --port 50051 --trace azure-code --start 824 \
+          --duration 60 --time-scale ${TIME_SCALE:-1} --max-output-len 512 --drain-timeout 60 \
+          --disable-tqdm --save-result --result-dir "$OUT" --result-filename "replay_$policy.json" \
+          --plot "$OUT/replay_$policy.png" --label "$policy" 2>&1 | tee "$OUT/replay_$policy.log" | tail -30
+        grep -E "drop:|restore:|decision|Traceback" "$OUT/serve_$policy.log" | tail -10
+        stop_server
+      done ;;
+  esac
+done

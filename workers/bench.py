@@ -14,6 +14,10 @@ measured in the same run.
 - HF transformers baseline: a ``LlamaForCausalLM`` built from the same ``config.json`` with
   random weights in the engine's dtype, its decode step at batch 1 and 64 with 1k context,
   beside ours. It runs before the engine is built, so both never hold GPU memory at once.
+- Optionally (``profile``: batch sizes), last: the decode graph of each such batch at every
+  context replayed under ``torch.profiler``, as a per-kernel table (count, µs and share of
+  the step), the idle time between kernels inside the graph, the launch gap between replays,
+  and each GEMM's bytes/s beside the copy bandwidth (``workers/bench_profile.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from pathlib import Path
 
 import torch
 
+from workers.bench_profile import (
+    StepProfile,
+    attribute_gemms,
+    build_profile,
+    format_profile,
+    model_projections,
+    profile_decode_graph,
+)
 from workers.config import EngineConfig, ModelConfig, parse_dtype
 from workers.cuda_graphs import padded_batch_size
 from workers.engine import Engine, RequestSpec
@@ -186,22 +198,9 @@ def bench_decode(
 ) -> DecodeResult:
     """Fills ``batch`` requests with ``context`` prompt tokens, then times ``steps`` decode
     steps (and ``steps`` more with CUDA graphs bypassed, when the engine captured them)."""
-    vocab = engine.runner.model_config.vocab_size
-    gen = torch.Generator().manual_seed(batch * 7919 + context)
-    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
-    ids = [f"bench-{batch}-{context}-{i}" for i in range(batch)]
     graphs = engine.runner.cuda_graphs is not None
-    # Requests whose prompt finished early decode while the others prefill: leave them room,
-    # so every request is still decoding through the timed steps.
-    max_new = decode_tokens_needed(engine, batch, context, steps, phases=2 if graphs else 1)
     preempted_before = engine.scheduler.num_preemptions
-    for rid in ids:
-        engine.add_request(RequestSpec(rid, _random_prompt(vocab, context, gen), sampling, max_new))
-    while any(
-        r.num_computed_tokens < r.num_prompt_tokens
-        for r in (*engine.scheduler.running, *engine.scheduler.waiting)
-    ):
-        engine.step()
+    ids = start_decoding(engine, batch, context, steps, phases=2 if graphs else 1)
     gap_before = _host_gap(engine)
     elapsed, running = _timed_steps(engine, steps)
     gap_after = _host_gap(engine)
@@ -231,6 +230,26 @@ def bench_decode(
         graph_ms,
         gap_ms,
     )
+
+
+def start_decoding(engine: Engine, batch: int, context: int, steps: int, phases: int) -> list[str]:
+    """Adds ``batch`` greedy requests of ``context`` random prompt tokens and steps until every
+    prompt is prefilled; returns their ids (abort them when done). Each may generate enough
+    tokens for ``phases`` rounds of warm-up and ``steps`` timed steps (requests whose prompt
+    finished early decode while the others prefill, so they get room for that too)."""
+    vocab = engine.runner.model_config.vocab_size
+    gen = torch.Generator().manual_seed(batch * 7919 + context)
+    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
+    ids = [f"bench-{batch}-{context}-{i}" for i in range(batch)]
+    max_new = decode_tokens_needed(engine, batch, context, steps, phases)
+    for rid in ids:
+        engine.add_request(RequestSpec(rid, _random_prompt(vocab, context, gen), sampling, max_new))
+    while any(
+        r.num_computed_tokens < r.num_prompt_tokens
+        for r in (*engine.scheduler.running, *engine.scheduler.waiting)
+    ):
+        engine.step()
+    return ids
 
 
 def _host_gap(engine: Engine) -> tuple[float, int]:
@@ -326,7 +345,11 @@ def run_engine_bench(
     out_json: str | None = None,
     prefill: bool = True,
     hf: bool = True,
+    profile: list[int] | None = None,
 ) -> list[DecodeResult]:
+    """The decode grid (``batches`` x ``contexts``), the HF baseline, prefill at 8k tokens and,
+    for each batch in ``profile``, a per-kernel table of its decode graph at every context
+    (last, so that the profiler's tracing slows none of the timed points)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else 0.0
     hf_ms = _hf_section(config, device, steps) if hf else {}
@@ -340,6 +363,7 @@ def run_engine_bench(
     results = _decode_grid(engine, batches, contexts, steps, bandwidth)
     hf_results = _compare_hf(engine, hf_ms, results, steps, bandwidth)
     prefills = _prefill_section(engine, device) if prefill else []
+    profiles = _profile_section(engine, profile or [], contexts, bandwidth)
     if out_json:
         report = {
             "bandwidth_Bps": bandwidth,
@@ -351,6 +375,7 @@ def run_engine_bench(
             ],
             "prefill": [asdict(p) | {"vs_matmul": p.vs_matmul} for p in prefills],
             "hf": [asdict(h) | {"speedup": h.speedup} for h in hf_results],
+            "profile": [asdict(p) | {"idle_us": p.idle_us} for p in profiles],
         }
         Path(out_json).write_text(json.dumps(report, indent=2))
     return results
@@ -448,6 +473,64 @@ def _prefill_section(engine: Engine, device: torch.device) -> list[PrefillResult
             f"{p.tflops_per_s:.1f} TFLOP/s = {p.vs_matmul:.2f} x matmul"
         )
     return out
+
+
+def _profile_section(
+    engine: Engine, batches: list[int], contexts: list[int], bandwidth: float
+) -> list[StepProfile]:
+    """For each (batch, context): the per-kernel table of the decode graph the point replays
+    (``bench_profile``), printed and returned; a clear line instead where it cannot run."""
+    if not batches:
+        return []
+    graphs = engine.runner.cuda_graphs
+    if graphs is None:
+        print(
+            f"profile: skipped (no CUDA graphs on {engine.runner.device}: the per-kernel "
+            "table replays a captured decode graph; it needs CUDA, the triton backend and no "
+            "--enforce-eager)"
+        )
+        return []
+    out = []
+    for ctx in contexts:
+        for batch in batches:
+            try:
+                p = profile_point(engine, batch, ctx)
+            except Exception as e:  # the bench has already reported everything else
+                print(f"profile batch {batch}, ctx {ctx}: skipped ({type(e).__name__}: {e})")
+                continue
+            out.append(p)
+            print(format_profile(p, bandwidth))
+    return out
+
+
+def profile_point(engine: Engine, batch: int, context: int, replays: int = 20) -> StepProfile:
+    """Fills ``batch`` requests of ``context`` tokens, decodes a few steps so that the graph
+    of their size holds valid inputs, then profiles ``replays`` replays of it
+    (:func:`~workers.bench_profile.profile_decode_graph`) beside its back-to-back replay time.
+    Raises ValueError when no captured graph holds ``batch`` or the KV cache cannot."""
+    graphs = engine.runner.cuda_graphs
+    size = padded_batch_size(batch, graphs.sizes)
+    if size is None:
+        raise ValueError(f"no captured graph holds {batch} requests (sizes {graphs.sizes})")
+    tokens = context + decode_tokens_needed(engine, batch, context, 0)
+    need = batch * engine.kv.blocks_needed(tokens)
+    if need > engine.pool.num_blocks:
+        raise ValueError(f"needs {need} KV blocks, the cache has {engine.pool.num_blocks}")
+    ids = start_decoding(engine, batch, context, 0, phases=1)
+    try:
+        for _ in range(WARMUP_STEPS):
+            engine.step()
+        replay_ms = graph_replay_ms(engine, batch)
+        events = profile_decode_graph(graphs.graphs[size], replays)
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+    model = engine.runner.model
+    per_layer, head = model_projections(model)
+    elem = next(model.parameters()).element_size()
+    gemms = attribute_gemms(events, per_layer, head, size, elem)
+    replay_us = 1e3 * replay_ms if replay_ms is not None else None
+    return build_profile(events, batch, context, size, replay_us, gemms)
 
 
 def _sync(device: torch.device) -> None:

@@ -158,7 +158,7 @@ class Scheduler:
             new_token_ids=tokens,
             finish_reason=req.finish_reason,
             stop_token_id=req.stop_token_id,
-            logprobs=None if logprobs is None else logprobs.get(req.request_id),
+            logprobs=_one(None if logprobs is None else logprobs.get(req.request_id)),
             num_prompt_tokens=req.num_prompt_tokens,
             num_preemptions=req.num_preemptions,
             queue_time_s=queue_time,
@@ -189,3 +189,13 @@ class Scheduler:
     def kv_demand_blocks(self) -> int:
         """Blocks that running and waiting requests need for the tokens they hold now."""
         return sum(self.kv.blocks_needed(r.num_tokens) for r in (*self.running, *self.waiting))
+
+    def waiting_demand_blocks(self) -> int:
+        """Blocks the waiting requests (new and preempted) need for the tokens they hold now:
+        the part of ``kv_demand_blocks`` that is queued (the planner's drop condition)."""
+        return sum(self.kv.blocks_needed(r.num_tokens) for r in self.waiting)
+
+
+def _one(lp: tuple | None) -> list[tuple] | None:
+    """A step's logprobs entry for one token, as the list ``RequestOutput.logprobs`` holds."""
+    return None if lp is None else [lp]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import inspect
 import logging
 import os
@@ -11,8 +12,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+
+if TYPE_CHECKING:
+    from planner.config import PlannerConfig
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -63,6 +68,49 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overload-policy", default="recompute", help=serve["overload_policy"])
     p.add_argument("--log-level", default="INFO")
+    planner = p.add_argument_group("planner (automatic drop and restore)")
+    add_planner_args(planner)
+    planner.add_argument(
+        "--no-auto-transitions",
+        dest="auto_transitions",
+        action="store_false",
+        help=serve["auto_transitions"],
+    )
+
+
+PLANNER_TIMING = ("sample_interval_s", "window_s", "smoothing_s", "min_dwell_s", "cooldown_s")
+"""PlannerConfig fields whose flag gets a ``--planner-`` prefix (a bare --window-s says too
+little on ``kunserve serve``); the others' flags are their names."""
+
+
+def planner_flag(name: str) -> str:
+    """The ``kunserve serve`` flag of a PlannerConfig field: --drop-threshold,
+    --planner-cooldown-s."""
+    return "--" + ("planner-" if name in PLANNER_TIMING else "") + name.replace("_", "-")
+
+
+def add_planner_args(p: argparse._ActionsContainer) -> None:
+    """One flag per PlannerConfig field, its docstring as help, its default as default."""
+    from planner.config import PlannerConfig
+
+    docs = field_docs(PlannerConfig)
+    for f in dataclasses.fields(PlannerConfig):
+        p.add_argument(
+            planner_flag(f.name),
+            dest="planner_" + f.name,
+            type=type(f.default),
+            default=f.default,
+            metavar="S" if f.name.endswith("_s") else ("N" if isinstance(f.default, int) else "X"),
+            help=f"{docs[f.name]} (default {f.default})",
+        )
+
+
+def planner_config(args: argparse.Namespace) -> PlannerConfig:
+    """The PlannerConfig of the parsed flags; raises ValueError on invalid values."""
+    from planner.config import PlannerConfig
+
+    names = [f.name for f in dataclasses.fields(PlannerConfig)]
+    return PlannerConfig(**{n: getattr(args, "planner_" + n) for n in names})
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +179,7 @@ def serve_main(args: argparse.Namespace) -> int:
     )
     log = logging.getLogger("kunserve")
     check_overload_policy(args.overload_policy)
+    planner = planner_config(args)
     model_path = resolve_model(args.model)
     engine = engine_config(args, model_path)
     engine.model_config()  # fail here, before Ray starts, on a bad config.json
@@ -152,6 +201,8 @@ def serve_main(args: argparse.Namespace) -> int:
         num_workers=num_workers,
         use_gpu=use_gpu,
         overload_policy=args.overload_policy,
+        planner=planner,
+        auto_transitions=args.auto_transitions,
     )
     actor = (
         ray.remote(CoordinatorServer)

@@ -92,6 +92,7 @@ class Coordinator:
         for i, (w, info) in enumerate(zip(workers, infos, strict=True)):
             inst = Instance(i, [w], info, info.stats)
             self.instances.append(inst)
+            self.metrics.on_instance_state(i, inst.state)
             self._rank_to_instance[info.rank] = inst
             self._next_seq[info.rank] = 1
             self._held[info.rank] = {}
@@ -245,6 +246,7 @@ class Coordinator:
     def fail_instance(self, inst: Instance, error: str) -> None:
         """Ends every live request of an instance whose worker died (INTERNAL to their clients)."""
         inst.state = InstanceState.FAILED
+        self.metrics.on_instance_state(inst.instance_id, inst.state)
         now = time.monotonic()
         for rid in list(inst.live):
             state = self.requests[rid]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from coordinator.request_state import Finished, RequestState
+from planner.types import InstanceState
 
 TTFT_BUCKETS = (
     0.001,
@@ -124,6 +125,27 @@ class Metrics:
         self.kv_usage = Gauge(
             P + "kv_cache_usage_perc", "KV-cache usage, a fraction 0..1.", mi, registry=r
         )
+        self.kv_demand = Gauge(
+            P + "kv_demand_perc",
+            "Smoothed KV demand (running and waiting requests' blocks) over normal KV capacity, "
+            "as the overload planner sees it; a group's members share the group's. May exceed 1.",
+            mi,
+            registry=r,
+        )
+        self.instance_state = Gauge(
+            P + "instance_state",
+            "1 for the instance's serving mode (normal, dropping, pipelined, restoring, ...), "
+            "0 for the others.",
+            ["model_name", "instance", "state"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            P + "transitions",
+            "Drops and restores by kind, trigger (admin, planner) and outcome (ok; refused: "
+            "nothing changed; failed: the group's requests were ended).",
+            ["model_name", "kind", "trigger", "outcome"],
+            registry=r,
+        )
         self._preemptions_seen: dict[int, int] = {}
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
@@ -159,3 +181,15 @@ class Metrics:
         if preemptions > seen:
             self.preemptions.labels(*labels).inc(preemptions - seen)
             self._preemptions_seen[instance] = preemptions
+
+    def on_instance_state(self, instance: int, state: InstanceState) -> None:
+        for s in InstanceState:
+            self.instance_state.labels(self.model_name, str(instance), s.value).set(
+                1.0 if s is state else 0.0
+            )
+
+    def on_demand(self, instance: int, demand: float) -> None:
+        self.kv_demand.labels(self.model_name, str(instance)).set(demand)
+
+    def on_transition(self, kind: str, trigger: str, outcome: str) -> None:
+        self.transitions.labels(self.model_name, kind, trigger, outcome).inc()

@@ -22,18 +22,17 @@ from coordinator.admin import ADMIN_SERVICE_NAME, AdminServicer
 from coordinator.coordinator import Coordinator
 from coordinator.frontend import VERSION, InferenceServicer, set_serving, start_grpc_server
 from coordinator.metrics import Metrics
+from coordinator.overload import OverloadController, model_shape
 from coordinator.transitions import Transitions
 from coordinator.validation import ModelLimits
+from planner.config import PlannerConfig
 from proto.kunserve.v1 import inference_pb2 as pb
 from proto.kunserve.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server as add_admin
-from workers.config import EngineConfig, load_eos_token_ids
+from workers.config import EngineConfig, load_eos_token_ids, parse_dtype
 from workers.tokenizer import Tokenizer
 from workers.worker import StepResult, Worker, WorkerInfo
 
 logger = logging.getLogger(__name__)
-
-LOAD_SAMPLE_INTERVAL_S = 0.5
-"""How often the coordinator samples every instance's load (KunServe samples demand at 0.5 s)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,13 @@ class ServeConfig:
     """What an instance does when its KV cache runs out."""
     worker_env: dict[str, str] = field(default_factory=dict)
     """Environment variables for the worker processes."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    """When to drop and restore; its sample_interval_s is also how often every instance's load
+    is sampled."""
+    auto_transitions: bool = True
+    """Whether the planner drops and restores on its own (overload policy drop only); when off
+    (--no-auto-transitions) only admin RPCs force transitions and the planner just observes
+    and logs."""
 
 
 class CoordinatorServer:
@@ -119,6 +125,9 @@ class CoordinatorServer:
                 self.core, self._model_info(tokenizer, limits), self.server_info
             )
             self.transitions = Transitions(self.core, model_cfg.num_layers, cfg.overload_policy)
+            device = "cuda" if cfg.use_gpu else "cpu"
+            dtype_bytes = parse_dtype(cfg.engine.dtype, device).itemsize
+            shape = model_shape(model_cfg, dtype_bytes, cfg.engine.cache.block_size)
             admin = AdminServicer(self.transitions, self.server_info)
             extra = [(ADMIN_SERVICE_NAME, lambda s: add_admin(admin, s))]
             self.server, self.health = await start_grpc_server(servicer, cfg.host, cfg.port, extra)
@@ -131,7 +140,13 @@ class CoordinatorServer:
             self.core.attach(self.workers, infos)
             await set_serving(self.health, True)
             self._ready.set_result(True)
-            self._monitor_task = asyncio.ensure_future(self.core.monitor(LOAD_SAMPLE_INTERVAL_S))
+            interval = cfg.planner.sample_interval_s
+            self._monitor_task = asyncio.ensure_future(self.core.monitor(interval))
+            act = cfg.auto_transitions and cfg.overload_policy == "drop"
+            self.overload = OverloadController(self.core, self.transitions, shape, cfg.planner, act)
+            self._overload_task = asyncio.ensure_future(self.overload.run())
+            what = "drops and restores" if act else "observes only"
+            logger.info("planner: %s, sampling every %g s", what, interval)
             logger.info(
                 "serving %s on %s:%d with %d instance(s)",
                 cfg.served_model_name,

@@ -3,9 +3,9 @@
 NORMAL → DROPPING → PIPELINED → RESTORING → NORMAL (KunServe's INITIAL → BALLOON → RESTORE →
 INITIAL, reference/kunserve.md §2; DESIGN.md §6). v1 is synchronous: every member parks its
 engine between steps while KV and requests move (workers/transition.py has the worker steps).
-Transitions are forced by the admin RPCs (coordinator/admin.py); the planner's decisions will
-call the same :meth:`Transitions.drop` and :meth:`Transitions.restore` (the hook is
-:meth:`Transitions.apply`).
+Transitions are forced by the admin RPCs (coordinator/admin.py) or started by the planner's
+decisions (coordinator/overload.py), both through :meth:`Transitions.drop` and
+:meth:`Transitions.restore` (the planner's hook is :meth:`Transitions.apply`).
 
 Ordering: a worker's pushes are applied in step order, but pushes of different workers are not
 ordered. Before requests change workers, each paused worker's last pushed step is waited for
@@ -15,10 +15,11 @@ ordered. Before requests change workers, each paused worker's last pushed step i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,18 +70,26 @@ class Transitions:
         self, drop_groups: Sequence[Sequence[int]] = (), restore_groups: Sequence[int] = ()
     ) -> None:
         """The planner hook: drops each group of instance ids (``DropPlan.groups[i]
-        .instance_ids``, stage order) and restores each group id (``RestorePlan.group_id``)."""
+        .instance_ids``, stage order) and restores each group id (``RestorePlan.group_id``),
+        one after the other; raises what the first failing transition raised."""
         for ids in drop_groups:
-            await self.drop(ids)
+            await self.drop(ids, trigger="planner")
         for gid in restore_groups:
-            await self.restore(gid)
+            await self.restore(gid, trigger="planner")
 
     # --- drop ---------------------------------------------------------------------------
 
-    async def drop(self, instance_ids: Sequence[int] | None = None) -> GroupRecord:
+    async def drop(
+        self, instance_ids: Sequence[int] | None = None, trigger: str = "admin"
+    ) -> GroupRecord:
         """Merges NORMAL instances (stage order; default: every NORMAL instance) into one
         pipeline group; returns once it serves. Raises TransitionError (nothing changed) when
-        the policy is not ``drop``, an instance is not NORMAL, or the KV does not fit."""
+        the policy is not ``drop``, an instance is not NORMAL, or the KV does not fit.
+        ``trigger`` (admin, planner) labels the ``kunserve:transitions`` counter."""
+        with self._counted("drop", trigger):
+            return await self._drop(instance_ids)
+
+    async def _drop(self, instance_ids: Sequence[int] | None) -> GroupRecord:
         if self.overload_policy != "drop":
             raise TransitionError(
                 f"overload policy is {self.overload_policy!r}: serve with --overload-policy drop"
@@ -168,10 +177,14 @@ class Transitions:
 
     # --- restore ------------------------------------------------------------------------
 
-    async def restore(self, group_id: int | None = None) -> GroupRecord:
+    async def restore(self, group_id: int | None = None, trigger: str = "admin") -> GroupRecord:
         """Splits a PIPELINED group (default: the only one) back into NORMAL instances; returns
         once they serve. Raises TransitionError (the group keeps serving as a pipeline) when
         its live KV does not fit back, or ValueError for an unknown group."""
+        with self._counted("restore", trigger):
+            return await self._restore(group_id)
+
+    async def _restore(self, group_id: int | None) -> GroupRecord:
         async with self._lock:
             record = self._restore_group(group_id)
             members = [self.core.instances[i] for i in record.instance_ids]
@@ -251,6 +264,21 @@ class Transitions:
     def _set_state(self, members: list[Instance], state: InstanceState) -> None:
         for m in members:
             m.state = state
+            self.core.metrics.on_instance_state(m.instance_id, state)
+
+    @contextlib.contextmanager
+    def _counted(self, kind: str, trigger: str) -> Iterator[None]:
+        """Counts one transition by outcome: ok, refused (TransitionError or ValueError:
+        nothing changed) or failed (anything else)."""
+        outcome = "failed"
+        try:
+            yield
+            outcome = "ok"
+        except (TransitionError, ValueError):
+            outcome = "refused"
+            raise
+        finally:
+            self.core.metrics.on_transition(kind, trigger, outcome)
 
     def _abort_released(self, request_ids: list[str], owner: dict[str, Instance]) -> None:
         """Requests that finished or were aborted here while they moved may still run on

@@ -44,6 +44,8 @@ class EngineStats:
     num_preemptions: int
     step_time_s: float = 0.0
     num_step_tokens: int = 0
+    waiting_demand_blocks: int = 0
+    """The part of ``kv_demand_blocks`` the waiting queue needs (blocks)."""
 
 
 class Engine:
@@ -139,4 +141,5 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             step_time_s=step_time,
             num_step_tokens=step_tokens,
+            waiting_demand_blocks=self.scheduler.waiting_demand_blocks(),
         )

@@ -32,11 +32,13 @@ RANGES = [(0, 3), (3, 5)]
 @pytest.fixture(scope="module")
 def drop_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """At most 8 running requests and 64 tokens a step per instance, so a transition meets
-    waiting requests and chunked prefills."""
+    waiting requests and chunked prefills. Only admin-forced transitions: the planner's own
+    are tested in test_auto_drop_e2e.py."""
     proc = start_server(
         tmp_path_factory.mktemp("drop-server"),
         "--overload-policy",
         "drop",
+        "--no-auto-transitions",
         "--num-kv-blocks",
         str(BLOCKS),
         "--max-num-seqs",

@@ -305,3 +305,15 @@ def test_check_stop_reasons(make_request) -> None:
     for req, expected in cases:
         req.output_token_ids.append(2)
         assert req.check_stop(max_model_len=100) is expected, req.request_id
+
+
+def test_waiting_demand_counts_the_queue_and_preempted_requests(make_request) -> None:
+    sched = make_scheduler(blocks=3, block_size=4, budget=16)
+    for rid in "abc":
+        sched.add(make_request(rid, prompt=4))
+    assert (sched.kv_demand_blocks(), sched.waiting_demand_blocks()) == (3, 3)
+    step(sched)  # each holds one block and now has 5 tokens
+    assert (sched.kv_demand_blocks(), sched.waiting_demand_blocks()) == (6, 0)
+    step(sched)  # a needs a second block: c and b are preempted with 5 tokens each
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    assert (sched.kv_demand_blocks(), sched.waiting_demand_blocks()) == (6, 4)

@@ -1,0 +1,46 @@
+"""``kunserve serve`` flags: every PlannerConfig field is a flag, validated by PlannerConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from coordinator.cli import add_serve_args, planner_config, planner_flag
+from planner.config import PlannerConfig
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_planner_flags_default_to_the_config_defaults() -> None:
+    args = parse()
+    assert planner_config(args) == PlannerConfig()
+    assert args.auto_transitions is True
+    flags = [planner_flag(f.name) for f in dataclasses.fields(PlannerConfig)]
+    assert flags[:3] == ["--drop-threshold", "--restore-threshold", "--planner-sample-interval-s"]
+    assert "--planner-cooldown-s" in flags and "--max-group-size" in flags
+
+
+def test_planner_flags_set_the_config() -> None:
+    args = parse(
+        "--drop-threshold",
+        "0.9",
+        "--planner-cooldown-s",
+        "1",
+        "--max-group-size",
+        "2",
+        "--no-auto-transitions",
+    )
+    config = planner_config(args)
+    assert (config.drop_threshold, config.cooldown_s, config.max_group_size) == (0.9, 1.0, 2)
+    assert args.auto_transitions is False
+
+
+def test_invalid_planner_flags_raise() -> None:
+    with pytest.raises(ValueError, match="restore_threshold must be in"):
+        planner_config(parse("--restore-threshold", "0.99"))

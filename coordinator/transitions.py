@@ -103,12 +103,12 @@ class Transitions:
             start = time.monotonic()
             self._set_state(members, InstanceState.DROPPING)
             try:
-                reports, copies = await self._prepare_drop(members, spec)
+                reports = await self._prepare_drop(members, spec)
             except BaseException:
                 self._set_state(members, InstanceState.NORMAL)
                 await _gather(m.leader.resume.remote() for m in members)
                 raise
-            await self._execute_drop(members, record, reports, copies)
+            await self._execute_drop(members, record, reports)
             record.transition_s = time.monotonic() - start
             self.groups[spec.group_id] = record
             logger.info(
@@ -139,16 +139,16 @@ class Transitions:
             raise TransitionError(f"instances {busy} are not NORMAL")
         return [insts[i] for i in ids]
 
-    async def _prepare_drop(self, members: list[Instance], spec: GroupSpec) -> tuple[list, list]:
+    async def _prepare_drop(self, members: list[Instance], spec: GroupSpec) -> list:
         """Pauses the members, collects their reports, and has the leader merge them; the
         last step that may still fail without changing anything."""
         await self._pause(members)
         reports = await _gather(m.leader.transition.remote("drop_prepare", spec) for m in members)
-        copies = await members[0].leader.transition.remote("drop_merge", spec, reports)
-        return reports, copies
+        await members[0].leader.transition.remote("drop_merge", spec, reports)
+        return reports
 
     async def _execute_drop(
-        self, members: list[Instance], record: GroupRecord, reports: list, copies: list
+        self, members: list[Instance], record: GroupRecord, reports: list
     ) -> None:
         spec, leader = record.spec, members[0]
         exported = [t.request.request_id for r in reports for t in r.transfers]
@@ -159,7 +159,7 @@ class Transitions:
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
         try:
             stage_blocks = await _gather(
-                m.leader.transition.remote("drop_execute", spec, copies, record.kv_blocks_after)
+                m.leader.transition.remote("drop_execute", spec, record.kv_blocks_after)
                 for m in members
             )
         except BaseException:

@@ -1,10 +1,10 @@
-"""Synchronous KV exchange between the workers of a group at a drop or a restore (v1).
+"""KV slice copies between the workers of a pipeline group.
 
-KunServe §3(c)-(d) (reference/kunserve.md): at a drop, the layer slice ``[start_r, end_r)`` of
-each request's KV moves from its home worker's L-layer blocks to pipeline blocks on stage r; at
-a restore, each stage's slice moves back into L-layer blocks on the request's new home. Here
-both happen while the engines are parked (KunServe's blocking ``reshard`` mode); the live,
-interleaved exchange and remote attention come in v2.
+KunServe §3(c)-(d) (reference/kunserve.md). Two users walk the same plans: the live exchange
+after a drop (workers/remote_attention.py: a pre-drop request's layer slices move from its
+home's L-layer blocks to the stages that own those layers, a budget per step), and a restore,
+where each stage's slice of every request moves back into L-layer blocks on its new home while
+the engines are parked (KunServe's blocking ``reshard`` mode).
 
 A plan is a list of :class:`SliceCopy`, one per ordered (source, destination) worker pair, in
 one global order that every worker walks: the sender gathers and sends, the receiver receives,
@@ -58,19 +58,6 @@ class SliceCopy:
     @property
     def num_layers(self) -> int:
         return self.src_layers[1] - self.src_layers[0]
-
-
-def plan_drop(
-    moves: Sequence[BlockMove], ranks: Sequence[int], ranges: Sequence[tuple[int, int]]
-) -> list[SliceCopy]:
-    """Drop: for each stage r, layers ``ranges[r]`` of each request's L-layer blocks on its
-    home go to all layers of its pipeline blocks on stage r (``ranks[r]``)."""
-    copies = []
-    for src in sorted(set(ranks)):
-        mine = [m for m in moves if m.home == src]
-        for dst, (start, end) in zip(ranks, ranges, strict=True):
-            copies.append(_pair(src, dst, (start, end), (0, end - start), mine))
-    return [c for c in copies if c.src_blocks]
 
 
 def plan_restore(

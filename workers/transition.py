@@ -210,11 +210,11 @@ class GroupController:
             for r in (*sched.running, *sched.waiting)
         ]
 
-    def drop_merge(self, spec: GroupSpec, reports: list[DropReport]) -> list[SliceCopy]:
-        """Leader: the group pool (min over stages of their blocks), the merged queues, and
-        the KV copy plan. Running requests keep their admission order, waiting ones put the
-        preempted first, then arrival order. Raises TransitionError when the running requests'
-        KV does not fit in the group pool (nothing changed)."""
+    def drop_merge(self, spec: GroupSpec, reports: list[DropReport]) -> None:
+        """Leader: the group pool (min over stages of their blocks) and the merged queues;
+        changes nothing the engine uses until ``drop_execute``. Running requests keep their
+        admission order, waiting ones put the preempted first, then arrival order. No KV is
+        copied: running requests keep theirs home (workers/remote_attention.py)."""
         group_blocks = min(r.stage_blocks for r in reports)
         incoming = [t for r in reports for t in r.transfers]
         everyone = [RequestTransfer(r, None, self.rank) for r in _requests(self.engine)]
@@ -237,7 +237,6 @@ class GroupController:
             {t.request.request_id: t.origin for t in running},
             [t.request.request_id for t in waiting],
         )
-        return []
 
     def _group_kv(self, spec: GroupSpec, group_blocks: int) -> GroupKVManager:
         runner, cache = _base_runner(self.engine), self.engine.config.cache
@@ -252,7 +251,7 @@ class GroupController:
         )
 
     @torch.inference_mode()
-    def drop_execute(self, spec: GroupSpec, copies: list[SliceCopy], group_blocks: int) -> int:
+    def drop_execute(self, spec: GroupSpec, group_blocks: int) -> int:
         """Every member: moves KV, drops weights, re-views KV memory, enters pipeline mode.
         Returns this stage's capacity in its own blocks."""
         engine, runner = self.engine, self.engine.runner
@@ -261,12 +260,10 @@ class GroupController:
         self.transport = StageTransport(
             runner.device, runner.model_config.hidden_size, runner.dtype
         )
-        pending = kv_exchange.read(copies, self.rank, runner.kv_cache, self.transport)
         num_layers = runner.model.cfg.num_layers
         runner.model = self.memory.drop(runner.model, (start, end))
         _set_kv(runner, self.memory.view(end - start))
         stage_blocks = runner.kv_cache.shape[0]
-        kv_exchange.write(pending, runner.kv_cache)
         self.legacy_view = self.memory.view(num_layers)
         self.spec = spec
         if stage == 0:

@@ -79,7 +79,7 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
             core.abort(["b"])  # the client cancels while b moves: the abort goes to worker 1
             return _report(1, ["b"])
 
-        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=[])
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=None)
         w0.answers.update(drop_execute=140)
         w1.answers.update(drop_prepare=prepare1, drop_execute=150)
         out = RequestOutput("b", [7])

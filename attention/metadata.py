@@ -22,6 +22,34 @@ class AttentionMetadata:
     choose from the batch size and the block-table width. A captured CUDA graph fixes it at
     capture (workers/cuda_graphs.py), so a replay launches the same grid it recorded."""
 
+    @classmethod
+    def from_host(
+        cls,
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        query_lens: list[int],
+        seq_lens: list[int],
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """From host lists (one entry per token for ``slot_mapping``, per sequence for the
+        rest): block tables padded with 0 to the longest (at least one column), query start
+        locations as prefix sums of ``query_lens``. On CUDA the copies are pinned and
+        asynchronous."""
+        width = max(1, max(len(t) for t in block_tables))
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + n)
+        return cls(
+            slot_mapping=host_tensor(slot_mapping, torch.int64, device),
+            block_tables=host_tensor(
+                [t + [0] * (width - len(t)) for t in block_tables], torch.int32, device
+            ),
+            seq_lens=host_tensor(seq_lens, torch.int32, device),
+            query_start_loc=host_tensor(qsl, torch.int32, device),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+        )
+
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
@@ -29,3 +57,11 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+
+def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on ``device``; on CUDA through pinned memory, without waiting."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

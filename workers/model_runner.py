@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from attention.backends import get_backend
-from attention.metadata import AttentionMetadata
+from attention.metadata import AttentionMetadata, host_tensor
 from kernels.vmm import make_backend
 from workers.config import EngineConfig, ModelConfig, parse_dtype, resolve_memory_backend
 from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker
@@ -264,25 +264,15 @@ class ModelRunner:
         return self._to_device(self.gather(out))
 
     def _to_device(self, h: HostInputs) -> ModelInputs:
-        width = max(1, max(len(t) for t in h.block_tables))
-        table = [t + [0] * (width - len(t)) for t in h.block_tables]
-        qsl = [0]
-        for n in h.query_lens:
-            qsl.append(qsl[-1] + n)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=_tensor(h.slot_mapping, torch.int64, dev),
-            block_tables=_tensor(table, torch.int32, dev),
-            seq_lens=_tensor(h.seq_lens, torch.int32, dev),
-            query_start_loc=_tensor(qsl, torch.int32, dev),
-            max_query_len=max(h.query_lens),
-            max_seq_len=max(h.seq_lens),
+        meta = AttentionMetadata.from_host(
+            h.slot_mapping, h.block_tables, h.query_lens, h.seq_lens, dev
         )
         return ModelInputs(
-            _tensor(h.input_ids, torch.int64, dev),
-            _tensor(h.positions, torch.int64, dev),
+            host_tensor(h.input_ids, torch.int64, dev),
+            host_tensor(h.positions, torch.int64, dev),
             meta,
-            _tensor(h.logits_indices, torch.int64, dev),
+            host_tensor(h.logits_indices, torch.int64, dev),
             h.sampling_requests,
         )
 
@@ -315,7 +305,7 @@ class ModelRunner:
         hidden = self.forward(h)
         if not h.sampling_requests:
             return {}, {}
-        logits_indices = _tensor(h.logits_indices, torch.int64, self.device)
+        logits_indices = host_tensor(h.logits_indices, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[logits_indices])
         tokens, logprobs = self.sampler.sample(logits, h.sampling_requests)
         ids = [r.request_id for r in h.sampling_requests]
@@ -342,7 +332,7 @@ class ModelRunner:
             logits = (
                 outputs.logits
                 if every_row
-                else outputs.logits[_tensor(rows, torch.int64, self.device)]
+                else outputs.logits[host_tensor(rows, torch.int64, self.device)]
             )
             tokens, logprobs = self.sampler.sample(logits, requests)
         graphs.host_gap.ready()
@@ -356,10 +346,3 @@ def _token_slice(r: Request, lo: int, hi: int) -> list[int]:
     if hi - lo == 1:
         return [r.token_id(lo)]
     return r.all_token_ids()[lo:hi]
-
-
-def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t

@@ -378,26 +378,17 @@ class RemoteAttention:
         """Attention metadata of ``seqs`` over their L-layer blocks (this worker is home)."""
         key = tuple(seqs)
         if key not in self._meta_cache:
-            bs, slots, tables, qsl = self.block_size, [], [], [0]
+            bs, slots = self.block_size, []
             for i in seqs:
                 blocks = self.by_index[i].blocks
                 end, n = self.plan.seq_lens[i], self.plan.query_lens[i]
                 slots += [blocks[p // bs] * bs + p % bs for p in range(end - n, end)]
-                tables.append(list(blocks))
-                qsl.append(qsl[-1] + n)
-            width = max(len(t) for t in tables)
-            dev = self.device
-            self._meta_cache[key] = AttentionMetadata(
-                slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                block_tables=torch.tensor(
-                    [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev
-                ),
-                seq_lens=torch.tensor(
-                    [self.plan.seq_lens[i] for i in seqs], dtype=torch.int32, device=dev
-                ),
-                query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-                max_query_len=max(self.plan.query_lens[i] for i in seqs),
-                max_seq_len=max(self.plan.seq_lens[i] for i in seqs),
+            self._meta_cache[key] = AttentionMetadata.from_host(
+                slots,
+                [list(self.by_index[i].blocks) for i in seqs],
+                [self.plan.query_lens[i] for i in seqs],
+                [self.plan.seq_lens[i] for i in seqs],
+                self.device,
             )
         return self._meta_cache[key]
 

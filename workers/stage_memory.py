@@ -18,7 +18,6 @@ their bytes (DESIGN.md §5: blocks keep their format until their KV has moved).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -149,13 +148,16 @@ class VmmStageMemory:
         return self.memory.kv.mapped_bytes
 
     def block_bytes(self, layers: int) -> int:
-        return dataclasses.replace(self.memory.kv.fmt, layers_per_block=layers).block_bytes
+        return self._buffer().block_bytes(layers)
 
     def view(self, layers: int) -> torch.Tensor:
-        fmt = dataclasses.replace(self.memory.kv.fmt, layers_per_block=layers)
-        n = self.nbytes // fmt.block_bytes
-        flat = self.memory.kv.prefix_bytes()[: n * fmt.block_bytes]
-        return flat.view(fmt.dtype).view(n, *fmt.shape)
+        return self._buffer().view(layers)
+
+    def _buffer(self) -> KVBuffer:
+        """The KV pool's mapped prefix as a :class:`KVBuffer` (no copy)."""
+        fmt, prefix = self.memory.kv.fmt, self.memory.kv.prefix_bytes()
+        shape = (fmt.block_size, fmt.num_kv_heads, fmt.head_dim)
+        return KVBuffer(prefix.numel(), shape, fmt.dtype, prefix.device, data=prefix)
 
     def bytes_after_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> int:
         arena = self.memory.arena

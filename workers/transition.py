@@ -75,6 +75,10 @@ class GroupSpec:
     def stage_of(self, rank: int) -> int:
         return self.ranks.index(rank)
 
+    @property
+    def layout(self) -> GroupLayout:
+        return GroupLayout(self.ranks, self.ranges)
+
 
 @dataclass
 class RequestTransfer:
@@ -241,11 +245,10 @@ class GroupController:
     def _group_kv(self, spec: GroupSpec, group_blocks: int) -> GroupKVManager:
         runner, cache = _base_runner(self.engine), self.engine.config.cache
         layer_block_bytes = runner.block_bytes // runner.layers_per_block
-        layout = GroupLayout(spec.ranks, spec.ranges)
         return GroupKVManager(
             BlockPool(group_blocks),
             cache.block_size,
-            layout,
+            spec.layout,
             layer_block_bytes,
             cache.kv_exchange_bytes_per_step,
         )
@@ -289,9 +292,8 @@ class GroupController:
         for r in m.running:  # pre-drop requests: their KV stays home until it has moved
             m.kv.adopt_legacy(r, self.origins[r.request_id])
         _install(engine, m.kv, m.running, m.waiting)
-        layout = GroupLayout(spec.ranks, spec.ranges)
         engine.runner = PipelineRunner(
-            engine.runner, self.transport, spec.ranks, layout, m.kv, self.legacy_view
+            engine.runner, self.transport, spec.ranks, spec.layout, m.kv, self.legacy_view
         )
         self._merge = None
 
@@ -300,9 +302,8 @@ class GroupController:
         for r in _requests(engine):
             engine.runner.sampler.forget(r.request_id)
         _install(engine, KVCacheManager(BlockPool(group_blocks), engine.kv.block_size), [], [])
-        layout = GroupLayout(spec.ranks, spec.ranges)
         self.stage_loop = StageLoop(
-            engine.runner, self.transport, spec.ranks, stage, layout, self.legacy_view
+            engine.runner, self.transport, spec.ranks, stage, spec.layout, self.legacy_view
         )
 
     def run_stage_loop(self) -> None:

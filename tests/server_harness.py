@@ -48,6 +48,13 @@ class ServerProcess:
             self.proc.kill()
 
 
+_FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 100),
+]
+
+
 def start_server(log_dir: Path, *extra: str, timeout: float = 180.0) -> ServerProcess:
     """Starts ``kunserve serve`` with 2 CPU workers on stories260K; returns once health says
     SERVING. While it starts, sends Generate calls and records their status codes."""
@@ -76,7 +83,9 @@ def start_server(log_dir: Path, *extra: str, timeout: float = 180.0) -> ServerPr
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent
     )
     server = ServerProcess(port, metrics_port, proc, log_path)
-    channel = grpc.insecure_channel(server.address)
+    # gRPC's default reconnect backoff grows past a second after a few refused connects, which
+    # can hide the whole NOT_SERVING window (workers starting) from the probes below.
+    channel = grpc.insecure_channel(server.address, options=_FAST_RECONNECT)
     health = health_pb2_grpc.HealthStub(channel)
     stub = pb_grpc.InferenceServiceStub(channel)
     deadline = time.monotonic() + timeout

@@ -184,3 +184,31 @@ class StageTransport:
         if not out.is_contiguous():
             raise ValueError("recv_into needs a contiguous tensor")
         dist.recv(out, src)
+
+
+def connect_all_pairs(rank: int, world_size: int, device: torch.device) -> None:
+    """Opens the point-to-point channel between ``rank`` and every other rank now, at start-up.
+
+    NCCL creates a pair's communicator on the pair's first send/recv, which takes tens to
+    hundreds of milliseconds; left lazy, that cost lands on the first pipelined step after a
+    drop, as a token gap for every running request. Each pair exchanges one int64 both ways,
+    pairs in lexicographic order on every rank (the order rules out a wait cycle). Call on all
+    ranks at once, after ``init_process_group``.
+
+    Raises ``RuntimeError`` if a peer's value comes back wrong.
+    """
+    for low in range(world_size):
+        for high in range(low + 1, world_size):
+            if rank not in (low, high):
+                continue
+            peer = high if rank == low else low
+            mine = torch.full((1,), rank, dtype=torch.int64, device=device)
+            theirs = torch.empty(1, dtype=torch.int64, device=device)
+            if rank == low:
+                dist.send(mine, peer)
+                dist.recv(theirs, peer)
+            else:
+                dist.recv(theirs, peer)
+                dist.send(mine, peer)
+            if int(theirs.item()) != peer:
+                raise RuntimeError(f"rank {rank}: pair check with rank {peer} got {theirs.item()}")

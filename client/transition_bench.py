@@ -37,7 +37,9 @@ class _Trace:
     """Arrival time of each token (monotonic seconds; a delta of k tokens counts k times)."""
 
 
-async def _run_request(client: AsyncKunserveClient, rid: str, prompt: list[int], n: int, tr: _Trace):
+async def _run_request(
+    client: AsyncKunserveClient, rid: str, prompt: list[int], n: int, tr: _Trace
+):
     stream = client.generate(
         prompt, request_id=rid, max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False
     )

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.config import LOG_FORMAT, CacheConfig, EngineConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     from planner.config import PlannerConfig
@@ -67,7 +67,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="run N CPU workers instead of GPU workers (default 1 when no GPU)",
     )
     p.add_argument("--overload-policy", default="recompute", help=serve["overload_policy"])
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        help="coordinator and worker log level (DEBUG logs what a transition does to each request)",
+    )
     planner = p.add_argument_group("planner (automatic drop and restore)")
     add_planner_args(planner)
     planner.add_argument(
@@ -174,9 +178,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from planner.policies import check_overload_policy
     from workers.checkpoint.registry import resolve_model
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     log = logging.getLogger("kunserve")
     check_overload_policy(args.overload_policy)
     planner = planner_config(args)
@@ -203,6 +205,7 @@ def serve_main(args: argparse.Namespace) -> int:
         overload_policy=args.overload_policy,
         planner=planner,
         auto_transitions=args.auto_transitions,
+        log_level=args.log_level.upper(),
     )
     actor = (
         ray.remote(CoordinatorServer)
@@ -257,6 +260,7 @@ def bench_main(args: argparse.Namespace) -> int:
         args.output_json,
         prefill=not args.no_prefill,
         hf=not args.no_hf,
+        profile=_ints(args.profile),
     )
     return 0
 
@@ -283,6 +287,19 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     eng.add_argument(
         "--no-hf", action="store_true", help="skip the HF transformers decode baseline"
     )
+    eng.add_argument(
+        "--profile",
+        default="",
+        metavar="BATCHES",
+        help="batch sizes (e.g. 1,64) whose decode graph is then profiled kernel by kernel at "
+        "every context: time per kernel family and per layer",
+    )
+    sub.add_parser(
+        "drop",
+        help="a forced drop and restore under live decode against a running server: drop and "
+        "restore time vs the link floor, KV capacity vs its bound, token gaps vs TBT",
+        add_help=False,
+    )
     ker = sub.add_parser("kernels", help="Triton kernels vs torch SDPA and the HBM floor")
     ker.add_argument("--output-json", default=None)
 
@@ -297,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         from client.replay.cli import replay_main
 
         return replay_main(argv[1:])
+    if argv[:2] == ["bench", "drop"]:
+        from client.transition_bench import main as drop_bench_main
+
+        return drop_bench_main(argv[2:])
     if argv and argv[0] == "admin":
         from coordinator.admin_cli import admin_main
 

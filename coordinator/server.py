@@ -28,7 +28,7 @@ from coordinator.validation import ModelLimits
 from planner.config import PlannerConfig
 from proto.kunserve.v1 import inference_pb2 as pb
 from proto.kunserve.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server as add_admin
-from workers.config import EngineConfig, load_eos_token_ids, parse_dtype
+from workers.config import LOG_FORMAT, EngineConfig, load_eos_token_ids, parse_dtype
 from workers.tokenizer import Tokenizer
 from workers.worker import StepResult, Worker, WorkerInfo
 
@@ -60,15 +60,15 @@ class ServeConfig:
     """Whether the planner drops and restores on its own (overload policy drop only); when off
     (--no-auto-transitions) only admin RPCs force transitions and the planner just observes
     and logs."""
+    log_level: str = "INFO"
+    """Log level of the coordinator and worker processes (``logging`` level name)."""
 
 
 class CoordinatorServer:
     """Body of the coordinator actor (``ray.remote(CoordinatorServer)`` in the CLI)."""
 
     def __init__(self, config: ServeConfig) -> None:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
         self.config = config
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="frontend", daemon=True)
@@ -174,7 +174,7 @@ class CoordinatorServer:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=rank
                 ),
-            ).remote(rank, cfg.engine, me, cfg.use_gpu)
+            ).remote(rank, cfg.engine, me, cfg.use_gpu, cfg.log_level)
             for rank in range(cfg.num_workers)
         ]
         url = await self.workers[0].rendezvous_address.remote()

@@ -14,6 +14,9 @@ import torch
 
 from kernels.rope import RopeScaling
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""One log line format for the CLI, the coordinator actor and the workers."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MEMORY_BACKENDS = ("auto", "vmm", "torch")
 

@@ -26,7 +26,10 @@ What a replay may change and what it may not:
   Split bounds are read from each row's context length on the device, so a replay stays exact
   as contexts grow.
 - The KV cache tensor and the weights must not move after capture (the runner drops its
-  graphs when the cache is reallocated, and a transition drops them when it re-views it).
+  graphs when the cache is reallocated). A transition parks them while the worker runs as a
+  pipeline stage; a restore brings them back only when :func:`graph_key` says every tensor
+  they read is again where it was at capture (VMM memory: weights and KV come back at the
+  same virtual addresses), and captures anew otherwise.
 
 All graphs share one memory pool, captured largest first, so their intermediate activations
 reuse the same memory; each graph's outputs (hidden states, logits, greedy ids) stay its own:
@@ -251,3 +254,16 @@ class CudaGraphRunner:
             self._greedy_copied.record()
             self._greedy_copied.synchronize()
         return self._greedy_host[:n].tolist()
+
+
+def graph_key(model: torch.nn.Module, kv_cache: torch.Tensor) -> tuple:
+    """What captured decode graphs depend on: name, address, shape, stride and dtype of every
+    parameter and buffer of ``model``, and of ``kv_cache``. Graphs captured under one key
+    replay correctly under an equal key (the tensors they read are at the same addresses with
+    the same layout and meaning), which is how a restore on VMM memory keeps them."""
+
+    def fields(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+    named = (*model.named_parameters(), *model.named_buffers())
+    return (tuple((name, *fields(t)) for name, t in named), fields(kv_cache))

@@ -15,7 +15,7 @@ from attention.backends import get_backend
 from attention.metadata import AttentionMetadata, host_tensor
 from kernels.vmm import make_backend
 from workers.config import EngineConfig, ModelConfig, parse_dtype, resolve_memory_backend
-from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker
+from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker, graph_key
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.kv_pool import KVBlockFormat
 from workers.memory import WorkerMemory
@@ -88,6 +88,10 @@ class ModelRunner:
         self.kv_cache = torch.empty(0, device=device)
         self.cuda_graphs: CudaGraphRunner | None = None
         """Captured decode graphs (:meth:`capture_cuda_graphs`); None runs every step eagerly."""
+        self._parked_graphs: tuple[CudaGraphRunner, tuple] | None = None
+        """Graphs set aside by :meth:`park_cuda_graphs` with the :func:`graph_key` they were
+        captured under."""
+        self._graph_key: tuple | None = None
         self._force_eager = False
 
     @property
@@ -178,7 +182,7 @@ class ModelRunner:
         """Drops the graphs and the KV cache and, on VMM, releases every chunk (weights and
         KV). The parameters move to the meta device first, so any later use raises instead of
         reading freed memory: the runner cannot run again."""
-        self.cuda_graphs = None
+        self.cuda_graphs = self._parked_graphs = None
         self.kv_cache = torch.empty(0, device=self.device)
         if self.memory is not None:
             self.model.to("meta")
@@ -217,18 +221,31 @@ class ModelRunner:
         if reason is not None:
             logger.info("CUDA graphs off: %s", reason)
             return
+        parked, self._parked_graphs = self._parked_graphs, None
+        key = graph_key(self.model, self.graph_kv_cache)
+        if parked is not None and parked[1] == key:
+            self.cuda_graphs, self._graph_key = parked
+            logger.info("CUDA graphs: kept (weights and KV cache are where they were captured)")
+            return
         sched = self.config.scheduler
         sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
         width = -(-self.max_model_len // self.block_size)
         start = time.perf_counter()
         graphs = CudaGraphRunner(self.model, self.graph_kv_cache, sizes, width)
         graphs.capture()
-        self.cuda_graphs = graphs
+        self.cuda_graphs, self._graph_key = graphs, key
         logger.info(
             "CUDA graphs: captured decode batch sizes %s in %.1f s",
             sizes,
             time.perf_counter() - start,
         )
+
+    def park_cuda_graphs(self) -> None:
+        """Sets the decode graphs aside (no replay) while the model or the KV cache is re-viewed
+        (a drop); :meth:`capture_cuda_graphs` brings them back if nothing they read moved."""
+        if self.cuda_graphs is not None:
+            self._parked_graphs = (self.cuda_graphs, self._graph_key)
+        self.cuda_graphs = self._graph_key = None
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,6 +32,10 @@ from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+_LOGGED_STEPS = 8
+"""The leader logs the time of its first pipelined steps (at info): they carry a drop's
+token gap."""
 
 
 # --- stage models -----------------------------------------------------------------------
@@ -227,6 +232,9 @@ class PipelineRunner(_Stage):
         layout = layout or GroupLayout(ranks, ())
         super().__init__(runner, transport, layout, 0, legacy_view)
         self.kv = kv
+        self.steps = 0
+        """Pipelined steps run so far."""
+        self._started = time.perf_counter()
 
     def __getattr__(self, name: str) -> Any:
         if name == "runner":  # not set yet: no recursion
@@ -251,9 +259,16 @@ class PipelineRunner(_Stage):
         """Stage 0's layers here, the rest on the other stages; samples from the returned
         logits [num_sampling, vocab]. Returns token ids and logprobs by request id."""
         r = self.runner
+        t0 = time.perf_counter()
         plan = None
         if self.kv is not None and self.kv.legacy:
             plan = self.kv.step_plan(out, self.kv.plan_exchange(out))
+            if not self.kv.legacy:
+                logger.info(
+                    "kv exchange: every pre-drop request moved after %d steps (%.3f s)",
+                    self.steps + 1,
+                    t0 - self._started,
+                )
         inputs = r.prepare(out)
         m = inputs.meta
         header = StepHeader(
@@ -282,11 +297,21 @@ class PipelineRunner(_Stage):
         self.transport.send_body(self.ranks[1], x)
         self.serve(router, range(1, len(self.ranks)))
         requests = inputs.sampling_requests
-        if not requests:
-            return {}, {}
-        vocab = r.model_config.vocab_size
-        logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
-        tokens, logprobs = r.sampler.sample(logits, requests)
+        tokens, logprobs = [], []
+        if requests:
+            vocab = r.model_config.vocab_size
+            logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
+            tokens, logprobs = r.sampler.sample(logits, requests)
+        self.steps += 1
+        if self.steps <= _LOGGED_STEPS:  # the first steps after a drop carry its token gap
+            logger.info(
+                "pipeline step %d: %.2f ms, %d sequences, %d pre-drop, %d KV slices moved",
+                self.steps,
+                1e3 * (time.perf_counter() - t0),
+                len(out.scheduled),
+                0 if plan is None else len(plan.legacy),
+                0 if plan is None else len(plan.moves),
+            )
         ids = [q.request_id for q in requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 

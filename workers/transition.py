@@ -454,9 +454,10 @@ def _base_runner(engine: Any) -> Any:
 
 
 def _set_kv(runner: Any, view: torch.Tensor) -> None:
-    """Points the runner at a new KV view; decode graphs recorded the old one's address."""
+    """Points the runner at a new KV view; its decode graphs are parked until a restore
+    (kept then if the weights and this view are where they were at capture)."""
     runner.kv_cache = view
-    runner.cuda_graphs = None
+    runner.park_cuda_graphs()
 
 
 def _pool_for(num_blocks: int, running: list[Request]) -> BlockPool:

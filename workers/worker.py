@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from workers.config import EngineConfig
+from attention.transport import connect_all_pairs
+from workers.config import LOG_FORMAT, EngineConfig
 from workers.engine import Engine, EngineStats, RequestSpec
 from workers.scheduler import RequestOutput
 from workers.transition import GroupController, check_block_ownership
@@ -54,7 +55,15 @@ class Worker:
     """Holds one engine. Two-phase start: construct (cheap), then ``init_distributed``, then
     ``load`` (model and KV cache), then ``start`` (the loop)."""
 
-    def __init__(self, rank: int, config: EngineConfig, coordinator: Any, use_gpu: bool) -> None:
+    def __init__(
+        self,
+        rank: int,
+        config: EngineConfig,
+        coordinator: Any,
+        use_gpu: bool,
+        log_level: str = "INFO",
+    ) -> None:
+        logging.basicConfig(level=log_level, format=LOG_FORMAT)
         self.rank = rank
         self.config = config
         self.coordinator = coordinator
@@ -95,6 +104,7 @@ class Worker:
         dist.all_reduce(probe)
         if int(probe.item()) != world_size:
             raise RuntimeError(f"process group check failed: all_reduce gave {probe.item()}")
+        connect_all_pairs(self.rank, world_size, self.device)
 
     def load(self) -> WorkerInfo:
         self.engine = Engine(self.config, self.device)

@@ -200,3 +200,27 @@ def test_admin_errors(drop_server: ServerProcess) -> None:
             admin.Restore(apb.RestoreRequest())
         assert none.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert status(drop_server.address).overload_policy == "drop"
+
+
+def test_bench_drop_measures_a_forced_drop_and_restore(
+    drop_server: ServerProcess, tmp_path
+) -> None:
+    """``kunserve bench drop`` end to end: requests decode through a drop and a restore and
+    each figure comes back from the same run."""
+    host, port = drop_server.address.split(":")
+    out = tmp_path / "drop.json"
+    cmd = [sys.executable, "-m", "coordinator.cli", "bench", "drop", "--host", host]
+    cmd += ["--port", port, "--num-requests", "4", "--prompt-len", "32", "--max-tokens", "400"]
+    cmd += ["--phase-s", "1", "--weight-gb", "0.001", "--output-json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(out.read_text())
+    assert r["g"] == 2
+    assert (r["kv_blocks_before"], r["kv_blocks_after"]) == (2 * BLOCKS, expected_capacity()[1])
+    assert r["capacity_ratio"] == r["kv_blocks_after"] / r["kv_blocks_before"]
+    assert 0 < r["drop_s"] < 60 and 0 < r["restore_s"] < 60
+    assert r["normal_tokens_per_s"] > 0 and r["pipeline_tokens_per_s"] > 0
+    assert r["after_restore_tokens_per_s"] > 0
+    assert r["max_gap_drop_ms"] > r["normal_tbt_ms"] > 0  # the pause shows as a gap
+    assert "drop" in done.stdout and "restore" in done.stdout
+    assert [i.state for i in _info(drop_server.address).instances] == [pb.INSTANCE_STATE_NORMAL] * 2

@@ -23,6 +23,7 @@ from workers.cuda_graphs import (
     DecodeOutputs,
     capture_sizes,
     graph_blocker,
+    graph_key,
     padded_batch_size,
     replay_size,
 )
@@ -577,3 +578,56 @@ def test_enforce_eager_captures_nothing_on_a_gpu(stories_dir: Path, golden_cases
     assert engine.runner.cuda_graphs is None
     engine.add_request(RequestSpec("0", golden_cases[2]["input_ids"], GREEDY, 64))
     assert run_to_completion(engine) == {"0": golden_cases[2]["greedy_new_token_ids"]}
+
+
+class CountedCapture:
+    """Stands in for CudaGraphRunner where CUDA cannot capture: counts captures."""
+
+    made: list[CountedCapture] = []
+
+    def __init__(self, model, kv_cache, sizes, width) -> None:
+        self.kv_cache = kv_cache
+        CountedCapture.made.append(self)
+
+    def capture(self) -> None:
+        pass
+
+
+def test_a_restore_keeps_parked_graphs_only_if_nothing_they_read_moved(
+    stories_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drop parks the graphs; a restore keeps them when every weight and the KV cache are
+    where they were captured (VMM), and captures anew when any of them moved (torch memory)."""
+    import workers.model_runner as mr
+
+    monkeypatch.setattr(mr, "graph_blocker", lambda *args: None)
+    monkeypatch.setattr(mr, "CudaGraphRunner", CountedCapture)
+    CountedCapture.made.clear()
+    runner = ModelRunner(config(stories_dir, "torch"), CPU)
+    runner.allocate_kv_cache(16)
+    runner.capture_cuda_graphs()
+    first = runner.cuda_graphs
+    assert CountedCapture.made == [first]
+    runner.park_cuda_graphs()
+    assert runner.cuda_graphs is None  # a pipeline stage never replays them
+    runner.capture_cuda_graphs()
+    assert runner.cuda_graphs is first and len(CountedCapture.made) == 1
+    runner.park_cuda_graphs()
+    w = runner.model.layers[1].mlp.down_proj.weight
+    w.data = w.data.clone()  # the layer came back at another address
+    runner.capture_cuda_graphs()
+    assert runner.cuda_graphs is not first and len(CountedCapture.made) == 2
+    runner.park_cuda_graphs()
+    runner.kv_cache = runner.kv_cache.clone()  # so did the KV cache
+    runner.capture_cuda_graphs()
+    assert len(CountedCapture.made) == 3
+
+
+def test_graph_key_sees_every_tensor_a_graph_reads(stories_dir: Path) -> None:
+    runner = ModelRunner(config(stories_dir, "torch"), CPU)
+    runner.allocate_kv_cache(16)
+    key = graph_key(runner.model, runner.kv_cache)
+    assert graph_key(runner.model, runner.kv_cache) == key
+    assert graph_key(runner.model, runner.kv_cache[:8]) != key  # fewer blocks: another shape
+    runner.model.cos_sin_cache = runner.model.cos_sin_cache.clone()
+    assert graph_key(runner.model, runner.kv_cache) != key

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device run for issue #5 on 2 GPUs: a forced drop and restore under live decode
-# (`python -m client.transition_bench`, i.e. `kunserve bench drop`), then the burst replay with
+# (`kunserve bench drop`), then the burst replay with
 # --overload-policy drop vs recompute. Logs and JSON under $OUT.
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
 # steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm).
@@ -29,7 +29,7 @@ for step in $steps; do
         tests/workers/test_remote_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
     drop-bench)
       start_server serve_drop --overload-policy drop --no-auto-transitions || continue
-      timeout 240 python3 -m client.transition_bench --num-requests 16 --prompt-len 1024 --max-tokens 6000 \
+      timeout 240 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 --max-tokens 6000 \
         --phase-s 4 --weight-gb 14.96 --output-json "$OUT/drop_bench.json" 2>&1 | tee "$OUT/drop_bench.log"
       grep -E "drop:|restore:|Traceback|Error" "$OUT/serve_drop.log" | tail -20
       stop_server ;;

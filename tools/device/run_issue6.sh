@@ -16,7 +16,7 @@ set -uo pipefail
 source "$(dirname "$0")/env.sh"
 export KUNSERVE_CACHE_DIR=${KUNSERVE_CACHE_DIR:-$PWD/.xfer/cache}
 SMOLLM2=$KUNSERVE_CACHE_DIR/SmolLM2-135M-Instruct
-BENCH=(python3 tools/device/bench_engine.py --model llama-3-8b --load-format dummy
+BENCH=(python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy
        --steps 16 --max-num-batched-tokens 8192)
 steps=${*:-probe profile-test bench smollm2}
 failed=""

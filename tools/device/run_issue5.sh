@@ -31,7 +31,7 @@ for step in $steps; do
       start_server serve_drop --overload-policy drop --no-auto-transitions || continue
       timeout 240 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 --max-tokens 6000 \
         --phase-s 4 --weight-gb 14.96 --output-json "$OUT/drop_bench.json" 2>&1 | tee "$OUT/drop_bench.log"
-      grep -E "drop:|restore:|Traceback|Error" "$OUT/serve_drop.log" | tail -20
+      grep -E "drop:|restore:|pipeline step|kv exchange|CUDA graphs: kept|Traceback|Error" "$OUT/serve_drop.log" | tail -30
       stop_server ;;
     replay)
       for policy in recompute drop; do
@@ -40,7 +40,7 @@ for step in $steps; do
           --duration 60 --time-scale ${TIME_SCALE:-1} --max-output-len 512 --drain-timeout 60 \
           --disable-tqdm --save-result --result-dir "$OUT" --result-filename "replay_$policy.json" \
           --plot "$OUT/replay_$policy.png" --label "$policy" 2>&1 | tee "$OUT/replay_$policy.log" | tail -30
-        grep -E "drop:|restore:|decision|Traceback" "$OUT/serve_$policy.log" | tail -10
+        grep -E "drop:|restore:|decision|kv exchange|CUDA graphs: kept|Traceback" "$OUT/serve_$policy.log" | tail -12
         stop_server
       done ;;
   esac

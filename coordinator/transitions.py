@@ -101,10 +101,14 @@ class Transitions:
             ids = tuple(m.instance_id for m in members)
             record = GroupRecord(spec, ids, InstanceState.DROPPING, kv_blocks_before=0)
             start = time.monotonic()
+            for m in members:  # the leader routes new requests from now (they wait its inbox)
+                m.group = spec.ranks
             self._set_state(members, InstanceState.DROPPING)
             try:
                 reports = await self._prepare_drop(members, spec)
             except BaseException:
+                for m in members:
+                    m.group = None
                 self._set_state(members, InstanceState.NORMAL)
                 await _gather(m.leader.resume.remote() for m in members)
                 raise
@@ -169,7 +173,6 @@ class Transitions:
         record.num_moved = len(moved)
         record.state = InstanceState.PIPELINED
         for m, layers in zip(members, spec.ranges, strict=True):
-            m.group = spec.ranks
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
         await _gather(m.leader.resume.remote() for m in members)

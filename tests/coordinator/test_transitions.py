@@ -142,3 +142,33 @@ def test_refused_drop_changes_nothing() -> None:
             await Transitions(core, 5, "recompute").drop()
 
     asyncio.run(body())
+
+
+def test_requests_arriving_during_a_drop_wait_on_the_leader_and_none_is_refused() -> None:
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        arrived = []
+
+        def prepare(rank):
+            def answer(spec):
+                arrived.append(core.submit(f"mid-{rank}", parsed(16)))  # no UNAVAILABLE
+                return _report(rank, [])
+
+            return answer
+
+        w0.answers.update(drop_prepare=prepare(0), drop_merge=None, drop_execute=140)
+        w1.answers.update(drop_prepare=prepare(1), drop_execute=150)
+        await tr.drop([0, 1])
+        assert [s.instance_id for s in arrived] == [0, 0]
+        assert core.instances[0].live == {"mid-0", "mid-1"} and not core.instances[1].live
+
+        # A refused drop gives the instances back as they were, routable on their own.
+        core2, (v0, v1), tr2 = _setup({}, {})
+        v0.answers.update(drop_prepare=lambda spec: _report(0, []))
+        v1.answers.update(drop_prepare=lambda spec: (_ for _ in ()).throw(TransitionError("no")))
+        with pytest.raises(TransitionError):
+            await tr2.drop([0, 1])
+        assert [i.group for i in core2.instances] == [None, None]
+        assert [core2.submit(r, parsed(16)).instance_id for r in "xy"] == [0, 1]
+
+    asyncio.run(body())

@@ -515,8 +515,8 @@ def generate_with_logprobs(engine: Engine) -> tuple[dict[str, list[int]], dict[s
     while engine.has_work:
         for o in engine.step():
             tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
-            if o.logprobs:
-                logprobs.setdefault(o.request_id, []).append(o.logprobs)
+            if o.logprobs:  # one (chosen, top ids, top) per new token
+                logprobs.setdefault(o.request_id, []).extend(o.logprobs)
     assert engine.pool.num_used == 0
     return tokens, logprobs
 

@@ -204,8 +204,9 @@ def generate(engine: Engine, prompts: dict[str, list[int]], logprobs: int) -> di
     while engine.has_work:
         for o in engine.step():
             assert o.error is None, o.error
-            out[o.request_id][0].extend(o.new_token_ids)  # one token per output
-            out[o.request_id][1].append(o.logprobs)  # its (chosen, top ids, top), or None
+            out[o.request_id][0].extend(o.new_token_ids)
+            # one (chosen, top ids, top) per new token, or None per token without logprobs
+            out[o.request_id][1].extend(o.logprobs or [None] * len(o.new_token_ids))
     assert engine.pool.num_used == 0
     return out
 

@@ -186,29 +186,39 @@ class StageTransport:
         dist.recv(out, src)
 
 
+_CONNECT_BYTES = (8, 1 << 16, 64 << 20)
+"""Message sizes each pair exchanges at start-up on CUDA: NCCL connects a protocol's channels
+(LL, LL128, Simple: chosen by size) on their first use, so each is used once here."""
+
+
 def connect_all_pairs(rank: int, world_size: int, device: torch.device) -> None:
-    """Opens the point-to-point channel between ``rank`` and every other rank now, at start-up.
+    """Opens the point-to-point channels between ``rank`` and every other rank now, at
+    start-up.
 
-    NCCL creates a pair's communicator on the pair's first send/recv, which takes tens to
-    hundreds of milliseconds; left lazy, that cost lands on the first pipelined step after a
-    drop, as a token gap for every running request. Each pair exchanges one int64 both ways,
-    pairs in lexicographic order on every rank (the order rules out a wait cycle). Call on all
-    ranks at once, after ``init_process_group``.
+    NCCL creates a pair's communicator, and connects each protocol's channels, on first use,
+    which takes tens to hundreds of milliseconds; left lazy, that cost lands on the first
+    pipelined step after a drop, as a token gap for every running request. Each pair exchanges
+    one message of each size in ``_CONNECT_BYTES`` both ways (gloo: the smallest only), pairs
+    in lexicographic order on every rank (the order rules out a wait cycle). Call on all ranks
+    at once, after ``init_process_group``.
 
-    Raises ``RuntimeError`` if a peer's value comes back wrong.
+    Raises ``RuntimeError`` if a peer's message comes back wrong.
     """
+    sizes = _CONNECT_BYTES if device.type == "cuda" else _CONNECT_BYTES[:1]
     for low in range(world_size):
         for high in range(low + 1, world_size):
             if rank not in (low, high):
                 continue
             peer = high if rank == low else low
-            mine = torch.full((1,), rank, dtype=torch.int64, device=device)
-            theirs = torch.empty(1, dtype=torch.int64, device=device)
-            if rank == low:
-                dist.send(mine, peer)
-                dist.recv(theirs, peer)
-            else:
-                dist.recv(theirs, peer)
-                dist.send(mine, peer)
-            if int(theirs.item()) != peer:
-                raise RuntimeError(f"rank {rank}: pair check with rank {peer} got {theirs.item()}")
+            for nbytes in sizes:
+                n = nbytes // 8
+                mine = torch.full((n,), rank, dtype=torch.int64, device=device)
+                theirs = torch.empty(n, dtype=torch.int64, device=device)
+                if rank == low:
+                    dist.send(mine, peer)
+                    dist.recv(theirs, peer)
+                else:
+                    dist.recv(theirs, peer)
+                    dist.send(mine, peer)
+                if not bool((theirs == peer).all()):
+                    raise RuntimeError(f"rank {rank}: {nbytes}-byte pair check with {peer} failed")

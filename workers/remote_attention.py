@@ -358,13 +358,22 @@ class RemoteAttention:
         self.qsl = qsl
         self.by_index = {s.index: s for s in plan.legacy}
         self.start = layout.ranges[layout.stage_of_rank(me)][0]
+        # Per step, each set of sequences is looked up once: a layer's host-to-device copies
+        # of rows, positions and metadata are reused by every later layer with the same set.
         self._meta_cache: dict[tuple[int, ...], AttentionMetadata] = {}
+        self._rows_cache: dict[tuple[int, ...], _Rows] = {}
+        self._positions_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._select_cache: dict[tuple[int, ...], AttentionMetadata] = {}
 
     # --- which rows go where ---------------------------------------------------------------
 
     def _rows(self, seqs: list[int]) -> _Rows:
-        rows = [t for i in seqs for t in range(self.qsl[i], self.qsl[i + 1])]
-        return _Rows(seqs, torch.tensor(rows, dtype=torch.int64, device=self.device))
+        key = tuple(seqs)
+        if key not in self._rows_cache:
+            rows = [t for i in seqs for t in range(self.qsl[i], self.qsl[i + 1])]
+            tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            self._rows_cache[key] = _Rows(seqs, tensor)
+        return self._rows_cache[key]
 
     def remote_seqs(self, layer: int) -> dict[int, list[int]]:
         """Home rank -> sequences whose KV of ``layer`` is still on that home."""
@@ -393,11 +402,31 @@ class RemoteAttention:
         return self._meta_cache[key]
 
     def _positions(self, seqs: list[int]) -> torch.Tensor:
-        pos = []
-        for i in seqs:
-            end, n = self.plan.seq_lens[i], self.plan.query_lens[i]
-            pos += range(end - n, end)
-        return torch.tensor(pos, dtype=torch.int64, device=self.device)
+        key = tuple(seqs)
+        if key not in self._positions_cache:
+            pos = []
+            for i in seqs:
+                end, n = self.plan.seq_lens[i], self.plan.query_lens[i]
+                pos += range(end - n, end)
+            self._positions_cache[key] = torch.tensor(pos, dtype=torch.int64, device=self.device)
+        return self._positions_cache[key]
+
+    def _packed_width(self) -> int:
+        """Columns of one token's packed q, k, v (see :meth:`_unpack`)."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def _unpack(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[n, (H + 2·Hkv)·D] (one message per layer and home) -> contiguous q [n, H, D],
+        k and v [n, Hkv, D]."""
+        n, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split(
+            [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=1
+        )
+        return (
+            q.reshape(n, self.num_heads, d).contiguous(),
+            k.reshape(n, self.num_kv_heads, d).contiguous(),
+            v.reshape(n, self.num_kv_heads, d).contiguous(),
+        )
 
     def _attend_home(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: list[int]
@@ -434,15 +463,18 @@ class RemoteAttention:
             if home == self.me:
                 continue
             r = self._rows(remote[home])
-            for t in (q, k, v):
-                self.transport.send(home, t.index_select(0, r.rows))
+            picked = [t.index_select(0, r.rows).flatten(1) for t in (q, k, v)]
+            self.transport.send(home, torch.cat(picked, dim=1))
             sent.append((home, r))
             self.counters["sent"] += 1
         if local:
             r = self._rows(local)
             m = meta
             if len(local) < len(self.plan.query_lens):
-                m = _select(meta, r, self.qsl, self.plan.seq_lens)
+                key = tuple(local)
+                if key not in self._select_cache:
+                    self._select_cache[key] = _select(meta, r, self.qsl, self.plan.seq_lens)
+                m = self._select_cache[key]
             ql, _ = self.backend.rope_and_write_kv(
                 q[r.rows],
                 k[r.rows],
@@ -476,9 +508,7 @@ class RemoteAttention:
             if not seqs:
                 continue
             n = sum(self.plan.query_lens[i] for i in seqs)
-            q = self.transport.recv(src, (n, self.num_heads, self.head_dim), dtype)
-            k = self.transport.recv(src, (n, self.num_kv_heads, self.head_dim), dtype)
-            v = self.transport.recv(src, (n, self.num_kv_heads, self.head_dim), dtype)
+            q, k, v = self._unpack(self.transport.recv(src, (n, self._packed_width()), dtype))
             self.transport.send(src, self._attend_home(layer, q, k, v, seqs))
             served += 1
         self.counters["served"] += served

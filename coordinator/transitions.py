@@ -104,25 +104,28 @@ class Transitions:
             for m in members:  # the leader routes new requests from now (they wait its inbox)
                 m.group = spec.ranks
             self._set_state(members, InstanceState.DROPPING)
+            phases = _Phases()
             try:
-                reports = await self._prepare_drop(members, spec)
+                reports = await self._prepare_drop(members, spec, phases)
             except BaseException:
                 for m in members:
                     m.group = None
                 self._set_state(members, InstanceState.NORMAL)
                 await _gather(m.leader.resume.remote() for m in members)
                 raise
-            await self._execute_drop(members, record, reports)
+            await self._execute_drop(members, record, reports, phases)
             record.transition_s = time.monotonic() - start
             self.groups[spec.group_id] = record
             logger.info(
-                "drop: instances %s -> pipeline group %d, layers %s, KV %d -> %d blocks (%.3f s)",
+                "drop: instances %s -> pipeline group %d, layers %s, KV %d -> %d blocks "
+                "(%.3f s: %s)",
                 record.instance_ids,
                 spec.group_id,
                 ranges,
                 record.kv_blocks_before,
                 record.kv_blocks_after,
                 record.transition_s,
+                phases,
             )
             return record
 
@@ -143,16 +146,21 @@ class Transitions:
             raise TransitionError(f"instances {busy} are not NORMAL")
         return [insts[i] for i in ids]
 
-    async def _prepare_drop(self, members: list[Instance], spec: GroupSpec) -> list:
+    async def _prepare_drop(
+        self, members: list[Instance], spec: GroupSpec, phases: _Phases
+    ) -> list:
         """Pauses the members, collects their reports, and has the leader merge them; the
         last step that may still fail without changing anything."""
         await self._pause(members)
+        phases.mark("pause")
         reports = await _gather(m.leader.transition.remote("drop_prepare", spec) for m in members)
+        phases.mark("prepare")
         await members[0].leader.transition.remote("drop_merge", spec, reports)
+        phases.mark("merge")
         return reports
 
     async def _execute_drop(
-        self, members: list[Instance], record: GroupRecord, reports: list
+        self, members: list[Instance], record: GroupRecord, reports: list, phases: _Phases
     ) -> None:
         spec, leader = record.spec, members[0]
         exported = [t.request.request_id for r in reports for t in r.transfers]
@@ -169,6 +177,7 @@ class Transitions:
         except BaseException:
             self._fail(members, "drop failed")
             raise
+        phases.mark("execute")
         record.stage_blocks = tuple(stage_blocks)
         record.num_moved = len(moved)
         record.state = InstanceState.PIPELINED
@@ -176,6 +185,7 @@ class Transitions:
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
         await _gather(m.leader.resume.remote() for m in members)
+        phases.mark("resume")
         self._abort_released(exported, {rid: leader for rid in exported})
 
     # --- restore ------------------------------------------------------------------------
@@ -195,7 +205,9 @@ class Transitions:
             self._set_state(members, InstanceState.RESTORING)
             record.state = InstanceState.RESTORING
             leader = members[0]
+            phases = _Phases()
             seq = await leader.leader.pause.remote()
+            phases.mark("pause")
             try:
                 plan = await leader.leader.transition.remote("restore_plan")
             except BaseException:
@@ -203,14 +215,16 @@ class Transitions:
                 record.state = InstanceState.PIPELINED
                 await leader.leader.resume.remote()
                 raise
-            await self._execute_restore(members, record, plan, seq)
+            phases.mark("plan")
+            await self._execute_restore(members, record, plan, seq, phases)
             record.transition_s = time.monotonic() - start
             del self.groups[record.group_id]
             logger.info(
-                "restore: pipeline group %d -> instances %s (%.3f s)",
+                "restore: pipeline group %d -> instances %s (%.3f s: %s)",
                 record.group_id,
                 record.instance_ids,
                 record.transition_s,
+                phases,
             )
             return record
 
@@ -227,7 +241,12 @@ class Transitions:
         return record
 
     async def _execute_restore(
-        self, members: list[Instance], record: GroupRecord, plan: Any, leader_seq: int
+        self,
+        members: list[Instance],
+        record: GroupRecord,
+        plan: Any,
+        leader_seq: int,
+        phases: _Phases,
     ) -> None:
         leader = members[0]
         parked = [m.leader.pause.remote() for m in members[1:]]
@@ -237,7 +256,9 @@ class Transitions:
             await self.core.wait_applied(leader.info.rank, leader_seq)
             for m, seq in zip(members[1:], seqs, strict=True):
                 await self.core.wait_applied(m.info.rank, seq)
+            phases.mark("stop")
             await _gather(m.leader.transition.remote("restore_execute", plan) for m in members)
+            phases.mark("execute")
         except BaseException:
             self._fail(members, "restore failed")
             raise
@@ -253,6 +274,7 @@ class Transitions:
             m.info = dataclasses.replace(m.info, layer_range=(0, self.num_layers))
         self._set_state(members, InstanceState.NORMAL)
         await _gather(m.leader.resume.remote() for m in members)
+        phases.mark("resume")
         self._abort_released(list(homes), homes)
 
     # --- shared -------------------------------------------------------------------------
@@ -308,3 +330,19 @@ class Transitions:
 
 async def _gather(refs: Any) -> list:
     return list(await asyncio.gather(*refs))
+
+
+class _Phases:
+    """Milliseconds each phase of one transition took, for its log line."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = 1e3 * (now - self._last)
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {ms:.1f} ms" for name, ms in self.ms.items())

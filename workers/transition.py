@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -386,10 +387,13 @@ class GroupController:
         spec, engine = self.spec, self.engine
         runner = _base_runner(engine)
         stage = spec.stage_of(self.rank)
+        t0 = _synced_clock(runner.device)
         pending = kv_exchange.read(plan.copies, self.rank, runner.kv_cache, self.transport)
+        t1 = _synced_clock(runner.device)
         runner.model = self.memory.restore(
             runner.model, spec.ranks, spec.ranges, stage, self.transport
         )
+        t2 = _synced_clock(runner.device)
         _set_kv(runner, self.memory.view(runner.model.cfg.num_layers))
         kv_exchange.write(pending, runner.kv_cache)
         if stage == 0:
@@ -397,9 +401,19 @@ class GroupController:
         else:
             self._leave_as_member(plan)
         self.spec, self.transport, self.origins, self._restore = None, None, {}, None
+        t3 = _synced_clock(runner.device)
         runner.capture_cuda_graphs()  # the full model again (a no-op, logged, on CPU)
         check_block_ownership(engine)
-        logger.debug("restore done on %d: %d blocks", self.rank, runner.kv_cache.shape[0])
+        logger.info(
+            "restore on worker %d: KV out %.1f ms, weights in %.1f ms, KV in %.1f ms, "
+            "graphs %.1f ms; %d blocks",
+            self.rank,
+            1e3 * (t1 - t0),
+            1e3 * (t2 - t1),
+            1e3 * (t3 - t2),
+            1e3 * (_synced_clock(runner.device) - t3),
+            runner.kv_cache.shape[0],
+        )
         return runner.kv_cache.shape[0]
 
     def _leave_as_leader(self, plan: RestorePlan) -> None:
@@ -451,6 +465,13 @@ def _base_runner(engine: Any) -> Any:
     """The engine's ModelRunner, unwrapped from a PipelineRunner."""
     r = engine.runner
     return r.runner if isinstance(r, PipelineRunner) else r
+
+
+def _synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (phase timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _set_kv(runner: Any, view: torch.Tensor) -> None:

@@ -23,13 +23,18 @@ from kernels.skinny_gemm import (  # noqa: E402
     silu_and_mul_linear_ref,
     skinny_linear,
 )
-from tests.kernels.test_triton_kernels import assert_matches, relative_error  # noqa: E402
 
 SEED = 1234
 K, N = 96, 80
 ROWS = [1, 3, 16]
 DTYPES = [torch.float32, torch.bfloat16]
 EPS = 1e-5
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -78,9 +83,11 @@ def test_rms_norm_linear_matches_ref(
     if residual is None:
         assert new_residual is x
     else:
-        assert_matches(new_residual, ref_residual)  # bf16: the interpreter truncates
+        assert new_residual.dtype == dtype and new_residual.is_contiguous()
         if dtype == torch.float32:
             assert torch.equal(new_residual, x + residual_before)
+        else:  # the interpreter rounds bf16 by truncation, torch to nearest: 1 ulp apart
+            torch.testing.assert_close(new_residual, ref_residual, rtol=1.6e-2, atol=1.6e-2)
         assert torch.equal(residual, residual_before)  # the input residual is not written
 
 

@@ -14,7 +14,9 @@ know the shape, so both skip them.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -98,10 +100,34 @@ class StageTransport:
     while the engine thread is parked).
     """
 
-    def __init__(self, device: torch.device, hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        hidden_size: int,
+        dtype: torch.dtype,
+        return_group: dist.ProcessGroup | None = None,
+    ) -> None:
         self.device = device
         self.hidden_size = hidden_size
         self.dtype = dtype
+        self.return_group = return_group
+        """Process group (same ranks) that logits travel back to the leader on; None: the
+        default group. With micro-batches in flight NCCL needs its own communicator for this
+        direction: on one communicator the leader's send of micro-batch k+1 would queue on
+        the stream ahead of its receive of k's logits, while the last stage's send of k's
+        logits blocks its receive of k+1 (a cycle)."""
+        self._deferred: list[tuple[dist.Work, torch.Tensor]] | None = None
+
+    @contextlib.contextmanager
+    def deferred_sends(self) -> Iterator[list[tuple[dist.Work, torch.Tensor]]]:
+        """Inside the block :meth:`send` posts ``isend`` and returns at once; the yielded list
+        collects (work, tensor) pairs for :func:`wait_sends`. The leader launches a micro-batch
+        so, and collects its logits before a later stage has taken its activations."""
+        previous, self._deferred = self._deferred, []
+        try:
+            yield self._deferred
+        finally:
+            self._deferred = previous
 
     # --- micro-batches ------------------------------------------------------------------
 
@@ -157,33 +183,55 @@ class StageTransport:
         return StepHeader.decode(self.recv(src, (HEADER_LEN,), torch.int64))
 
     def send_logits(self, dst: int, logits: torch.Tensor) -> None:
-        """``logits``: [num_sampling, vocab], from the last stage to the leader."""
-        self.send(dst, logits)
+        """``logits``: [num_sampling, vocab], from the last stage to the leader (on
+        ``return_group``)."""
+        self.send(dst, logits, self.return_group)
 
     def recv_logits(self, src: int, num_sampling: int, vocab_size: int) -> torch.Tensor:
-        return self.recv(src, (num_sampling, vocab_size), self.dtype)
+        return self.recv(src, (num_sampling, vocab_size), self.dtype, self.return_group)
 
     # --- raw tensors (KV slices, weights) -------------------------------------------------
 
-    def send(self, dst: int, t: torch.Tensor) -> None:
-        """Sends ``t`` (any shape and dtype, made contiguous); a no-op when it is empty."""
+    def send(self, dst: int, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+        """Sends ``t`` (any shape and dtype, made contiguous) on ``group`` (None: the default);
+        a no-op when it is empty. Inside :meth:`deferred_sends`, posts it and returns."""
         if t.numel() == 0:
             return
-        dist.send(t.contiguous(), dst)
+        t = t.contiguous()
+        if self._deferred is None:
+            dist.send(t, dst, group=group)
+        else:
+            self._deferred.append((dist.isend(t, dst, group=group), t))
 
-    def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def recv(
+        self,
+        src: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        group: dist.ProcessGroup | None = None,
+    ) -> torch.Tensor:
         """A new tensor of ``shape`` and ``dtype`` filled from ``src`` (empty: no message)."""
         out = torch.empty(shape, dtype=dtype, device=self.device)
-        self.recv_into(src, out)
+        self.recv_into(src, out, group)
         return out
 
-    def recv_into(self, src: int, out: torch.Tensor) -> None:
+    def recv_into(
+        self, src: int, out: torch.Tensor, group: dist.ProcessGroup | None = None
+    ) -> None:
         """Fills the contiguous tensor ``out`` in place from ``src``; a no-op when empty."""
         if out.numel() == 0:
             return
         if not out.is_contiguous():
             raise ValueError("recv_into needs a contiguous tensor")
-        dist.recv(out, src)
+        dist.recv(out, src, group=group)
+
+
+def wait_sends(sends: list[tuple[dist.Work, torch.Tensor]]) -> None:
+    """Waits for sends posted under :meth:`StageTransport.deferred_sends` (their tensors
+    stay alive until then)."""
+    for work, _ in sends:
+        work.wait()
+    sends.clear()
 
 
 _CONNECT_BYTES = (8, 1 << 16, 64 << 20)
@@ -191,7 +239,12 @@ _CONNECT_BYTES = (8, 1 << 16, 64 << 20)
 (LL, LL128, Simple: chosen by size) on their first use, so each is used once here."""
 
 
-def connect_all_pairs(rank: int, world_size: int, device: torch.device) -> None:
+def connect_all_pairs(
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> None:
     """Opens the point-to-point channels between ``rank`` and every other rank now, at
     start-up.
 
@@ -200,7 +253,8 @@ def connect_all_pairs(rank: int, world_size: int, device: torch.device) -> None:
     pipelined step after a drop, as a token gap for every running request. Each pair exchanges
     one message of each size in ``_CONNECT_BYTES`` both ways (gloo: the smallest only), pairs
     in lexicographic order on every rank (the order rules out a wait cycle). Call on all ranks
-    at once, after ``init_process_group``.
+    at once, after ``init_process_group``; ``group``: a group of every rank (None: the
+    default one).
 
     Raises ``RuntimeError`` if a peer's message comes back wrong.
     """
@@ -215,10 +269,10 @@ def connect_all_pairs(rank: int, world_size: int, device: torch.device) -> None:
                 mine = torch.full((n,), rank, dtype=torch.int64, device=device)
                 theirs = torch.empty(n, dtype=torch.int64, device=device)
                 if rank == low:
-                    dist.send(mine, peer)
-                    dist.recv(theirs, peer)
+                    dist.send(mine, peer, group=group)
+                    dist.recv(theirs, peer, group=group)
                 else:
-                    dist.recv(theirs, peer)
-                    dist.send(mine, peer)
+                    dist.recv(theirs, peer, group=group)
+                    dist.send(mine, peer, group=group)
                 if not bool((theirs == peer).all()):
                     raise RuntimeError(f"rank {rank}: {nbytes}-byte pair check with {peer} failed")

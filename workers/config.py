@@ -181,10 +181,17 @@ class SchedulerConfig:
     """Context length (prompt plus output); defaults to the model's max_position_embeddings."""
     max_waiting: int = 4096
     """Admission control: a request beyond this many waiting gets RESOURCE_EXHAUSTED."""
+    pipeline_micro_batches: int | None = None
+    """Micro-batches a pipeline group's leader keeps in flight, so that no stage idles while
+    another computes (KunServe §3(c)); None: the group's stage count. 1 runs the stages in
+    lockstep, one micro-batch at a time. Steps that carry pre-drop requests (remote attention,
+    live KV exchange) always run alone."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
+            raise ValueError("pipeline_micro_batches must be >= 1 (or None: the stage count)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -2,12 +2,19 @@
 
 The engine is tokenizer-free (vLLM v1's engine core): it takes prompt token ids and returns
 token ids; detokenization and stop strings happen in the coordinator.
+
+A pipeline group's leader (its runner a :class:`~workers.pipeline.PipelineRunner` that
+overlaps micro-batches) keeps several micro-batches in flight: each :meth:`Engine.step` either
+launches one more (disjoint from those in flight) or collects the oldest, so stage r computes
+micro-batch k while stage r+1 computes k-1 (KunServe §3(c); vLLM's pipeline-parallel virtual
+engines).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +22,8 @@ import torch
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.config import EngineConfig, load_eos_token_ids
 from workers.model_runner import ModelRunner
-from workers.request import Request, SamplingParams
-from workers.scheduler import RequestOutput, Scheduler
+from workers.request import Request, RequestStatus, SamplingParams
+from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,9 @@ class Engine:
         self.runner.capture_cuda_graphs()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._last_step = (0.0, 0)
+        self.in_flight: deque[tuple[SchedulerOutput, float]] = deque()
+        """Launched, not yet collected micro-batches (pipeline mode), oldest first, with the
+        time each was launched."""
 
     def _init_kv_cache(self) -> None:
         num_blocks = self.runner.determine_num_blocks()
@@ -105,24 +115,68 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.in_flight)
 
     def step(self) -> list[RequestOutput]:
-        """Schedules and runs one batch; returns the outputs of requests that sampled."""
+        """Schedules and runs one batch; returns the outputs of requests that sampled. With
+        micro-batches in flight (module docstring): launches one or collects the oldest."""
+        depth = self._overlap_depth()
+        if depth > 1:
+            return self._step_overlapped(depth)
+        outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return outputs
         sampled, logprobs = self.runner.execute(out)
-        outputs = self.scheduler.update(out, sampled, logprobs)
-        for o in outputs:
-            if o.finish_reason is not None:
-                self.runner.sampler.forget(o.request_id)
+        outputs += self._update(out, sampled, logprobs)
         self._last_step = (time.perf_counter() - start, out.num_tokens)
+        return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Collects every micro-batch in flight (before a pause, or a step that runs alone);
+        returns their outputs."""
+        outputs: list[RequestOutput] = []
+        while self.in_flight:
+            outputs += self._collect()
+        return outputs
+
+    def _overlap_depth(self) -> int:
+        """Micro-batches to keep in flight now: the runner's, when it can overlap them."""
+        overlap = getattr(self.runner, "overlap_depth", None)
+        return 1 if overlap is None else overlap()
+
+    def _step_overlapped(self, depth: int) -> list[RequestOutput]:
+        if len(self.in_flight) < depth:
+            busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
+            running = len(self.scheduler.running)
+            out = self.scheduler.schedule(busy, max_running=max(1, -(-running // depth)))
+            if not out.is_empty:
+                self.runner.launch(out)
+                self.in_flight.append((out, time.perf_counter()))
+                if len(self.in_flight) < depth:
+                    return []
+        return self._collect() if self.in_flight else []
+
+    def _collect(self) -> list[RequestOutput]:
+        out, launched = self.in_flight.popleft()
+        sampled, logprobs = self.runner.collect(out)
+        outputs = self._update(out, sampled, logprobs)
+        self._last_step = (time.perf_counter() - launched, out.num_tokens)
+        return outputs
+
+    def _update(
+        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict
+    ) -> list[RequestOutput]:
+        outputs = self.scheduler.update(out, sampled, logprobs)
+        for s in out.scheduled:  # finished here, or aborted while its micro-batch flew
+            if s.request.status is RequestStatus.FINISHED:
+                self.runner.sampler.forget(s.request.request_id)
         return outputs
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Aborts every request after an engine fault, freeing all blocks; outputs carry it."""
+        self.in_flight.clear()
         ids = [r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)]
         outputs = [o for o in (self.abort(i) for i in ids) if o is not None]
         for o in outputs:

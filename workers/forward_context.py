@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,21 +22,23 @@ class ForwardContext:
     (workers/remote_attention.py ``RemoteAttention``); None in every other step."""
 
 
-_current: ForwardContext | None = None
+_local = threading.local()
+"""Per thread: stages of one pipeline may run in threads of one process (tests)."""
 
 
 @contextlib.contextmanager
 def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
-    global _current
-    prev, _current = _current, ctx
+    prev = getattr(_local, "current", None)
+    _local.current = ctx
     try:
         yield
     finally:
-        _current = prev
+        _local.current = prev
 
 
 def get_forward_context() -> ForwardContext:
     """Raises RuntimeError outside ``set_forward_context``."""
-    if _current is None:
+    ctx = getattr(_local, "current", None)
+    if ctx is None:
         raise RuntimeError("no forward context: call the model inside set_forward_context()")
-    return _current
+    return ctx

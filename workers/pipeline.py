@@ -13,6 +13,7 @@ logits and send them back to the leader, which samples. One micro-batch is in fl
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attention.transport import StageInputs, StageOp, StageTransport, StepHeader
+from attention.transport import StageInputs, StageOp, StageTransport, StepHeader, wait_sends
 from workers import kv_exchange
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
@@ -208,6 +209,17 @@ class _Stage:
         return self.legacy_view
 
 
+@dataclasses.dataclass
+class _Launched:
+    """A launched, not yet collected pipeline step."""
+
+    out: SchedulerOutput
+    requests: list  # the sampling requests, in logits-row order
+    sends: list  # deferred sends (attention.transport.wait_sends)
+    plan: StepPlan | None
+    launched: float  # time.perf_counter() at launch
+
+
 class PipelineRunner(_Stage):
     """The leader's model runner in pipeline mode: the engine calls :meth:`execute` as it calls
     ``ModelRunner.execute``; every other attribute is the wrapped runner's (sampler, model,
@@ -218,6 +230,10 @@ class PipelineRunner(_Stage):
     activations to stage 1, serves the later stages' remote attention for the requests homed
     here, and samples from the logits the last stage returns. ``kv`` is the group's
     :class:`GroupKVManager` (None: no pre-drop requests to track).
+
+    :meth:`launch` and :meth:`collect` split a step so that the engine keeps
+    ``micro_batches`` (default: the stage count) in flight once no pre-drop request is left
+    (:meth:`overlap_depth`); :meth:`execute` is both at once.
     """
 
     def __init__(
@@ -228,10 +244,15 @@ class PipelineRunner(_Stage):
         layout: GroupLayout | None = None,
         kv: GroupKVManager | None = None,
         legacy_view: torch.Tensor | None = None,
+        micro_batches: int | None = None,
     ) -> None:
         layout = layout or GroupLayout(ranks, ())
         super().__init__(runner, transport, layout, 0, legacy_view)
         self.kv = kv
+        self.micro_batches = micro_batches or len(ranks)
+        self._launched: collections.deque[_Launched] = collections.deque()
+        self.peak_in_flight = 0
+        """The most steps launched and not yet collected at once so far."""
         self.steps = 0
         """Pipelined steps run so far."""
         self._started = time.perf_counter()
@@ -252,12 +273,30 @@ class PipelineRunner(_Stage):
                 self.transport.send(rank, payload)
         return header
 
-    @torch.inference_mode()
+    def _check_drained(self) -> None:
+        if self._launched:
+            raise RuntimeError(f"{len(self._launched)} pipeline steps are still in flight")
+
+    def overlap_depth(self) -> int:
+        """Micro-batches the engine may keep in flight now: 1 while pre-drop requests remain
+        (their steps serve remote attention and move KV in lockstep), else ``micro_batches``."""
+        if self.kv is not None and self.kv.legacy:
+            return 1
+        return self.micro_batches
+
     def execute(
         self, out: SchedulerOutput
     ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
         """Stage 0's layers here, the rest on the other stages; samples from the returned
         logits [num_sampling, vocab]. Returns token ids and logprobs by request id."""
+        self.launch(out)
+        return self.collect(out)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> None:
+        """Sends the step's header (and plan) to every stage, runs its KV moves and stage 0,
+        posts its activations to stage 1 and serves the later stages' remote attention; the
+        logits are :meth:`collect`'s. Launches must be collected in order."""
         r = self.runner
         t0 = time.perf_counter()
         plan = None
@@ -280,37 +319,53 @@ class PipelineRunner(_Stage):
             max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len,
         )
-        self._announce(header, plan)
-        if plan is not None:
-            self.exchange(plan)
-        router = self.router(plan)
-        hidden, residual = run_stage(
-            r.model,
-            r.kv_cache,
-            None,
-            router,
-            input_ids=inputs.input_ids,
-            positions=inputs.positions,
-            meta=inputs.meta,
-        )
-        x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
-        self.transport.send_body(self.ranks[1], x)
-        self.serve(router, range(1, len(self.ranks)))
-        requests = inputs.sampling_requests
+        with self.transport.deferred_sends() as sends:
+            self._announce(header, plan)
+            if plan is not None:
+                self.exchange(plan)
+            router = self.router(plan)
+            hidden, residual = run_stage(
+                r.model,
+                r.kv_cache,
+                None,
+                router,
+                input_ids=inputs.input_ids,
+                positions=inputs.positions,
+                meta=inputs.meta,
+            )
+            x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
+            self.transport.send_body(self.ranks[1], x)
+            self.serve(router, range(1, len(self.ranks)))
+        self._launched.append(_Launched(out, inputs.sampling_requests, sends, plan, t0))
+        self.peak_in_flight = max(self.peak_in_flight, len(self._launched))
+
+    @torch.inference_mode()
+    def collect(
+        self, out: SchedulerOutput
+    ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
+        """Samples the oldest launched step (``out``) from the logits the last stage returns.
+        Returns token ids and logprobs by request id."""
+        step = self._launched.popleft()
+        if step.out is not out:
+            raise RuntimeError("pipeline steps must be collected in the order they launched")
+        r, requests = self.runner, step.requests
         tokens, logprobs = [], []
         if requests:
             vocab = r.model_config.vocab_size
             logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
             tokens, logprobs = r.sampler.sample(logits, requests)
+        wait_sends(step.sends)
         self.steps += 1
         if self.steps <= _LOGGED_STEPS:  # the first steps after a drop carry its token gap
             logger.info(
-                "pipeline step %d: %.2f ms, %d sequences, %d pre-drop, %d KV slices moved",
+                "pipeline step %d: %.2f ms, %d sequences, %d pre-drop, %d KV slices moved, "
+                "%d in flight",
                 self.steps,
-                1e3 * (time.perf_counter() - t0),
+                1e3 * (time.perf_counter() - step.launched),
                 len(out.scheduled),
-                0 if plan is None else len(plan.legacy),
-                0 if plan is None else len(plan.moves),
+                0 if step.plan is None else len(step.plan.legacy),
+                0 if step.plan is None else len(step.plan.moves),
+                len(self._launched) + 1,
             )
         ids = [q.request_id for q in requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
@@ -320,6 +375,7 @@ class PipelineRunner(_Stage):
         """Moves every pre-drop request's remaining KV now, in one step with no compute (a
         restore needs every request in pipeline blocks). Returns the requests moved; raises
         RuntimeError, moving nothing, when the group pool cannot hold them."""
+        self._check_drained()
         if self.kv is None or not self.kv.legacy:
             return 0
         n = len(self.kv.legacy)
@@ -330,6 +386,7 @@ class PipelineRunner(_Stage):
 
     def stop(self) -> None:
         """Sends STOP to every other stage (each stage loop returns)."""
+        self._check_drained()
         for rank in self.ranks[1:]:
             self.transport.send_stop(rank)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from planner.policies import preemption_victim
@@ -82,20 +83,33 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(
+        self, busy: Collection[str] = frozenset(), max_running: int | None = None
+    ) -> SchedulerOutput:
+        """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
+        (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
+        running requests this batch takes (pipeline mode spreads them over micro-batches);
+        waiting requests it admits do not count."""
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, max_running)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
+    def _schedule_running(
+        self, out: SchedulerOutput, budget: int, busy: Collection[str], max_running: int | None
+    ) -> int:
+        i, limit = 0, len(self.running) if max_running is None else max_running
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < limit:
             req = self.running[i]
+            if req.request_id in busy:
+                i += 1
+                continue
             n = min(req.num_pending_tokens, budget)
             while self.kv.allocate_slots(req, n) is None:
-                victim = self.running.pop(preemption_victim(self.running))
+                idle = [r for r in self.running if r.request_id not in busy]
+                victim = idle[preemption_victim(idle)]
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:

@@ -262,7 +262,10 @@ class GroupController:
         stage = spec.stage_of(self.rank)
         start, end = spec.ranges[stage]
         self.transport = StageTransport(
-            runner.device, runner.model_config.hidden_size, runner.dtype
+            runner.device,
+            runner.model_config.hidden_size,
+            runner.dtype,
+            getattr(self.worker, "return_group", None),
         )
         num_layers = runner.model.cfg.num_layers
         runner.model = self.memory.drop(runner.model, (start, end))
@@ -294,7 +297,13 @@ class GroupController:
             m.kv.adopt_legacy(r, self.origins[r.request_id])
         _install(engine, m.kv, m.running, m.waiting)
         engine.runner = PipelineRunner(
-            engine.runner, self.transport, spec.ranks, spec.layout, m.kv, self.legacy_view
+            engine.runner,
+            self.transport,
+            spec.ranks,
+            spec.layout,
+            m.kv,
+            self.legacy_view,
+            engine.config.scheduler.pipeline_micro_batches,
         )
         self._merge = None
 

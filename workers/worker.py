@@ -81,6 +81,8 @@ class Worker:
         self.group = GroupController(self)
         self._pause_requested = False
         self._parked = False
+        self.return_group = None
+        """A second process group of every rank, for pipeline logits (StageTransport)."""
 
     def rendezvous_address(self) -> str:
         """``tcp://ip:port`` on this worker's node with a free port (call on rank 0)."""
@@ -105,6 +107,9 @@ class Worker:
         if int(probe.item()) != world_size:
             raise RuntimeError(f"process group check failed: all_reduce gave {probe.item()}")
         connect_all_pairs(self.rank, world_size, self.device)
+        if world_size > 1:  # pipeline logits travel back on their own communicator
+            self.return_group = dist.new_group(list(range(world_size)))
+            connect_all_pairs(self.rank, world_size, self.device, self.return_group)
 
     def load(self) -> WorkerInfo:
         self.engine = Engine(self.config, self.device)
@@ -171,7 +176,7 @@ class Worker:
     def _ready(self) -> bool:
         """Under ``_cv``: whether the engine thread has something to do; parks it while a
         transition holds the worker."""
-        if self._pause_requested:
+        if self._pause_requested and not self.engine.in_flight:
             if not self._parked:
                 self._parked = True
                 self._cv.notify_all()
@@ -223,6 +228,8 @@ class Worker:
 
     def _step(self) -> list[RequestOutput]:
         try:
+            if self._pause_requested:  # a transition waits: collect what is in flight
+                return self.engine.drain()
             return self.engine.step()
         except Exception:  # an engine fault: end this worker's requests, keep serving
             err = traceback.format_exc()

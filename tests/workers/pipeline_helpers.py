@@ -47,10 +47,16 @@ PHASES = ("before", "pipelined", "after")
 
 
 def engine_config(
-    model_dir: Path | str, blocks: int = 64, budget: int = 8, memory_backend: str = "auto"
+    model_dir: Path | str,
+    blocks: int = 64,
+    budget: int = 8,
+    memory_backend: str = "auto",
+    exchange_bytes: int = 0,
+    max_seqs: int = 2,
 ) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
-    and a request can be mid-prefill when a transition starts; at most 2 running requests."""
+    and a request can be mid-prefill when a transition starts; at most ``max_seqs`` running
+    requests. A pipeline leader keeps one micro-batch per stage in flight."""
     return EngineConfig(
         model_path=str(model_dir),
         dtype="float32",
@@ -59,9 +65,13 @@ def engine_config(
         # the least the KV exchange moves: one layer of one pre-drop request per step, so
         # remote attention serves them for many steps and a restore finishes the exchange
         cache=CacheConfig(
-            block_size=BLOCK_SIZE, num_kv_blocks=blocks, kv_exchange_bytes_per_step=0
+            block_size=BLOCK_SIZE, num_kv_blocks=blocks, kv_exchange_bytes_per_step=exchange_bytes
         ),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=2, max_model_len=96),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=max_seqs,
+            max_model_len=96,
+        ),
     )
 
 
@@ -97,11 +107,11 @@ class LoopbackTransport(StageTransport):
     def _link(self, src: int, dst: int) -> queue.Queue:
         return self.links.setdefault((src, dst), queue.Queue())
 
-    def send(self, dst: int, t: torch.Tensor) -> None:
+    def send(self, dst: int, t: torch.Tensor, group=None) -> None:
         if t.numel():
             self._link(self.rank, dst).put(t.detach().clone())
 
-    def recv_into(self, src: int, out: torch.Tensor) -> None:
+    def recv_into(self, src: int, out: torch.Tensor, group=None) -> None:
         if out.numel():
             out.copy_(self._link(src, self.rank).get(timeout=30))
 
@@ -119,6 +129,11 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
             "drop_restore_vmm": functools.partial(_drop_restore, memory_backend="vmm"),
             # one pipelined step, then a restore: the restore finishes the KV exchange
             "drop_then_restore_at_once": functools.partial(_drop_restore, pipelined=(1, 0)),
+            # the KV exchange done in the first pipelined step, then one micro-batch per stage
+            # in flight
+            "drop_restore_overlapped": functools.partial(
+                _drop_restore, exchange_bytes=1 << 30, max_seqs=4, pipelined=(12, 30)
+            ),
         }
         result = bodies[body](rank, world, model_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -175,12 +190,20 @@ def _drop_restore(
     model_dir: str,
     memory_backend: str = "auto",
     pipelined: tuple[int, int] = (4, 4),
+    exchange_bytes: int = 0,
+    max_seqs: int = 2,
 ) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
     and request, and the capacities seen. On VMM memory its integrity is checked after each
     transition."""
-    engine = Engine(engine_config(model_dir, memory_backend=memory_backend), CPU)
+    config = engine_config(
+        model_dir,
+        memory_backend=memory_backend,
+        exchange_bytes=exchange_bytes,
+        max_seqs=max_seqs,
+    )
+    engine = Engine(config, CPU)
     memory = engine.runner.memory
     ctl = GroupController(_StubWorker(rank, engine))
     tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
@@ -209,6 +232,9 @@ def _drop_restore(
         _steps(engine, tokens["pipelined"], pipelined[0])
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
+        info["max_in_flight"] = engine.runner.peak_in_flight
+        for out in engine.drain():  # as the worker does before a transition parks it
+            tokens["pipelined"][out.request_id] += out.new_token_ids
         info["legacy_at_restore"] = sorted(engine.kv.legacy)
         plan = ctl.restore_plan()  # as the coordinator does: the stage loops still run
         info["counters"] = dict(engine.runner.counters)

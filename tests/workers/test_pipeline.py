@@ -301,3 +301,19 @@ def test_gloo_restore_right_after_drop_finishes_the_kv_exchange(
     assert _tokens([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in requests_for(2)}
     for r in (r0, r1):
         assert r["restored"] == RESTORED | {"stage_loop": False}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
+    stories_dir: Path, tmp_path: Path, world: int
+) -> None:
+    """Once the pre-drop KV has moved (here in the first pipelined step), the leader keeps one
+    micro-batch per stage in flight: stage r computes one while stage r-1 computes the next.
+    Tokens are still each request's tokens alone; the restore starts from a drained pipeline."""
+    results = _spawn("drop_restore_overlapped", stories_dir, tmp_path, world=world)
+    assert results[0]["max_in_flight"] == world
+    assert not results[0]["legacy_at_restore"]
+    rids = requests_for(world)
+    assert _tokens(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
+    for r in results:
+        assert r["restored"] == RESTORED | {"stage_loop": False}

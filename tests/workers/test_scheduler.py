@@ -317,3 +317,32 @@ def test_waiting_demand_counts_the_queue_and_preempted_requests(make_request) ->
     step(sched)  # a needs a second block: c and b are preempted with 5 tokens each
     assert [r.request_id for r in sched.waiting] == ["b", "c"]
     assert (sched.kv_demand_blocks(), sched.waiting_demand_blocks()) == (6, 4)
+
+
+def test_micro_batches_skip_busy_requests_and_never_preempt_them(make_request) -> None:
+    """Pipeline mode: requests of a micro-batch in flight are neither scheduled again nor
+    preempted; ``max_running`` spreads the running requests over micro-batches."""
+    sched = make_scheduler(blocks=4, block_size=4, budget=16)
+    reqs = {rid: make_request(rid, prompt=4) for rid in "abcd"}
+    for r in reqs.values():
+        sched.add(r)
+    step(sched)  # each holds one full block; the next token needs another
+    first = sched.schedule(max_running=2)
+    assert plan(first) == [("a", 1, True), ("b", 1, True)]  # no free block: preempts d, c
+    assert [r.request_id for r in first.preempted] == ["d", "c"]
+    busy = {"a", "b"}
+    second = sched.schedule(busy, max_running=2)
+    assert plan(second) == [] and not second.preempted  # only busy requests are running
+    sched.update(first, {"a": TOKEN, "b": TOKEN})
+    sched.kv.pool.check_integrity()
+
+
+def test_a_micro_batch_takes_only_idle_requests(make_request) -> None:
+    sched = make_scheduler(blocks=16, block_size=4, budget=16)
+    for rid in "abcd":
+        sched.add(make_request(rid, prompt=3))
+    step(sched)
+    first = sched.schedule(max_running=2)
+    second = sched.schedule({"a", "b"}, max_running=2)
+    assert plan(first) == [("a", 1, True), ("b", 1, True)]
+    assert plan(second) == [("c", 1, True), ("d", 1, True)]

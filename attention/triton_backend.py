@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from attention.backends import AttentionBackend
+from attention.backends import DECODE_GEMMS, AttentionBackend
 from attention.metadata import AttentionMetadata
+from kernels import skinny_gemm
 from kernels.activation import silu_and_mul
 from kernels.norm import rms_norm
 from kernels.paged_attention import paged_attention, paged_decode_attention
@@ -14,9 +15,25 @@ from kernels.rope import rope_and_write_kv
 
 class TritonBackend(AttentionBackend):
     """Fused RoPE + KV write, paged decode (split-K) and prefill attention, fused RMSNorm +
-    residual, SiLU-and-mul. Each kernel checks its inputs and raises ValueError naming one."""
+    residual, SiLU-and-mul. Each kernel checks its inputs and raises ValueError naming one.
+
+    With ``decode_gemm="triton"``, batches of at most ``SKINNY_MAX_ROWS`` (16) tokens run their
+    projections through kernels/skinny_gemm.py: the RMSNorm before q/k/v and gate/up and the
+    SiLU-and-mul before down are fused into the matmul (one launch each, the weight read once).
+    Larger batches (prefill) and ``decode_gemm="cublas"`` use torch's matmul. Raises ValueError
+    for a ``decode_gemm`` not in ``DECODE_GEMMS``.
+    """
 
     name = "triton"
+
+    def __init__(self, decode_gemm: str = "cublas") -> None:
+        if decode_gemm not in DECODE_GEMMS:
+            raise ValueError(f"decode_gemm {decode_gemm!r} is not one of {list(DECODE_GEMMS)}")
+        self.decode_gemm = decode_gemm
+
+    def _skinny(self, x: torch.Tensor) -> bool:
+        """True when ``x``'s rows go through the skinny GEMM."""
+        return self.decode_gemm == "triton" and 0 < x.shape[0] <= skinny_gemm.SKINNY_MAX_ROWS
 
     def rope_and_write_kv(self, q, k, v, positions, cos_sin_cache, kv_cache, layer, slot_mapping):
         return rope_and_write_kv(q, k, v, positions, cos_sin_cache, kv_cache, layer, slot_mapping)
@@ -51,3 +68,18 @@ class TritonBackend(AttentionBackend):
 
     def silu_and_mul(self, x):
         return silu_and_mul(x)
+
+    def linear(self, x, weight, bias=None):
+        if self._skinny(x):
+            return skinny_gemm.skinny_linear(x, weight, bias)
+        return super().linear(x, weight, bias)
+
+    def rms_norm_linear(self, x, norm_weight, eps, residual, weight, bias=None):
+        if self._skinny(x):
+            return skinny_gemm.rms_norm_linear(x, norm_weight, eps, weight, residual, bias)
+        return super().rms_norm_linear(x, norm_weight, eps, residual, weight, bias)
+
+    def silu_and_mul_linear(self, x, weight):
+        if self._skinny(x):
+            return skinny_gemm.silu_and_mul_linear(x, weight)
+        return super().silu_and_mul_linear(x, weight)

@@ -144,6 +144,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help=eng["seed"])
     p.add_argument("--enforce-eager", action="store_true", help=eng["enforce_eager"])
     p.add_argument("--memory-backend", default="auto", help=eng["memory_backend"])
+    p.add_argument(
+        "--decode-gemm", default="cublas", choices=["cublas", "triton"], help=eng["decode_gemm"]
+    )
 
 
 def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
@@ -167,6 +170,7 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         memory_backend=args.memory_backend,
+        decode_gemm=args.decode_gemm,
     )
 
 

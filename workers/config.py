@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from attention.backends import DECODE_GEMMS
 from kernels.rope import RopeScaling
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -224,8 +225,17 @@ class EngineConfig:
     on remappable physical chunks, so dropped layers become KV without a copy; emulated over
     shared memory on CPU), 'torch' (the torch allocator), or 'auto' (vmm on CUDA when
     cuda-python is installed, torch otherwise)."""
+    decode_gemm: str = "cublas"
+    """Matmuls of batches of at most 16 tokens (decode) on the triton attention backend:
+    'cublas' (torch's), or 'triton' (kernels/skinny_gemm.py: each weight read once, with the
+    RMSNorm before q/k/v and gate/up and the SiLU-and-mul before down fused in). The torch
+    backend always uses torch's."""
 
     def __post_init__(self) -> None:
+        if self.decode_gemm not in DECODE_GEMMS:
+            raise ValueError(
+                f"decode_gemm must be one of {list(DECODE_GEMMS)}, got {self.decode_gemm!r}"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

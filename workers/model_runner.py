@@ -68,7 +68,7 @@ class ModelRunner:
         self.dtype = parse_dtype(config.dtype, str(device))
         self.max_model_len = config.max_model_len(self.model_config)
         self.block_size = config.cache.block_size
-        self.backend = get_backend(config.attention_backend, device)
+        self.backend = get_backend(config.attention_backend, device, config.decode_gemm)
         self.memory_backend = resolve_memory_backend(config.memory_backend, device)
         self.memory: WorkerMemory | None = None
         """VMM weights and KV (``drop_layers`` / ``restore_layers``); None on 'torch'."""

@@ -32,6 +32,15 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.rms_norm(x, self.weight, self.eps, residual)
 
+    def forward_linear(
+        self, x: torch.Tensor, residual: torch.Tensor | None, linear: nn.Linear
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(RMSNorm(x + residual)), x + residual)``: the norm and the projection after
+        it, which the backend may run as one kernel (a decode batch's skinny GEMM)."""
+        return self.backend.rms_norm_linear(
+            x, self.weight, self.eps, residual, linear.weight, linear.bias
+        )
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, local_layer: int, backend: AttentionBackend) -> None:
@@ -43,24 +52,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+        self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
     ) -> torch.Tensor:
+        """Attention from this layer's ``qkv_proj`` output [n, q_size + 2 * kv_size] (the
+        layer computes it, fused with its input norm) through ``o_proj``: [n, hidden]."""
         cfg = self.cfg
         ctx = get_forward_context()
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        n = qkv.shape[0]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.reshape(n, cfg.num_heads, cfg.head_dim)
         k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         meta = ctx.attn_metadata
         if ctx.router is not None:  # pre-drop requests in a pipeline step
             out = ctx.router.attend(self.local_layer, q, k, v, positions, ctx.kv_cache, meta)
-            return self.o_proj(out.reshape(n, cfg.q_size))
+            return self.backend.linear(out.reshape(n, cfg.q_size), self.o_proj.weight)
         q, _ = self.backend.rope_and_write_kv(
             q, k, v, positions, cos_sin_cache, ctx.kv_cache, self.local_layer, meta.slot_mapping
         )
         out = self.backend.attention(q, ctx.kv_cache, self.local_layer, meta)
-        return self.o_proj(out.reshape(n, cfg.q_size))
+        return self.backend.linear(out.reshape(n, cfg.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -70,8 +81,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU and ``down_proj`` from this MLP's ``gate_up_proj`` output [n, 2 * inter] (the
+        layer computes it, fused with its norm): [n, hidden]."""
+        return self.backend.silu_and_mul_linear(gate_up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -89,10 +102,14 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(x, positions, cos_sin_cache)
-        x, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(x), residual
+        qkv, residual = self.input_layernorm.forward_linear(
+            hidden, residual, self.self_attn.qkv_proj
+        )
+        hidden = self.self_attn(qkv, positions, cos_sin_cache)
+        gate_up, residual = self.post_attention_layernorm.forward_linear(
+            hidden, residual, self.mlp.gate_up_proj
+        )
+        return self.mlp(gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -30,6 +30,9 @@ import torch
 
 GEMM_PATTERN = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitkreduce", re.IGNORECASE)
 """Kernel names of cuBLAS / cuBLASLt matmuls (and their split-K reductions) on recent GPUs."""
+WHOLE_GEMM_PATTERN = re.compile(r"skinny_gemm")
+"""GEMM kernels that are a whole matmul in one launch (kernels/skinny_gemm.py): with the norm
+or activation before them fused in, they follow each other, yet each is a matmul of its own."""
 REPLAY_GAP_S = 2e-3
 """Host sleep after each profiled replay's sync: the idle gap :func:`split_replays` cuts at."""
 TABLE_ROWS = 24
@@ -180,8 +183,9 @@ def attribute_gemms(
     """Names every GEMM of each replay by its place in the step and sums them per projection.
 
     A replay's GEMM kernels (names matching :data:`GEMM_PATTERN`) that follow each other with
-    no other kernel between form one matmul (a main kernel and its split-K reduction); the
-    step runs ``per_layer`` in order once per layer, then ``head``. Returns None when a replay
+    no other kernel between form one matmul (a main kernel and its split-K reduction), except
+    those matching :data:`WHOLE_GEMM_PATTERN`, each a matmul of its own; the step runs
+    ``per_layer`` in order once per layer, then ``head``. Returns None when a replay
     holds another number of matmuls than ``layers * len(per_layer) + (head is not None)``.
     """
     if not replays or not per_layer:
@@ -207,14 +211,15 @@ def attribute_gemms(
 
 def _consecutive_gemms(group: Sequence[KernelEvent]) -> list[list[KernelEvent]]:
     out: list[list[KernelEvent]] = []
-    previous_was_gemm = False
+    previous_joins = False  # the previous kernel was a GEMM that the next one may continue
     for e in group:
         is_gemm = GEMM_PATTERN.search(e.name) is not None
-        if is_gemm and previous_was_gemm:
+        whole = WHOLE_GEMM_PATTERN.search(e.name) is not None
+        if is_gemm and previous_joins and not whole:
             out[-1].append(e)
         elif is_gemm:
             out.append([e])
-        previous_was_gemm = is_gemm
+        previous_joins = is_gemm and not whole
     return out
 
 

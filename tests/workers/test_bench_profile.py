@@ -135,6 +135,31 @@ def test_attribute_gemms_names_each_matmul_by_its_place_with_its_split_k_reducti
     assert gemms[-1].bytes_per_s == pytest.approx(gemms[-1].bytes / 20e-6)
 
 
+def test_attribute_gemms_counts_each_skinny_gemm_as_a_matmul_of_its_own() -> None:
+    """decode_gemm='triton': the norms and SiLU are fused into the skinny GEMMs, so o, gate/up,
+    down and the next layer's qkv follow each other; cuBLAS's LM head still takes its reduce."""
+    skinny = "_skinny_gemm_kernel"
+    step = [
+        (skinny, 5.0),
+        (ATTN, 8.0),
+        (skinny, 3.0),
+        (skinny, 10.0),
+        (skinny, 6.0),
+        (NORM, 2.0),
+        (GEMM, 20.0),
+        (REDUCE, 1.0),
+    ]
+    gemms = attribute_gemms([burst(0.0, step)], PER_LAYER, HEAD, rows=1, elem_bytes=2)
+    assert gemms is not None
+    assert [(g.name, g.kernels, g.us) for g in gemms] == [
+        ("qkv_proj", 1.0, 5.0),
+        ("o_proj", 1.0, 3.0),
+        ("gate_up_proj", 1.0, 10.0),
+        ("down_proj", 1.0, 6.0),
+        ("lm_head", 2.0, 21.0),
+    ]
+
+
 def test_attribute_gemms_gives_up_on_an_unexpected_number_of_matmuls() -> None:
     replays = [burst(0.0, one_layer_step())]
     two_layers = [Projection(p.name, p.in_features, p.out_features, 2) for p in PER_LAYER]

@@ -26,11 +26,13 @@ from torch import nn
 
 from attention.transport import StageInputs, StageOp, StageTransport, StepHeader, wait_sends
 from workers import kv_exchange
+from workers.cuda_graphs import capture_sizes, graph_blocker
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
 from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttention, StepPlan
 from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
+from workers.stage_graphs import StageGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +143,23 @@ def run_stage(
         return model(positions, **kwargs)
 
 
+def stage_graphs_for(runner: Any, replay_eagerly: bool = False) -> StageGraphs | None:
+    """Decode graphs for the stage ``runner`` now holds, when its device, backend and config
+    allow graphs (workers/cuda_graphs.graph_blocker; ``replay_eagerly`` skips that check for
+    tests on CPU), else None."""
+    cfg = getattr(runner, "config", None)
+    if cfg is None:
+        return None
+    if not replay_eagerly:
+        reason = graph_blocker(runner.device, cfg.enforce_eager, runner.backend.name, True)
+        if reason is not None:
+            return None
+    sched = cfg.scheduler
+    max_batch = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)[-1]
+    width = -(-runner.max_model_len // runner.block_size)
+    return StageGraphs(runner.model, runner.kv_cache, width, max_batch, replay_eagerly)
+
+
 class _Stage:
     """What the leader and the other stages share: the group's layout, this stage's place in
     it, the step plan's KV moves and its remote-attention router."""
@@ -162,6 +181,8 @@ class _Stage:
         self.counters: Counter = Counter()
         """Pre-drop traffic: ``moved`` KV slices this worker sent or received in the
         exchange, and RemoteAttention's ``sent``, ``served`` and ``home`` layer calls."""
+        self.graphs = stage_graphs_for(runner)
+        """Decode graphs of this stage (None: every step runs eagerly)."""
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -324,15 +345,23 @@ class PipelineRunner(_Stage):
             if plan is not None:
                 self.exchange(plan)
             router = self.router(plan)
-            hidden, residual = run_stage(
-                r.model,
-                r.kv_cache,
-                None,
-                router,
-                input_ids=inputs.input_ids,
-                positions=inputs.positions,
-                meta=inputs.meta,
-            )
+            size = None
+            if router is None and self.graphs is not None:
+                size = self.graphs.size_for([s.num_new_tokens for s in out.scheduled])
+            if size is None:
+                hidden, residual = run_stage(
+                    r.model,
+                    r.kv_cache,
+                    None,
+                    router,
+                    input_ids=inputs.input_ids,
+                    positions=inputs.positions,
+                    meta=inputs.meta,
+                )
+            else:
+                self.graphs.load_scheduled(out.scheduled, size)
+                # copies: the posted sends read them after the next replay may have begun
+                hidden, residual = (t.clone() for t in self.graphs.run(size, len(out.scheduled)))
             x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
             self.transport.send_body(self.ranks[1], x)
             self.serve(router, range(1, len(self.ranks)))
@@ -432,7 +461,23 @@ class StageLoop(_Stage):
 
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:
         model = self.runner.model
-        hidden, residual = run_stage(model, self.runner.kv_cache, x, router)
+        n, seqs = x.hidden.shape[0], x.meta.seq_lens.shape[0]
+        size = None
+        if router is None and self.graphs is not None and x.meta.max_query_len == 1:
+            size = self.graphs.size_for([1] * seqs) if n == seqs else None
+        if size is not None:  # a decode micro-batch: replay (sends below finish before reuse)
+            self.graphs.load_received(x, size)
+            outs = self.graphs.run(size, n)
+            if not self.is_last:
+                hidden, residual = outs
+            elif x.logits_indices.numel():
+                logits = outs[0].index_select(0, x.logits_indices)
+                self.transport.send_logits(self.ranks[0], logits)
+                return
+            else:
+                return
+        else:
+            hidden, residual = run_stage(model, self.runner.kv_cache, x, router)
         if not self.is_last:
             self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
         elif x.logits_indices.numel():

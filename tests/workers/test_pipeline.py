@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
@@ -317,3 +318,42 @@ def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
     assert _tokens(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
     for r in results:
         assert r["restored"] == RESTORED | {"stage_loop": False}
+
+
+def test_stage_graphs_replay_decode_micro_batches_with_the_same_tokens(
+    stories_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both stages replay their decode micro-batches through StageGraphs' static buffers (run
+    eagerly here, as a graph would record them): the leader loads them from the scheduler, the
+    later stage copies the received activations and metadata in. Tokens equal each request's
+    alone on a full engine; prefill steps ran eagerly, decode steps replayed."""
+    import workers.pipeline as wp
+
+    monkeypatch.setattr(
+        wp, "stage_graphs_for", functools.partial(wp.stage_graphs_for, replay_eagerly=True)
+    )
+    leader = Engine(engine_config(stories_dir, budget=16, max_seqs=4), CPU)
+    member = Engine(engine_config(stories_dir, budget=16, max_seqs=4), CPU)
+    links: dict = {}
+    ranks = (0, 1)
+    for engine, layers in ((leader, RANGES[0]), (member, RANGES[1])):
+        engine.runner.model, _ = build_stage_model(engine.runner.model, layers)
+        engine.runner.kv_cache = torch.zeros(64, layers[1] - layers[0], 2, 4, 4, 8)
+    hidden = leader.runner.model_config.hidden_size
+    loop = StageLoop(member.runner, LoopbackTransport(1, links, hidden), ranks, 1)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    leader.runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, hidden), ranks)
+    rids = ["a0", "a1", "a2", "b1"]
+    for rid in rids:
+        leader.add_request(spec_of(rid))
+    tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+    while leader.has_work:
+        for out in leader.step():
+            tokens[out.request_id] += out.new_token_ids
+    leader.runner.transport.send_stop(1)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert leader.runner.graphs.num_replays > 0 and loop.graphs.num_replays > 0
+    assert leader.runner.peak_in_flight == 2
+    assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}

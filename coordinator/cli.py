@@ -136,6 +136,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help=sched["max_num_seqs"])
     p.add_argument("--max-model-len", type=int, default=None, help=sched["max_model_len"])
     p.add_argument("--max-waiting", type=int, default=4096, help=sched["max_waiting"])
+    p.add_argument(
+        "--pipeline-micro-batches",
+        type=int,
+        default=None,
+        help=sched["pipeline_micro_batches"],
+    )
     p.add_argument("--dtype", default="auto", help=eng["dtype"])
     p.add_argument(
         "--load-format", default="auto", choices=["auto", "dummy"], help=eng["load_format"]
@@ -166,6 +172,7 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
             max_waiting=args.max_waiting,
+            pipeline_micro_batches=args.pipeline_micro_batches,
         ),
         seed=args.seed,
         enforce_eager=args.enforce_eager,

@@ -44,3 +44,13 @@ def test_planner_flags_set_the_config() -> None:
 def test_invalid_planner_flags_raise() -> None:
     with pytest.raises(ValueError, match="restore_threshold must be in"):
         planner_config(parse("--restore-threshold", "0.99"))
+
+
+def test_pipeline_micro_batches_flag_reaches_the_scheduler_config(tmp_path) -> None:
+    from coordinator.cli import engine_config
+
+    assert engine_config(parse(), tmp_path).scheduler.pipeline_micro_batches is None
+    args = parse("--pipeline-micro-batches", "1")
+    assert engine_config(args, tmp_path).scheduler.pipeline_micro_batches == 1
+    with pytest.raises(ValueError, match="pipeline_micro_batches must be >= 1"):
+        engine_config(parse("--pipeline-micro-batches", "0"), tmp_path)

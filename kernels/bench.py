@@ -4,6 +4,9 @@ One call runs everything and writes JSON::
 
     python -c "from kernels.bench import run_kernel_bench; run_kernel_bench('out/kernels.json')"
 
+``python -m kernels.bench --only skinny`` runs only the skinny GEMM tables
+(kernels/bench_skinny.py: decode-batch projections vs cuBLAS and the floor).
+
 Decode attention (GQA 32/8, head_dim 128, bf16, block 16; batch x context grid) is timed beside
 (a) SDPA's flash backend on the same K/V laid out contiguously, (b) FlexAttention (compiled) on
 contiguous K/V, (c) a torch fallback that gathers the paged K/V then calls SDPA, and (d) the
@@ -315,22 +318,53 @@ def print_table(rows: list[dict]) -> None:
             print(f"    ! {err}")
 
 
-def run_kernel_bench(out_json: str | None = None) -> dict:
-    """Runs the whole benchmark on the current CUDA device; prints a table, returns the results.
+def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> dict:
+    """Runs the benchmark on the current CUDA device; prints tables, returns the results.
 
-    Returns ``{"device", "torch", "triton", "copy_bandwidth_GBps", "rows"}``; each row has
-    ``kernel``, ``shape``, times in microseconds (``ours_us``, ``baseline_us``, ``floor_us``;
-    decode also ``ours_graph_us``, ``flex_us``, ``gather_sdpa_us``; None where a measurement
-    failed, with the reason in ``errors``) and the ratios ``ours_over_baseline`` and
-    ``ours_over_floor``. Writes the same dict as JSON to ``out_json`` when given. Raises
-    RuntimeError without a CUDA device.
+    ``only``: None runs everything; ``"skinny"`` only the skinny GEMM tables
+    (kernels/bench_skinny.py). Returns ``{"device", "torch", "triton", "copy_bandwidth_GBps",
+    "rows", "skinny_rows", "skinny_sweep"}``; each of ``rows`` has ``kernel``, ``shape``, times
+    in microseconds (``ours_us``, ``baseline_us``, ``floor_us``; decode also
+    ``ours_graph_us``, ``flex_us``, ``gather_sdpa_us``; None where a measurement failed, with
+    the reason in ``errors``) and the ratios ``ours_over_baseline`` and ``ours_over_floor``;
+    the skinny keys are :func:`~kernels.bench_skinny.bench_skinny`'s and
+    :func:`~kernels.bench_skinny.sweep_skinny`'s rows. Writes the same dict as JSON to
+    ``out_json`` when given. Raises RuntimeError without a CUDA device, ValueError for an
+    unknown ``only``.
     """
+    if only not in (None, "skinny"):
+        raise ValueError(f"only must be None or 'skinny', got {only!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("run_kernel_bench needs a CUDA GPU")
     import triton
 
+    from kernels.bench_skinny import bench_skinny, print_skinny, sweep_skinny
+
     device = torch.device("cuda")
     bandwidth = measure_copy_bandwidth(device)
+    rows = [] if only else _attention_and_pointwise_rows(bandwidth, device)
+    skinny_rows = bench_skinny(bandwidth, device)
+    skinny_sweep = sweep_skinny(bandwidth, device)
+    result = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "rows": rows,
+        "skinny_rows": skinny_rows,
+        "skinny_sweep": skinny_sweep,
+    }
+    print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    if rows:
+        print_table(rows)
+    print_skinny(skinny_rows, skinny_sweep)
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _attention_and_pointwise_rows(bandwidth: float, device: torch.device) -> list[dict]:
     rows = []
     for context in DECODE_CONTEXTS:
         for batch in DECODE_BATCHES:
@@ -341,20 +375,14 @@ def run_kernel_bench(out_json: str | None = None) -> dict:
     for r in rows:
         r["ours_over_baseline"] = _ratio(r["ours_us"], r["baseline_us"])
         r["ours_over_floor"] = _ratio(r["ours_us"], r["floor_us"])
-    result = {
-        "device": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "copy_bandwidth_GBps": bandwidth / 1e9,
-        "rows": rows,
-    }
-    print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
-    print_table(rows)
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return rows
 
 
 if __name__ == "__main__":
-    run_kernel_bench(None)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="kunserve bench kernels, with --only")
+    parser.add_argument("--only", choices=["skinny"], default=None, help="run only these tables")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    run_kernel_bench(args.output_json, args.only)

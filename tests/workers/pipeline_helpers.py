@@ -53,6 +53,7 @@ def engine_config(
     memory_backend: str = "auto",
     exchange_bytes: int = 0,
     max_seqs: int = 2,
+    attention_backend: str = "torch",
 ) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
     and a request can be mid-prefill when a transition starts; at most ``max_seqs`` running
@@ -60,7 +61,7 @@ def engine_config(
     return EngineConfig(
         model_path=str(model_dir),
         dtype="float32",
-        attention_backend="torch",
+        attention_backend=attention_backend,
         memory_backend=memory_backend,
         # the least the KV exchange moves: one layer of one pre-drop request per step, so
         # remote attention serves them for many steps and a restore finishes the exchange
@@ -85,9 +86,11 @@ def spec_of(rid: str) -> RequestSpec:
     return RequestSpec(rid, ids, sampling, MAX_TOKENS)
 
 
-def run_alone(model_dir: Path | str, rid: str) -> list[int]:
+def run_alone(
+    model_dir: Path | str, rid: str, device: torch.device = CPU, backend: str = "torch"
+) -> list[int]:
     """The tokens a fresh full engine generates for ``rid`` alone (the reference)."""
-    engine = Engine(engine_config(model_dir), CPU)
+    engine = Engine(engine_config(model_dir, attention_backend=backend), device)
     engine.add_request(spec_of(rid))
     tokens: list[int] = []
     while engine.has_work:
@@ -176,9 +179,10 @@ def _first(inputs) -> dict:
 class _StubWorker:
     """What GroupController needs of a Worker."""
 
-    def __init__(self, rank: int, engine: Engine) -> None:
+    def __init__(self, rank: int, engine: Engine, return_group=None) -> None:
         self.rank = rank
         self.engine = engine
+        self.return_group = return_group
 
     def drain_inbox(self) -> None:
         pass
@@ -192,6 +196,9 @@ def _drop_restore(
     pipelined: tuple[int, int] = (4, 4),
     exchange_bytes: int = 0,
     max_seqs: int = 2,
+    device: torch.device = CPU,
+    backend: str = "torch",
+    return_group=None,
 ) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
@@ -202,10 +209,11 @@ def _drop_restore(
         memory_backend=memory_backend,
         exchange_bytes=exchange_bytes,
         max_seqs=max_seqs,
+        attention_backend=backend,
     )
-    engine = Engine(config, CPU)
+    engine = Engine(config, device)
     memory = engine.runner.memory
-    ctl = GroupController(_StubWorker(rank, engine))
+    ctl = GroupController(_StubWorker(rank, engine, return_group))
     tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
     for rid in requests_for(world):
         if rid.startswith("abc"[rank]):
@@ -233,6 +241,8 @@ def _drop_restore(
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
         info["max_in_flight"] = engine.runner.peak_in_flight
+        graphs = engine.runner.graphs
+        info["graph_replays"] = 0 if graphs is None else graphs.num_replays
         for out in engine.drain():  # as the worker does before a transition parks it
             tokens["pipelined"][out.request_id] += out.new_token_ids
         info["legacy_at_restore"] = sorted(engine.kv.legacy)
@@ -245,6 +255,7 @@ def _drop_restore(
         loop.start()
         loop.join(timeout=120)
         info["counters"] = dict(stage.counters)
+        info["graph_replays"] = 0 if stage.graphs is None else stage.graphs.num_replays
     plan = _broadcast(plan)
     restored_blocks = ctl.restore_execute(plan)
     check_block_ownership(engine)
@@ -256,6 +267,29 @@ def _drop_restore(
     info.update(stage_blocks=stage_blocks, restored_blocks=restored_blocks, tokens=tokens)
     info["restored"] = ctl.describe()
     return info
+
+
+def nccl_main(rank: int, world: int, init: str, model_dir: str, out_dir: str) -> None:
+    """The overlapped drop/restore body on GPU ``rank`` over NCCL, Triton backend (decode
+    micro-batches replay stage graphs), logits on their own process group as Worker sets up."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init, world_size=world, rank=rank)
+    try:
+        group = dist.new_group(list(range(world)))
+        result = _drop_restore(
+            rank,
+            world,
+            model_dir,
+            exchange_bytes=1 << 30,
+            max_seqs=4,
+            pipelined=(12, 30),
+            device=torch.device("cuda", rank),
+            backend="triton",
+            return_group=group,
+        )
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
 
 
 def _steps(engine: Engine, tokens: dict[str, list[int]], n: int) -> None:

@@ -27,7 +27,7 @@ from kernels.skinny_gemm import (  # noqa: E402
 SEED = 1234
 K, N = 96, 80
 ROWS = [1, 3, 16]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from attention.transport import StageInputs, StageTransport
+from attention.transport import StageInputs, StageTransport, connect_all_pairs
 from planner.drop_plan import stage_layer_ranges
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
@@ -251,7 +251,7 @@ def _drop_restore(
         ctl.stop_pipeline()
     else:
         stage = ctl.stage_loop
-        loop = threading.Thread(target=ctl.run_stage_loop)
+        loop = threading.Thread(target=_on_device, args=(device, ctl.run_stage_loop))
         loop.start()
         loop.join(timeout=120)
         info["counters"] = dict(stage.counters)
@@ -275,7 +275,10 @@ def nccl_main(rank: int, world: int, init: str, model_dir: str, out_dir: str) ->
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init, world_size=world, rank=rank)
     try:
+        device = torch.device("cuda", rank)
+        connect_all_pairs(rank, world, device)  # as Worker.init_distributed does
         group = dist.new_group(list(range(world)))
+        connect_all_pairs(rank, world, device, group)
         result = _drop_restore(
             rank,
             world,
@@ -283,13 +286,21 @@ def nccl_main(rank: int, world: int, init: str, model_dir: str, out_dir: str) ->
             exchange_bytes=1 << 30,
             max_seqs=4,
             pipelined=(12, 30),
-            device=torch.device("cuda", rank),
+            device=device,
             backend="triton",
             return_group=group,
         )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _on_device(device: torch.device, fn) -> None:
+    """Runs ``fn`` in this thread with ``device`` current (a new thread starts on cuda:0,
+    as the Worker's engine thread sets its device first)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    fn()
 
 
 def _steps(engine: Engine, tokens: dict[str, list[int]], n: int) -> None:

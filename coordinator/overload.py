@@ -186,6 +186,7 @@ class OverloadController:
             num_waiting=s.num_waiting if holds_requests else 0,
             waiting_demand_blocks=min(demand, s.waiting_demand_blocks) if holds_requests else 0,
             num_running=s.num_running if holds_requests else 0,
+            step_token_fill=s.step_token_fill if holds_requests else 0.0,
             state=inst.state,
             layer_range=tuple(inst.info.layer_range) if in_group else None,
             group_id=group_id if in_group else None,

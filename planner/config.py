@@ -52,6 +52,11 @@ class PlannerConfig:
     min_throughput_ratio: float = 0.9
     """Reject a drop plan whose predicted decode tokens/s is below this multiple of the members'
     tokens/s now (ours: admitting the queue must pay for most of the pipeline's overhead)."""
+    max_step_fill: float = 0.9
+    """Do not drop for an instance whose recent steps fill more than this share of the step
+    token budget: it is compute-bound (a prefill burst), so more KV cache would only add
+    prefill chunks to every step, lengthening TBT, without more tokens per second (ours: the
+    2x H200 Azure-code replay in docs/benchmarks.md). 1 never refuses."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,6 +107,7 @@ class PlannerConfig:
             value = getattr(self, name)
             _require(0 < value <= 1, name, "in (0, 1]", value)
         _require(self.max_tbt_slowdown >= 1, "max_tbt_slowdown", ">= 1", self.max_tbt_slowdown)
+        _require(0 < self.max_step_fill <= 1, "max_step_fill", "in (0, 1]", self.max_step_fill)
         _require(
             self.min_throughput_ratio > 0,
             "min_throughput_ratio",

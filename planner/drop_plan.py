@@ -116,6 +116,15 @@ def plan_drop(
     for seed in seeds:
         if seed.instance_id in taken:
             continue
+        if seed.step_token_fill > config.max_step_fill:
+            logger.info(
+                "no drop for instance %d: its steps fill %.0f%% of the token budget "
+                "(compute-bound; max_step_fill %.2f)",
+                seed.instance_id,
+                100 * seed.step_token_fill,
+                config.max_step_fill,
+            )
+            continue
         free = (ld for ld in by_pressure if ld.instance_id not in taken and ld is not seed)
         partners = list(itertools.islice(free, config.max_group_size - 1))
         group = _plan_group(seed, partners, shape, cost_model, config)

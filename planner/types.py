@@ -55,6 +55,8 @@ class InstanceLoad:
     """Decoder layers ``[start, end)`` the instance holds; ``None`` means all of them."""
     group_id: int | None = None
     """Pipeline group the instance belongs to; ``None`` in normal mode."""
+    step_token_fill: float = 0.0
+    """Share of the step token budget its recent steps used (0..1; EngineStats)."""
 
     def __post_init__(self) -> None:
         if self.kv_blocks_total < 1:
@@ -62,6 +64,8 @@ class InstanceLoad:
         for name in ("kv_blocks_used", "kv_demand_blocks", "num_waiting", "num_running"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.step_token_fill <= 1:
+            raise ValueError(f"step_token_fill must be in [0, 1], got {self.step_token_fill}")
         if not 0 <= self.waiting_demand_blocks <= self.kv_demand_blocks:
             raise ValueError(
                 f"waiting_demand_blocks must be in [0, kv_demand_blocks={self.kv_demand_blocks}], "

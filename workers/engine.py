@@ -53,6 +53,13 @@ class EngineStats:
     num_step_tokens: int = 0
     waiting_demand_blocks: int = 0
     """The part of ``kv_demand_blocks`` the waiting queue needs (blocks)."""
+    step_token_fill: float = 0.0
+    """Share of the step token budget (``max_num_batched_tokens``) recent steps used: an
+    exponential average, each step weighing ``FILL_WEIGHT`` (the planner's compute-bound test)."""
+
+
+FILL_WEIGHT = 0.2
+"""Weight of the latest step in ``EngineStats.step_token_fill`` (about the last 5 steps)."""
 
 
 class Engine:
@@ -67,6 +74,7 @@ class Engine:
         self.runner.capture_cuda_graphs()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._last_step = (0.0, 0)
+        self._fill = 0.0
         self.in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         """Launched, not yet collected micro-batches (pipeline mode), oldest first, with the
         time each was launched."""
@@ -130,7 +138,7 @@ class Engine:
             return outputs
         sampled, logprobs = self.runner.execute(out)
         outputs += self._update(out, sampled, logprobs)
-        self._last_step = (time.perf_counter() - start, out.num_tokens)
+        self._record_step(time.perf_counter() - start, out.num_tokens)
         return outputs
 
     def drain(self) -> list[RequestOutput]:
@@ -162,8 +170,14 @@ class Engine:
         out, launched = self.in_flight.popleft()
         sampled, logprobs = self.runner.collect(out)
         outputs = self._update(out, sampled, logprobs)
-        self._last_step = (time.perf_counter() - launched, out.num_tokens)
+        self._record_step(time.perf_counter() - launched, out.num_tokens)
         return outputs
+
+    def _record_step(self, seconds: float, num_tokens: int) -> None:
+        self._last_step = (seconds, num_tokens)
+        budget = self.config.scheduler.max_num_batched_tokens
+        fill = min(1.0, num_tokens / budget)
+        self._fill += FILL_WEIGHT * (fill - self._fill)
 
     def _update(
         self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict
@@ -196,4 +210,5 @@ class Engine:
             step_time_s=step_time,
             num_step_tokens=step_tokens,
             waiting_demand_blocks=self.scheduler.waiting_demand_blocks(),
+            step_token_fill=self._fill,
         )

@@ -241,3 +241,23 @@ def test_restore_rejects_loads_that_are_not_one_group(llama3_8b: ModelShape) -> 
     normal = InstanceLoad(2, 1000, 0, 0)
     with pytest.raises(ValueError, match="pipelined members of one group"):
         plan_restore([_member(0, (0, 16), 0), normal], llama3_8b, CONFIG)
+
+
+def test_no_drop_for_a_compute_bound_instance(
+    make_load: MakeLoad, llama3_8b: ModelShape, cost_model: CostModel
+) -> None:
+    """A prefill burst fills every step's token budget: more KV would not add throughput, so
+    the hot instance gets no group (its partner could still seed one of its own)."""
+
+    def loads(fill: float) -> list[InstanceLoad]:
+        return [make_load(0, 1.1, step_token_fill=fill), make_load(3, 0.2)]
+
+    assert plan_drop(loads(0.95), llama3_8b, cost_model, CONFIG) is None
+    plan = plan_drop(loads(0.9), llama3_8b, cost_model, CONFIG)  # at the limit: drops
+    assert plan is not None and plan.groups[0].instance_ids == (0, 3)
+    off = PlannerConfig(max_step_fill=1.0)
+    assert plan_drop(loads(1.0), llama3_8b, cost_model, off) is not None
+    with pytest.raises(ValueError, match="max_step_fill"):
+        PlannerConfig(max_step_fill=0)
+    with pytest.raises(ValueError, match="step_token_fill"):
+        make_load(0, 0.5, step_token_fill=1.5)

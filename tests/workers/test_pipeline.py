@@ -16,6 +16,7 @@ from attention.transport import StageInputs, StageOp, StepHeader
 from planner.drop_plan import stage_layer_ranges
 from tests.workers.pipeline_helpers import (
     CPU,
+    GREEDY,
     PHASES,
     RANGES,
     LoopbackTransport,
@@ -26,7 +27,7 @@ from tests.workers.pipeline_helpers import (
     run_alone,
     spec_of,
 )
-from workers.engine import Engine
+from workers.engine import Engine, RequestSpec
 from workers.kv_buffer import KVBuffer
 from workers.pipeline import PipelineRunner, StageLoop, build_stage_model, run_stage
 from workers.transition import GroupSpec
@@ -378,3 +379,18 @@ def test_gpu_nccl_micro_batches_and_stage_graphs_keep_every_token(
     cuda = torch.device("cuda", 0)
     rids = requests_for(2)
     assert _tokens(results) == {rid: run_alone(stories_dir, rid, cuda, "triton") for rid in rids}
+
+
+def test_step_token_fill_follows_how_full_steps_are(stories_dir: Path) -> None:
+    """EngineStats.step_token_fill (the planner's compute-bound test): chunked prefill steps
+    fill the 16-token budget, decode steps of 2 requests fill 1/8 of it."""
+    engine = Engine(engine_config(stories_dir, budget=16), CPU)
+    assert engine.stats().step_token_fill == 0.0
+    engine.add_request(RequestSpec("long", list(range(1, 81)), GREEDY, 30))
+    engine.add_request(RequestSpec("other", list(range(1, 41)), GREEDY, 30))
+    for _ in range(7):  # 120 prompt tokens in 16-token steps
+        engine.step()
+    assert engine.stats().step_token_fill > 0.75
+    for _ in range(15):
+        engine.step()
+    assert engine.stats().step_token_fill == pytest.approx(2 / 16, abs=0.02)

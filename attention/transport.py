@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -214,6 +214,26 @@ class StageTransport:
         out = torch.empty(shape, dtype=dtype, device=self.device)
         self.recv_into(src, out, group)
         return out
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> None:
+        """Sends each ``(dst, tensor)`` and fills each contiguous ``(src, tensor)`` in place,
+        all posted as one batch (``batch_isend_irecv``: on NCCL one group, so a link carries
+        both directions at once instead of one after the other), then waits for all. Per peer,
+        sends match the peer's receives in list order. Empty tensors are skipped on both ends.
+        Raises ValueError for a non-contiguous receive tensor."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends if t.numel()]
+        for src, t in recvs:
+            if not t.is_contiguous():
+                raise ValueError("exchange needs contiguous receive tensors")
+            if t.numel():
+                ops.append(dist.P2POp(dist.irecv, t, src))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
 
     def recv_into(
         self, src: int, out: torch.Tensor, group: dist.ProcessGroup | None = None

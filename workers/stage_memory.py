@@ -33,7 +33,7 @@ from workers.pipeline import (
     empty_model,
     restore_full_model,
 )
-from workers.weight_arena import WeightArena, WeightSource, place_model_in_arena, restore_order
+from workers.weight_arena import place_model_in_arena, restore_order
 
 
 class StageMemory(Protocol):
@@ -122,7 +122,7 @@ class VmmStageMemory:
     bytes, padding included. The embedding and the head are not droppable regions: they stay
     mapped on every stage (a stage that does not run them just holds no module over them), so a
     restore brings back decoder layers only, each from the stage that kept it, through the
-    transport (:class:`TransportSource`), and binds a new full model to the arena.
+    transport (:meth:`StageTransport.exchange`), and binds a new full model to the arena.
 
     Both are lazy (``WorkerMemory``'s default): a chunk stays mapped where it was as a stale
     alias, so a drop is one ``cuMemMap`` per layer and one ``cuMemSetAccess`` per run of layers
@@ -193,22 +193,24 @@ class VmmStageMemory:
         stage: int,
         transport: StageTransport,
     ) -> LlamaModel:
-        """Walks the stages' ranges last first, each range's layers last first (one order on
-        every stage): the stage that kept a range sends each layer's bytes to every other stage,
-        which maps the KV tail back under the layer and receives into it. Raises ValueError,
-        before any transfer, when this worker did not drop exactly the other stages' layers."""
+        """Maps the KV tail back under every layer this worker dropped (the stages' ranges last
+        first, each range's layers in ``restore_order``), then moves all layers at once: this
+        worker sends each layer it kept to every other stage while it receives the others'
+        (:meth:`StageTransport.exchange`, both directions of every link busy together). Raises
+        ValueError, before any transfer, when this worker did not drop exactly the other
+        stages' layers."""
         arena, num_layers = self.memory.arena, model.cfg.num_layers
         self._check_restore(ranges, stage, num_layers)
+        sends, recvs = [], []
         for s in reversed(range(len(ranges))):
-            start, end = ranges[s]
-            if s != stage:
-                self.memory.restore_layers(start, end, TransportSource(transport, ranks[s]))
-                continue
-            for layer in restore_order(start, end):
-                data = arena.layer_bytes(layer, layer + 1)
-                for r, rank in enumerate(ranks):
-                    if r != stage:
-                        transport.send(rank, data)
+            order = restore_order(*ranges[s])
+            if s == stage:
+                peers = [rank for rank in ranks if rank != ranks[stage]]
+                sends += [(p, arena.layer_bytes(j, j + 1)) for j in order for p in peers]
+            else:
+                self.memory.restore_layers(*ranges[s], None)
+                recvs += [(ranks[s], arena.layer_bytes(j, j + 1)) for j in order]
+        transport.exchange(sends, recvs)
         full = empty_model(model, (0, num_layers))
         place_model_in_arena(full, arena)
         return full.eval()
@@ -241,19 +243,6 @@ def _dropped(model: LlamaModel, layer_range: tuple[int, int]) -> list[tuple[int,
     if not model.start <= start < end <= model.end:
         raise ValueError(f"[{start}, {end}) is not inside [{model.start}, {model.end})")
     return [(a, b) for a, b in ((model.start, start), (end, model.end)) if a < b]
-
-
-class TransportSource(WeightSource):
-    """Refills restored layers from global rank ``src`` through a :class:`StageTransport`: one
-    message per layer, in ``restore_order`` (what the stage that kept them sends in
-    :meth:`VmmStageMemory.restore`)."""
-
-    def __init__(self, transport: StageTransport, src: int) -> None:
-        self.transport, self.src = transport, src
-
-    def fill(self, arena: WeightArena, start: int, end: int) -> None:
-        for layer in restore_order(start, end):
-            self.transport.recv_into(self.src, arena.layer_bytes(layer, layer + 1))
 
 
 def stage_memory_for(runner: Any) -> StageMemory:

@@ -174,14 +174,14 @@ def test_kv_buffer_grows_and_shrinks_keeping_the_prefix() -> None:
     assert torch.equal(buf.view(5), cache)
 
 
-def test_pipeline_runner_and_stage_loop_generate_what_the_full_engine_does(
-    stories_dir: Path,
-) -> None:
-    """The leader's engine steps through a PipelineRunner; stage 1 runs a StageLoop in a
-    thread; they talk over a loopback transport. Greedy and seeded tokens equal each request's
-    alone on a full engine."""
-    leader = Engine(engine_config(stories_dir, budget=16), CPU)
-    member = Engine(engine_config(stories_dir, budget=16), CPU)
+def _run_loopback_pipeline(
+    stories_dir: Path, rids: list[str], max_seqs: int = 2
+) -> tuple[Engine, StageLoop, dict[str, list[int]]]:
+    """The leader's engine steps through a PipelineRunner while stage 1 runs a StageLoop in a
+    thread, over a loopback transport, until ``rids`` finish; returns the leader, the stage
+    loop and each request's tokens."""
+    leader = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
+    member = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
     links: dict = {}
     ranks = (0, 1)
     for engine, layers in ((leader, RANGES[0]), (member, RANGES[1])):
@@ -191,18 +191,27 @@ def test_pipeline_runner_and_stage_loop_generate_what_the_full_engine_does(
     loop = StageLoop(member.runner, LoopbackTransport(1, links, hidden), ranks, 1)
     thread = threading.Thread(target=loop.run)
     thread.start()
-    transport = LoopbackTransport(0, links, hidden)
-    leader.runner = PipelineRunner(leader.runner, transport, ranks)
-    rids = ["a0", "a1", "a2", "b1"]
+    leader.runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, hidden), ranks)
     for rid in rids:
         leader.add_request(spec_of(rid))
     tokens: dict[str, list[int]] = {rid: [] for rid in rids}
     while leader.has_work:
         for out in leader.step():
             tokens[out.request_id] += out.new_token_ids
-    transport.send_stop(1)
+    leader.runner.transport.send_stop(1)
     thread.join(timeout=30)
     assert not thread.is_alive()
+    return leader, loop, tokens
+
+
+def test_pipeline_runner_and_stage_loop_generate_what_the_full_engine_does(
+    stories_dir: Path,
+) -> None:
+    """The leader's engine steps through a PipelineRunner; stage 1 runs a StageLoop in a
+    thread; they talk over a loopback transport. Greedy and seeded tokens equal each request's
+    alone on a full engine."""
+    rids = ["a0", "a1", "a2", "b1"]
+    _, _, tokens = _run_loopback_pipeline(stories_dir, rids)
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
 
 
@@ -334,28 +343,8 @@ def test_stage_graphs_replay_decode_micro_batches_with_the_same_tokens(
     monkeypatch.setattr(
         wp, "stage_graphs_for", functools.partial(wp.stage_graphs_for, replay_eagerly=True)
     )
-    leader = Engine(engine_config(stories_dir, budget=16, max_seqs=4), CPU)
-    member = Engine(engine_config(stories_dir, budget=16, max_seqs=4), CPU)
-    links: dict = {}
-    ranks = (0, 1)
-    for engine, layers in ((leader, RANGES[0]), (member, RANGES[1])):
-        engine.runner.model, _ = build_stage_model(engine.runner.model, layers)
-        engine.runner.kv_cache = torch.zeros(64, layers[1] - layers[0], 2, 4, 4, 8)
-    hidden = leader.runner.model_config.hidden_size
-    loop = StageLoop(member.runner, LoopbackTransport(1, links, hidden), ranks, 1)
-    thread = threading.Thread(target=loop.run)
-    thread.start()
-    leader.runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, hidden), ranks)
     rids = ["a0", "a1", "a2", "b1"]
-    for rid in rids:
-        leader.add_request(spec_of(rid))
-    tokens: dict[str, list[int]] = {rid: [] for rid in rids}
-    while leader.has_work:
-        for out in leader.step():
-            tokens[out.request_id] += out.new_token_ids
-    leader.runner.transport.send_stop(1)
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    leader, loop, tokens = _run_loopback_pipeline(stories_dir, rids, max_seqs=4)
     assert leader.runner.graphs.num_replays > 0 and loop.graphs.num_replays > 0
     assert leader.runner.peak_in_flight == 2
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}

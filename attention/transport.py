@@ -69,8 +69,8 @@ class StepHeader:
 class StageInputs:
     """One micro-batch as a stage that is not the first receives it."""
 
-    hidden: torch.Tensor  # [num_tokens, hidden_size] model dtype
-    residual: torch.Tensor  # [num_tokens, hidden_size] model dtype
+    hidden: torch.Tensor | None  # [num_tokens, hidden_size] model dtype (None: not yet run)
+    residual: torch.Tensor | None  # [num_tokens, hidden_size] model dtype
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampling] int64: rows of the sampling tokens
@@ -79,7 +79,7 @@ class StageInputs:
         m = self.meta
         return StepHeader(
             op=StageOp.STEP,
-            num_tokens=self.hidden.shape[0],
+            num_tokens=self.positions.shape[0],
             num_seqs=m.seq_lens.shape[0],
             table_width=m.block_tables.shape[1],
             num_sampling=self.logits_indices.shape[0],

@@ -329,25 +329,23 @@ class PipelineRunner(_Stage):
                     self.steps + 1,
                     t0 - self._started,
                 )
-        inputs = r.prepare(out)
-        m = inputs.meta
-        header = StepHeader(
-            StageOp.STEP,
-            num_tokens=inputs.input_ids.shape[0],
-            num_seqs=len(out.scheduled),
-            table_width=m.block_tables.shape[1],
-            num_sampling=inputs.logits_indices.shape[0],
-            max_query_len=m.max_query_len,
-            max_seq_len=m.max_seq_len,
-        )
+        size = None
+        replayable = plan is None or not plan.legacy  # no remote attention this step
+        if replayable and self.graphs is not None and all(s.samples for s in out.scheduled):
+            size = self.graphs.size_for([s.num_new_tokens for s in out.scheduled])
+        if size is None:
+            inputs = r.prepare(out)
+            requests = inputs.sampling_requests
+            x = StageInputs(None, None, inputs.positions, inputs.meta, inputs.logits_indices)
+        else:  # a decode micro-batch replays: its metadata is already on the device
+            self.graphs.load_scheduled(out.scheduled, size)
+            requests = [s.request for s in out.scheduled]
+            x = self.graphs.sent_inputs(size, len(requests))
         with self.transport.deferred_sends() as sends:
-            self._announce(header, plan)
+            self._announce(x.header(), plan)
             if plan is not None:
                 self.exchange(plan)
             router = self.router(plan)
-            size = None
-            if router is None and self.graphs is not None:
-                size = self.graphs.size_for([s.num_new_tokens for s in out.scheduled])
             if size is None:
                 hidden, residual = run_stage(
                     r.model,
@@ -359,13 +357,11 @@ class PipelineRunner(_Stage):
                     meta=inputs.meta,
                 )
             else:
-                self.graphs.load_scheduled(out.scheduled, size)
                 # copies: the posted sends read them after the next replay may have begun
-                hidden, residual = (t.clone() for t in self.graphs.run(size, len(out.scheduled)))
-            x = StageInputs(hidden, residual, inputs.positions, inputs.meta, inputs.logits_indices)
-            self.transport.send_body(self.ranks[1], x)
+                hidden, residual = (t.clone() for t in self.graphs.run(size, len(requests)))
+            self.transport.send_body(self.ranks[1], x.with_hidden(hidden, residual))
             self.serve(router, range(1, len(self.ranks)))
-        self._launched.append(_Launched(out, inputs.sampling_requests, sends, plan, t0))
+        self._launched.append(_Launched(out, requests, sends, plan, t0))
         self.peak_in_flight = max(self.peak_in_flight, len(self._launched))
 
     @torch.inference_mode()

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attention.metadata import AttentionMetadata
 from attention.transport import StageInputs
 from kernels._triton import num_sms
 from kernels.paged_decode import choose_num_splits
@@ -90,6 +91,23 @@ class StageGraphs:
     def load_scheduled(self, scheduled: Sequence[ScheduledRequest], size: int) -> None:
         """The first stage: this step's token ids and metadata from the scheduler."""
         self.inputs.load(scheduled, size)
+
+    def sent_inputs(self, size: int, n: int) -> StageInputs:
+        """The first stage: what the next stage needs of the ``n`` rows just loaded into
+        ``size``'s buffers (positions, metadata, logits rows; activations to be filled in),
+        copied out of them, since the sends read them after the next micro-batch's load
+        overwrote the buffers. The block table keeps the graphs' full width."""
+        f = self.inputs.fields(size)
+        meta = AttentionMetadata(
+            slot_mapping=f.slot_mapping[:n].clone(),
+            block_tables=f.block_tables[:n].clone(),
+            seq_lens=f.seq_lens[:n].clone(),
+            query_start_loc=self.inputs.query_start_loc[: n + 1],
+            max_query_len=1,
+            max_seq_len=self.inputs.max_blocks_per_seq * self.inputs.block_size,
+        )
+        rows = self.inputs.query_start_loc[:n].to(torch.int64)
+        return StageInputs(None, None, f.positions[:n].clone(), meta, rows)
 
     def load_received(self, x: StageInputs, size: int) -> None:
         """A later stage: copies the received activations and metadata of ``n`` rows into

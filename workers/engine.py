@@ -191,6 +191,9 @@ class Engine:
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Aborts every request after an engine fault, freeing all blocks; outputs carry it."""
         self.in_flight.clear()
+        abandon = getattr(self.runner, "abandon_launched", None)
+        if abandon is not None:
+            abandon()
         ids = [r.request_id for r in (*self.scheduler.running, *self.scheduler.waiting)]
         outputs = [o for o in (self.abort(i) for i in ids) if o is not None]
         for o in outputs:

@@ -294,6 +294,12 @@ class PipelineRunner(_Stage):
                 self.transport.send(rank, payload)
         return header
 
+    def abandon_launched(self) -> None:
+        """Forgets the launched steps (an engine fault ended their requests)."""
+        for step in self._launched:
+            step.sends.clear()
+        self._launched.clear()
+
     def _check_drained(self) -> None:
         if self._launched:
             raise RuntimeError(f"{len(self._launched)} pipeline steps are still in flight")

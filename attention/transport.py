@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -264,9 +265,10 @@ def connect_all_pairs(
     world_size: int,
     device: torch.device,
     group: dist.ProcessGroup | None = None,
-) -> None:
+) -> dict[int, float]:
     """Opens the point-to-point channels between ``rank`` and every other rank now, at
-    start-up.
+    start-up, and returns each peer's measured one-way bandwidth (bytes/s; CUDA only, from a
+    second exchange of the largest message; empty on gloo).
 
     NCCL creates a pair's communicator, and connects each protocol's channels, on first use,
     which takes tens to hundreds of milliseconds; left lazy, that cost lands on the first
@@ -278,7 +280,9 @@ def connect_all_pairs(
 
     Raises ``RuntimeError`` if a peer's message comes back wrong.
     """
-    sizes = _CONNECT_BYTES if device.type == "cuda" else _CONNECT_BYTES[:1]
+    cuda = device.type == "cuda"
+    sizes = _CONNECT_BYTES + _CONNECT_BYTES[-1:] if cuda else _CONNECT_BYTES[:1]
+    bandwidth = {}
     for low in range(world_size):
         for high in range(low + 1, world_size):
             if rank not in (low, high):
@@ -288,11 +292,17 @@ def connect_all_pairs(
                 n = nbytes // 8
                 mine = torch.full((n,), rank, dtype=torch.int64, device=device)
                 theirs = torch.empty(n, dtype=torch.int64, device=device)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
                 if rank == low:
                     dist.send(mine, peer, group=group)
                     dist.recv(theirs, peer, group=group)
                 else:
                     dist.recv(theirs, peer, group=group)
                     dist.send(mine, peer, group=group)
-                if not bool((theirs == peer).all()):
+                if not bool((theirs == peer).all()):  # also waits for the transfers
                     raise RuntimeError(f"rank {rank}: {nbytes}-byte pair check with {peer} failed")
+                if cuda:  # the last size's second exchange: connected, so timed
+                    bandwidth[peer] = 2 * nbytes / (time.perf_counter() - start)
+    return bandwidth

@@ -9,13 +9,15 @@ transition at a time (DESIGN.md §6.1-6.2; KunServe's coordinator loop, referenc
 §3(e)). When it does not act it still observes, so the logs and ``kunserve:kv_demand_perc``
 show what the planner would have done.
 
-Cost model. No worker runs a start-up profile yet, so the ``StepProfile`` is built from what
-the instances report: the median decode step time (``EngineStats.step_time_s`` of steps that
-only decoded) of the latest samples, over all L layers, flat in batch size (``StepTimes``);
-before the first one, a nominal ``DEFAULT_DECODE_STEP_S``. The link between members is not
-measured: it is the nominal ``DEFAULT_LINK_BANDWIDTH_BYTES_PER_S`` and
-``DEFAULT_LINK_LATENCY_S``. With this profile the cost model rejects a group only when the
-link's cost per step is large against the step, or when the group admits no queued request.
+Cost model. Each worker profiles itself at start-up (``WorkerInfo.decode_profile``: a decode
+step of all L layers at a few batch sizes; ``WorkerInfo.link_bandwidth``: a timed exchange
+with every peer), and the ``StepProfile`` takes, per batch size, the median over the workers
+(``StepTimes``). Workers that report no profile (test doubles) leave it to what the instances
+report while serving: the median decode step time (``EngineStats.step_time_s`` of steps that
+only decoded) of the latest samples, flat in batch size, and before the first one a nominal
+``DEFAULT_DECODE_STEP_S``. Without a measured link (CPU workers) the link is the nominal
+``DEFAULT_LINK_BANDWIDTH_BYTES_PER_S``; its latency is always the nominal
+``DEFAULT_LINK_LATENCY_S``.
 """
 
 from __future__ import annotations
@@ -68,18 +70,26 @@ def model_shape(model: ModelConfig, dtype_bytes: int, block_size: int) -> ModelS
 
 
 class StepTimes:
-    """Decode step times the instances report, as a ``StepProfile`` over all L layers.
+    """Decode step times as a ``StepProfile`` over all L layers (module docstring).
 
-    Only steps that did nothing but decode count (``num_step_tokens <= num_running``: one token
-    per running request, no prefill chunk). The profile is one point, the median of the last
-    ``_STEP_SAMPLES`` such steps, so the cost model treats decode time as flat in batch size
-    (about right for memory-bound decode at small batches; samples of one step each are too
-    noisy, on a shared CPU above all, to fit a batch curve). Before the first one it is
-    ``DEFAULT_DECODE_STEP_S``.
+    ``startup``: seconds of a decode step by batch size from the workers' start-up profiles
+    (one point per batch: the cost model interpolates in batch size); ``link_bandwidth``: the
+    measured one (bytes/s). Without ``startup``, only steps the instances report that did
+    nothing but decode count (``num_step_tokens <= num_running``: one token per running
+    request, no prefill chunk), as one point, the median of the last ``_STEP_SAMPLES``, flat
+    in batch size (samples of one step each are too noisy, on a shared CPU above all, to fit a
+    batch curve); before the first one it is ``DEFAULT_DECODE_STEP_S``.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        startup: dict[int, float] | None = None,
+        link_bandwidth: float | None = None,
+    ) -> None:
         self.num_layers = num_layers
+        self.startup = dict(startup or {})
+        self.link_bandwidth = link_bandwidth or DEFAULT_LINK_BANDWIDTH_BYTES_PER_S
         self.decode: deque[float] = deque(maxlen=_STEP_SAMPLES)
         """The latest decode-only step times (seconds)."""
 
@@ -87,11 +97,31 @@ class StepTimes:
         if 0 < stats.num_step_tokens <= stats.num_running and stats.step_time_s > 0:
             self.decode.append(stats.step_time_s)
 
+    @classmethod
+    def from_workers(cls, num_layers: int, infos: list) -> StepTimes:
+        """From the workers' ``WorkerInfo``: per batch size the median of their start-up
+        times, and the median of their measured link bandwidths."""
+        batches: dict[int, list[float]] = {}
+        for info in infos:
+            for batch, seconds in getattr(info, "decode_profile", {}).items():
+                batches.setdefault(batch, []).append(seconds)
+        links = [b for info in infos if (b := getattr(info, "link_bandwidth", None))]
+        return cls(
+            num_layers,
+            {batch: statistics.median(times) for batch, times in batches.items()},
+            statistics.median(links) if links else None,
+        )
+
     def profile(self) -> StepProfile:
-        seconds = statistics.median(self.decode) if self.decode else DEFAULT_DECODE_STEP_S
+        layers = self.num_layers
+        if self.startup:
+            decode = {(layers, batch): seconds for batch, seconds in self.startup.items()}
+        else:
+            seconds = statistics.median(self.decode) if self.decode else DEFAULT_DECODE_STEP_S
+            decode = {(layers, 1): seconds}
         return StepProfile(
-            decode={(self.num_layers, 1): seconds},
-            link_bandwidth_bytes_per_s=DEFAULT_LINK_BANDWIDTH_BYTES_PER_S,
+            decode=decode,
+            link_bandwidth_bytes_per_s=self.link_bandwidth,
             link_latency_s=DEFAULT_LINK_LATENCY_S,
         )
 
@@ -124,7 +154,7 @@ class OverloadController:
         self.act = act
         self.clock = clock
         self.detector = OverloadDetector(config)
-        self.step_times = StepTimes(shape.num_layers)
+        self.step_times = StepTimes.from_workers(shape.num_layers, [i.info for i in core.instances])
         self.normal_blocks = {i.instance_id: i.info.stats.kv_blocks_total for i in core.instances}
         self._streak: dict[tuple[int, ...], Decision] = {}
         self._no_plan: set[int] = set()

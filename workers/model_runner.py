@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from attention.metadata import AttentionMetadata, host_tensor
 from kernels.vmm import make_backend
 from workers.config import EngineConfig, ModelConfig, parse_dtype, resolve_memory_backend
 from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker, graph_key
+from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.kv_pool import KVBlockFormat
 from workers.memory import WorkerMemory
@@ -293,6 +295,46 @@ class ModelRunner:
             h.sampling_requests,
         )
 
+    @torch.inference_mode()
+    def profile_decode(self, batches: Sequence[int], repeats: int = 3) -> dict[int, float]:
+        """Seconds of one decode step of the whole model (every layer, LM head and argmax) at
+        each batch size in ``batches``: the planner's start-up profile (planner/cost_model.py).
+
+        Rows are padding (slot -1, context length 0: no KV is read or written), so the time is
+        the weights' and the launches', the part a drop changes; attention over long contexts
+        is not in it. Replays the captured graph of each size where there is one (batches it
+        does not hold are left out), else runs the same step eagerly; the mean of ``repeats``
+        runs after one warm-up. Raises ValueError for a batch < 1.
+        """
+        if any(b < 1 for b in batches):
+            raise ValueError(f"batch sizes must be >= 1, got {list(batches)}")
+        graphs = self.cuda_graphs
+        if graphs is not None:
+            batches = [b for b in batches if b in graphs.graphs]
+            inputs, run = graphs.inputs, lambda b: graphs.graphs[b].replay()
+        else:
+            width = -(-self.max_model_len // self.block_size)
+            inputs = StaticDecodeInputs(max(batches), width, self.block_size, self.device)
+            run = functools.partial(self._padded_decode, inputs)
+        times = {}
+        for b in batches:
+            inputs.pad(b)
+            run(b)  # warm-up: compiles, picks algorithms
+            _sync(self.device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run(b)
+            _sync(self.device)
+            times[b] = (time.perf_counter() - start) / repeats
+        return times
+
+    def _padded_decode(self, inputs: StaticDecodeInputs, batch: int) -> torch.Tensor:
+        meta = inputs.metadata(batch, num_splits=1)
+        f = inputs.fields(batch)
+        with set_forward_context(ForwardContext(meta, self.kv_cache)):
+            hidden, _ = self.model(f.positions, input_ids=f.input_ids)
+        return self.model.compute_logits(hidden).argmax(dim=-1)
+
     def forward(self, h: HostInputs) -> torch.Tensor:
         """[num_tokens, hidden] final-norm states of one step, run eagerly."""
         inputs = self._to_device(h)
@@ -363,3 +405,8 @@ def _token_slice(r: Request, lo: int, hi: int) -> list[int]:
     if hi - lo == 1:
         return [r.token_id(lo)]
     return r.all_token_ids()[lo:hi]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import statistics
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class StepResult:
     stats: EngineStats
 
 
+PROFILE_BATCHES = (1, 8, 32, 128)
+"""Decode batch sizes each worker times at start-up (``WorkerInfo.decode_profile``)."""
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     rank: int
@@ -43,6 +48,12 @@ class WorkerInfo:
     layer_range: tuple[int, int]
     max_model_len: int
     stats: EngineStats
+    decode_profile: dict[int, float] = field(default_factory=dict)
+    """Start-up profile: seconds of a decode step of the whole model by batch size
+    (``ModelRunner.profile_decode``), for the planner's cost model."""
+    link_bandwidth: float | None = None
+    """Median one-way bandwidth to the other workers measured at start-up (bytes/s; None on
+    CPU workers)."""
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Worker:
         self._pause_requested = False
         self._parked = False
         self.return_group = None
+        self.link_bandwidth: float | None = None
         """A second process group of every rank, for pipeline logits (StageTransport)."""
 
     def rendezvous_address(self) -> str:
@@ -106,7 +118,8 @@ class Worker:
         dist.all_reduce(probe)
         if int(probe.item()) != world_size:
             raise RuntimeError(f"process group check failed: all_reduce gave {probe.item()}")
-        connect_all_pairs(self.rank, world_size, self.device)
+        bandwidth = connect_all_pairs(self.rank, world_size, self.device)
+        self.link_bandwidth = statistics.median(bandwidth.values()) if bandwidth else None
         if world_size > 1:  # pipeline logits travel back on their own communicator
             self.return_group = dist.new_group(list(range(world_size)))
             connect_all_pairs(self.rank, world_size, self.device, self.return_group)
@@ -114,12 +127,16 @@ class Worker:
     def load(self) -> WorkerInfo:
         self.engine = Engine(self.config, self.device)
         runner = self.engine.runner
+        sched = self.config.scheduler
+        batches = [b for b in PROFILE_BATCHES if b <= sched.max_num_seqs]
         return WorkerInfo(
             rank=self.rank,
             device=_describe(self.device),
             layer_range=(runner.model.start, runner.model.end),
             max_model_len=self.engine.max_model_len,
             stats=self.engine.stats(),
+            decode_profile=runner.profile_decode(batches),
+            link_bandwidth=self.link_bandwidth,
         )
 
     def start(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from coordinator.overload import (
     DEFAULT_DECODE_STEP_S,
+    DEFAULT_LINK_BANDWIDTH_BYTES_PER_S,
     OverloadController,
     StepTimes,
     model_shape,
@@ -23,6 +24,7 @@ from tests.coordinator.test_coordinator import STORIES, make_coordinator, make_s
 from workers.config import ModelConfig
 from workers.engine import EngineStats
 from workers.transition import GroupSpec, TransitionError
+from workers.worker import WorkerInfo
 
 CONFIG = PlannerConfig(
     sample_interval_s=0.5, window_s=1.0, smoothing_s=0.5, min_dwell_s=0.5, cooldown_s=2.0
@@ -212,3 +214,21 @@ def test_step_times_profile_the_median_decode_step() -> None:
     times.record(dataclasses.replace(decode, num_step_tokens=64))  # a prefill chunk: ignored
     times.record(dataclasses.replace(decode, num_step_tokens=0))  # an idle step: ignored
     assert times.profile().decode == {(5, 1): 0.03}
+
+
+def test_step_times_take_the_workers_start_up_profile() -> None:
+    """Per batch size the median over the workers' start-up times, the median measured link;
+    serving-time samples do not replace it."""
+    infos = [
+        WorkerInfo(0, "gpu", (0, 32), 8192, make_stats(100), {1: 0.004, 8: 0.005}, 380e9),
+        WorkerInfo(1, "gpu", (0, 32), 8192, make_stats(100), {1: 0.006, 8: 0.007}, 360e9),
+        WorkerInfo(2, "gpu", (0, 32), 8192, make_stats(100), {1: 0.005, 8: 0.009}, None),
+    ]
+    times = StepTimes.from_workers(32, infos)
+    decode = EngineStats(3, 0, 100, 30, 20480, 30, 0, step_time_s=0.02, num_step_tokens=3)
+    times.record(decode)
+    profile = times.profile()
+    assert profile.decode == {(32, 1): 0.005, (32, 8): 0.007}
+    assert profile.link_bandwidth_bytes_per_s == 370e9
+    bare = StepTimes.from_workers(32, [WorkerInfo(0, "cpu", (0, 32), 512, make_stats(100))])
+    assert bare.profile().link_bandwidth_bytes_per_s == DEFAULT_LINK_BANDWIDTH_BYTES_PER_S

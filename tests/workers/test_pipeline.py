@@ -383,3 +383,17 @@ def test_step_token_fill_follows_how_full_steps_are(stories_dir: Path) -> None:
     for _ in range(15):
         engine.step()
     assert engine.stats().step_token_fill == pytest.approx(2 / 16, abs=0.02)
+
+
+def test_profile_decode_times_each_batch_of_the_whole_model(stories_dir: Path) -> None:
+    """The start-up profile (CPU: the padded decode step run eagerly): one positive time per
+    batch asked for, the KV cache untouched (padding rows write no slot)."""
+    engine = Engine(engine_config(stories_dir), CPU)
+    runner = engine.runner
+    runner.kv_cache.normal_()
+    before = runner.kv_cache.clone()
+    times = runner.profile_decode([1, 4, 16], repeats=2)
+    assert sorted(times) == [1, 4, 16] and all(t > 0 for t in times.values())
+    assert torch.equal(runner.kv_cache, before)
+    with pytest.raises(ValueError, match="batch sizes must be >= 1"):
+        runner.profile_decode([0])

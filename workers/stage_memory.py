@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from attention.transport import StageTransport
 from workers.kv_buffer import KVBuffer
@@ -117,12 +118,13 @@ class VmmStageMemory:
     """:class:`StageMemory` over a worker's VMM memory (:class:`~workers.memory.WorkerMemory`):
     the KV bytes are the KV pool's mapped prefix, viewed from its fixed base.
 
-    A drop maps the dropped layers' chunks at the end of the KV range (``drop_layers``: one
-    chunk per layer, no copy, no allocation), so the KV bytes grow by exactly those chunks'
-    bytes, padding included. The embedding and the head are not droppable regions: they stay
-    mapped on every stage (a stage that does not run them just holds no module over them), so a
-    restore brings back decoder layers only, each from the stage that kept it, through the
-    transport (:meth:`StageTransport.exchange`), and binds a new full model to the arena.
+    A drop maps the dropped regions' chunks at the end of the KV range (``drop_layers``: one
+    chunk per region, no copy, no allocation), so the KV bytes grow by exactly those chunks'
+    bytes, padding included. The regions are the decoder layers outside the stage's range, the
+    embedding unless the stage is first and the head (final norm and LM head, a tied head being
+    its own copy) unless it is last, indexed -1 and L in the arena (workers/weight_arena.py).
+    A restore brings each back from the stage that kept it, through the transport
+    (:meth:`StageTransport.exchange`), and binds a new full model to the arena.
 
     Both are lazy (``WorkerMemory``'s default): a chunk stays mapped where it was as a stale
     alias, so a drop is one ``cuMemMap`` per layer and one ``cuMemSetAccess`` per run of layers
@@ -179,7 +181,8 @@ class VmmStageMemory:
         stage, _ = build_stage_model(model, layer_range)
         for a, b in runs:  # their arena views become KV: nothing may read them as weights
             for j in range(a, b):
-                model.layers[j - model.start].to("meta")
+                for module in _modules_of(model, j):
+                    module.to("meta")
         kv.detach_block_pool()
         for a, b in runs:
             self.memory.drop_layers(a, b)
@@ -201,14 +204,15 @@ class VmmStageMemory:
         stages' layers."""
         arena, num_layers = self.memory.arena, model.cfg.num_layers
         self._check_restore(ranges, stage, num_layers)
+        owned = _owned(ranges, num_layers)
         sends, recvs = [], []
         for s in reversed(range(len(ranges))):
-            order = restore_order(*ranges[s])
+            order = restore_order(*owned[s])
             if s == stage:
                 peers = [rank for rank in ranks if rank != ranks[stage]]
                 sends += [(p, arena.layer_bytes(j, j + 1)) for j in order for p in peers]
             else:
-                self.memory.restore_layers(*ranges[s], None)
+                self.memory.restore_layers(*owned[s], None)
                 recvs += [(ranks[s], arena.layer_bytes(j, j + 1)) for j in order]
         transport.exchange(sends, recvs)
         full = empty_model(model, (0, num_layers))
@@ -223,12 +227,14 @@ class VmmStageMemory:
             raise ValueError(f"stage ranges {list(ranges)} do not split [0, {num_layers})")
         start, end = ranges[stage]
         arena = self.memory.arena
-        if arena.dropped != set(range(num_layers)) - set(range(start, end)):
+        kept = range(*_owned(ranges, num_layers)[stage])
+        if arena.dropped != set(range(-1, num_layers + 1)) - set(kept):
             raise ValueError(
                 f"stage {stage} keeps [{start}, {end}) but the arena has dropped "
                 f"{sorted(arena.dropped)}"
             )
-        grown = sum(arena.layer_nbytes(a, b) for a, b in ((0, start), (end, num_layers)) if a < b)
+        others = ((-1, kept.start), (kept.stop, num_layers + 1))
+        grown = sum(arena.layer_nbytes(a, b) for a, b in others if a < b)
         if self.nbytes != self.normal_bytes + grown:
             raise ValueError(
                 f"KV bytes {self.nbytes} are not the normal {self.normal_bytes} plus the dropped "
@@ -236,13 +242,40 @@ class VmmStageMemory:
             )
 
 
+def _owned(ranges: Sequence[tuple[int, int]], num_layers: int) -> list[tuple[int, int]]:
+    """Each stage's arena regions (workers/weight_arena.py indices): its decoder layers, the
+    embedding (-1) on the first stage and the head (L) on the last."""
+    last = len(ranges) - 1
+    return [
+        (-1 if s == 0 else a, num_layers + 1 if s == last else b) for s, (a, b) in enumerate(ranges)
+    ]
+
+
 def _dropped(model: LlamaModel, layer_range: tuple[int, int]) -> list[tuple[int, int]]:
-    """The runs of layers of ``model`` outside ``layer_range`` (global indices). Raises
-    ValueError when ``layer_range`` is not inside what ``model`` holds."""
+    """The runs of arena regions a full ``model`` drops to keep ``layer_range``: the layers
+    outside it, with the embedding (-1) unless it starts at 0 and the head (L) unless it ends
+    at L. Raises ValueError when ``layer_range`` is not inside what ``model`` holds, or
+    ``model`` is not the full model."""
     start, end = layer_range
     if not model.start <= start < end <= model.end:
         raise ValueError(f"[{start}, {end}) is not inside [{model.start}, {model.end})")
-    return [(a, b) for a, b in ((model.start, start), (end, model.end)) if a < b]
+    n = model.cfg.num_layers
+    if (model.start, model.end) != (0, n):
+        raise ValueError(
+            f"a drop starts from the full model, not layers [{model.start}, {model.end})"
+        )
+    low = -1 if start > 0 else 0
+    high = n + 1 if end < n else n
+    return [(a, b) for a, b in ((low, start), (end, high)) if a < b]
+
+
+def _modules_of(model: LlamaModel, region: int) -> list[nn.Module]:
+    """The modules of a full ``model`` over arena region ``region`` (-1, a layer, or L)."""
+    if region == -1:
+        return [model.embed_tokens]
+    if region == model.cfg.num_layers:
+        return [model.norm, model.lm_head]
+    return [model.layers[region]]
 
 
 def stage_memory_for(runner: Any) -> StageMemory:

@@ -4,6 +4,11 @@ Layout (one reserved range, slot-aligned regions, tensors 256-byte aligned insid
 
     | embed (first stage) | layer s | layer s+1 | ... | layer e-1 | head: norm, lm_head (last) |
 
+Regions are indexed like decoder layers, with the embedding as ``-1`` and the head (final
+norm and LM head) as ``L`` (the model's layer count): "layers" ``[start, end)`` below are runs
+of these indices, so a stage that keeps decoder layers ``[s, e)`` drops ``[-1, s)`` (the
+embedding too, unless it is the first stage) and ``[e, L + 1)`` (the head too, unless last).
+
 Each region is backed by chunks of exactly its slots, normally one chunk (one ``cuMemCreate``
 of the region's 2 MiB-aligned size), so dropping layers ``[start, end)`` hands back one chunk
 per layer (which becomes KV cache with one ``cuMemMap`` each: Oneiros' remap, DESIGN §5-6),
@@ -46,7 +51,8 @@ class TensorPlace:
 
 @dataclass(frozen=True)
 class Region:
-    """A run of whole chunks: ``embed``, ``head``, or decoder layer ``layer`` (global index)."""
+    """A run of whole chunks: decoder layer ``layer`` (global index), ``embed`` (layer -1) or
+    ``head`` (layer L: final norm and LM head); None only in layouts built by hand."""
 
     key: str
     layer: int | None
@@ -122,26 +128,28 @@ class ArenaLayout:
 
 
 def layout_for_model(model: nn.Module, dtype: torch.dtype, chunk_bytes: int) -> ArenaLayout:
-    """The layout of a ``LlamaModel`` stage: embed, its layers, head; floats become ``dtype``.
+    """The layout of a ``LlamaModel`` stage: embed (index -1), its layers, head (index
+    ``model.end``); floats become ``dtype``.
 
     Works on a meta-device model (shapes only). Layer ``i`` of the stage is global layer
     ``model.start + i``.
     """
-    groups: dict[str, tuple[int | None, list[TensorSpec]]] = {}
+    groups: dict[str, tuple[int, list[TensorSpec]]] = {}
+    start = getattr(model, "start", 0)
+    end = getattr(model, "end", start + len(getattr(model, "layers", ())))
     for name, p in model.named_parameters():
-        key, layer = _region_of(name, getattr(model, "start", 0))
+        key, layer = _region_of(name, start, end)
         kind = dtype if p.dtype.is_floating_point else p.dtype
         groups.setdefault(key, (layer, []))[1].append((name, tuple(p.shape), kind))
-    layers = sorted((k for k in groups if groups[k][0] is not None), key=lambda k: groups[k][0])
-    order = [k for k in ("embed", *layers, "head") if k in groups]
+    order = sorted(groups, key=lambda k: groups[k][0])
     return ArenaLayout.build([(k, *groups[k]) for k in order], chunk_bytes)
 
 
-def _region_of(name: str, first_layer: int) -> tuple[str, int | None]:
+def _region_of(name: str, first_layer: int, end_layer: int) -> tuple[str, int]:
     if name.startswith("layers."):
         layer = first_layer + int(name.split(".")[1])
         return f"layer.{layer}", layer
-    return ("embed", None) if name.startswith("embed_tokens.") else ("head", None)
+    return ("embed", -1) if name.startswith("embed_tokens.") else ("head", end_layer)
 
 
 class WeightArena:

@@ -130,28 +130,36 @@ def restore_all(workers: list[Worker], ranges: list[tuple[int, int]]) -> None:
 # ---------------------------------------------------------------------------------- CPU
 
 
-@pytest.mark.parametrize(("stage", "dropped"), [((0, 3), [(3, 5)]), ((3, 5), [(0, 3)])])
-def test_drop_grows_the_kv_bytes_by_exactly_the_dropped_layers_chunks(
+@pytest.mark.parametrize(
+    ("stage", "dropped", "slots"),
+    [((0, 3), [(3, 6)], 3 + 3 + 3), ((3, 5), [(-1, 3)], 2 + 3 * 3)],
+)
+def test_drop_grows_the_kv_bytes_by_exactly_the_dropped_regions_chunks(
     make_workers: Callable[[int], list[Worker]],
     stage: tuple[int, int],
     dropped: list[tuple[int, int]],
+    slots: int,
 ) -> None:
+    """Arena regions: -1 the embedding (2 slots), 0..4 the layers (3 slots each), 5 the head
+    (final norm and LM head, 3 slots). The first stage drops the later layers and the head,
+    the last stage the embedding and the earlier layers."""
     (w,) = make_workers(1)
     mem, kv, arena = w.stage, w.memory.kv, w.memory.arena
-    layers = [j for a, b in dropped for j in range(a, b)]
-    chunk_bytes = sum(c.nbytes for j in layers for c in arena.layer_chunks(j, j + 1))
+    regions = [j for a, b in dropped for j in range(a, b)]
+    chunk_bytes = sum(c.nbytes for j in regions for c in arena.layer_chunks(j, j + 1))
     assert mem.normal_bytes == mem.nbytes == KV_SLOTS * CHUNK
-    assert chunk_bytes == len(layers) * LAYER_CHUNK_BYTES
+    assert chunk_bytes == slots * CHUNK
     assert mem.bytes_after_drop(w.model, stage) == mem.nbytes + chunk_bytes
     prefix = kv.prefix_bytes()
     prefix.copy_(torch.randint(0, 256, prefix.shape, dtype=torch.uint8))
     before, calls = prefix.clone(), w.backend_calls
     kv.block_pool.allocate(7)  # pre-drop requests' blocks: the group schedules on its own pool
-    old_layers = list(w.model.layers)
-    w.model = mem.drop(w.model, stage)
+    full = w.model
+    old_layers = list(full.layers)
+    w.model = mem.drop(full, stage)
     start, end = stage
     assert mem.nbytes == KV_SLOTS * CHUNK + chunk_bytes
-    assert w.backend_calls - calls == len(layers) + 1  # a cuMemMap a layer, one access call
+    assert w.backend_calls - calls == len(regions) + 1  # a cuMemMap a region, one access call
     view = mem.view(end - start)
     assert view.shape == (mem.nbytes // mem.block_bytes(end - start), end - start, 2, 4, 4, 8)
     assert view.data_ptr() == kv.base == mem.view(5).data_ptr()
@@ -160,7 +168,10 @@ def test_drop_grows_the_kv_bytes_by_exactly_the_dropped_layers_chunks(
     assert list(w.model.layers) == old_layers[start:end]  # moved, not copied
     lo, hi = arena.range.base, arena.range.base + arena.range.nbytes
     assert all(lo <= p.data_ptr() < hi for p in w.model.parameters())
-    assert all(p.is_meta for j in layers for p in old_layers[j].parameters())
+    gone = {-1: [full.embed_tokens], 5: [full.norm, full.lm_head]}
+    for j in regions:
+        modules = gone[j] if j in gone else [old_layers[j]]
+        assert all(p.is_meta for m in modules for p in m.parameters()), j
     assert (kv.block_pool.num_used, kv.num_blocks) == (0, mem.view(5).shape[0])
     w.memory.check_integrity()
 
@@ -186,8 +197,9 @@ def test_restore_refills_the_exact_weights_from_the_stages_that_kept_them(
             w.memory.kv.prefix_bytes()[w.stage.normal_bytes :].fill_(0xEE)  # KV over the weights
         restore_all(workers, ranges)
         for w, before, stage, n in zip(workers, weights, ranges, calls, strict=True):
-            dropped = 5 - (stage[1] - stage[0])
-            assert w.backend_calls - n == (0 if trip else dropped + (stage[0] > 0) + (stage[1] < 5))
+            regions = 5 - (stage[1] - stage[0]) + (stage[0] > 0) + (stage[1] < 5)
+            runs = (stage[0] > 0) + (stage[1] < 5)  # a cuMemSetAccess per run of regions
+            assert w.backend_calls - n == (0 if trip else regions + runs)
             assert torch.equal(w.weight_bytes(), before)
             assert w.stage.nbytes == w.stage.normal_bytes
             assert bool((w.memory.kv.prefix_bytes() == 0x5A).all())  # the prefix kept its bytes
@@ -207,7 +219,7 @@ def test_a_restore_that_does_not_match_the_drop_raises_before_any_transfer(
     w.model = w.stage.drop(w.model, (0, 3))
     with pytest.raises(ValueError, match=r"do not split \[0, 5\)"):
         w.stage.restore(w.model, (0, 1), [(0, 3), (4, 5)], 0, None)
-    with pytest.raises(ValueError, match=r"keeps \[0, 2\) but the arena has dropped \[3, 4\]"):
+    with pytest.raises(ValueError, match=r"keeps \[0, 2\) but the arena has dropped \[3, 4, 5\]"):
         w.stage.restore(w.model, (0, 1, 2), [(0, 2), (2, 3), (3, 5)], 0, None)
     with pytest.raises(ValueError, match=r"\[3, 6\) is not inside \[0, 3\)"):
         w.stage.drop(w.model, (3, 6))
@@ -264,7 +276,7 @@ def test_gloo_engines_on_vmm_memory_drop_and_restore_keeping_every_token(
     normal, full_block = 2 * MiB, 5 * BLOCK_SIZE * 2 * 4 * 8 * 4
     expected = []
     for start, end in ranges:
-        freed = (5 - (end - start)) * 2 * MiB
+        freed = (5 - (end - start) + (start > 0) + (end < 5)) * 2 * MiB  # + embedding, head
         expected.append([(normal + freed) // (full_block * (end - start) // 5), freed, 409])
     assert results[0]["reports"] == expected
     if world == 2:  # pre-drop requests read their KV through the L-layer view of VMM bytes

@@ -17,7 +17,6 @@ from attention.metadata import AttentionMetadata, host_tensor
 from kernels.vmm import make_backend
 from workers.config import EngineConfig, ModelConfig, parse_dtype, resolve_memory_backend
 from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker, graph_key
-from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.kv_pool import KVBlockFormat
 from workers.memory import WorkerMemory
@@ -308,32 +307,24 @@ class ModelRunner:
         """
         if any(b < 1 for b in batches):
             raise ValueError(f"batch sizes must be >= 1, got {list(batches)}")
-        graphs = self.cuda_graphs
-        if graphs is not None:
-            batches = [b for b in batches if b in graphs.graphs]
-            inputs, run = graphs.inputs, lambda b: graphs.graphs[b].replay()
-        else:
+        graphs, eager = self.cuda_graphs, self.cuda_graphs is None
+        if eager:  # the step a graph records, run eagerly (nothing captured)
             width = -(-self.max_model_len // self.block_size)
-            inputs = StaticDecodeInputs(max(batches), width, self.block_size, self.device)
-            run = functools.partial(self._padded_decode, inputs)
+            graphs = CudaGraphRunner(self.model, self.graph_kv_cache, batches, width)
+        else:
+            batches = [b for b in batches if b in graphs.graphs]
         times = {}
         for b in batches:
-            inputs.pad(b)
-            run(b)  # warm-up: compiles, picks algorithms
+            graphs.inputs.pad(b)
+            run = functools.partial(graphs.forward_static, b) if eager else graphs.graphs[b].replay
+            run()  # warm-up: compiles, picks algorithms
             _sync(self.device)
             start = time.perf_counter()
             for _ in range(repeats):
-                run(b)
+                run()
             _sync(self.device)
             times[b] = (time.perf_counter() - start) / repeats
         return times
-
-    def _padded_decode(self, inputs: StaticDecodeInputs, batch: int) -> torch.Tensor:
-        meta = inputs.metadata(batch, num_splits=1)
-        f = inputs.fields(batch)
-        with set_forward_context(ForwardContext(meta, self.kv_cache)):
-            hidden, _ = self.model(f.positions, input_ids=f.input_ids)
-        return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def forward(self, h: HostInputs) -> torch.Tensor:
         """[num_tokens, hidden] final-norm states of one step, run eagerly."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -10,12 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attention.transport import connect_all_pairs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server_harness import free_port
 
 
 def _main(rank: int, world: int, init: str, out: str) -> None:
@@ -34,6 +28,6 @@ def _main(rank: int, world: int, init: str, out: str) -> None:
 
 def test_connect_all_pairs_on_four_gloo_ranks(tmp_path: Path) -> None:
     world = 4
-    mp.spawn(_main, args=(world, f"tcp://127.0.0.1:{_free_port()}", str(tmp_path)), nprocs=world)
+    mp.spawn(_main, args=(world, f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=world)
     got = [int((tmp_path / f"rank{r}").read_text()) for r in range(world)]
     assert got == [((r - 1) % world) * 10 for r in range(world)]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from attention.transport import StageInputs, StageTransport, connect_all_pairs
 from planner.drop_plan import stage_layer_ranges
+from tests.server_harness import free_port
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
 from workers.pipeline import build_stage_model, run_stage
@@ -123,6 +124,24 @@ class LoopbackTransport(StageTransport):
     def recv_into(self, src: int, out: torch.Tensor, group=None) -> None:
         if out.numel():
             out.copy_(self._link(src, self.rank).get(timeout=30))
+
+
+def spawn_gloo(body: str, model_dir: Path | str, out: Path, world: int = 2) -> list[dict]:
+    """Runs gloo body ``body`` on ``world`` processes; returns each rank's JSON result."""
+    init = f"tcp://127.0.0.1:{free_port()}"
+    args = (world, init, body, str(model_dir), str(out))
+    torch.multiprocessing.spawn(gloo_main, args=args, nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def tokens_by_request(results: list[dict]) -> dict[str, list[int]]:
+    """Each request's tokens over the phases, in time order (one rank per request a phase)."""
+    tokens: dict[str, list[int]] = {}
+    for phase in PHASES:
+        for rank in results:
+            for rid, ids in rank["tokens"][phase].items():
+                tokens.setdefault(rid, []).extend(ids)
+    return tokens
 
 
 # --- two-process gloo bodies (torch.multiprocessing.spawn calls fn(rank, *args)) ------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from attention.transport import StageInputs, StageOp, StepHeader
 from planner.drop_plan import stage_layer_ranges
+from tests.server_harness import free_port
 from tests.workers.pipeline_helpers import (
     CPU,
     GREEDY,
@@ -21,11 +21,12 @@ from tests.workers.pipeline_helpers import (
     RANGES,
     LoopbackTransport,
     engine_config,
-    gloo_main,
     nccl_main,
     requests_for,
     run_alone,
+    spawn_gloo,
     spec_of,
+    tokens_by_request,
 )
 from workers.engine import Engine, RequestSpec
 from workers.kv_buffer import KVBuffer
@@ -231,32 +232,9 @@ def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Pat
     assert (1, 0) not in links  # and no logits come back
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(body: str, model_dir: Path, out: Path, world: int = 2) -> list[dict]:
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    args = (world, init, body, str(model_dir), str(out))
-    mp.spawn(gloo_main, args=args, nprocs=world, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-
-
 def test_gloo_transport_one_step_equals_local(stories_dir: Path, tmp_path: Path) -> None:
-    rank0, _ = _spawn("transport_step", stories_dir, tmp_path)
+    rank0, _ = spawn_gloo("transport_step", stories_dir, tmp_path)
     assert rank0 == {"equal": True, "rows": 2}
-
-
-def _tokens(results: list[dict]) -> dict[str, list[int]]:
-    """Each request's tokens over the phases, in time order (one rank per request a phase)."""
-    tokens: dict[str, list[int]] = {}
-    for phase in PHASES:
-        for rank in results:
-            for rid, ids in rank["tokens"][phase].items():
-                tokens.setdefault(rid, []).extend(ids)
-    return tokens
 
 
 RESTORED = {"group_id": None, "layer_range": [0, 5], "kv_blocks": 64, "pool_blocks": 64}
@@ -266,12 +244,12 @@ def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: P
     """Two workers over gloo: serve, drop into 2 stages mid-generation (one request mid-prefill,
     some waiting, one seeded), serve as a pipeline while a request arrives, restore, finish.
     Every request's tokens equal its tokens alone on a full engine; capacities are exact."""
-    r0, r1 = _spawn("drop_restore", stories_dir, tmp_path)
+    r0, r1 = spawn_gloo("drop_restore", stories_dir, tmp_path)
     assert all(r0["tokens"][p] for p in PHASES)  # every phase generated tokens
     assert r0["at_drop"] == {"mid_prefill": ["a1"], "waiting": ["a2"]}
     assert r1["at_drop"]["waiting"] == ["b2"]
     rids = requests_for(2)
-    assert _tokens([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in rids}
+    assert tokens_by_request([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in rids}
     assert r0["reports"] == [
         [267, 2 * LAYER_BYTES + EMBED_BYTES + 256, 64],
         [490, 3 * LAYER_BYTES + EMBED_BYTES, 64],
@@ -293,9 +271,9 @@ def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: P
 def test_gloo_three_stage_drop_then_restore(stories_dir: Path, tmp_path: Path) -> None:
     """The same with three workers: stages [0, 2), [2, 4), [4, 5); the middle stage forwards
     activations and STOP, and every layer comes back to every worker."""
-    results = _spawn("drop_restore", stories_dir, tmp_path, world=3)
+    results = spawn_gloo("drop_restore", stories_dir, tmp_path, world=3)
     rids = requests_for(3)
-    assert _tokens(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
+    assert tokens_by_request(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
     layers = [r["pipelined"]["layer_range"] for r in results]
     assert layers == [[0, 2], [2, 4], [4, 5]]
     assert len({r["pipelined"]["pool_blocks"] for r in results}) == 1
@@ -308,9 +286,11 @@ def test_gloo_restore_right_after_drop_finishes_the_kv_exchange(
 ) -> None:
     """One pipelined step, then a restore: the pre-drop requests' KV has not all moved, so the
     restore moves the rest first; every token is still the same as alone."""
-    r0, r1 = _spawn("drop_then_restore_at_once", stories_dir, tmp_path)
+    r0, r1 = spawn_gloo("drop_then_restore_at_once", stories_dir, tmp_path)
     assert r0["legacy_at_restore"]  # some pre-drop KV was still home at the restore
-    assert _tokens([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in requests_for(2)}
+    assert tokens_by_request([r0, r1]) == {
+        rid: run_alone(stories_dir, rid) for rid in requests_for(2)
+    }
     for r in (r0, r1):
         assert r["restored"] == RESTORED | {"stage_loop": False}
 
@@ -322,16 +302,16 @@ def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
     """Once the pre-drop KV has moved (here in the first pipelined step), the leader keeps one
     micro-batch per stage in flight: stage r computes one while stage r-1 computes the next.
     Tokens are still each request's tokens alone; the restore starts from a drained pipeline."""
-    results = _spawn("drop_restore_overlapped", stories_dir, tmp_path, world=world)
+    results = spawn_gloo("drop_restore_overlapped", stories_dir, tmp_path, world=world)
     assert results[0]["max_in_flight"] == world
     assert not results[0]["legacy_at_restore"]
     rids = requests_for(world)
-    assert _tokens(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
+    assert tokens_by_request(results) == {rid: run_alone(stories_dir, rid) for rid in rids}
     for r in results:
         assert r["restored"] == RESTORED | {"stage_loop": False}
 
 
-def test_stage_graphs_replay_decode_micro_batches_with_the_same_tokens(
+def test_stage_graphs_replay_decode_micro_batches_with_the_sametokens_by_request(
     stories_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both stages replay their decode micro-batches through StageGraphs' static buffers (run
@@ -360,14 +340,16 @@ def test_gpu_nccl_micro_batches_and_stage_graphs_keep_every_token(
     full GPU engine."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     mp.spawn(nccl_main, args=(2, init, str(stories_dir), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0]["max_in_flight"] == 2
     assert all(r["graph_replays"] > 0 for r in results)
     cuda = torch.device("cuda", 0)
     rids = requests_for(2)
-    assert _tokens(results) == {rid: run_alone(stories_dir, rid, cuda, "triton") for rid in rids}
+    assert tokens_by_request(results) == {
+        rid: run_alone(stories_dir, rid, cuda, "triton") for rid in rids
+    }
 
 
 def test_step_token_fill_follows_how_full_steps_are(stories_dir: Path) -> None:

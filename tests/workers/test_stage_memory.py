@@ -6,8 +6,6 @@ a drop and a restore over gloo; marked ``gpu``, the memory over NCCL on two GPUs
 from __future__ import annotations
 
 import functools
-import json
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,12 +21,12 @@ from planner.drop_plan import stage_layer_ranges
 from tests.workers.pipeline_helpers import (
     BLOCK_SIZE,
     CPU,
-    PHASES,
     LoopbackTransport,
     engine_config,
-    gloo_main,
     requests_for,
     run_alone,
+    spawn_gloo,
+    tokens_by_request,
 )
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.kv_pool import KVBlockFormat
@@ -239,27 +237,6 @@ def test_stage_memory_for_a_runner_follows_its_memory_backend(stories_dir: Path)
     runner.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(model_dir: Path, out: Path, world: int) -> list[dict]:
-    args = (world, f"tcp://127.0.0.1:{_free_port()}", "drop_restore_vmm", str(model_dir), str(out))
-    mp.spawn(gloo_main, args=args, nprocs=world, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-
-
-def _tokens(results: list[dict]) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {}
-    for phase in PHASES:
-        for rank in results:
-            for rid, ids in rank["tokens"][phase].items():
-                tokens.setdefault(rid, []).extend(ids)
-    return tokens
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_engines_on_vmm_memory_drop_and_restore_keeping_every_token(
     stories_dir: Path, tmp_path: Path, world: int
@@ -269,9 +246,9 @@ def test_gloo_engines_on_vmm_memory_drop_and_restore_keeping_every_token(
     tokens equal its tokens alone on a full engine (pre-drop requests through remote attention
     over the L-layer view of the grown bytes), capacities follow the chunk bytes, and the
     memory passes its integrity check after each transition."""
-    results = _spawn(stories_dir, tmp_path, world)
+    results = spawn_gloo("drop_restore_vmm", stories_dir, tmp_path, world)
     rids = requests_for(world)
-    assert _tokens(results) == {rid: alone(stories_dir, rid) for rid in rids}
+    assert tokens_by_request(results) == {rid: alone(stories_dir, rid) for rid in rids}
     ranges = stage_layer_ranges(5, world)
     normal, full_block = 2 * MiB, 5 * BLOCK_SIZE * 2 * 4 * 8 * 4
     expected = []

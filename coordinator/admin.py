@@ -86,4 +86,5 @@ def group_pb(g: GroupRecord) -> apb.GroupInfo:
         stage_kv_blocks=list(g.stage_blocks),
         num_requests_moved=g.num_moved,
         transition_s=g.transition_s,
+        paused_s=g.paused_s,
     )

@@ -86,7 +86,7 @@ def format_group(g: apb.GroupInfo) -> str:
         f"ranks {list(g.worker_ranks)} layers {ranges} "
         f"KV {g.kv_blocks_before} -> {g.kv_blocks_after} blocks "
         f"(stages {list(g.stage_kv_blocks)}), {g.num_requests_moved} requests moved "
-        f"in {g.transition_s:.3f} s"
+        f"in {g.transition_s:.3f} s (paused {g.paused_s:.3f} s)"
     )
 
 

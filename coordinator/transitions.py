@@ -1,8 +1,10 @@
 """Drop and restore, driven from one place: one state machine per pipeline group.
 
 NORMAL → DROPPING → PIPELINED → RESTORING → NORMAL (KunServe's INITIAL → BALLOON → RESTORE →
-INITIAL, reference/kunserve.md §2; DESIGN.md §6). v1 is synchronous: every member parks its
-engine between steps while KV and requests move (workers/transition.py has the worker steps).
+INITIAL, reference/kunserve.md §2; DESIGN.md §6). Every member parks its engine between steps
+while requests change workers (workers/transition.py has the worker steps). A restore first
+gathers each running request's KV onto one home while the group still serves, so the parked
+split copies only weights (and the KV of any request the gather could not place).
 Transitions are forced by the admin RPCs (coordinator/admin.py) or started by the planner's
 decisions (coordinator/overload.py), both through :meth:`Transitions.drop` and
 :meth:`Transitions.restore` (the planner's hook is :meth:`Transitions.apply`).
@@ -30,6 +32,9 @@ from workers.transition import GroupSpec, TransitionError
 
 logger = logging.getLogger(__name__)
 
+GATHER_POLL_S = 0.01
+"""How often a restore asks the leader how many requests are left to gather (seconds)."""
+
 
 @dataclass
 class GroupRecord:
@@ -49,6 +54,9 @@ class GroupRecord:
     """Requests that changed workers in the last transition."""
     transition_s: float = 0.0
     """Duration of the last transition (seconds)."""
+    paused_s: float = 0.0
+    """How long the last transition parked the members (seconds): all of a drop; a restore's
+    split, after its live gather."""
 
     @property
     def group_id(self) -> int:
@@ -59,10 +67,22 @@ class Transitions:
     """Runs one transition at a time. ``num_layers`` is the model's L; drops need the
     ``drop`` overload policy."""
 
-    def __init__(self, core: Coordinator, num_layers: int, overload_policy: str) -> None:
+    def __init__(
+        self,
+        core: Coordinator,
+        num_layers: int,
+        overload_policy: str,
+        gather_timeout_s: float = 30.0,
+        gather_stall_s: float = 2.0,
+    ) -> None:
         self.core = core
         self.num_layers = num_layers
         self.overload_policy = overload_policy
+        self.gather_timeout_s = gather_timeout_s
+        """Longest a restore gathers KV live before it splits the group anyway (seconds)."""
+        self.gather_stall_s = gather_stall_s
+        """A restore stops waiting for the gather when no request has come home for this long
+        (seconds): the homes are full, or the requests are not scheduled."""
         self.groups: dict[int, GroupRecord] = {}
         self._lock = asyncio.Lock()
 
@@ -114,7 +134,7 @@ class Transitions:
                 await _gather(m.leader.resume.remote() for m in members)
                 raise
             await self._execute_drop(members, record, reports, phases)
-            record.transition_s = time.monotonic() - start
+            record.transition_s = record.paused_s = time.monotonic() - start
             self.groups[spec.group_id] = record
             logger.info(
                 "drop: instances %s -> pipeline group %d, layers %s, KV %d -> %d blocks "
@@ -206,17 +226,21 @@ class Transitions:
             record.state = InstanceState.RESTORING
             leader = members[0]
             phases = _Phases()
+            await self._gather(leader, phases)
+            paused = time.monotonic()
             seq = await leader.leader.pause.remote()
             phases.mark("pause")
             try:
                 plan = await leader.leader.transition.remote("restore_plan")
             except BaseException:
+                await leader.leader.transition.remote("restore_cancel")
                 self._set_state(members, InstanceState.PIPELINED)
                 record.state = InstanceState.PIPELINED
                 await leader.leader.resume.remote()
                 raise
             phases.mark("plan")
             await self._execute_restore(members, record, plan, seq, phases)
+            record.paused_s = time.monotonic() - paused
             record.transition_s = time.monotonic() - start
             del self.groups[record.group_id]
             logger.info(
@@ -227,6 +251,33 @@ class Transitions:
                 phases,
             )
             return record
+
+    async def _gather(self, leader: Instance, phases: _Phases) -> None:
+        """The live part of a restore: the leader begins gathering every running request's
+        KV onto one home while the group serves (workers/transition.py, ``restore_begin``);
+        returns once none is left, or when the count has not fallen for ``gather_stall_s``,
+        or after ``gather_timeout_s`` (the split then copies what is left)."""
+        await leader.leader.pause.remote()
+        try:
+            await leader.leader.transition.remote("restore_begin")
+        finally:
+            await leader.leader.resume.remote()
+        phases.mark("begin")
+        start = last_change = time.monotonic()
+        best = None
+        while True:
+            left = (await leader.leader.stats.remote()).num_to_gather
+            now = time.monotonic()
+            if best is None or left < best:
+                best, last_change = left, now
+            if left == 0 or now - last_change > self.gather_stall_s:
+                break
+            if now - start > self.gather_timeout_s:
+                break
+            await asyncio.sleep(GATHER_POLL_S)
+        phases.mark("gather")
+        if left:
+            logger.info("restore: %d requests not gathered live; the split copies their KV", left)
 
     def _restore_group(self, group_id: int | None) -> GroupRecord:
         if group_id is None:

@@ -58,6 +58,10 @@ class BlockPool:
             if self._ref_counts[i] == 0:
                 self._free.append(i)
 
+    def ref_counts(self) -> list[int]:
+        """Each id's reference count (a copy), indexed by id."""
+        return list(self._ref_counts)
+
     def reserve(self, ids: list[int]) -> None:
         """Takes one reference to each of ``ids``, free or not (a pipeline group reserves the
         ids that alias a pre-drop request's L-layer blocks, workers/remote_attention.py);

@@ -56,6 +56,8 @@ class EngineStats:
     step_token_fill: float = 0.0
     """Share of the step token budget (``max_num_batched_tokens``) recent steps used: an
     exponential average, each step weighing ``FILL_WEIGHT`` (the planner's compute-bound test)."""
+    num_to_gather: int = 0
+    """Running requests whose KV a live restore has not gathered onto one home yet."""
 
 
 FILL_WEIGHT = 0.2
@@ -214,4 +216,13 @@ class Engine:
             num_step_tokens=step_tokens,
             waiting_demand_blocks=self.scheduler.waiting_demand_blocks(),
             step_token_fill=self._fill,
+            num_to_gather=self._num_to_gather(),
         )
+
+    def _num_to_gather(self) -> int:
+        """Running requests whose KV a restore still has to gather onto one home (0 unless a
+        pipeline group's restore is gathering, workers/remote_attention.py)."""
+        kv = self.kv
+        if getattr(kv, "gather_homes", None) is None:
+            return 0
+        return sum(not kv.is_home(r.request_id) for r in list(self.scheduler.running))

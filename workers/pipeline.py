@@ -193,14 +193,17 @@ class _Stage:
         return self.layout.ranks[self.stage]
 
     def exchange(self, plan: StepPlan) -> None:
-        """Runs the plan's KV moves: L-layer slices out of this worker's legacy view, into
-        this stage's view (workers/remote_attention.py, live KV exchange)."""
-        if not plan.moves:
+        """Runs the plan's KV moves: L-layer slices out of this worker's legacy view into
+        this stage's view (the live KV exchange), then a restore's gathers the other way
+        (workers/remote_attention.py). Every slice is read before any is written."""
+        if not plan.moves and not plan.gathers:
             return
-        view = self._legacy_view()
-        pending = kv_exchange.read(plan.moves, self.me, view, self.transport)
-        kv_exchange.write(pending, self.runner.kv_cache)
-        self.counters["moved"] += len(pending)
+        stage_view, legacy_view = self.runner.kv_cache, self._legacy_view()
+        forward = kv_exchange.read(plan.moves, self.me, legacy_view, self.transport)
+        back = kv_exchange.read(plan.gathers, self.me, stage_view, self.transport)
+        kv_exchange.write(forward, stage_view)
+        kv_exchange.write(back, legacy_view)
+        self.counters["moved"] += len(forward) + len(back)
 
     def router(self, plan: StepPlan | None) -> RemoteAttention | None:
         if plan is None or not plan.legacy:
@@ -306,8 +309,9 @@ class PipelineRunner(_Stage):
 
     def overlap_depth(self) -> int:
         """Micro-batches the engine may keep in flight now: 1 while pre-drop requests remain
-        (their steps serve remote attention and move KV in lockstep), else ``micro_batches``."""
-        if self.kv is not None and self.kv.legacy:
+        or a restore gathers KV (their steps serve remote attention and move KV in lockstep),
+        else ``micro_batches``."""
+        if self.kv is not None and (self.kv.legacy or self.kv.gather_homes is not None):
             return 1
         return self.micro_batches
 
@@ -327,9 +331,10 @@ class PipelineRunner(_Stage):
         r = self.runner
         t0 = time.perf_counter()
         plan = None
-        if self.kv is not None and self.kv.legacy:
-            plan = self.kv.step_plan(out, self.kv.plan_exchange(out))
-            if not self.kv.legacy:
+        if self.kv is not None and (self.kv.legacy or self.kv.gather_homes is not None):
+            moves = self.kv.plan_exchange(out)
+            plan = self.kv.step_plan(out, moves, self.kv.plan_gather(out))
+            if not self.kv.legacy and self.kv.gather_homes is None:
                 logger.info(
                     "kv exchange: every pre-drop request moved after %d steps (%.3f s)",
                     self.steps + 1,
@@ -403,13 +408,16 @@ class PipelineRunner(_Stage):
 
     @torch.inference_mode()
     def finish_exchange(self) -> int:
-        """Moves every pre-drop request's remaining KV now, in one step with no compute (a
-        restore needs every request in pipeline blocks). Returns the requests moved; raises
-        RuntimeError, moving nothing, when the group pool cannot hold them."""
+        """Moves the remaining KV of every pre-drop request partly moved now, in one step with
+        no compute (a restore takes each request's KV either whole from its home or from
+        pipeline blocks). Returns the requests moved; raises RuntimeError, moving nothing,
+        when the group pool cannot hold them."""
         self._check_drained()
-        if self.kv is None or not self.kv.legacy:
+        if self.kv is None:
             return 0
-        n = len(self.kv.legacy)
+        n = sum(not self.kv.is_home(rid) for rid in self.kv.legacy)
+        if n == 0:
+            return 0
         plan = StepPlan(tuple(self.kv.plan_exchange(None, everything=True)))
         self._announce(StepHeader(StageOp.STEP), plan)
         self.exchange(plan)

@@ -17,6 +17,14 @@ blocks keep their format until their KV has moved). It keeps decoding with no st
   layers ``< moved_upto`` then attend locally, in pipeline blocks. When every layer has moved,
   its L-layer blocks are given back to the group pool.
 
+- **Live gather (a restore).** The reverse, while the group still serves (KunServe §3(d) step
+  4, "converts pipeline requests back, a batch at a time"): once a restore begins
+  (:meth:`GroupKVManager.begin_gather`), each step moves a budget of requests' slices from every
+  stage into L-layer blocks on one home (its origin when they fit there, else the member with
+  the most room), inside the home's normal-mode blocks; from that step the request is a
+  pre-drop request again and decodes through remote attention. When no request is left in
+  pipeline blocks, the split copies no KV: every request's KV is already home.
+
 Block accounting (the group pool has one id space for every stage): while a pre-drop request
 holds L-layer block ``b`` on its home of ``L_h`` stage layers, the stage-view ids that alias
 those bytes there, ``[floor(b·L/L_h), ceil((b+1)·L/L_h))``, are reserved in the group pool
@@ -35,12 +43,14 @@ both sides, so gloo and NCCL match them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from attention.backends import AttentionBackend
@@ -84,11 +94,15 @@ class StepPlan:
     (run before the compute) and the micro-batch's pre-drop sequences."""
 
     moves: tuple[SliceCopy, ...] = ()
+    """Forward exchange: L-layer slices on a home into the owner stage's pipeline blocks."""
     legacy: tuple[LegacySeq, ...] = ()
     query_lens: tuple[int, ...] = ()
     """Tokens of each sequence of the micro-batch this step."""
     seq_lens: tuple[int, ...] = ()
     """Context of each sequence including this step's tokens."""
+    gathers: tuple[SliceCopy, ...] = ()
+    """A live restore's gather: pipeline-block slices on each stage into L-layer blocks on
+    a home (run after ``moves``)."""
 
     def encode(self, device: torch.device) -> torch.Tensor:
         """The plan as a uint8 tensor on ``device`` (sent after the step header)."""
@@ -145,6 +159,12 @@ class GroupKVManager(KVCacheManager):
         self.exchange_bytes_per_step = exchange_bytes_per_step
         self.legacy: dict[str, LegacyKV] = {}
         self._must_move: set[str] = set()
+        self.gather_homes: dict[int, int] | None = None
+        """While a restore gathers KV (:meth:`begin_gather`): each member's L-layer blocks in
+        normal mode, where gathered KV must lie; None otherwise."""
+        self.origins: dict[str, int | None] = {}
+        self._moved_now: set[str] = set()
+        """Requests whose KV the last :meth:`plan_exchange` moved forward."""
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -175,7 +195,10 @@ class GroupKVManager(KVCacheManager):
         lg = self.legacy.get(request.request_id)
         if lg is None:
             return super().allocate_slots(request, num_new_tokens)
-        if request.num_computed_tokens + num_new_tokens > len(lg.blocks) * self.block_size:
+        tokens = request.num_computed_tokens + num_new_tokens
+        if tokens > len(lg.blocks) * self.block_size and self._grow_home(lg, tokens):
+            return []
+        if tokens > len(lg.blocks) * self.block_size:
             new = super().allocate_slots(request, num_new_tokens)
             if new is not None:
                 self._must_move.add(request.request_id)
@@ -213,7 +236,14 @@ class GroupKVManager(KVCacheManager):
         Allocates pipeline blocks for requests whose first layer moves (skipping those the pool
         cannot hold), advances ``moved_upto``, and gives back the L-layer blocks of requests
         that have fully moved (their copies run this step, before any later allocation).
-        Raises RuntimeError when ``everything`` is asked and the pool is short."""
+        Raises RuntimeError when ``everything`` is asked and the pool is short.
+
+        ``everything`` leaves alone the requests none of whose layers has moved (their KV is
+        whole on their home, where a restore keeps it). While a restore gathers
+        (:meth:`begin_gather`), only the requests that must move go forward (the step's
+        gather is :meth:`plan_gather`'s)."""
+        gathering = self.gather_homes is not None and not everything
+        self._moved_now = set()
         if not self.legacy:
             return []
         scheduled = {} if out is None else {s.request.request_id: s for s in out.scheduled}
@@ -225,7 +255,10 @@ class GroupKVManager(KVCacheManager):
         for lg in order:
             r = lg.request
             n = self.blocks_needed(r.num_computed_tokens)
-            if everything or r.request_id in self._must_move:
+            must = r.request_id in self._must_move
+            if (everything and lg.moved_upto == 0 and not must) or (gathering and not must):
+                continue
+            if everything or must:
                 layers = L - lg.moved_upto
             else:
                 per_layer = max(1, n) * self.layer_block_bytes
@@ -262,6 +295,161 @@ class GroupKVManager(KVCacheManager):
         for rid in done:
             self._release(rid)
             logger.debug("request %s: all its KV has moved; L-layer blocks freed", rid)
+        self._moved_now = {r.request_id for r, *_ in moves}
+        return copies
+
+    # --- the gather of a live restore ---------------------------------------------------
+
+    def begin_gather(self, homes: dict[int, int], origins: dict[str, int | None]) -> None:
+        """Starts gathering every request's KV onto one home (module docstring): ``homes``
+        maps each member's rank to its L-layer blocks in normal mode, ``origins`` a request id
+        to the rank that served it before the drop (None: it arrived after)."""
+        if set(homes) != set(self.layout.ranks):
+            raise ValueError(f"gather homes {sorted(homes)} are not the group {self.layout.ranks}")
+        self.gather_homes = dict(homes)
+        self.origins = dict(origins)
+        logger.debug("gather begins: homes %s", homes)
+
+    def end_gather(self) -> None:
+        """Stops gathering (a refused restore): gathered requests stay pre-drop requests, and
+        the forward exchange moves them again."""
+        self.gather_homes = None
+
+    def is_home(self, request_id: str) -> bool:
+        """Whether all the request's KV is in L-layer blocks on one home (nothing to copy at a
+        restore)."""
+        lg = self.legacy.get(request_id)
+        return lg is not None and lg.moved_upto == 0 and request_id not in self._must_move
+
+    def _home_free(self, home: int, taken: set[int]) -> np.ndarray:
+        """Which of ``home``'s normal-mode L-layer blocks a request may gather into: none of a
+        pre-drop request's blocks there, none in ``taken``, and no pipeline block on
+        ``home``'s stage view aliasing their bytes. Bool array [normal blocks of home]."""
+        n, L = self.gather_homes[home], self.layout.num_layers
+        lh, size = self.layout.stage_layers(home), self.pool.num_blocks
+        held = np.array(self.pool.ref_counts(), dtype=np.int64)
+        for lg in self.legacy.values():  # reservations are not pipeline blocks
+            np.subtract.at(held, lg.reserved, 1)
+        sums = np.concatenate(([0], np.cumsum(held > 0)))
+        b = np.arange(n)
+        lo = np.minimum(b * L // lh, size)
+        hi = np.minimum(-(-(b + 1) * L // lh), size)
+        free = sums[hi] - sums[lo] == 0
+        used = [x for lg in self.legacy.values() if lg.home == home for x in lg.blocks]
+        free[[x for x in (*used, *taken) if x < n]] = False
+        return free
+
+    def _take_home_blocks(self, home: int, count: int, taken: set[int]) -> list[int] | None:
+        """``count`` free L-layer blocks on ``home`` (lowest first), or None."""
+        if count <= 0:
+            return []
+        ids = np.flatnonzero(self._home_free(home, taken))[:count]
+        return [int(x) for x in ids] if len(ids) == count else None
+
+    def _grow_home(self, lg: LegacyKV, tokens: int) -> bool:
+        """While gathering: gives ``lg`` more L-layer blocks on its home for ``tokens``
+        tokens (reserving their aliases); False, changing nothing, when the home is full."""
+        if self.gather_homes is None or lg.moved_upto != 0:
+            return False
+        extra = self._take_home_blocks(lg.home, self.blocks_needed(tokens) - len(lg.blocks), set())
+        if extra is None:
+            return False
+        self._extend(lg, extra)
+        return True
+
+    def _extend(self, lg: LegacyKV, blocks: list[int]) -> None:
+        reserved = self.reserved_ids(lg.home, blocks)
+        self.pool.reserve(reserved)
+        lg.blocks += tuple(blocks)
+        lg.reserved += reserved
+
+    def plan_gather(self, out: SchedulerOutput) -> list[SliceCopy]:
+        """While gathering (:meth:`begin_gather`; else no copies), this step's gather, decided
+        after :meth:`plan_exchange`: within the byte budget (at least one request a step), in
+        admission order, the scheduled requests with KV in pipeline blocks (but none moving
+        forward this step) get L-layer blocks on a home for the tokens they hold after this
+        step; every stage's slices of their KV go there (copies from stage views into L-layer
+        views, run before the step's compute); their pipeline blocks are given back. A request
+        whose home has no room waits for a later step."""
+        if self.gather_homes is None:
+            return []
+        skip = self._moved_now
+        budget, L = self.exchange_bytes_per_step, self.layout.num_layers
+        taken: dict[int, set[int]] = {rank: set() for rank in self.layout.ranks}
+        moves = []  # (request, home, L-layer blocks, blocks holding KV, layers [0, upto) move)
+        for s in out.scheduled:
+            r, rid = s.request, s.request.request_id
+            lg = self.legacy.get(rid)
+            if rid in skip or rid in self._must_move or not r.block_ids:
+                continue
+            if lg is not None and lg.moved_upto == 0:
+                continue
+            upto = L if lg is None else lg.moved_upto
+            n = self.blocks_needed(r.num_computed_tokens)
+            cost = upto * n * self.layer_block_bytes
+            if moves and cost > budget:
+                break
+            need = self.blocks_needed(r.num_computed_tokens + s.num_new_tokens)
+            if lg is None:
+                home = self._gather_home(rid, need, taken)
+                blocks = None if home is None else self._take_home_blocks(home, need, taken[home])
+            else:
+                home = lg.home
+                blocks = self._take_home_blocks(home, need - len(lg.blocks), taken[home])
+            if blocks is None:
+                continue
+            taken[home].update(blocks)
+            budget -= cost
+            moves.append((r, home, blocks, n, upto))
+        copies: list[SliceCopy] = []
+        for r, home, blocks, n, upto in moves:
+            lg = self.legacy.get(r.request_id)
+            if lg is None:
+                lg = LegacyKV(r, home, (), [], moved_upto=upto)
+                self.legacy[r.request_id] = lg
+            self._extend(lg, blocks)
+            copies += self._gather_copies(lg, n, upto)
+            self.pool.free(list(reversed(r.block_ids)))
+            r.block_ids = []
+            lg.moved_upto = 0
+            logger.debug(
+                "request %s: KV of layers [0, %d) gathers onto worker %d (L-layer blocks %s)",
+                r.request_id,
+                upto,
+                home,
+                list(lg.blocks),
+            )
+        return _merged(copies)
+
+    def _gather_home(self, rid: str, blocks: int, taken: dict[int, set[int]]) -> int | None:
+        """The request's origin when ``blocks`` L-layer blocks are free there, else the member
+        with the most free (None when none has them)."""
+        free = {h: int(self._home_free(h, taken[h]).sum()) for h in self.layout.ranks}
+        origin = self.origins.get(rid)
+        if origin in free and free[origin] >= blocks:
+            return origin
+        best = max(free, key=lambda h: (free[h], -h))
+        return best if free[best] >= blocks else None
+
+    def _gather_copies(self, lg: LegacyKV, n: int, upto: int) -> list[SliceCopy]:
+        """Layers ``[0, upto)`` of the first ``n`` blocks, from each stage's pipeline blocks
+        into ``lg``'s L-layer blocks on its home."""
+        r, copies = lg.request, []
+        for rank, (start, end) in zip(self.layout.ranks, self.layout.ranges, strict=True):
+            hi = min(end, upto)
+            if n == 0 or start >= hi:
+                continue
+            copies.append(
+                SliceCopy(
+                    src_rank=rank,
+                    dst_rank=lg.home,
+                    src_layers=(0, hi - start),
+                    dst_layers=(start, hi),
+                    src_blocks=tuple(r.block_ids[:n]),
+                    dst_blocks=lg.blocks[:n],
+                    request_ids=(r.request_id,),
+                )
+            )
         return copies
 
     def _copies(self, moves: list[tuple[Request, int, int, int]]) -> list[SliceCopy]:
@@ -293,19 +481,41 @@ class GroupKVManager(KVCacheManager):
             )
         return copies
 
-    def step_plan(self, out: SchedulerOutput, moves: list[SliceCopy]) -> StepPlan | None:
-        """The plan every stage gets with this step; None when it has no moves and no
-        pre-drop sequence (a plain pipeline step)."""
+    def step_plan(
+        self, out: SchedulerOutput, moves: list[SliceCopy], gathers: list[SliceCopy] = ()
+    ) -> StepPlan | None:
+        """The plan every stage gets with this step; None when it has no moves, no gathers
+        and no pre-drop sequence (a plain pipeline step)."""
         legacy = []
         for i, s in enumerate(out.scheduled):
             lg = self.legacy.get(s.request.request_id)
             if lg is not None:
                 legacy.append(LegacySeq(i, lg.home, lg.moved_upto, lg.blocks))
-        if not legacy and not moves:
+        if not legacy and not moves and not gathers:
             return None
         q = tuple(s.num_new_tokens for s in out.scheduled)
         c = tuple(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
-        return StepPlan(tuple(moves), tuple(legacy), q, c)
+        return StepPlan(tuple(moves), tuple(legacy), q, c, tuple(gathers))
+
+
+def _merged(copies: list[SliceCopy]) -> list[SliceCopy]:
+    """One copy per (source, destination, layer spans), blocks and requests concatenated in
+    order (fewer, larger messages)."""
+    merged: dict[tuple, SliceCopy] = {}
+    for c in copies:
+        key = (c.src_rank, c.dst_rank, c.src_layers, c.dst_layers)
+        m = merged.get(key)
+        merged[key] = (
+            c
+            if m is None
+            else dataclasses.replace(
+                m,
+                src_blocks=m.src_blocks + c.src_blocks,
+                dst_blocks=m.dst_blocks + c.dst_blocks,
+                request_ids=m.request_ids + c.request_ids,
+            )
+        )
+    return list(merged.values())
 
 
 # --- attention for a step with pre-drop sequences --------------------------------------------

@@ -73,6 +73,9 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
+        self.admitting = True
+        """Whether waiting requests may start; a live restore holds them until the split
+        (workers/transition.py), so every running request's KV can be gathered."""
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -81,7 +84,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step would do anything: running requests, or waiting ones it may admit."""
+        return bool(self.running or (self.waiting and self.admitting))
 
     def schedule(
         self, busy: Collection[str] = frozenset(), max_running: int | None = None
@@ -122,7 +126,12 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            self.admitting
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting[0]
             n = min(req.num_pending_tokens, budget)
             if self.kv.allocate_slots(req, n) is None:

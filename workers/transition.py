@@ -18,14 +18,21 @@ drop
      attention from the next step while the live exchange moves their KV.
 
 restore
-  1. ``restore_plan`` (leader, parked, pipeline still up): moves what pre-drop KV is left (one
-     exchange-only step), then a home for every request (back to where it came from when it
-     fits, else the least-loaded member), L-layer blocks there, the KV copy plan. Raises
+  0. ``restore_begin`` (leader), then the group serves on: each step gathers a budget of
+     running requests' KV onto one home each (KunServe §3(d) step 4; workers/remote_attention
+     .py, live gather), and they keep decoding through remote attention. Waiting requests are
+     held until the split. The coordinator waits until every running request is home (or a
+     deadline passes; ``restore_cancel`` undoes the step when the restore is refused).
+  1. ``restore_plan`` (leader, parked, pipeline still up): finishes moving any pre-drop KV
+     partly moved (one exchange-only step); a request whose KV is whole on one home stays
+     there in the same blocks; every other gets a home (back to where it came from when it
+     fits, else the least-loaded member), L-layer blocks there, and a KV copy plan. Raises
      TransitionError, changing no placement, when the live KV does not fit.
   2. ``stop_pipeline`` (leader): STOP to every stage; each stage loop returns and parks.
-  3. ``restore_execute`` (every): read the slices, shrink the KV bytes back, copy the dropped
-     weights back from the stage that kept them, write the slices, rebuild each member's
-     engine with its requests. (This copy is synchronous: requests pause for it.)
+  3. ``restore_execute`` (every): read the slices still to copy, shrink the KV bytes back,
+     copy the dropped weights back from the stage that kept them, write the slices, rebuild
+     each member's engine with its requests. Requests pause for this step: after a full
+     gather it copies only weights.
 
 Requests keep ``num_computed_tokens`` (their KV moves with them), so nothing is recomputed.
 """
@@ -140,6 +147,8 @@ class GroupController:
         "drop_prepare",
         "drop_merge",
         "drop_execute",
+        "restore_begin",
+        "restore_cancel",
         "stop_pipeline",
         "restore_plan",
         "restore_execute",
@@ -328,6 +337,22 @@ class GroupController:
 
     # --- restore ------------------------------------------------------------------------
 
+    def restore_begin(self) -> None:
+        """Leader, parked: the live part of a restore begins. From the next step the group
+        gathers each running request's KV onto one home while it keeps decoding, and holds
+        waiting requests until the split (workers/remote_attention.py, live gather)."""
+        self._require_leader()
+        kv = self.engine.kv
+        kv.begin_gather(dict(self.normal_blocks), dict(self.origins))
+        self.engine.scheduler.admitting = False
+
+    def restore_cancel(self) -> None:
+        """Leader, parked: a restore was refused; the group serves as a pipeline again (new
+        requests admitted, the forward exchange resumed)."""
+        self._require_leader()
+        self.engine.kv.end_gather()
+        self.engine.scheduler.admitting = True
+
     def restore_plan(self) -> RestorePlan:
         """Leader: homes, L-layer blocks and KV copies for every request (changes nothing)."""
         spec, engine = self._require_leader(), self.engine
@@ -341,8 +366,18 @@ class GroupController:
         sched, kv = engine.scheduler, engine.kv
         pools = {rank: BlockPool(n) for rank, n in self.normal_blocks.items()}
         load = {rank: [0, 0] for rank in spec.ranks}  # blocks, requests
-        homes, moves = {}, []
+        homes, moves, new_blocks = {}, [], {}
+        grouped = isinstance(kv, GroupKVManager)
+        at_home = [r for r in sched.running if grouped and kv.is_home(r.request_id)]
+        for r in at_home:  # all its KV in L-layer blocks on one home: it stays there
+            lg = kv.legacy[r.request_id]
+            pools[lg.home].reserve(list(lg.blocks))
+            load[lg.home][0] += len(lg.blocks)
+            load[lg.home][1] += 1
+            homes[r.request_id], new_blocks[r.request_id] = lg.home, list(lg.blocks)
         for r in sched.running:
+            if r.request_id in homes:
+                continue
             n = kv.blocks_needed(r.num_computed_tokens)
             home = self._pick_home(r.request_id, n, pools, load)
             ids = pools[home].allocate(n)
@@ -350,7 +385,7 @@ class GroupController:
             homes[r.request_id] = home
         for r in sched.waiting:
             homes[r.request_id] = self._pick_home(r.request_id, 0, pools, load)
-        new_blocks = {m.request_id: list(m.dst_blocks) for m in moves}
+        new_blocks.update({m.request_id: list(m.dst_blocks) for m in moves})
         transfers: dict[int, list[RequestTransfer]] = {rank: [] for rank in spec.ranks[1:]}
         sampler = engine.runner.sampler
         for r in (*sched.running, *sched.waiting):
@@ -361,7 +396,12 @@ class GroupController:
                     RequestTransfer(moved, state, self.origins.get(r.request_id))
                 )
         copies = kv_exchange.plan_restore(moves, spec.ranks, spec.ranges)
-        logger.debug("restore plan on %d: homes %s", self.rank, homes)
+        logger.debug(
+            "restore plan on %d: homes %s; KV already home for %s",
+            self.rank,
+            homes,
+            [r.request_id for r in at_home],
+        )
         self._restore = RestorePlan(copies, homes, transfers, new_blocks, dict(self.normal_blocks))
         return self._restore
 
@@ -491,13 +531,13 @@ def _set_kv(runner: Any, view: torch.Tensor) -> None:
 
 
 def _pool_for(num_blocks: int, running: list[Request]) -> BlockPool:
-    """A fresh pool of ``num_blocks`` whose allocations, in order, are the running requests'
-    block ids (the leader planned them on an identical pool; raises RuntimeError otherwise)."""
+    """A fresh pool of ``num_blocks`` with the running requests' block ids taken (the leader
+    planned them disjoint; raises RuntimeError when two requests share a block)."""
     pool = BlockPool(num_blocks)
-    for r in running:
-        ids = pool.allocate(len(r.block_ids))
-        if ids != r.block_ids:
-            raise RuntimeError(f"{r.request_id}: planned blocks {r.block_ids}, pool gave {ids}")
+    held = [b for r in running for b in r.block_ids]
+    if len(held) != len(set(held)):
+        raise RuntimeError(f"planned blocks overlap: {sorted(held)}")
+    pool.reserve(held)
     return pool
 
 

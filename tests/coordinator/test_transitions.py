@@ -4,6 +4,7 @@ aborts that race a move, and a drop refused before its point of no return."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -97,24 +98,62 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
 
         homes = {"a": 0, "c": 1}
         w0.answers.update(
+            restore_begin=None,
             restore_plan=RestorePlan([], homes, {1: []}, {}, {0: 100, 1: 100}),
             stop_pipeline=None,
             restore_execute=100,
         )
         w1.answers.update(restore_execute=100)
+        # the leader gathers live: 2 requests left, then 1, then none
+        left = iter([2, 2, 1, 0])
+        w0.stats = _Method(lambda: _async(make_stats_gathering(next(left))))
         back = await tr.restore()
+        assert len(w0.stats.calls) == 4  # the split waited for the gather
         assert back.state is InstanceState.NORMAL and not tr.groups
         assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
         assert [i.group for i in core.instances] == [None, None]
         assert [i.info.layer_range for i in core.instances] == [(0, 5), (0, 5)]
         assert (core.requests["c"].instance_id, core.instances[1].live) == (1, {"c"})
         assert w0.steps == ["drop_prepare", "drop_merge", "drop_execute"] + [
+            "restore_begin",
             "restore_plan",
             "stop_pipeline",
             "restore_execute",
         ]
         assert w1.steps == ["drop_prepare", "drop_execute", "restore_execute"]
-        assert len(w0.resume.calls) == len(w1.resume.calls) == 2
+        assert len(w0.resume.calls) == 3 and len(w1.resume.calls) == 2
+
+    asyncio.run(body())
+
+
+def make_stats_gathering(left: int):
+    return dataclasses.replace(make_stats(), num_to_gather=left)
+
+
+async def _async(value):
+    return value
+
+
+def test_refused_restore_cancels_the_gather_and_a_stalled_gather_splits_anyway() -> None:
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        tr.gather_stall_s = 0.05
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=None)
+        w0.answers.update(drop_execute=140)
+        w1.answers.update(drop_prepare=lambda spec: _report(1, []), drop_execute=150)
+        await tr.drop([0, 1])
+
+        def refuse():
+            raise TransitionError("request a needs 9 blocks; no member has them free")
+
+        w0.answers.update(restore_begin=None, restore_plan=refuse, restore_cancel=None)
+        w0.stats = _Method(lambda: _async(make_stats_gathering(1)))  # never comes home
+        with pytest.raises(TransitionError, match="needs 9 blocks"):
+            await tr.restore()
+        assert w0.steps[-3:] == ["restore_begin", "restore_plan", "restore_cancel"]
+        assert tr.groups[0].state is InstanceState.PIPELINED
+        assert [i.state for i in core.instances] == [InstanceState.PIPELINED] * 2
+        assert len(w0.stats.calls) >= 2  # it polled until the count stalled
 
     asyncio.run(body())
 

@@ -162,6 +162,10 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
             "drop_restore_overlapped": functools.partial(
                 _drop_restore, exchange_bytes=1 << 30, max_seqs=4, pipelined=(12, 30)
             ),
+            # a live restore: the group gathers every request's KV home while it decodes
+            "drop_restore_gathered": functools.partial(
+                _drop_restore, max_seqs=4, pipelined=(6, 2), gather=True
+            ),
         }
         result = bodies[body](rank, world, model_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -224,11 +228,13 @@ def _drop_restore(
     device: torch.device = CPU,
     backend: str = "torch",
     return_group=None,
+    gather: bool = False,
 ) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
     and request, and the capacities seen. On VMM memory its integrity is checked after each
-    transition."""
+    transition. ``gather``: the restore begins live, and the leader steps until every running
+    request's KV is home (at most 60 steps) before it parks."""
     config = engine_config(
         model_dir,
         memory_backend=memory_backend,
@@ -265,6 +271,17 @@ def _drop_restore(
         _steps(engine, tokens["pipelined"], pipelined[0])
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
+        if gather:
+            ctl.restore_begin()
+            info["to_gather_at_begin"] = engine.stats().num_to_gather
+            steps = 0
+            while engine.stats().num_to_gather and steps < 60:
+                _steps(engine, tokens["pipelined"], 1)
+                check_block_ownership(engine)
+                steps += 1
+            info["gather_steps"] = steps
+            info["to_gather"] = engine.stats().num_to_gather
+            info["held_waiting"] = [r.request_id for r in engine.scheduler.waiting]
         info["max_in_flight"] = engine.runner.peak_in_flight
         graphs = engine.runner.graphs
         info["graph_replays"] = 0 if graphs is None else graphs.num_replays
@@ -282,6 +299,7 @@ def _drop_restore(
         info["counters"] = dict(stage.counters)
         info["graph_replays"] = 0 if stage.graphs is None else stage.graphs.num_replays
     plan = _broadcast(plan)
+    info["restore_copies"] = len(plan.copies)
     restored_blocks = ctl.restore_execute(plan)
     check_block_ownership(engine)
     if memory is not None:
@@ -294,9 +312,12 @@ def _drop_restore(
     return info
 
 
-def nccl_main(rank: int, world: int, init: str, model_dir: str, out_dir: str) -> None:
+def nccl_main(
+    rank: int, world: int, init: str, model_dir: str, out_dir: str, gather: bool = False
+) -> None:
     """The overlapped drop/restore body on GPU ``rank`` over NCCL, Triton backend (decode
-    micro-batches replay stage graphs), logits on their own process group as Worker sets up."""
+    micro-batches replay stage graphs), logits on their own process group as Worker sets up;
+    ``gather``: the restore gathers KV live first."""
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init, world_size=world, rank=rank)
     try:
@@ -314,6 +335,7 @@ def nccl_main(rank: int, world: int, init: str, model_dir: str, out_dir: str) ->
             device=device,
             backend="triton",
             return_group=group,
+            gather=gather,
         )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:

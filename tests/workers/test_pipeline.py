@@ -295,6 +295,26 @@ def test_gloo_restore_right_after_drop_finishes_the_kv_exchange(
         assert r["restored"] == RESTORED | {"stage_loop": False}
 
 
+def test_gloo_live_restore_gathers_kv_home_while_requests_decode(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    """A live restore: the leader begins it, and the group keeps decoding while each step
+    gathers a request's KV (one request a step, no byte budget) from both stages onto one
+    home; a request that arrived meanwhile waits. Once every running request is home the split
+    copies no KV, and every token is the same as alone."""
+    r0, r1 = spawn_gloo("drop_restore_gathered", stories_dir, tmp_path)
+    assert r0["to_gather_at_begin"] > 1
+    assert 1 <= r0["gather_steps"] < 60 and r0["to_gather"] == 0
+    assert r0["restore_copies"] == 0  # the split moves weights only
+    assert tokens_by_request([r0, r1]) == {
+        rid: run_alone(stories_dir, rid) for rid in requests_for(2)
+    }
+    for r in (r0, r1):
+        assert r["restored"] == RESTORED | {"stage_loop": False}
+        # gathered requests decoded through remote attention on both sides
+        assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served")) > 0
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
     stories_dir: Path, tmp_path: Path, world: int
@@ -331,20 +351,25 @@ def test_stage_graphs_replay_decode_micro_batches_with_the_sametokens_by_request
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gather", [False, True], ids=["parked-restore", "live-gather"])
 def test_gpu_nccl_micro_batches_and_stage_graphs_keep_every_token(
-    stories_dir: Path, tmp_path: Path
+    stories_dir: Path, tmp_path: Path, gather: bool
 ) -> None:
     """The overlapped drop/restore on 2 GPUs over NCCL with the Triton backend: two
     micro-batches in flight (logits back on their own process group), decode micro-batches
     replayed from stage graphs captured on first use; tokens equal each request's alone on a
-    full GPU engine."""
+    full GPU engine. ``live-gather``: the restore first gathers every request's KV home while
+    the group decodes, so the split copies none."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     init = f"tcp://127.0.0.1:{free_port()}"
-    mp.spawn(nccl_main, args=(2, init, str(stories_dir), str(tmp_path)), nprocs=2, join=True)
+    args = (2, init, str(stories_dir), str(tmp_path), gather)
+    mp.spawn(nccl_main, args=args, nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0]["max_in_flight"] == 2
     assert all(r["graph_replays"] > 0 for r in results)
+    if gather:
+        assert results[0]["to_gather"] == 0 and results[0]["restore_copies"] == 0
     cuda = torch.device("cuda", 0)
     rids = requests_for(2)
     assert tokens_by_request(results) == {

@@ -97,6 +97,71 @@ def test_budget_moves_several_layers_and_free_releases_a_legacy_request() -> Non
         kv.pool.reserve([99])
 
 
+def _pipeline_request(kv: GroupKVManager, rid: str, computed: int) -> Request:
+    """A request admitted after the drop: pipeline blocks for ``computed`` tokens."""
+    r = _request(rid, computed, [])
+    r.block_ids = kv.pool.allocate(kv.blocks_needed(computed))
+    return r
+
+
+def _tuples(copies) -> list[tuple]:
+    return [(c.src_rank, c.dst_rank, c.src_layers, c.dst_layers) for c in copies]
+
+
+def test_gather_moves_pipeline_kv_home_around_pipeline_blocks_and_grows_there() -> None:
+    """A live restore (EVEN: L-block b on a home aliases stage ids 2b, 2b+1): one request a
+    step (no budget) moves from both stages into L-layer blocks on its origin whose bytes no
+    pipeline block uses; it then decodes as a pre-drop request and grows on its home."""
+    kv = _manager(EVEN)
+    p, q = _pipeline_request(kv, "p", 6), _pipeline_request(kv, "q", 8)
+    assert (p.block_ids, q.block_ids) == ([0, 1], [2, 3])
+    kv.begin_gather({0: 10, 1: 10}, {"p": 0, "q": 1})
+    out = SchedulerOutput([ScheduledRequest(p, 1), ScheduledRequest(q, 1)])
+    assert kv.allocate_slots(p, 1) == [] and kv.allocate_slots(q, 1) == [4]
+    assert kv.plan_exchange(out) == []
+    copies = kv.plan_gather(out)
+    # L-blocks 0..2 on home 0 alias ids 0..5, ids 0..4 held by p and q: p goes to L-blocks 3, 4
+    assert _tuples(copies) == [(0, 0, (0, 2), (0, 2)), (1, 0, (0, 2), (2, 4))]
+    assert {(c.src_blocks, c.dst_blocks) for c in copies} == {((0, 1), (3, 4))}
+    assert p.block_ids == [] and kv.is_home("p") and not kv.is_home("q")
+    assert kv.legacy["p"].blocks == (3, 4) and kv.legacy["p"].reserved == [6, 7, 8, 9]
+    assert kv.step_plan(out, [], copies).legacy == (LegacySeq(0, 0, 0, (3, 4)),)
+    kv.pool.check_integrity()
+    # next step: q (3 L-blocks for 10 tokens) onto its origin; ids 6..9 are p's reservation,
+    # not a pipeline block, so home 1 may use them; ids 2, 3, 4 are q's own
+    p.num_computed_tokens, q.num_computed_tokens = 7, 9
+    out = SchedulerOutput([ScheduledRequest(p, 1), ScheduledRequest(q, 1)])
+    assert kv.allocate_slots(p, 1) == [] and kv.allocate_slots(q, 1) == []
+    copies = kv.plan_gather(out)
+    assert {c.dst_rank for c in copies} == {1}
+    assert kv.legacy["q"].blocks == (0, 3, 4)  # L-blocks 1, 2 alias ids 2..5: still q's
+    assert {(c.src_blocks, c.dst_blocks) for c in copies} == {((2, 3, 4), (0, 3, 4))}
+    assert kv.pool.num_used == 6 and len(kv.held_ids()) == 10  # reservations only, shared
+    # p passes its 2 L-blocks: it grows on its home instead of moving forward
+    p.num_computed_tokens = 8
+    assert kv.allocate_slots(p, 1) == [] and kv.legacy["p"].blocks == (3, 4, 0)
+    assert kv.plan_exchange(SchedulerOutput([ScheduledRequest(p, 1)])) == []
+    kv.free(p)
+    kv.free(q)
+    assert kv.pool.num_used == 0
+    kv.pool.check_integrity()
+
+
+def test_gather_picks_another_home_when_the_origin_is_full_and_end_gather_stops() -> None:
+    kv = _manager(EVEN)
+    p, q = _pipeline_request(kv, "p", 8), _pipeline_request(kv, "q", 4)
+    kv.begin_gather({0: 3, 1: 10}, {"p": 0})  # home 0: only L-block 2 is clear of ids 0..2
+    out = SchedulerOutput([ScheduledRequest(p, 1), ScheduledRequest(q, 1)])
+    kv.allocate_slots(p, 1)
+    copies = kv.plan_gather(out)
+    assert kv.legacy["p"].home == 1 and {c.dst_rank for c in copies} == {1}
+    assert "q" not in kv.legacy  # one request a step
+    kv.end_gather()
+    assert kv.plan_gather(out) == []
+    with pytest.raises(ValueError, match="gather homes"):
+        kv.begin_gather({0: 3}, {})
+
+
 @torch.inference_mode()
 def test_remote_attention_equals_local_attention() -> None:
     """A pre-drop request homed on worker 1, at stage 0's layers 0..2: stage 0 sends q, k, v,

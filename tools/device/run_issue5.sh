@@ -32,10 +32,15 @@ for step in $steps; do
     drop-bench)
       start_server serve_drop --overload-policy drop --no-auto-transitions || continue
       # Two cycles on one server: what the second drop no longer pays was a one-time cost.
+      # Triton kernels compiled during each cycle are listed (a first-drop cost suspect).
+      cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
       for cycle in 1 2; do
+        touch /tmp/cycle_marker
         timeout 240 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 \
           --max-tokens 6000 --phase-s 4 --weight-gb 14.96 --output-json "$OUT/drop_bench$cycle.json" \
           2>&1 | tee "$OUT/drop_bench$cycle.log"
+        find "$cache" -newer /tmp/cycle_marker -name "*.json" ! -name "__grp__*" 2>/dev/null \
+          | xargs -r -n1 basename | sort | uniq -c | tee "$OUT/triton_compiled_cycle$cycle.log"
       done
       grep -E "drop:|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop.log" | tail -60
       stop_server ;;

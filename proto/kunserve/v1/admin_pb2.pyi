@@ -58,7 +58,7 @@ class LayerRange(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("group_id", "state", "instance_ids", "worker_ranks", "stage_layer_ranges", "kv_blocks_before", "kv_blocks_after", "stage_kv_blocks", "num_requests_moved", "transition_s")
+    __slots__ = ("group_id", "state", "instance_ids", "worker_ranks", "stage_layer_ranges", "kv_blocks_before", "kv_blocks_after", "stage_kv_blocks", "num_requests_moved", "transition_s", "paused_s")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class GroupInfo(_message.Message):
     STAGE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_MOVED_FIELD_NUMBER: _ClassVar[int]
     TRANSITION_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_S_FIELD_NUMBER: _ClassVar[int]
     group_id: int
     state: _inference_pb2.InstanceState
     instance_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -79,4 +80,5 @@ class GroupInfo(_message.Message):
     stage_kv_blocks: _containers.RepeatedScalarFieldContainer[int]
     num_requests_moved: int
     transition_s: float
-    def __init__(self, group_id: _Optional[int] = ..., state: _Optional[_Union[_inference_pb2.InstanceState, str]] = ..., instance_ids: _Optional[_Iterable[int]] = ..., worker_ranks: _Optional[_Iterable[int]] = ..., stage_layer_ranges: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., kv_blocks_before: _Optional[int] = ..., kv_blocks_after: _Optional[int] = ..., stage_kv_blocks: _Optional[_Iterable[int]] = ..., num_requests_moved: _Optional[int] = ..., transition_s: _Optional[float] = ...) -> None: ...
+    paused_s: float
+    def __init__(self, group_id: _Optional[int] = ..., state: _Optional[_Union[_inference_pb2.InstanceState, str]] = ..., instance_ids: _Optional[_Iterable[int]] = ..., worker_ranks: _Optional[_Iterable[int]] = ..., stage_layer_ranges: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., kv_blocks_before: _Optional[int] = ..., kv_blocks_after: _Optional[int] = ..., stage_kv_blocks: _Optional[_Iterable[int]] = ..., num_requests_moved: _Optional[int] = ..., transition_s: _Optional[float] = ..., paused_s: _Optional[float] = ...) -> None: ...

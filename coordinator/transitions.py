@@ -254,9 +254,10 @@ class Transitions:
 
     async def _gather(self, leader: Instance, phases: _Phases) -> None:
         """The live part of a restore: the leader begins gathering every running request's
-        KV onto one home while the group serves (workers/transition.py, ``restore_begin``);
-        returns once none is left, or when the count has not fallen for ``gather_stall_s``,
-        or after ``gather_timeout_s`` (the split then copies what is left)."""
+        KV onto one home while the group serves (workers/transition.py, ``restore_begin``; it
+        parks itself after the step that brings the last one home); returns once none is
+        left, or when the count has not fallen for ``gather_stall_s``, or after
+        ``gather_timeout_s`` (the split then copies what is left)."""
         await leader.leader.pause.remote()
         try:
             await leader.leader.transition.remote("restore_begin")
@@ -265,16 +266,22 @@ class Transitions:
         phases.mark("begin")
         start = last_change = time.monotonic()
         best = None
-        while True:
-            left = (await leader.leader.stats.remote()).num_to_gather
-            now = time.monotonic()
-            if best is None or left < best:
-                best, last_change = left, now
-            if left == 0 or now - last_change > self.gather_stall_s:
-                break
-            if now - start > self.gather_timeout_s:
-                break
-            await asyncio.sleep(GATHER_POLL_S)
+        try:
+            while True:
+                left = (await leader.leader.stats.remote()).num_to_gather
+                now = time.monotonic()
+                if best is None or left < best:
+                    best, last_change = left, now
+                if left == 0 or now - last_change > self.gather_stall_s:
+                    break
+                if now - start > self.gather_timeout_s:
+                    break
+                await asyncio.sleep(GATHER_POLL_S)
+        except BaseException:  # the leader may have parked itself once gathered: undo
+            await leader.leader.pause.remote()
+            await leader.leader.transition.remote("restore_cancel")
+            await leader.leader.resume.remote()
+            raise
         phases.mark("gather")
         if left:
             logger.info("restore: %d requests not gathered live; the split copies their KV", left)

@@ -29,9 +29,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``triton.jit`` where Triton is installed; the undecorated function otherwise."""
-    return triton.jit(fn) if HAS_TRITON else fn
+def jit(fn: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
+    """``triton.jit`` where Triton is installed; the undecorated function otherwise. Takes
+    ``triton.jit``'s keywords as ``@jit(do_not_specialize=[...])``."""
+    if fn is None:
+        return functools.partial(jit, **kwargs)
+    return triton.jit(fn, **kwargs) if HAS_TRITON else fn
 
 
 def require_triton() -> None:

@@ -96,7 +96,11 @@ def _attend_key_range(
     return acc, m_i, l_i
 
 
-@jit
+# Integer arguments are specialized by value (== 1, divisible by 16) unless listed here: an
+# eager step's block-table width (the batch's longest sequence) and split count vary from step
+# to step, and each new variant cost a compile (about 0.3 s of token gap) the first time a
+# pipeline group ran remote attention (issue #5, docs/benchmarks.md).
+@jit(do_not_specialize=["block_tables_stride", "num_splits"])
 def _paged_decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     kv_ptr,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]

@@ -20,7 +20,7 @@ from kernels._triton import INDEX_DTYPES, check_tensor, jit, next_pow2, tl, trit
 from kernels.paged_decode import _attend_key_range, check_paged_args
 
 
-@jit
+@jit(do_not_specialize=["block_tables_stride"])  # varies step to step (paged_decode.py)
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     kv_ptr,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]

@@ -216,10 +216,10 @@ class Engine:
             num_step_tokens=step_tokens,
             waiting_demand_blocks=self.scheduler.waiting_demand_blocks(),
             step_token_fill=self._fill,
-            num_to_gather=self._num_to_gather(),
+            num_to_gather=self.num_to_gather(),
         )
 
-    def _num_to_gather(self) -> int:
+    def num_to_gather(self) -> int:
         """Running requests whose KV a restore still has to gather onto one home (0 unless a
         pipeline group's restore is gathering, workers/remote_attention.py)."""
         kv = self.kv

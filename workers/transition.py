@@ -168,6 +168,9 @@ class GroupController:
         self.origins: dict[str, int] = {}
         self._merge: _Merge | None = None
         self._restore: RestorePlan | None = None
+        self.park_when_gathered = False
+        """Leader, during a restore's gather: park the engine after the step that brings the
+        last running request home, so no further remote-attention step delays the split."""
 
     def call(self, step: str, *args: Any) -> Any:
         if step not in self.STEPS:
@@ -345,6 +348,7 @@ class GroupController:
         kv = self.engine.kv
         kv.begin_gather(dict(self.normal_blocks), dict(self.origins))
         self.engine.scheduler.admitting = False
+        self.park_when_gathered = True
 
     def restore_cancel(self) -> None:
         """Leader, parked: a restore was refused; the group serves as a pipeline again (new
@@ -352,6 +356,7 @@ class GroupController:
         self._require_leader()
         self.engine.kv.end_gather()
         self.engine.scheduler.admitting = True
+        self.park_when_gathered = False
 
     def restore_plan(self) -> RestorePlan:
         """Leader: homes, L-layer blocks and KV copies for every request (changes nothing)."""

@@ -234,6 +234,16 @@ class Worker:
                 outputs += self._step()
             if outputs:
                 self._push(outputs)
+            self._park_if_gathered()
+
+    def _park_if_gathered(self) -> None:
+        """A restore's gather is done: park now, as a pause would, so the coordinator's split
+        starts without waiting out one more step (workers/transition.py, restore_begin)."""
+        group, engine = self.group, self.engine
+        if group.park_when_gathered and not engine.in_flight and engine.num_to_gather() == 0:
+            group.park_when_gathered = False
+            with self._cv:
+                self._pause_requested = True
 
     def _apply(self, inbox: _Inbox) -> list[RequestOutput]:
         for spec in inbox.adds:

@@ -40,10 +40,12 @@ and mixed steps run eagerly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -53,6 +55,8 @@ from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
 from workers.scheduler import ScheduledRequest
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -213,14 +217,8 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream(self.device)
         for batch in reversed(self.sizes):
             self.inputs.pad(batch)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.forward_static(batch)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[batch] = self.forward_static(batch)
-            self.graphs[batch] = graph
+            forward = functools.partial(self.forward_static, batch)
+            self.graphs[batch], self.outputs[batch] = record(forward, pool, stream)
         torch.cuda.synchronize(self.device)
 
     def forward_static(self, batch: int) -> DecodeOutputs:
@@ -254,6 +252,26 @@ class CudaGraphRunner:
             self._greedy_copied.record()
             self._greedy_copied.synchronize()
         return self._greedy_host[:n].tolist()
+
+
+def record(
+    forward: Callable[[], T], pool: Any, stream: torch.cuda.Stream, error_mode: str = "global"
+) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Runs ``forward`` once on ``stream`` as a warm-up (Triton compiles, cuBLAS picks its
+    algorithms, outside the capture), then captures it into a new graph in memory pool
+    ``pool``. Returns (graph, what the captured call returned: tensors each replay rewrites).
+    ``error_mode``: ``torch.cuda.graph``'s ``capture_error_mode`` (``thread_local`` keeps
+    other threads' CUDA calls, NCCL's, legal during the capture). Raises RuntimeError from
+    CUDA when an operation cannot be captured."""
+    device = stream.device
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=error_mode):
+        out = forward()
+    return graph, out
 
 
 def graph_key(model: torch.nn.Module, kv_cache: torch.Tensor) -> tuple:

@@ -25,6 +25,7 @@ largest size run eagerly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from attention.metadata import AttentionMetadata
 from attention.transport import StageInputs
 from kernels._triton import num_sms
 from kernels.paged_decode import choose_num_splits
-from workers.cuda_graphs import DEFAULT_CAPTURE_SIZES, padded_batch_size
+from workers.cuda_graphs import DEFAULT_CAPTURE_SIZES, padded_batch_size, record
 from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
@@ -177,16 +178,8 @@ class StageGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(size)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"
-        ):
-            self.outputs[size] = self._forward(size)
-        self.graphs[size] = graph
+        forward = functools.partial(self._forward, size)
+        self.graphs[size], self.outputs[size] = record(forward, self._pool, stream, "thread_local")
         for t, s in zip((f.input_ids, f.positions, f.slot_mapping, f.seq_lens), saved, strict=True):
             t.copy_(s)
         logger.info(

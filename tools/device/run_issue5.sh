@@ -4,7 +4,8 @@
 # --overload-policy drop vs recompute. Logs and JSON under $OUT.
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
 # steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm);
-# POLICIES (default "recompute drop") picks the replay's overload policies.
+# POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
+# (default azure-code, 824) its window; KV_BLOCKS the KV cache per GPU (16-token blocks).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-gpu-tests drop-bench replay}
@@ -48,10 +49,11 @@ for step in $steps; do
     replay)
       for policy in ${POLICIES:-recompute drop}; do
         start_server "serve_$policy" --overload-policy "$policy" --planner-cooldown-s 5 || continue
-        timeout 200 python3 -m coordinator.cli replay --port 50051 --trace azure-code --start 824 \
-          --duration 60 --time-scale ${TIME_SCALE:-1} --max-output-len 512 --drain-timeout 60 \
-          --disable-tqdm --save-result --result-dir "$OUT" --result-filename "replay_$policy.json" \
-          --plot "$OUT/replay_$policy.png" --label "$policy" 2>&1 | tee "$OUT/replay_$policy.log" | tail -30
+        timeout 200 python3 -m coordinator.cli replay --port 50051 --trace "${TRACE:-azure-code}" \
+          --start "${START:-824}" --duration 60 --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
+          --drain-timeout 60 --disable-tqdm --save-result --result-dir "$OUT" \
+          --result-filename "replay_$policy.json" --plot "$OUT/replay_$policy.png" --label "$policy" \
+          2>&1 | tee "$OUT/replay_$policy.log" | tail -30
         grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error" "$OUT/serve_$policy.log" | tail -24
         stop_server
       done ;;

@@ -5,7 +5,7 @@
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
 # steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
-# (default azure-code, 824) its window; KV_BLOCKS the KV cache per GPU (16-token blocks).
+# (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window; KV_BLOCKS the KV cache per GPU (16-token blocks).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-gpu-tests drop-bench replay}
@@ -50,7 +50,7 @@ for step in $steps; do
       for policy in ${POLICIES:-recompute drop}; do
         start_server "serve_$policy" --overload-policy "$policy" --planner-cooldown-s 5 || continue
         timeout 200 python3 -m coordinator.cli replay --port 50051 --trace "${TRACE:-azure-code}" \
-          --start "${START:-824}" --duration 60 --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
+          --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
           --drain-timeout 60 --disable-tqdm --save-result --result-dir "$OUT" \
           --result-filename "replay_$policy.json" --plot "$OUT/replay_$policy.png" --label "$policy" \
           2>&1 | tee "$OUT/replay_$policy.log" | tail -30

@@ -18,6 +18,13 @@ only decoded) of the latest samples, flat in batch size, and before the first on
 ``DEFAULT_DECODE_STEP_S``. Without a measured link (CPU workers) the link is the nominal
 ``DEFAULT_LINK_BANDWIDTH_BYTES_PER_S``; its latency is always the nominal
 ``DEFAULT_LINK_LATENCY_S``.
+
+Compute use. Each worker also times a prefill step at start-up
+(``WorkerInfo.prefill_tokens_per_s``). Each sample, the controller divides the tokens an
+instance computed since the last sample (``EngineStats.tokens_computed``) by the time between
+them, averages that rate over the samples (weight ``COMPUTE_USE_WEIGHT``), and sets it beside
+the peak as ``InstanceLoad.compute_use``; the planner does not drop for an instance that is
+short of compute rather than of KV (``PlannerConfig.max_compute_use``).
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ def model_shape(model: ModelConfig, dtype_bytes: int, block_size: int) -> ModelS
         block_size=block_size,
         tie_word_embeddings=model.tie_word_embeddings,
     )
+
+
+COMPUTE_USE_WEIGHT = 0.5
+"""Weight of the latest sample in an instance's average token rate (about the last second at
+the default 0.5 s sampling)."""
 
 
 class StepTimes:
@@ -156,6 +168,13 @@ class OverloadController:
         self.detector = OverloadDetector(config)
         self.step_times = StepTimes.from_workers(shape.num_layers, [i.info for i in core.instances])
         self.normal_blocks = {i.instance_id: i.info.stats.kv_blocks_total for i in core.instances}
+        self.peak_tokens_per_s = {
+            i.instance_id: getattr(i.info, "prefill_tokens_per_s", None) for i in core.instances
+        }
+        self._computed: dict[int, tuple[float, int]] = {}
+        """Instance id -> (time, EngineStats.tokens_computed) at the last sample."""
+        self._token_rate: dict[int, float] = {}
+        """Instance id -> its average token rate over recent samples (tokens/s)."""
         self._streak: dict[tuple[int, ...], Decision] = {}
         self._no_plan: set[int] = set()
         """Instances whose DROP streak already logged that no plan pays off."""
@@ -174,6 +193,7 @@ class OverloadController:
     async def tick(self) -> None:
         """One sample: observe, decide, and (when acting) start what the verdicts call for."""
         now = self.clock()
+        self.observe_compute(now)
         loads = self.loads()
         self.detector.observe(now, loads)
         verdicts = self.detector.decide()
@@ -187,6 +207,26 @@ class OverloadController:
         for v in verdicts:
             if v.decision is Decision.RESTORE:
                 await self._restore(loads, v, now)
+
+    def observe_compute(self, now: float) -> None:
+        """Updates each instance's average token rate from its latest stats (module
+        docstring); an instance whose counter went back (a restarted engine) starts over."""
+        for inst in self.core.instances:
+            tokens = inst.stats.tokens_computed
+            last = self._computed.get(inst.instance_id)
+            self._computed[inst.instance_id] = (now, tokens)
+            if last is None or now <= last[0] or tokens < last[1]:
+                continue
+            rate = (tokens - last[1]) / (now - last[0])
+            old = self._token_rate.get(inst.instance_id, rate)
+            self._token_rate[inst.instance_id] = old + COMPUTE_USE_WEIGHT * (rate - old)
+
+    def compute_use(self, instance_id: int) -> float:
+        """The instance's average token rate over its profiled peak (0 without a profile)."""
+        peak = self.peak_tokens_per_s.get(instance_id)
+        if not peak:
+            return 0.0
+        return self._token_rate.get(instance_id, 0.0) / peak
 
     def loads(self) -> list[InstanceLoad]:
         """Every instance's ``InstanceLoad`` from its latest stats (module docstring)."""
@@ -217,6 +257,7 @@ class OverloadController:
             waiting_demand_blocks=min(demand, s.waiting_demand_blocks) if holds_requests else 0,
             num_running=s.num_running if holds_requests else 0,
             step_token_fill=s.step_token_fill if holds_requests else 0.0,
+            compute_use=self.compute_use(inst.instance_id) if not in_group else 0.0,
             state=inst.state,
             layer_range=tuple(inst.info.layer_range) if in_group else None,
             group_id=group_id if in_group else None,

@@ -57,6 +57,13 @@ class PlannerConfig:
     token budget: it is compute-bound (a prefill burst), so more KV cache would only add
     prefill chunks to every step, lengthening TBT, without more tokens per second (ours: the
     2x H200 Azure-code replay in docs/benchmarks.md). 1 never refuses."""
+    max_compute_use: float = 0.5
+    """Do not drop for an instance that computes more than this share of its profiled peak
+    (tokens per second over the last samples / ``WorkerInfo.prefill_tokens_per_s``): its
+    queue waits for compute, not for KV, and a pipeline adds no compute (ours, from the 2x
+    H200 replays in docs/benchmarks.md: a drop lowered P99 TTFT 8.3x for a burst needing
+    about a third of the GPUs' prefill rate and did not help bursts needing 0.7-1.6x of it).
+    A value above 1 never refuses."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -108,6 +115,7 @@ class PlannerConfig:
             _require(0 < value <= 1, name, "in (0, 1]", value)
         _require(self.max_tbt_slowdown >= 1, "max_tbt_slowdown", ">= 1", self.max_tbt_slowdown)
         _require(0 < self.max_step_fill <= 1, "max_step_fill", "in (0, 1]", self.max_step_fill)
+        _require(self.max_compute_use > 0, "max_compute_use", "> 0", self.max_compute_use)
         _require(
             self.min_throughput_ratio > 0,
             "min_throughput_ratio",

@@ -125,6 +125,15 @@ def plan_drop(
                 config.max_step_fill,
             )
             continue
+        if seed.compute_use > config.max_compute_use:
+            logger.info(
+                "no drop for instance %d: it computes %.0f%% of its peak token rate "
+                "(its queue waits for compute; max_compute_use %.2f)",
+                seed.instance_id,
+                100 * seed.compute_use,
+                config.max_compute_use,
+            )
+            continue
         free = (ld for ld in by_pressure if ld.instance_id not in taken and ld is not seed)
         partners = list(itertools.islice(free, config.max_group_size - 1))
         group = _plan_group(seed, partners, shape, cost_model, config)

@@ -57,6 +57,9 @@ class InstanceLoad:
     """Pipeline group the instance belongs to; ``None`` in normal mode."""
     step_token_fill: float = 0.0
     """Share of the step token budget its recent steps used (0..1; EngineStats)."""
+    compute_use: float = 0.0
+    """Tokens it computed per second over recent samples over its profiled peak (>= 0; 0 when
+    no profile)."""
 
     def __post_init__(self) -> None:
         if self.kv_blocks_total < 1:
@@ -64,6 +67,8 @@ class InstanceLoad:
         for name in ("kv_blocks_used", "kv_demand_blocks", "num_waiting", "num_running"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.compute_use >= 0:
+            raise ValueError(f"compute_use must be >= 0, got {self.compute_use}")
         if not 0 <= self.step_token_fill <= 1:
             raise ValueError(f"step_token_fill must be in [0, 1], got {self.step_token_fill}")
         if not 0 <= self.waiting_demand_blocks <= self.kv_demand_blocks:

@@ -58,6 +58,9 @@ class EngineStats:
     exponential average, each step weighing ``FILL_WEIGHT`` (the planner's compute-bound test)."""
     num_to_gather: int = 0
     """Running requests whose KV a live restore has not gathered onto one home yet."""
+    tokens_computed: int = 0
+    """Tokens (prefill and decode) the engine's steps have computed since it started: its
+    rate over time is the load the planner sets beside the worker's profiled peak."""
 
 
 FILL_WEIGHT = 0.2
@@ -77,6 +80,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._last_step = (0.0, 0)
         self._fill = 0.0
+        self._tokens_computed = 0
         self.in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         """Launched, not yet collected micro-batches (pipeline mode), oldest first, with the
         time each was launched."""
@@ -177,6 +181,7 @@ class Engine:
 
     def _record_step(self, seconds: float, num_tokens: int) -> None:
         self._last_step = (seconds, num_tokens)
+        self._tokens_computed += num_tokens
         budget = self.config.scheduler.max_num_batched_tokens
         fill = min(1.0, num_tokens / budget)
         self._fill += FILL_WEIGHT * (fill - self._fill)
@@ -217,6 +222,7 @@ class Engine:
             waiting_demand_blocks=self.scheduler.waiting_demand_blocks(),
             step_token_fill=self._fill,
             num_to_gather=self.num_to_gather(),
+            tokens_computed=self._tokens_computed,
         )
 
     def num_to_gather(self) -> int:

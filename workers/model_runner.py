@@ -326,6 +326,33 @@ class ModelRunner:
             times[b] = (time.perf_counter() - start) / repeats
         return times
 
+    @torch.inference_mode()
+    def profile_prefill(self, num_tokens: int, repeats: int = 2) -> float:
+        """Seconds of one prefill step of ``num_tokens`` prompt tokens (one sequence, every
+        layer, eager): with the decode profile, the planner's start-up profile of what the
+        worker can compute (``WorkerInfo.prefill_tokens_per_s``). It writes the KV of blocks
+        ``0 ..``, so call it before any request runs. The mean of ``repeats`` runs after one
+        warm-up. Raises ValueError when ``num_tokens`` is < 1 or more than the KV cache holds.
+        """
+        bs, capacity = self.block_size, self.kv_cache.shape[0] * self.block_size
+        if not 1 <= num_tokens <= capacity:
+            raise ValueError(f"num_tokens must be in [1, {capacity}], got {num_tokens}")
+        h = HostInputs(
+            input_ids=[0] * num_tokens,
+            positions=list(range(num_tokens)),
+            slot_mapping=list(range(num_tokens)),  # blocks 0, 1, ... in order
+            query_lens=[num_tokens],
+            seq_lens=[num_tokens],
+            block_tables=[list(range(-(-num_tokens // bs)))],
+        )
+        self.forward(h)  # warm-up: compiles, picks algorithms
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            self.forward(h)
+        _sync(self.device)
+        return (time.perf_counter() - start) / repeats
+
     def forward(self, h: HostInputs) -> torch.Tensor:
         """[num_tokens, hidden] final-norm states of one step, run eagerly."""
         inputs = self._to_device(h)

@@ -39,6 +39,9 @@ class StepResult:
 
 PROFILE_BATCHES = (1, 8, 32, 128)
 """Decode batch sizes each worker times at start-up (``WorkerInfo.decode_profile``)."""
+PROFILE_PREFILL_TOKENS = 2048
+"""Prompt tokens of the prefill step each worker times at start-up (at most the step budget;
+256 on CPU workers)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class WorkerInfo:
     link_bandwidth: float | None = None
     """Median one-way bandwidth to the other workers measured at start-up (bytes/s; None on
     CPU workers)."""
+    prefill_tokens_per_s: float | None = None
+    """Start-up profile: prompt tokens per second of one prefill step of the whole model
+    (``ModelRunner.profile_prefill``), the compute the planner compares the load with."""
 
 
 @dataclass
@@ -129,8 +135,12 @@ class Worker:
         runner = self.engine.runner
         sched = self.config.scheduler
         batches = [b for b in PROFILE_BATCHES if b <= sched.max_num_seqs]
+        prefill = min(
+            PROFILE_PREFILL_TOKENS, sched.max_num_batched_tokens, self.engine.max_model_len
+        )
         if self.device.type == "cpu":  # a CPU step of a real model at batch 128 takes seconds
-            batches = batches[:2]
+            batches, prefill = batches[:2], min(prefill, 256)
+        prefill_s = runner.profile_prefill(prefill)
         return WorkerInfo(
             rank=self.rank,
             device=_describe(self.device),
@@ -139,6 +149,7 @@ class Worker:
             stats=self.engine.stats(),
             decode_profile=runner.profile_decode(batches),
             link_bandwidth=self.link_bandwidth,
+            prefill_tokens_per_s=prefill / prefill_s if prefill_s > 0 else None,
         )
 
     def start(self) -> None:

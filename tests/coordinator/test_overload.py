@@ -123,6 +123,43 @@ def test_a_drop_verdict_applies_the_plans_groups(caplog: pytest.LogCaptureFixtur
     assert "dropping instances (0, 1) into a 2-stage pipeline" in caplog.text
 
 
+def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both instances profiled at 1,000 tokens/s. Instance 0 overloads while computing 800
+    tokens/s (0.8 of its peak, over max_compute_use 0.5): no drop. At 300 tokens/s it drops."""
+    transitions = FakeTransitions()
+    ctl, core, clock = make_controller(transitions)
+    ctl.peak_tokens_per_s = {0: 1000.0, 1: 1000.0}
+    overload_instance_0(core)
+
+    def computed(tokens: int) -> None:
+        core.instances[0].stats = dataclasses.replace(
+            core.instances[0].stats, tokens_computed=tokens
+        )
+
+    async def run(rate: int, samples: int) -> None:
+        for _ in range(samples):
+            computed(core.instances[0].stats.tokens_computed + int(rate * 0.5))
+            await ticks(ctl, clock, 1)
+
+    ctl.observe_compute(clock.t - 0.5)  # the server's earlier samples: a rate from the first
+    with caplog.at_level(logging.INFO, logger="planner.drop_plan"):
+        asyncio.run(run(800, 3))
+    assert transitions.calls == [] and ctl.compute_use(0) == pytest.approx(0.8)
+    assert "it computes 80% of its peak token rate" in caplog.text
+    assert ctl.loads()[0].compute_use == pytest.approx(0.8)
+    asyncio.run(run(300, 4))  # the average falls below 0.5 after two samples
+    assert ctl.compute_use(0) < 0.5 and transitions.calls[0] == ([(0, 1)], [])
+    # a restarted counter starts over instead of reading a negative rate
+    computed(0)
+    ctl.observe_compute(clock.t + 0.5)
+    assert ctl.compute_use(0) >= 0
+    # no profile: never refuses for compute
+    ctl.peak_tokens_per_s = {}
+    assert ctl.compute_use(0) == 0.0
+
+
 def test_no_drop_while_the_queue_fits_in_the_free_blocks() -> None:
     transitions = FakeTransitions()
     ctl, core, clock = make_controller(transitions)

@@ -261,3 +261,23 @@ def test_no_drop_for_a_compute_bound_instance(
         PlannerConfig(max_step_fill=0)
     with pytest.raises(ValueError, match="step_token_fill"):
         make_load(0, 0.5, step_token_fill=1.5)
+
+
+def test_no_drop_for_an_instance_short_of_compute(
+    make_load: MakeLoad, llama3_8b: ModelShape, cost_model: CostModel
+) -> None:
+    """An instance computing most of its peak token rate waits for compute, not KV: no group
+    for it; at the limit, or with the guard off, it drops."""
+
+    def loads(use: float) -> list[InstanceLoad]:
+        return [make_load(0, 1.1, compute_use=use), make_load(3, 0.2)]
+
+    assert plan_drop(loads(0.6), llama3_8b, cost_model, CONFIG) is None
+    plan = plan_drop(loads(0.5), llama3_8b, cost_model, CONFIG)
+    assert plan is not None and plan.groups[0].instance_ids == (0, 3)
+    off = PlannerConfig(max_compute_use=2.0)
+    assert plan_drop(loads(1.2), llama3_8b, cost_model, off) is not None
+    with pytest.raises(ValueError, match="max_compute_use"):
+        PlannerConfig(max_compute_use=0)
+    with pytest.raises(ValueError, match="compute_use"):
+        make_load(0, 0.5, compute_use=-0.1)

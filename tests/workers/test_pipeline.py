@@ -404,3 +404,15 @@ def test_profile_decode_times_each_batch_of_the_whole_model(stories_dir: Path) -
     assert torch.equal(runner.kv_cache, before)
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         runner.profile_decode([0])
+
+
+def test_profile_prefill_times_one_prompt_of_the_whole_model(stories_dir: Path) -> None:
+    """The start-up prefill profile: a positive time for a 32-token prompt, whose KV lands in
+    blocks 0..7 (nothing runs yet); sizes the cache cannot hold are refused."""
+    engine = Engine(engine_config(stories_dir), CPU)
+    runner = engine.runner
+    runner.kv_cache.zero_()
+    assert runner.profile_prefill(32, repeats=1) > 0
+    assert runner.kv_cache[:8].abs().sum() > 0 and runner.kv_cache[8:].abs().sum() == 0
+    with pytest.raises(ValueError, match="num_tokens must be in"):
+        runner.profile_prefill(64 * runner.block_size + 1)

@@ -76,9 +76,10 @@ def model_shape(model: ModelConfig, dtype_bytes: int, block_size: int) -> ModelS
     )
 
 
-COMPUTE_USE_WEIGHT = 0.5
-"""Weight of the latest sample in an instance's average token rate (about the last second at
-the default 0.5 s sampling)."""
+COMPUTE_USE_WEIGHT = 0.2
+"""Weight of the latest sample in an instance's average token rate (about the last 2.5 s at
+the default 0.5 s sampling). At 0.5, one sample's dip let a drop through in the 2x H200
+Azure-code replay, whose other 22 samples were refused at 55-71% of the peak."""
 
 
 class StepTimes:
@@ -364,4 +365,7 @@ class OverloadController:
         self._streak[key] = v.decision
         what = f"group {v.group_id}" if v.group_id is not None else f"instance {key[0]}"
         acting = "" if self.act else " (observing only: no automatic transitions)"
-        logger.info("planner: %s for %s: %s%s", v.decision.value, what, v.reason, acting)
+        use = ""
+        if v.group_id is None and self.peak_tokens_per_s.get(key[0]):
+            use = f", compute use {self.compute_use(key[0]):.2f}"
+        logger.info("planner: %s for %s: %s%s%s", v.decision.value, what, v.reason, use, acting)

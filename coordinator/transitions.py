@@ -226,7 +226,12 @@ class Transitions:
             record.state = InstanceState.RESTORING
             leader = members[0]
             phases = _Phases()
-            await self._gather(leader, phases)
+            try:
+                await self._gather(leader, phases)
+            except BaseException:
+                self._set_state(members, InstanceState.PIPELINED)
+                record.state = InstanceState.PIPELINED
+                raise
             paused = time.monotonic()
             seq = await leader.leader.pause.remote()
             phases.mark("pause")

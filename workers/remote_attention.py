@@ -29,9 +29,10 @@ Block accounting (the group pool has one id space for every stage): while a pre-
 holds L-layer block ``b`` on its home of ``L_h`` stage layers, the stage-view ids that alias
 those bytes there, ``[floor(b·L/L_h), ceil((b+1)·L/L_h))``, are reserved in the group pool
 (:meth:`GroupKVManager.adopt_legacy`). A pre-drop request gets pipeline blocks when its first
-layer moves. It never grows its L-layer blocks: a step that would write past them moves every
-remaining layer first (and, when the pool cannot give the pipeline blocks, the scheduler
-preempts as for any allocation that fails).
+layer moves. A step that would write past its L-layer blocks moves every remaining layer first
+(and, when the pool cannot give the pipeline blocks, the scheduler preempts as for any
+allocation that fails); only while a restore gathers does it get more L-layer blocks on its home
+instead, when they are free there.
 
 The leader sends every stage a :class:`StepPlan` with the step (workers/pipeline.py), so every
 worker knows which rows are remote at which layer, which home serves them, and in which order:
@@ -321,37 +322,46 @@ class GroupKVManager(KVCacheManager):
         lg = self.legacy.get(request_id)
         return lg is not None and lg.moved_upto == 0 and request_id not in self._must_move
 
-    def _home_free(self, home: int, taken: set[int]) -> np.ndarray:
-        """Which of ``home``'s normal-mode L-layer blocks a request may gather into: none of a
-        pre-drop request's blocks there, none in ``taken``, and no pipeline block on
-        ``home``'s stage view aliasing their bytes. Bool array [normal blocks of home]."""
-        n, L = self.gather_homes[home], self.layout.num_layers
-        lh, size = self.layout.stage_layers(home), self.pool.num_blocks
+    def _home_room(self) -> dict[int, np.ndarray]:
+        """Per member rank, which of its normal-mode L-layer blocks a request may gather into
+        now: none of a pre-drop request's blocks there, and no pipeline block on that
+        member's stage view aliasing their bytes. Bool arrays [normal blocks of the member]."""
+        L, size = self.layout.num_layers, self.pool.num_blocks
         held = np.array(self.pool.ref_counts(), dtype=np.int64)
+        used: dict[int, list[int]] = {rank: [] for rank in self.layout.ranks}
         for lg in self.legacy.values():  # reservations are not pipeline blocks
             np.subtract.at(held, lg.reserved, 1)
+            used[lg.home] += lg.blocks
         sums = np.concatenate(([0], np.cumsum(held > 0)))
-        b = np.arange(n)
-        lo = np.minimum(b * L // lh, size)
-        hi = np.minimum(-(-(b + 1) * L // lh), size)
-        free = sums[hi] - sums[lo] == 0
-        used = [x for lg in self.legacy.values() if lg.home == home for x in lg.blocks]
-        free[[x for x in (*used, *taken) if x < n]] = False
-        return free
+        room = {}
+        for rank, n in self.gather_homes.items():
+            lh, b = self.layout.stage_layers(rank), np.arange(n)
+            lo = np.minimum(b * L // lh, size)
+            hi = np.minimum(-(-(b + 1) * L // lh), size)
+            free = sums[hi] - sums[lo] == 0
+            free[[x for x in used[rank] if x < n]] = False
+            room[rank] = free
+        return room
 
-    def _take_home_blocks(self, home: int, count: int, taken: set[int]) -> list[int] | None:
-        """``count`` free L-layer blocks on ``home`` (lowest first), or None."""
+    @staticmethod
+    def _take(room: np.ndarray, count: int) -> list[int] | None:
+        """``count`` blocks of ``room`` (lowest first), marked taken there; None when fewer
+        are free (nothing taken)."""
         if count <= 0:
             return []
-        ids = np.flatnonzero(self._home_free(home, taken))[:count]
-        return [int(x) for x in ids] if len(ids) == count else None
+        ids = np.flatnonzero(room)[:count]
+        if len(ids) < count:
+            return None
+        room[ids] = False
+        return [int(x) for x in ids]
 
     def _grow_home(self, lg: LegacyKV, tokens: int) -> bool:
         """While gathering: gives ``lg`` more L-layer blocks on its home for ``tokens``
         tokens (reserving their aliases); False, changing nothing, when the home is full."""
         if self.gather_homes is None or lg.moved_upto != 0:
             return False
-        extra = self._take_home_blocks(lg.home, self.blocks_needed(tokens) - len(lg.blocks), set())
+        room = self._home_room()[lg.home]
+        extra = self._take(room, self.blocks_needed(tokens) - len(lg.blocks))
         if extra is None:
             return False
         self._extend(lg, extra)
@@ -375,7 +385,7 @@ class GroupKVManager(KVCacheManager):
             return []
         skip = self._moved_now
         budget, L = self.exchange_bytes_per_step, self.layout.num_layers
-        taken: dict[int, set[int]] = {rank: set() for rank in self.layout.ranks}
+        room = self._home_room()  # pipeline blocks are given back only after the loop
         moves = []  # (request, home, L-layer blocks, blocks holding KV, layers [0, upto) move)
         for s in out.scheduled:
             r, rid = s.request, s.request.request_id
@@ -390,15 +400,11 @@ class GroupKVManager(KVCacheManager):
             if moves and cost > budget:
                 break
             need = self.blocks_needed(r.num_computed_tokens + s.num_new_tokens)
-            if lg is None:
-                home = self._gather_home(rid, need, taken)
-                blocks = None if home is None else self._take_home_blocks(home, need, taken[home])
-            else:
-                home = lg.home
-                blocks = self._take_home_blocks(home, need - len(lg.blocks), taken[home])
+            home = self._gather_home(rid, need, room) if lg is None else lg.home
+            have = 0 if lg is None else len(lg.blocks)
+            blocks = None if home is None else self._take(room[home], need - have)
             if blocks is None:
                 continue
-            taken[home].update(blocks)
             budget -= cost
             moves.append((r, home, blocks, n, upto))
         copies: list[SliceCopy] = []
@@ -421,10 +427,10 @@ class GroupKVManager(KVCacheManager):
             )
         return _merged(copies)
 
-    def _gather_home(self, rid: str, blocks: int, taken: dict[int, set[int]]) -> int | None:
+    def _gather_home(self, rid: str, blocks: int, room: dict[int, np.ndarray]) -> int | None:
         """The request's origin when ``blocks`` L-layer blocks are free there, else the member
         with the most free (None when none has them)."""
-        free = {h: int(self._home_free(h, taken[h]).sum()) for h in self.layout.ranks}
+        free = {h: int(np.count_nonzero(room[h])) for h in self.layout.ranks}
         origin = self.origins.get(rid)
         if origin in free and free[origin] >= blocks:
             return origin

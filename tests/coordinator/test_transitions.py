@@ -155,6 +155,17 @@ def test_refused_restore_cancels_the_gather_and_a_stalled_gather_splits_anyway()
         assert [i.state for i in core.instances] == [InstanceState.PIPELINED] * 2
         assert len(w0.stats.calls) >= 2  # it polled until the count stalled
 
+        def no_begin():
+            raise TransitionError("worker 0 does not lead a pipeline group")
+
+        w0.answers.update(restore_begin=no_begin)
+        resumed = len(w0.resume.calls)
+        with pytest.raises(TransitionError, match="does not lead"):
+            await tr.restore()
+        assert tr.groups[0].state is InstanceState.PIPELINED
+        assert [i.state for i in core.instances] == [InstanceState.PIPELINED] * 2
+        assert len(w0.resume.calls) == resumed + 1  # the leader serves again
+
     asyncio.run(body())
 
 

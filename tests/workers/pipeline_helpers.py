@@ -166,6 +166,10 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
             "drop_restore_gathered": functools.partial(
                 _drop_restore, max_seqs=4, pipelined=(6, 2), gather=True
             ),
+            # a restore refused after two gather steps: the group serves on, then restores
+            "drop_gather_cancelled": functools.partial(
+                _drop_restore, max_seqs=4, pipelined=(6, 2), gather=True, cancel_after=2
+            ),
         }
         result = bodies[body](rank, world, model_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
@@ -229,12 +233,15 @@ def _drop_restore(
     backend: str = "torch",
     return_group=None,
     gather: bool = False,
+    cancel_after: int | None = None,
 ) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
     and request, and the capacities seen. On VMM memory its integrity is checked after each
     transition. ``gather``: the restore begins live, and the leader steps until every running
-    request's KV is home (at most 60 steps) before it parks."""
+    request's KV is home (at most 60 steps) before it parks; ``cancel_after``: the restore is
+    refused after that many gather steps (``restore_cancel``) and the group runs 6 more steps
+    as a pipeline before the restore."""
     config = engine_config(
         model_dir,
         memory_backend=memory_backend,
@@ -275,13 +282,23 @@ def _drop_restore(
             ctl.restore_begin()
             info["to_gather_at_begin"] = engine.stats().num_to_gather
             steps = 0
-            while engine.stats().num_to_gather and steps < 60:
+            limit = 60 if cancel_after is None else cancel_after
+            while engine.stats().num_to_gather and steps < limit:
                 _steps(engine, tokens["pipelined"], 1)
                 check_block_ownership(engine)
                 steps += 1
             info["gather_steps"] = steps
             info["to_gather"] = engine.stats().num_to_gather
             info["held_waiting"] = [r.request_id for r in engine.scheduler.waiting]
+            if cancel_after is not None:
+                info["home_at_cancel"] = sorted(
+                    r.request_id
+                    for r in engine.scheduler.running
+                    if engine.kv.is_home(r.request_id)
+                )
+                ctl.restore_cancel()
+                _steps(engine, tokens["pipelined"], 6)
+                check_block_ownership(engine)
         info["max_in_flight"] = engine.runner.peak_in_flight
         graphs = engine.runner.graphs
         info["graph_replays"] = 0 if graphs is None else graphs.num_replays

@@ -315,6 +315,22 @@ def test_gloo_live_restore_gathers_kv_home_while_requests_decode(
         assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served")) > 0
 
 
+def test_gloo_refused_restore_after_a_partial_gather_keeps_every_token(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    """A restore refused after two gather steps (``restore_cancel``): the gathered requests
+    stay home as pre-drop requests, the held request is admitted, the forward exchange moves
+    KV again, and a later restore still gives every request the tokens it gets alone."""
+    r0, r1 = spawn_gloo("drop_gather_cancelled", stories_dir, tmp_path)
+    assert r0["gather_steps"] == 2 and r0["to_gather"] > 0
+    assert r0["home_at_cancel"] and "late" in r0["held_waiting"]
+    assert tokens_by_request([r0, r1]) == {
+        rid: run_alone(stories_dir, rid) for rid in requests_for(2)
+    }
+    for r in (r0, r1):
+        assert r["restored"] == RESTORED | {"stage_loop": False}
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
     stories_dir: Path, tmp_path: Path, world: int

@@ -5,7 +5,8 @@
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
 # steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
-# (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window; KV_BLOCKS the KV cache per GPU (16-token blocks).
+# (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window; KV_BLOCKS the KV
+# cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100").
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-gpu-tests drop-bench replay}
@@ -53,6 +54,7 @@ for step in $steps; do
           --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
           --drain-timeout 60 --disable-tqdm --save-result --result-dir "$OUT" \
           --result-filename "replay_$policy.json" --plot "$OUT/replay_$policy.png" --label "$policy" \
+          --goodput ${GOODPUT:-ttft:2000 tpot:100} \
           2>&1 | tee "$OUT/replay_$policy.log" | tail -30
         grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error" "$OUT/serve_$policy.log" | tail -24
         stop_server

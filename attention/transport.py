@@ -221,20 +221,8 @@ class StageTransport:
         sends: Sequence[tuple[int, torch.Tensor]],
         recvs: Sequence[tuple[int, torch.Tensor]],
     ) -> None:
-        """Sends each ``(dst, tensor)`` and fills each contiguous ``(src, tensor)`` in place,
-        all posted as one batch (``batch_isend_irecv``: on NCCL one group, so a link carries
-        both directions at once instead of one after the other), then waits for all. Per peer,
-        sends match the peer's receives in list order. Empty tensors are skipped on both ends.
-        Raises ValueError for a non-contiguous receive tensor."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for dst, t in sends if t.numel()]
-        for src, t in recvs:
-            if not t.is_contiguous():
-                raise ValueError("exchange needs contiguous receive tensors")
-            if t.numel():
-                ops.append(dist.P2POp(dist.irecv, t, src))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+        """:func:`batch_exchange` on the default process group."""
+        batch_exchange(sends, recvs)
 
     def recv_into(
         self, src: int, out: torch.Tensor, group: dist.ProcessGroup | None = None
@@ -260,6 +248,27 @@ _CONNECT_BYTES = (8, 1 << 16, 64 << 20)
 (LL, LL128, Simple: chosen by size) on their first use, so each is used once here."""
 
 
+def batch_exchange(
+    sends: Sequence[tuple[int, torch.Tensor]],
+    recvs: Sequence[tuple[int, torch.Tensor]],
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Sends each ``(dst, tensor)`` and fills each contiguous ``(src, tensor)`` in place, all
+    posted as one batch (``batch_isend_irecv``: on NCCL one group, so a link carries both
+    directions at once instead of one after the other), then waits for all. Per peer, sends
+    match the peer's receives in list order. Empty tensors are skipped on both ends. Raises
+    ValueError for a non-contiguous receive tensor."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst, group) for dst, t in sends if t.numel()]
+    for src, t in recvs:
+        if not t.is_contiguous():
+            raise ValueError("exchange needs contiguous receive tensors")
+        if t.numel():
+            ops.append(dist.P2POp(dist.irecv, t, src, group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
 def connect_all_pairs(
     rank: int,
     world_size: int,
@@ -275,7 +284,7 @@ def connect_all_pairs(
     pipelined step after a drop, as a token gap for every running request. Each pair exchanges
     one message of each size in ``_CONNECT_BYTES`` both ways (gloo: the smallest only), pairs
     in lexicographic order on every rank (the order rules out a wait cycle), then once more as
-    one batch (``batch_isend_irecv``, as :meth:`StageTransport.exchange` posts). Call on all ranks
+    one batch (:func:`batch_exchange`, as a restore's weights move). Call on all ranks
     at once, after ``init_process_group``; ``group``: a group of every rank (None: the
     default one).
 
@@ -310,12 +319,7 @@ def connect_all_pairs(
             # on the group's own communicator, whose channels to this peer open on first use
             # too: about 0.2 s on the first restore of a process, measured on 2x H200.
             theirs.zero_()
-            ops = [
-                dist.P2POp(dist.isend, mine, peer, group),
-                dist.P2POp(dist.irecv, theirs, peer, group),
-            ]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            batch_exchange([(peer, mine)], [(peer, theirs)], group)
             if not bool((theirs == peer).all()):
                 raise RuntimeError(f"rank {rank}: batched pair check with {peer} failed")
     return bandwidth

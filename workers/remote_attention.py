@@ -460,7 +460,7 @@ class GroupKVManager(KVCacheManager):
 
     def _copies(self, moves: list[tuple[Request, int, int, int]]) -> list[SliceCopy]:
         """SliceCopies of the moves, one per (home, owner stage, layer span), requests merged."""
-        merged: dict[tuple[int, int, int, int], list[tuple[str, list[int], list[int]]]] = {}
+        copies = []
         for r, a, b, n in moves:
             if n == 0:
                 continue
@@ -468,24 +468,18 @@ class GroupKVManager(KVCacheManager):
             for rank, (start, end) in zip(self.layout.ranks, self.layout.ranges, strict=True):
                 lo, hi = max(a, start), min(b, end)
                 if lo < hi:
-                    key = (lg.home, rank, lo, hi)
-                    item = (r.request_id, list(lg.blocks[:n]), r.block_ids[:n])
-                    merged.setdefault(key, []).append(item)
-        copies = []
-        for (home, rank, lo, hi), items in merged.items():
-            start = self.layout.ranges[self.layout.stage_of_rank(rank)][0]
-            copies.append(
-                SliceCopy(
-                    src_rank=home,
-                    dst_rank=rank,
-                    src_layers=(lo, hi),
-                    dst_layers=(lo - start, hi - start),
-                    src_blocks=tuple(b for _, src, _ in items for b in src),
-                    dst_blocks=tuple(b for _, _, dst in items for b in dst),
-                    request_ids=tuple(rid for rid, _, _ in items),
-                )
-            )
-        return copies
+                    copies.append(
+                        SliceCopy(
+                            src_rank=lg.home,
+                            dst_rank=rank,
+                            src_layers=(lo, hi),
+                            dst_layers=(lo - start, hi - start),
+                            src_blocks=tuple(lg.blocks[:n]),
+                            dst_blocks=tuple(r.block_ids[:n]),
+                            request_ids=(r.request_id,),
+                        )
+                    )
+        return _merged(copies)
 
     def step_plan(
         self, out: SchedulerOutput, moves: list[SliceCopy], gathers: list[SliceCopy] = ()

@@ -29,6 +29,7 @@ from planner.config import PlannerConfig
 from proto.kunserve.v1 import inference_pb2 as pb
 from proto.kunserve.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server as add_admin
 from workers.config import LOG_FORMAT, EngineConfig, load_eos_token_ids, parse_dtype
+from workers.stalls import freeze_startup_heap, install_gc_monitor, watch_event_loop
 from workers.tokenizer import Tokenizer
 from workers.worker import StepResult, Worker, WorkerInfo
 
@@ -69,6 +70,7 @@ class CoordinatorServer:
 
     def __init__(self, config: ServeConfig) -> None:
         logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+        install_gc_monitor()
         self.config = config
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="frontend", daemon=True)
@@ -102,6 +104,7 @@ class CoordinatorServer:
 
     async def _main(self, me, bound: Future) -> None:
         cfg = self.config
+        self._watch_task = asyncio.ensure_future(watch_event_loop(name="coordinator event loop"))
         try:
             tokenizer = Tokenizer(cfg.engine.model_path)
             model_cfg = cfg.engine.model_config()
@@ -138,6 +141,7 @@ class CoordinatorServer:
         try:
             infos = await self._start_workers(me)
             self.core.attach(self.workers, infos)
+            freeze_startup_heap()
             await set_serving(self.health, True)
             self._ready.set_result(True)
             interval = cfg.planner.sample_interval_s

@@ -24,6 +24,7 @@ from workers.config import EngineConfig, load_eos_token_ids
 from workers.model_runner import ModelRunner
 from workers.request import Request, RequestStatus, SamplingParams
 from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
+from workers.stalls import PhaseClock
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Engine:
         self.in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         """Launched, not yet collected micro-batches (pipeline mode), oldest first, with the
         time each was launched."""
+        self.clock = PhaseClock()
+        """Phases of the current iteration (the worker reports a slow one, workers/stalls.py)."""
 
     def _init_kv_cache(self) -> None:
         num_blocks = self.runner.determine_num_blocks()
@@ -139,11 +142,14 @@ class Engine:
             return self._step_overlapped(depth)
         outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
-        out = self.scheduler.schedule()
+        with self.clock.phase("schedule"):
+            out = self.scheduler.schedule()
         if out.is_empty:
             return outputs
-        sampled, logprobs = self.runner.execute(out)
-        outputs += self._update(out, sampled, logprobs)
+        with self.clock.phase("execute"):
+            sampled, logprobs = self.runner.execute(out)
+        with self.clock.phase("update"):
+            outputs += self._update(out, sampled, logprobs)
         self._record_step(time.perf_counter() - start, out.num_tokens)
         return outputs
 
@@ -164,9 +170,11 @@ class Engine:
         if len(self.in_flight) < depth:
             busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
             running = len(self.scheduler.running)
-            out = self.scheduler.schedule(busy, max_running=max(1, -(-running // depth)))
+            with self.clock.phase("schedule"):
+                out = self.scheduler.schedule(busy, max_running=max(1, -(-running // depth)))
             if not out.is_empty:
-                self.runner.launch(out)
+                with self.clock.phase("launch"):
+                    self.runner.launch(out)
                 self.in_flight.append((out, time.perf_counter()))
                 if len(self.in_flight) < depth:
                     return []
@@ -174,10 +182,17 @@ class Engine:
 
     def _collect(self) -> list[RequestOutput]:
         out, launched = self.in_flight.popleft()
-        sampled, logprobs = self.runner.collect(out)
-        outputs = self._update(out, sampled, logprobs)
+        with self.clock.phase("collect"):
+            sampled, logprobs = self.runner.collect(out)
+        with self.clock.phase("update"):
+            outputs = self._update(out, sampled, logprobs)
         self._record_step(time.perf_counter() - launched, out.num_tokens)
         return outputs
+
+    @property
+    def last_step(self) -> tuple[float, int]:
+        """(seconds, tokens) of the last step run or collected."""
+        return self._last_step
 
     def _record_step(self, seconds: float, num_tokens: int) -> None:
         self._last_step = (seconds, num_tokens)

@@ -33,6 +33,7 @@ from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttentio
 from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
 from workers.stage_graphs import StageGraphs
+from workers.stalls import SLOW_STEP_S, PhaseClock
 
 logger = logging.getLogger(__name__)
 
@@ -455,18 +456,33 @@ class StageLoop(_Stage):
     def run(self) -> None:
         """Blocks on the leader; returns after STOP."""
         leader, prev = self.ranks[0], self.ranks[self.stage - 1]
+        clock = PhaseClock()
         while (h := self.transport.recv_header(leader)).op is not StageOp.STOP:
+            clock.reset()
+            start = time.perf_counter()
             plan = None
             if h.plan_bytes:
-                raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
-                plan = StepPlan.decode(raw)
-                self.exchange(plan)
+                with clock.phase("plan"):
+                    raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
+                    plan = StepPlan.decode(raw)
+                    self.exchange(plan)
             if h.num_seqs == 0:
                 continue
             router = self.router(plan)
-            self.serve(router, range(self.stage))
-            self.step(self.transport.recv_body(prev, h), router)
-            self.serve(router, range(self.stage + 1, len(self.ranks)))
+            with clock.phase("serve"):
+                self.serve(router, range(self.stage))
+            with clock.phase("step"):
+                self.step(self.transport.recv_body(prev, h), router)
+            with clock.phase("serve"):
+                self.serve(router, range(self.stage + 1, len(self.ranks)))
+            if time.perf_counter() - start > SLOW_STEP_S:  # host time: the wait is in the header
+                logger.warning(
+                    "stage %d: a step of %d tokens took %.0f ms of host time (%s)",
+                    self.stage,
+                    h.num_tokens,
+                    1e3 * (time.perf_counter() - start),
+                    clock.describe(),
+                )
         logger.debug("stage %d: pipeline stopped", self.stage)
 
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:

@@ -12,6 +12,7 @@ import os
 import socket
 import statistics
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,12 @@ from attention.transport import connect_all_pairs
 from workers.config import LOG_FORMAT, EngineConfig
 from workers.engine import Engine, EngineStats, RequestSpec
 from workers.scheduler import RequestOutput
+from workers.stalls import (
+    SLOW_STEP_S,
+    allocator_retries,
+    freeze_startup_heap,
+    install_gc_monitor,
+)
 from workers.transition import GroupController, check_block_ownership
 
 logger = logging.getLogger(__name__)
@@ -81,6 +88,7 @@ class Worker:
         log_level: str = "INFO",
     ) -> None:
         logging.basicConfig(level=log_level, format=LOG_FORMAT)
+        install_gc_monitor()
         self.rank = rank
         self.config = config
         self.coordinator = coordinator
@@ -153,6 +161,7 @@ class Worker:
         )
 
     def start(self) -> None:
+        logger.debug("worker %d: %d start-up objects frozen", self.rank, freeze_startup_heap())
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.rank}", daemon=True)
         self._thread.start()
 
@@ -240,12 +249,37 @@ class Worker:
             if self.group.stage_loop is not None:
                 self.group.run_stage_loop()  # a pipeline stage: until the leader sends STOP
                 continue
-            outputs = self._apply(inbox)
+            start, retries = time.perf_counter(), allocator_retries(self.device)
+            self.engine.clock.reset()
+            with self.engine.clock.phase("inbox"):
+                outputs = self._apply(inbox)
             if self.engine.has_work:
                 outputs += self._step()
             if outputs:
-                self._push(outputs)
+                with self.engine.clock.phase("push"):
+                    self._push(outputs)
             self._park_if_gathered()
+            if time.perf_counter() - start > SLOW_STEP_S:
+                self._report_slow(time.perf_counter() - start, retries)
+
+    def _report_slow(self, seconds: float, retries_before: int) -> None:
+        """Warns of an engine iteration longer than ``SLOW_STEP_S``, naming its phases, its
+        step and the allocator's retries in it (workers/stalls.py)."""
+        engine = self.engine
+        step_s, step_tokens = engine.last_step
+        logger.warning(
+            "worker %d: engine iteration took %.0f ms (%s); last step %d tokens in %.0f ms, "
+            "%d running, %d waiting, %d in flight, %d allocator retries",
+            self.rank,
+            1e3 * seconds,
+            engine.clock.describe(),
+            step_tokens,
+            1e3 * step_s,
+            len(engine.scheduler.running),
+            len(engine.scheduler.waiting),
+            len(engine.in_flight),
+            allocator_retries(self.device) - retries_before,
+        )
 
     def _park_if_gathered(self) -> None:
         """A restore's gather is done: park now, as a pause would, so the coordinator's split

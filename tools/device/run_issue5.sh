@@ -50,13 +50,17 @@ for step in $steps; do
     replay)
       for policy in ${POLICIES:-recompute drop}; do
         start_server "serve_$policy" --overload-policy "$policy" --planner-cooldown-s 5 || continue
+        touch /tmp/replay_marker; echo "replay starts $(date +%T.%N)" | tee "$OUT/replay_${policy}_clock.log"
         timeout 200 python3 -m coordinator.cli replay --port 50051 --trace "${TRACE:-azure-code}" \
           --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
           --drain-timeout 60 --disable-tqdm --save-result --result-dir "$OUT" \
           --result-filename "replay_$policy.json" --plot "$OUT/replay_$policy.png" --label "$policy" \
           --goodput ${GOODPUT:-ttft:2000 tpot:100} \
           2>&1 | tee "$OUT/replay_$policy.log" | tail -30
-        grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error" "$OUT/serve_$policy.log" | tail -24
+        grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$policy.log" | tail -40
+        # Triton kernels compiled while serving, with the time each was written (stall suspects)
+        find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -newer /tmp/replay_marker -name "*.json" ! -name "__grp__*" \
+          -printf "%TT %f\n" 2>/dev/null | sort >> "$OUT/replay_${policy}_clock.log"
         stop_server
       done ;;
   esac

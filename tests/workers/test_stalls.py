@@ -1,0 +1,82 @@
+"""Stall diagnostics (workers/stalls.py): each warning fires on a real stall and not on a
+healthy run."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+
+import pytest
+
+from workers import stalls
+
+
+def test_phase_clock_adds_repeated_phases_in_first_run_order():
+    clock = stalls.PhaseClock()
+    with clock.phase("launch"):
+        time.sleep(0.01)
+    with clock.phase("collect"):
+        pass
+    with clock.phase("launch"):
+        time.sleep(0.01)
+    assert list(clock.phases) == ["launch", "collect"]
+    assert clock.phases["launch"] >= 0.02
+    assert clock.describe().startswith("launch ")
+    clock.reset()
+    assert clock.describe() == "no phases"
+
+
+def test_phase_clock_counts_a_phase_that_raises():
+    clock = stalls.PhaseClock()
+    with pytest.raises(ValueError), clock.phase("step"):
+        raise ValueError("engine fault")
+    assert "step" in clock.phases
+
+
+def test_gc_monitor_reports_only_slow_passes(caplog, monkeypatch):
+    installed = stalls._on_gc in gc.callbacks
+    try:
+        stalls.install_gc_monitor()
+        stalls.install_gc_monitor()
+        assert gc.callbacks.count(stalls._on_gc) == 1
+        with caplog.at_level(logging.WARNING, logger="workers.stalls"):
+            gc.collect(0)  # a young-generation pass: well under SLOW_GC_S
+            assert not caplog.records
+            monkeypatch.setattr(stalls, "SLOW_GC_S", 0.0)
+            gc.collect(0)
+    finally:
+        if not installed:
+            gc.callbacks.remove(stalls._on_gc)
+    assert any("garbage collection of generation 0" in r.message for r in caplog.records)
+
+
+def test_event_loop_watch_reports_a_blocked_loop(caplog):
+    async def main():
+        task = asyncio.ensure_future(stalls.watch_event_loop(interval_s=0.02, name="test loop"))
+        await asyncio.sleep(0.1)  # healthy: nothing reported
+        assert not caplog.records
+        await asyncio.sleep(0.03)
+        time.sleep(0.4)  # a callback holds the loop past LOOP_LAG_S
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="workers.stalls"):
+        asyncio.run(main())
+    assert any("test loop ran its callbacks" in r.message for r in caplog.records)
+
+
+def test_allocator_retries_is_zero_off_cuda():
+    import torch
+
+    assert stalls.allocator_retries(torch.device("cpu")) == 0
+
+
+def test_freeze_startup_heap_takes_live_objects_out_of_full_passes():
+    try:
+        frozen = stalls.freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0

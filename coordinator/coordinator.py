@@ -20,6 +20,7 @@ from coordinator.validation import ModelLimits, ParsedRequest
 from planner.types import InstanceState
 from workers.engine import EngineStats, RequestSpec
 from workers.request import FinishReason, InvalidRequestError
+from workers.stalls import LateLog
 from workers.tokenizer import Tokenizer
 from workers.worker import StepResult, WorkerInfo
 
@@ -86,6 +87,7 @@ class Coordinator:
         self._next_seq: dict[int, int] = {}
         self._held: dict[int, dict[int, StepResult]] = {}
         self._rank_to_instance: dict[int, Instance] = {}
+        self._late_pushes = LateLog("step outputs reached the coordinator late from")
 
     def attach(self, workers: list[Any], infos: list[WorkerInfo]) -> None:
         """Makes one instance per worker and opens the server for requests."""
@@ -165,6 +167,8 @@ class Coordinator:
             self._next_seq[result.rank] += 1
 
     def _apply(self, result: StepResult) -> None:
+        if result.pushed_at:
+            self._late_pushes.observe(f"worker {result.rank}", time.time() - result.pushed_at)
         inst = self._rank_to_instance[result.rank]
         inst.stats = result.stats
         s = result.stats

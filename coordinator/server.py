@@ -29,7 +29,7 @@ from planner.config import PlannerConfig
 from proto.kunserve.v1 import inference_pb2 as pb
 from proto.kunserve.v1.admin_pb2_grpc import add_AdminServiceServicer_to_server as add_admin
 from workers.config import LOG_FORMAT, EngineConfig, load_eos_token_ids, parse_dtype
-from workers.stalls import freeze_startup_heap, install_gc_monitor, watch_event_loop
+from workers.stalls import LateLog, freeze_startup_heap, install_gc_monitor, watch_event_loop
 from workers.tokenizer import Tokenizer
 from workers.worker import StepResult, Worker, WorkerInfo
 
@@ -79,6 +79,7 @@ class CoordinatorServer:
         self.workers: list = []
         self.core: Coordinator | None = None
         self._pg = None
+        self._late_stats = LateLog("workers answered GetServerInfo late:", threshold_s=0.5)
 
     def start(self) -> str:
         """Binds the gRPC server (health NOT_SERVING) and starts the workers in the background.
@@ -215,7 +216,9 @@ class CoordinatorServer:
         )
         if not core.ready:
             return resp
+        asked = time.monotonic()
         fresh = await asyncio.gather(*[i.leader.stats.remote() for i in core.instances])
+        self._late_stats.observe("stats", time.monotonic() - asked)
         by_rank = {i.info.rank: s for i, s in zip(core.instances, fresh, strict=True)}
         for inst, s in zip(core.instances, fresh, strict=True):
             # a pipeline group: the leader holds its requests; each stage holds the same

@@ -56,6 +56,33 @@ class PhaseClock:
         return ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.phases.items()) or "no phases"
 
 
+class LateLog:
+    """Warns of late events at most once per ``every_s`` per key, counting the rest: a stall
+    delays every event behind it, and one line per event would flood the log."""
+
+    def __init__(self, what: str, threshold_s: float = LOOP_LAG_S, every_s: float = 1.0) -> None:
+        self.what = what
+        self.threshold_s = threshold_s
+        self.every_s = every_s
+        self._last: dict[Any, float] = {}
+        self._held: dict[Any, tuple[int, float]] = {}
+
+    def observe(self, key: Any, late_s: float) -> bool:
+        """Records one event ``late_s`` seconds late; returns whether it logged a warning."""
+        if late_s <= self.threshold_s:
+            return False
+        n, worst = self._held.get(key, (0, 0.0))
+        n, worst = n + 1, max(worst, late_s)
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.every_s:
+            self._held[key] = (n, worst)
+            return False
+        self._last[key] = now
+        self._held.pop(key, None)
+        logger.warning("%s %s: %d late, the worst by %.0f ms", self.what, key, n, 1e3 * worst)
+        return True
+
+
 def allocator_retries(device: torch.device) -> int:
     """cudaMalloc retries of the caching allocator on ``device`` so far: each one freed every
     cached block and synchronized the device (0 off CUDA)."""

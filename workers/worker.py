@@ -42,6 +42,9 @@ class StepResult:
     seq: int  # per-worker step counter, so the coordinator can order pushes
     outputs: list[RequestOutput]
     stats: EngineStats
+    pushed_at: float = 0.0
+    """Wall clock (``time.time()``) when the worker pushed it: the coordinator warns when a
+    push reaches it late (workers/stalls.py). 0: unknown."""
 
 
 PROFILE_BATCHES = (1, 8, 32, 128)
@@ -312,7 +315,7 @@ class Worker:
 
     def _push(self, outputs: list[RequestOutput]) -> None:
         self._seq += 1
-        result = StepResult(self.rank, self._seq, outputs, self.engine.stats())
+        result = StepResult(self.rank, self._seq, outputs, self.engine.stats(), time.time())
         self.coordinator.push_outputs.remote(result)
 
 

@@ -115,6 +115,11 @@ def _our_keys(result: ReplayResult) -> dict[str, Any]:
         "num_aborted_at_cap": result.num_aborted_at_cap,
         "error_summary": [{"error": e, "count": n} for e, n in error_summary(result.records)],
         "num_server_sample_errors": result.num_sample_errors,
+        "client_stalls": {
+            "count": len(result.client_stalls),
+            "max_ms": 1e3 * max((late for _, late in result.client_stalls), default=0.0),
+            "times_s": [round(t, 3) for t, _ in result.client_stalls],
+        },
         "time_series": time_series(result.records, result.samples, result.duration_s),
         "server_samples": instance_series(result.samples),
     }
@@ -198,6 +203,11 @@ def format_table(result: ReplayResult) -> str:
         lines.append(_line(f"Std {short} (ms):", s.std_ms))
         for label, value in s.percentiles_ms.items():
             lines.append(_line(f"P{label[1:]} {short} (ms):", value))
+    if result.client_stalls:
+        worst = max(late for _, late in result.client_stalls)
+        lines.append(f"{'Client':-^50}")
+        lines.append(_line("Client stalls (event loop late):", len(result.client_stalls)))
+        lines.append(_line("Worst client stall (ms):", 1e3 * worst))
     errors = error_summary(result.records)
     if errors:
         lines.append(f"{'Errors':-^50}")

@@ -14,7 +14,7 @@ import datetime as dt
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -27,6 +27,10 @@ from client.replay.metrics import BenchmarkMetrics, compute_metrics
 from client.replay.prompts import PromptFitter, load_sharegpt, load_tokenizer
 from client.replay.records import RequestRecord, ServerSample
 from client.replay.workload import Workload, build_workload, load_configured_trace
+
+CLIENT_STALL_S = 0.1
+"""A client event loop this late is recorded as a client stall (``ReplayResult.client_stalls``)."""
+_WATCH_PERIOD_S = 0.05
 
 
 @dataclass
@@ -44,6 +48,9 @@ class ReplayResult:
     hard_cap_s: float
     num_aborted_at_cap: int
     num_sample_errors: int
+    client_stalls: list[tuple[float, float]] = field(default_factory=list)
+    """(replay time, seconds late) of every time this client's event loop woke more than
+    ``CLIENT_STALL_S`` late: around them the client, not the server, delayed what it saw."""
     result_path: Path | None = None
     plot_path: Path | None = None
 
@@ -100,6 +107,7 @@ async def run_replay_async(config: ReplayConfig) -> ReplayResult:
         hard_cap_s=session.hard_cap_s,
         num_aborted_at_cap=session.num_aborted_at_cap,
         num_sample_errors=session.num_sample_errors,
+        client_stalls=session.stalls,
     )
     _write_outputs(result)
     return result
@@ -182,6 +190,7 @@ class _Session:
         self.hard_cap_s = workload.span_s + config.drain_timeout_s
         self.num_aborted_at_cap = 0
         self.num_sample_errors = 0
+        self.stalls: list[tuple[float, float]] = []
         self._t0 = 0.0
         self._limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         self._bar: tqdm | None = None
@@ -197,6 +206,7 @@ class _Session:
         )
         self._t0 = time.perf_counter()
         sampler = asyncio.create_task(self._sample_loop())
+        watch = asyncio.create_task(self._watch_loop())
         try:
             tasks = await self._dispatch()
             if tasks:
@@ -207,7 +217,8 @@ class _Session:
             return self.now()
         finally:
             sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+            watch.cancel()
+            await asyncio.gather(sampler, watch, return_exceptions=True)
             self._bar.close()
 
     async def _dispatch(self) -> list[asyncio.Task]:
@@ -280,6 +291,16 @@ class _Session:
         for r in self.records:
             if r.start_s is None and not r.done:
                 r.mark_failed(now, reason)
+
+    async def _watch_loop(self) -> None:
+        """Records when this event loop wakes ``CLIENT_STALL_S`` late (``self.stalls``): a
+        busy client delays every stream it reads and would blame the server for it."""
+        while True:
+            start = self.now()
+            await asyncio.sleep(_WATCH_PERIOD_S)
+            late = self.now() - start - _WATCH_PERIOD_S
+            if late > CLIENT_STALL_S:
+                self.stalls.append((start, late))
 
     async def _sample_loop(self) -> None:
         """Polls GetServerInfo every sample_interval_s, on a fixed grid from t = 0."""

@@ -141,3 +141,34 @@ def test_empty_window_is_an_input_error(
     assert replay_main([*argv, "--disable-tqdm"]) == 2
     assert "[830, 840) s of azure-code holds no requests" in capsys.readouterr().err
     assert fake_server.state.requests == []
+
+
+def test_client_stall_is_recorded_and_reported(
+    fake_server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that blocks its own event loop (here: one prompt taking 0.4 s to build) must
+    say so, since every stream it reads looks slow meanwhile."""
+    from client.replay import runner
+    from client.replay.report import format_table
+
+    make = runner.make_prompt_source
+
+    def slow_source(*args, **kwargs):
+        prompts = make(*args, **kwargs)
+
+        def prompt_ids(index: int) -> list[int]:
+            if index == 3:
+                time.sleep(0.4)
+            return prompts(index)
+
+        return prompt_ids
+
+    monkeypatch.setattr(runner, "make_prompt_source", slow_source)
+    result = run_burst_replay(
+        fake_server.host, fake_server.port, tmp_path, num_prompts=8, time_scale=100.0
+    )
+    doc = check_replay_result(result)
+    assert max(late for _, late in result.client_stalls) >= 0.3
+    assert doc["client_stalls"]["count"] == len(result.client_stalls) >= 1
+    assert doc["client_stalls"]["max_ms"] >= 300
+    assert "Client stalls (event loop late):" in format_table(result)

@@ -174,3 +174,18 @@ def test_dead_worker_fails_its_requests_and_stops_routing_there() -> None:
     assert fin.reason is FinishReason.ABORT and "instance 1" in fin.error
     assert drain(on_0) == []  # the other instance's request keeps running
     assert core.submit("c", parsed(4)).instance_id == 0
+
+
+def test_late_push_is_reported_once_per_second(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    core, _ = make_coordinator()
+    with caplog.at_level(logging.WARNING, logger="workers.stalls"):
+        core.on_step(StepResult(0, 1, [], make_stats(), time.time()))  # on time
+        assert not caplog.records
+        for seq in (2, 3, 4):  # a stall delayed three pushes by ~1.5 s
+            core.on_step(StepResult(0, seq, [], make_stats(), time.time() - 1.5))
+    late = [r.getMessage() for r in caplog.records]
+    assert len(late) == 1 and "late from worker 0: 1 late, the worst by 15" in late[0]
+    assert core.applied_seq(0) == 4  # late pushes still apply, in order

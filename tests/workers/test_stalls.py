@@ -80,3 +80,22 @@ def test_freeze_startup_heap_takes_live_objects_out_of_full_passes():
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0
+
+
+def test_late_log_warns_once_per_period_and_counts_the_rest(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(stalls.time, "monotonic", lambda: clock[0])
+    log = stalls.LateLog("pushes late from", threshold_s=0.25, every_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="workers.stalls"):
+        assert not log.observe("worker 0", 0.2)  # under the threshold
+        assert log.observe("worker 0", 0.5)
+        assert not log.observe("worker 0", 0.9)  # held: same second
+        assert log.observe("worker 1", 0.3)  # another key has its own period
+        clock[0] += 1.5
+        assert log.observe("worker 0", 0.4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "pushes late from worker 0: 1 late, the worst by 500 ms",
+        "pushes late from worker 1: 1 late, the worst by 300 ms",
+        "pushes late from worker 0: 2 late, the worst by 900 ms",
+    ]

@@ -55,7 +55,7 @@ for step in $steps; do
           --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
           --drain-timeout 60 --disable-tqdm --save-result --result-dir "$OUT" \
           --result-filename "replay_$policy.json" --plot "$OUT/replay_$policy.png" --label "$policy" \
-          --goodput ${GOODPUT:-ttft:2000 tpot:100} \
+          --goodput ${GOODPUT:-ttft:2000 tpot:100} --save-detailed \
           2>&1 | tee "$OUT/replay_$policy.log" | tail -30
         grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$policy.log" | tail -40
         # Triton kernels compiled while serving, with the time each was written (stall suspects)

@@ -61,14 +61,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         try:
             while True:
-                event = await state.queue.get()
-                if isinstance(event, Delta):
-                    yield pb.GenerateResponse(request_id=rid, delta=_delta_pb(event))
-                    continue
-                if event.error is not None:
-                    await context.abort(grpc.StatusCode.INTERNAL, f"engine error: {event.error}")
-                yield pb.GenerateResponse(request_id=rid, finished=_finished_pb(event))
-                return
+                for event in _coalesced(await state.queue.get(), state.queue):
+                    if isinstance(event, Delta):
+                        yield pb.GenerateResponse(request_id=rid, delta=_delta_pb(event))
+                        continue
+                    if event.error is not None:
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL, f"engine error: {event.error}"
+                        )
+                    yield pb.GenerateResponse(request_id=rid, finished=_finished_pb(event))
+                    return
         except asyncio.CancelledError:
             self.core.abort([rid])
             raise
@@ -81,6 +83,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         return await self.server_info()
+
+
+def _coalesced(first: Delta | Finished, queue: asyncio.Queue) -> list[Delta | Finished]:
+    """``first`` and every event already queued behind it, consecutive deltas merged into one
+    (token ids, text and logprobs in order). A stream that fell behind, because the client
+    reads slowly or the event loop is busy, then catches up in one message instead of one per
+    token, which is what let it fall behind (vLLM's output collector merges the same way)."""
+    events = [first]
+    while not queue.empty() and not isinstance(events[-1], Finished):
+        nxt = queue.get_nowait()
+        last = events[-1]
+        if isinstance(nxt, Delta) and isinstance(last, Delta):
+            logprobs = None
+            if last.logprobs is not None or nxt.logprobs is not None:
+                logprobs = [*(last.logprobs or ()), *(nxt.logprobs or ())]
+            events[-1] = Delta(last.token_ids + nxt.token_ids, last.text + nxt.text, logprobs)
+        else:
+            events.append(nxt)
+    return events
 
 
 def _delta_pb(d: Delta) -> pb.TokenDelta:

@@ -147,6 +147,10 @@ class Metrics:
             registry=r,
         )
         self._preemptions_seen: dict[int, int] = {}
+        # per-token series, resolved once: ``labels()`` costs a locked lookup per call
+        self._tokens = self.generation_tokens.labels(model_name)
+        self._ttft = self.ttft.labels(model_name)
+        self._itl = self.itl.labels(model_name)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Serves ``/metrics`` over HTTP in a background thread."""
@@ -155,11 +159,11 @@ class Metrics:
     def on_tokens(
         self, state: RequestState, num_new: int, prev_token_time: float | None, now: float
     ) -> None:
-        self.generation_tokens.labels(self.model_name).inc(num_new)
+        self._tokens.inc(num_new)
         if prev_token_time is None:
-            self.ttft.labels(self.model_name).observe(now - state.arrival_time)
+            self._ttft.observe(now - state.arrival_time)
         else:
-            self.itl.labels(self.model_name).observe(now - prev_token_time)
+            self._itl.observe(now - prev_token_time)
 
     def on_finished(self, state: RequestState, fin: Finished) -> None:
         name = self.model_name

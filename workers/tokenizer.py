@@ -93,17 +93,48 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+PRIME_MIN_TOKENS, PRIME_MAX_TOKENS = 4, 24
+"""Bounds of the prompt suffix a Detokenizer is primed with (vLLM's fast incremental
+detokenizer primes its stream the same way)."""
+UTF8_MAX_BYTES = 4
+
+
+def _prime(tokenizer: Tokenizer, prompt_ids: list[int], skip_special: bool) -> DecodeStream:
+    """A ``DecodeStream`` primed with the end of the prompt: the shortest suffix of at least
+    ``PRIME_MIN_TOKENS`` tokens that decodes to whole characters (no U+FFFD), then the last
+    few prompt tokens that begin a character the prompt leaves unfinished (their text is the
+    prompt's: dropped; the character comes out whole with the token that completes it).
+    Falls back to the last ``PRIME_MAX_TOKENS`` tokens.
+
+    ``DecodeStream`` keeps every id it was primed with and its step cost grows with them
+    (about 22 us per token primed with none, 43 us with 1,000 and 107 us with 4,000 on a
+    Llama-3 tokenizer), while only the last few ids decide how the next token's text joins.
+    """
+    ids = list(prompt_ids)
+    if len(ids) <= PRIME_MIN_TOKENS:
+        return DecodeStream(ids=ids, skip_special_tokens=skip_special)
+    for unfinished in range(UTF8_MAX_BYTES + 1):  # a character spans at most 4 byte tokens
+        body = ids[: len(ids) - unfinished]
+        for n in range(PRIME_MIN_TOKENS, min(len(body), PRIME_MAX_TOKENS) + 1):
+            if "\ufffd" not in tokenizer.decode(body[-n:], skip_special_tokens=skip_special):
+                stream = DecodeStream(ids=body[-n:], skip_special_tokens=skip_special)
+                for t in ids[len(body) :]:
+                    stream.step(tokenizer._tok, t)
+                return stream
+    return DecodeStream(ids=ids[-PRIME_MAX_TOKENS:], skip_special_tokens=skip_special)
+
+
 class Detokenizer:
     """Turns a request's generated ids into text, one step at a time.
 
     Multi-byte UTF-8 characters split across tokens (byte-fallback or byte-level BPE) are held
-    back until complete, so each returned piece is valid text; the prompt is fed first so that
-    leading-space handling matches a full decode.
+    back until complete, so each returned piece is valid text; the last prompt tokens are fed
+    first (:func:`_prime`) so that leading-space handling matches a full decode.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
         self._tok = tokenizer._tok
-        self._stream = DecodeStream(ids=list(prompt_ids), skip_special_tokens=skip_special_tokens)
+        self._stream = _prime(tokenizer, prompt_ids, skip_special_tokens)
 
     def step(self, token_ids: list[int]) -> str:
         pieces = (self._stream.step(self._tok, t) for t in token_ids)

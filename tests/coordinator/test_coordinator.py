@@ -189,3 +189,27 @@ def test_late_push_is_reported_once_per_second(caplog: pytest.LogCaptureFixture)
     late = [r.getMessage() for r in caplog.records]
     assert len(late) == 1 and "late from worker 0: 1 late, the worst by 15" in late[0]
     assert core.applied_seq(0) == 4  # late pushes still apply, in order
+
+
+def test_stream_coalesces_deltas_queued_behind_the_first() -> None:
+    from coordinator.frontend import _coalesced
+
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        first = Delta([5], "a", [(-0.1, [5], [-0.1])])
+        for ev in (
+            Delta([6], "b", [(-0.2, [6], [-0.2])]),
+            Delta([7, 8], "cd", [(-0.3, [7], [-0.3]), (-0.4, [8], [-0.4])]),
+            Finished(FinishReason.LENGTH, 3, 4),
+        ):
+            q.put_nowait(ev)
+        merged = _coalesced(first, q)
+        assert len(merged) == 2 and isinstance(merged[1], Finished) and q.empty()
+        assert (merged[0].token_ids, merged[0].text) == ([5, 6, 7, 8], "abcd")
+        assert [lp[0] for lp in merged[0].logprobs] == [-0.1, -0.2, -0.3, -0.4]
+        assert first.token_ids == [5]  # the queued events are not modified
+        q.put_nowait(Delta([9], "e"))
+        assert _coalesced(Delta([1], "x"), q)[0].token_ids == [1, 9]
+        assert _coalesced(Delta([2], "y"), q) == [Delta([2], "y")]  # nothing queued
+
+    asyncio.run(main())

@@ -118,3 +118,47 @@ def test_chat_template_errors_are_invalid_requests(stories_dir: Path) -> None:
     with pytest.raises(InvalidRequestError) as err:
         tok.apply_chat_template([{"role": "user", "content": "a"}, {"content": "b"}])
     assert err.value.field == "messages[1].role"
+
+
+LONG = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "sunshine. One day, she saw a big, red ball in the park. 日本 café 🙂 "
+)
+
+
+@pytest.mark.parametrize("model", ["stories260K", "llama-3-8b"])
+def test_streaming_after_a_long_prompt_equals_full_decode(stories_dir: Path, model: str) -> None:
+    """The stream is primed with a short clean suffix of the prompt, not all of it: what each
+    step adds must still be exactly what a full decode adds, also after a prompt that ends
+    inside a character (raw-id prompts may): that character comes out whole, and none of the
+    prompt's other text does."""
+    root = Path(__file__).parents[2] / "workers" / "checkpoint" / "configs" / "llama-3-8b"
+    tok = Tokenizer(stories_dir if model == "stories260K" else root)
+    prompt = tok.encode(LONG * 8)
+    generated = tok.encode(" She ran to it, 日本語 and 🙂 too!", add_special_tokens=False)
+    cuts = 0
+    for cut in range(len(prompt) - 8, len(prompt) + 1):
+        head, tail = prompt[:cut], prompt[cut:] + generated
+        streamed = "".join(stream(tok, head, tail))
+        full, head_text = tok.decode(head + tail), tok.decode(head)
+        clean = head_text.rstrip("\ufffd")  # the prompt's whole characters
+        assert full.startswith(clean) and streamed == full[len(clean) :], cut
+        cuts += clean != head_text
+    assert cuts > 0  # some cut ended inside a character
+
+
+def test_stream_is_primed_with_a_short_suffix(tok: Tokenizer, monkeypatch) -> None:
+    from workers import tokenizer as module
+
+    primed = []
+    real = module.DecodeStream
+
+    def recording(ids, skip_special_tokens):
+        primed.append(len(ids))
+        return real(ids=ids, skip_special_tokens=skip_special_tokens)
+
+    monkeypatch.setattr(module, "DecodeStream", recording)
+    prompt = tok.encode(LONG * 8)
+    tok.detokenizer(prompt)
+    tok.detokenizer(prompt[:3])
+    assert len(prompt) > 500 and primed[0] <= module.PRIME_MAX_TOKENS and primed[1] == 3

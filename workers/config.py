@@ -190,16 +190,31 @@ class SchedulerConfig:
     another computes (KunServe §3(c)); None: the group's stage count. 1 runs the stages in
     lockstep, one micro-batch at a time. Steps that carry pre-drop requests (remote attention,
     live KV exchange) always run alone."""
+    pipeline_max_num_batched_tokens: int | None = None
+    """Most tokens in one micro-batch of a pipeline group (None: max_num_batched_tokens). A
+    decode token waits for its micro-batch to pass every stage, about the time one instance
+    takes for this many tokens through the whole model, so this bounds the time between tokens
+    while a drop admits a burst's prompts (Sarathi-Serve's token budget)."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        pipelined = self.pipeline_max_num_batched_tokens
+        if pipelined is not None and pipelined < 1:
+            raise ValueError(
+                "pipeline_max_num_batched_tokens must be >= 1 (or None: max_num_batched_tokens)"
+            )
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ValueError("pipeline_micro_batches must be >= 1 (or None: the stage count)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
+
+    @property
+    def pipeline_token_budget(self) -> int:
+        """Tokens per micro-batch in pipeline mode."""
+        return self.pipeline_max_num_batched_tokens or self.max_num_batched_tokens
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ class EngineStats:
     waiting_demand_blocks: int = 0
     """The part of ``kv_demand_blocks`` the waiting queue needs (blocks)."""
     step_token_fill: float = 0.0
-    """Share of the step token budget (``max_num_batched_tokens``) recent steps used: an
+    """Share of the step token budget (``max_num_batched_tokens``, or the pipeline budget while
+    leading a group) recent steps used: an
     exponential average, each step weighing ``FILL_WEIGHT`` (the planner's compute-bound test)."""
     num_to_gather: int = 0
     """Running requests whose KV a live restore has not gathered onto one home yet."""
@@ -143,7 +144,7 @@ class Engine:
         outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
         with self.clock.phase("schedule"):
-            out = self.scheduler.schedule()
+            out = self.scheduler.schedule(token_budget=self._token_budget())
         if out.is_empty:
             return outputs
         with self.clock.phase("execute"):
@@ -161,6 +162,13 @@ class Engine:
             outputs += self._collect()
         return outputs
 
+    def _token_budget(self) -> int:
+        """Tokens per step: the pipeline budget while this engine leads a pipeline group."""
+        sched = self.config.scheduler
+        if getattr(self.runner, "overlap_depth", None) is None:
+            return sched.max_num_batched_tokens
+        return sched.pipeline_token_budget
+
     def _overlap_depth(self) -> int:
         """Micro-batches to keep in flight now: the runner's, when it can overlap them."""
         overlap = getattr(self.runner, "overlap_depth", None)
@@ -171,7 +179,9 @@ class Engine:
             busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
             running = len(self.scheduler.running)
             with self.clock.phase("schedule"):
-                out = self.scheduler.schedule(busy, max_running=max(1, -(-running // depth)))
+                out = self.scheduler.schedule(
+                    busy, max(1, -(-running // depth)), self._token_budget()
+                )
             if not out.is_empty:
                 with self.clock.phase("launch"):
                     self.runner.launch(out)
@@ -197,8 +207,7 @@ class Engine:
     def _record_step(self, seconds: float, num_tokens: int) -> None:
         self._last_step = (seconds, num_tokens)
         self._tokens_computed += num_tokens
-        budget = self.config.scheduler.max_num_batched_tokens
-        fill = min(1.0, num_tokens / budget)
+        fill = min(1.0, num_tokens / self._token_budget())
         self._fill += FILL_WEIGHT * (fill - self._fill)
 
     def _update(

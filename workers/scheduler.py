@@ -88,14 +88,19 @@ class Scheduler:
         return bool(self.running or (self.waiting and self.admitting))
 
     def schedule(
-        self, busy: Collection[str] = frozenset(), max_running: int | None = None
+        self,
+        busy: Collection[str] = frozenset(),
+        max_running: int | None = None,
+        token_budget: int | None = None,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
         (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
         running requests this batch takes (pipeline mode spreads them over micro-batches);
-        waiting requests it admits do not count."""
+        waiting requests it admits do not count. ``token_budget``: most tokens in the batch
+        (None: ``max_num_batched_tokens``)."""
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, max_running)
+        budget = token_budget or self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget, busy, max_running)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         return out

@@ -55,6 +55,7 @@ def engine_config(
     exchange_bytes: int = 0,
     max_seqs: int = 2,
     attention_backend: str = "torch",
+    pipeline_budget: int | None = None,
 ) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
     and a request can be mid-prefill when a transition starts; at most ``max_seqs`` running
@@ -73,6 +74,7 @@ def engine_config(
             max_num_batched_tokens=budget,
             max_num_seqs=max_seqs,
             max_model_len=96,
+            pipeline_max_num_batched_tokens=pipeline_budget,
         ),
     )
 

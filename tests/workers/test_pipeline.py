@@ -176,12 +176,19 @@ def test_kv_buffer_grows_and_shrinks_keeping_the_prefix() -> None:
 
 
 def _run_loopback_pipeline(
-    stories_dir: Path, rids: list[str], max_seqs: int = 2
+    stories_dir: Path,
+    rids: list[str],
+    max_seqs: int = 2,
+    pipeline_budget: int | None = None,
+    launched: list[int] | None = None,
 ) -> tuple[Engine, StageLoop, dict[str, list[int]]]:
     """The leader's engine steps through a PipelineRunner while stage 1 runs a StageLoop in a
     thread, over a loopback transport, until ``rids`` finish; returns the leader, the stage
-    loop and each request's tokens."""
-    leader = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
+    loop and each request's tokens. ``launched`` collects the tokens of every launched step."""
+    config = engine_config(
+        stories_dir, budget=16, max_seqs=max_seqs, pipeline_budget=pipeline_budget
+    )
+    leader = Engine(config, CPU)
     member = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
     links: dict = {}
     ranks = (0, 1)
@@ -193,6 +200,9 @@ def _run_loopback_pipeline(
     thread = threading.Thread(target=loop.run)
     thread.start()
     leader.runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, hidden), ranks)
+    if launched is not None:
+        launch = leader.runner.launch
+        leader.runner.launch = lambda out: (launched.append(out.num_tokens), launch(out))[1]
     for rid in rids:
         leader.add_request(spec_of(rid))
     tokens: dict[str, list[int]] = {rid: [] for rid in rids}
@@ -214,6 +224,18 @@ def test_pipeline_runner_and_stage_loop_generate_what_the_full_engine_does(
     rids = ["a0", "a1", "a2", "b1"]
     _, _, tokens = _run_loopback_pipeline(stories_dir, rids)
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
+
+
+def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None:
+    """pipeline_max_num_batched_tokens (5 here, against 16 unpipelined) caps every
+    micro-batch the leader launches, prompts are chunked to fit, and every request still gets
+    its tokens alone."""
+    rids = ["a0", "a1", "a2", "b1"]
+    launched: list[int] = []
+    leader, _, tokens = _run_loopback_pipeline(stories_dir, rids, 4, 5, launched)
+    assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
+    assert max(launched) == 5 and len(launched) > 20
+    assert leader.config.scheduler.pipeline_token_budget == 5
 
 
 def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Path) -> None:

@@ -346,3 +346,19 @@ def test_a_micro_batch_takes_only_idle_requests(make_request) -> None:
     second = sched.schedule({"a", "b"}, max_running=2)
     assert plan(first) == [("a", 1, True), ("b", 1, True)]
     assert plan(second) == [("c", 1, True), ("d", 1, True)]
+
+
+def test_token_budget_overrides_the_step_budget(make_request) -> None:
+    """A pipeline leader passes its micro-batch budget (SchedulerConfig's
+    pipeline_max_num_batched_tokens) per call; without it the step budget applies."""
+    import pytest
+
+    sched = make_scheduler(blocks=32, block_size=4, budget=16)
+    sched.add(make_request("a", prompt=40, max_tokens=3))
+    sched.add(make_request("b", prompt=8, max_tokens=3))
+    assert plan(sched.schedule(token_budget=6)) == [("a", 6, False)]
+    assert SchedulerConfig(max_num_batched_tokens=16).pipeline_token_budget == 16
+    config = SchedulerConfig(max_num_batched_tokens=16, pipeline_max_num_batched_tokens=4)
+    assert config.pipeline_token_budget == 4
+    with pytest.raises(ValueError, match="pipeline_max_num_batched_tokens"):
+        SchedulerConfig(pipeline_max_num_batched_tokens=0)

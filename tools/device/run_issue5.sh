@@ -5,7 +5,8 @@
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
 # steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
-# (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window; KV_BLOCKS the KV
+# (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window (a policy "drop@N"
+# serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
 # cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100").
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
@@ -48,19 +49,22 @@ for step in $steps; do
       grep -E "drop:|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop.log" | tail -60
       stop_server ;;
     replay)
-      for policy in ${POLICIES:-recompute drop}; do
-        start_server "serve_$policy" --overload-policy "$policy" --planner-cooldown-s 5 || continue
-        touch /tmp/replay_marker; echo "replay starts $(date +%T.%N)" | tee "$OUT/replay_${policy}_clock.log"
+      for spec in ${POLICIES:-recompute drop}; do
+        # drop@N: the drop policy with --pipeline-max-num-batched-tokens N (outputs drop_bN)
+        policy=${spec%@*}; extra=(); name=$policy
+        if [[ $spec == *@* ]]; then extra=(--pipeline-max-num-batched-tokens "${spec#*@}"); name="${policy}_b${spec#*@}"; fi
+        start_server "serve_$name" --overload-policy "$policy" --planner-cooldown-s 5 "${extra[@]}" || continue
+        touch /tmp/replay_marker; echo "replay starts $(date +%T.%N)" | tee "$OUT/replay_${name}_clock.log"
         timeout 200 python3 -m coordinator.cli replay --port 50051 --trace "${TRACE:-azure-code}" \
           --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \
           --drain-timeout 60 --disable-tqdm --save-result --result-dir "$OUT" \
-          --result-filename "replay_$policy.json" --plot "$OUT/replay_$policy.png" --label "$policy" \
+          --result-filename "replay_$name.json" --plot "$OUT/replay_$name.png" --label "$name" \
           --goodput ${GOODPUT:-ttft:2000 tpot:100} --save-detailed \
-          2>&1 | tee "$OUT/replay_$policy.log" | tail -30
-        grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$policy.log" | tail -40
+          2>&1 | tee "$OUT/replay_$name.log" | tail -30
+        grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$name.log" | tail -40
         # Triton kernels compiled while serving, with the time each was written (stall suspects)
         find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -newer /tmp/replay_marker -name "*.json" ! -name "__grp__*" \
-          -printf "%TT %f\n" 2>/dev/null | sort >> "$OUT/replay_${policy}_clock.log"
+          -printf "%TT %f\n" 2>/dev/null | sort >> "$OUT/replay_${name}_clock.log"
         stop_server
       done ;;
   esac

@@ -57,12 +57,13 @@ class PlannerConfig:
     token budget: it is compute-bound (a prefill burst), so more KV cache would only add
     prefill chunks to every step, lengthening TBT, without more tokens per second (ours: the
     2x H200 Azure-code replay in docs/benchmarks.md). 1 never refuses."""
-    max_compute_use: float = 0.5
+    max_compute_use: float = 0.3
     """Do not drop for an instance that computes more than this share of its profiled peak
     (tokens per second over the last samples / ``WorkerInfo.prefill_tokens_per_s``): its
     queue waits for compute, not for KV, and a pipeline adds no compute (ours, from the 2x
-    H200 replays in docs/benchmarks.md: a drop lowered P99 TTFT 8.3x for a burst needing
-    about a third of the GPUs' prefill rate and did not help bursts needing 0.7-1.6x of it).
+    H200 replays in docs/benchmarks.md: at the drop decision the memory-bound conversation
+    burst computed 0.08-0.12 of the peak, and a drop lowered its P99 TTFT 30x; the Azure-code
+    burst computed 0.45 and a drop raised its P99 TTFT 1.2x and halved goodput).
     A value above 1 never refuses."""
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from attention.metadata import AttentionMetadata
+from attention.metadata import AttentionMetadata, host_tensor
 
 HEADER_LEN = 8
 """int64 fields in a step header (op, tokens, seqs, table width, sampling rows, max query
@@ -56,9 +56,13 @@ class StepHeader:
     """Bytes of the pickled step plan sent right after the header (0: none; a plain step)."""
 
     def encode(self, device: torch.device) -> torch.Tensor:
+        """The header as int64 [HEADER_LEN] on ``device``. On CUDA it goes through pinned
+        memory without waiting: ``torch.tensor(..., device=cuda)`` from a list synchronizes
+        the stream, which made the leader wait, at every launch, for the micro-batch before
+        to finish stage 0 (no host work overlapped the GPU's)."""
         fields = [int(self.op), self.num_tokens, self.num_seqs, self.table_width]
         fields += [self.num_sampling, self.max_query_len, self.max_seq_len, self.plan_bytes]
-        return torch.tensor(fields, dtype=torch.int64, device=device)
+        return host_tensor(fields, torch.int64, device)
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> StepHeader:

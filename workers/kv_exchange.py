@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attention.metadata import host_tensor
 from attention.transport import StageTransport
 
 
@@ -108,7 +109,7 @@ def read(
     for c in plan:
         if c.src_rank == me:
             a, b = c.src_layers
-            idx = torch.tensor(c.src_blocks, dtype=torch.int64, device=view.device)
+            idx = host_tensor(c.src_blocks, torch.int64, view.device)
             data = view.index_select(0, idx)[:, a:b].contiguous()
             if c.dst_rank == me:
                 pending.append((c, data))
@@ -124,7 +125,7 @@ def write(pending: Pending, view: torch.Tensor) -> None:
     """Scatters the slices into ``view`` (this rank's next view), blocks and layers per copy."""
     for c, data in pending:
         a, b = c.dst_layers
-        idx = torch.tensor(c.dst_blocks, dtype=torch.int64, device=view.device)
+        idx = host_tensor(c.dst_blocks, torch.int64, view.device)
         view[idx, a:b] = data
 
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from attention.backends import AttentionBackend
-from attention.metadata import AttentionMetadata
+from attention.metadata import AttentionMetadata, host_tensor
 from attention.transport import StageTransport
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.kv_exchange import SliceCopy
@@ -108,7 +108,10 @@ class StepPlan:
     def encode(self, device: torch.device) -> torch.Tensor:
         """The plan as a uint8 tensor on ``device`` (sent after the step header)."""
         raw = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if device.type == "cuda":  # pinned, without waiting for the stream (StepHeader.encode)
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> StepPlan:
@@ -581,7 +584,7 @@ class RemoteAttention:
         key = tuple(seqs)
         if key not in self._rows_cache:
             rows = [t for i in seqs for t in range(self.qsl[i], self.qsl[i + 1])]
-            tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            tensor = host_tensor(rows, torch.int64, self.device)
             self._rows_cache[key] = _Rows(seqs, tensor)
         return self._rows_cache[key]
 
@@ -618,7 +621,7 @@ class RemoteAttention:
             for i in seqs:
                 end, n = self.plan.seq_lens[i], self.plan.query_lens[i]
                 pos += range(end - n, end)
-            self._positions_cache[key] = torch.tensor(pos, dtype=torch.int64, device=self.device)
+            self._positions_cache[key] = host_tensor(pos, torch.int64, self.device)
         return self._positions_cache[key]
 
     def _packed_width(self) -> int:
@@ -730,7 +733,7 @@ def _select(
 ) -> AttentionMetadata:
     """The metadata of a subset of a micro-batch's sequences (``qsl``, ``seq_lens``: the
     micro-batch's, on the host)."""
-    idx = torch.tensor(r.seqs, dtype=torch.int64, device=meta.seq_lens.device)
+    idx = host_tensor(r.seqs, torch.int64, meta.seq_lens.device)
     sub_qsl = [0]
     for i in r.seqs:
         sub_qsl.append(sub_qsl[-1] + qsl[i + 1] - qsl[i])
@@ -738,7 +741,7 @@ def _select(
         slot_mapping=meta.slot_mapping.index_select(0, r.rows),
         block_tables=meta.block_tables.index_select(0, idx),
         seq_lens=meta.seq_lens.index_select(0, idx),
-        query_start_loc=torch.tensor(sub_qsl, dtype=torch.int32, device=idx.device),
+        query_start_loc=host_tensor(sub_qsl, torch.int32, idx.device),
         max_query_len=max(qsl[i + 1] - qsl[i] for i in r.seqs),
         max_seq_len=max(seq_lens[i] for i in r.seqs),
     )

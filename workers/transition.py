@@ -273,6 +273,7 @@ class GroupController:
         engine, runner = self.engine, self.engine.runner
         stage = spec.stage_of(self.rank)
         start, end = spec.ranges[stage]
+        t0 = _synced_clock(runner.device)
         self.transport = StageTransport(
             runner.device,
             runner.model_config.hidden_size,
@@ -281,18 +282,27 @@ class GroupController:
         )
         num_layers = runner.model.cfg.num_layers
         runner.model = self.memory.drop(runner.model, (start, end))
+        t1 = _synced_clock(runner.device)
         _set_kv(runner, self.memory.view(end - start))
         stage_blocks = runner.kv_cache.shape[0]
         self.legacy_view = self.memory.view(num_layers)
         self.spec = spec
+        t2 = _synced_clock(runner.device)
         if stage == 0:
             self._become_leader(spec)
         else:
             self._become_stage(spec, stage, group_blocks)
+        t3 = _synced_clock(runner.device)
         check_block_ownership(engine)
-        logger.debug(
-            "drop done on %d: layers [%d, %d), %d stage blocks, %d in the group pool",
+        logger.info(
+            "drop on worker %d: weights out %.1f ms, KV views %.1f ms, %s %.1f ms, checks "
+            "%.1f ms; layers [%d, %d), %d stage blocks, %d in the group pool",
             self.rank,
+            1e3 * (t1 - t0),
+            1e3 * (t2 - t1),
+            "leader" if stage == 0 else "stage",
+            1e3 * (t3 - t2),
+            1e3 * (time.perf_counter() - t3),
             start,
             end,
             stage_blocks,

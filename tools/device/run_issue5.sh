@@ -46,7 +46,7 @@ for step in $steps; do
         find "$cache" -newer /tmp/cycle_marker -name "*.json" ! -name "__grp__*" 2>/dev/null \
           | xargs -r -n1 basename | sort | uniq -c | tee "$OUT/triton_compiled_cycle$cycle.log"
       done
-      grep -E "drop:|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop.log" | tail -60
+      grep -E "drop:|drop on worker|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop.log" | tail -60
       stop_server ;;
     replay)
       for spec in ${POLICIES:-recompute drop}; do

@@ -163,8 +163,9 @@ class Coordinator:
         held = self._held[result.rank]
         held[result.seq] = result
         while self._next_seq[result.rank] in held:
-            self._apply(held.pop(self._next_seq[result.rank]))
-            self._next_seq[result.rank] += 1
+            step = held.pop(self._next_seq[result.rank])
+            self._next_seq[result.rank] += 1  # first: a fault below must not hold back the rest
+            self._apply(step)
 
     def _apply(self, result: StepResult) -> None:
         if result.pushed_at:
@@ -182,7 +183,16 @@ class Coordinator:
             if state is None:  # finished or aborted here already
                 continue
             prev = state.last_token_time
-            for ev in state.process(out, now):
+            try:
+                events = state.process(out, now)
+            except Exception as e:  # this request's output only: the others go on
+                logger.exception("request %s: its output could not be processed", state.request_id)
+                fin = state.abort(now)
+                fin.error = f"output processing failed: {type(e).__name__}: {e}"
+                state.queue.put_nowait(fin)
+                self._release(state, fin, notify_worker=out.finish_reason is None)
+                continue
+            for ev in events:
                 if isinstance(ev, Delta):
                     self.metrics.on_tokens(state, len(ev.token_ids), prev, now)
                 state.queue.put_nowait(ev)

@@ -97,6 +97,8 @@ PRIME_MIN_TOKENS, PRIME_MAX_TOKENS = 4, 24
 """Bounds of the prompt suffix a Detokenizer is primed with (vLLM's fast incremental
 detokenizer primes its stream the same way)."""
 UTF8_MAX_BYTES = 4
+_INVALID_PREFIX = "Invalid prefix encountered"
+"""How ``DecodeStream.step`` says the text before the new token decodes differently now."""
 
 
 def _prime(tokenizer: Tokenizer, prompt_ids: list[int], skip_special: bool) -> DecodeStream:
@@ -134,8 +136,34 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
         self._tok = tokenizer._tok
-        self._stream = _prime(tokenizer, prompt_ids, skip_special_tokens)
+        self._skip = skip_special_tokens
+        self.num_resets = 0
+        """Times the stream was restarted (:meth:`_step`); 0 for well-formed text."""
+        try:
+            self._stream = _prime(tokenizer, prompt_ids, skip_special_tokens)
+        except Exception as e:
+            if _INVALID_PREFIX not in str(e):
+                raise
+            self._reset()
 
     def step(self, token_ids: list[int]) -> str:
-        pieces = (self._stream.step(self._tok, t) for t in token_ids)
+        pieces = (self._step(t) for t in token_ids)
         return "".join(p for p in pieces if p)
+
+    def _step(self, token_id: int) -> str | None:
+        try:
+            return self._stream.step(self._tok, token_id)
+        except Exception as e:
+            if _INVALID_PREFIX not in str(e):
+                raise
+            # ``DecodeStream`` cannot go on when a token changes how the text before it
+            # decodes (a run of byte-fallback tokens that stops being valid UTF-8; random
+            # or dummy-weight outputs do this often): restart it from this token, as vLLM's
+            # detokenizer does (vllm-project/vllm#17448). The text may then miss a leading
+            # space that a full decode would have.
+            self._reset()
+            return self._stream.step(self._tok, token_id)
+
+    def _reset(self) -> None:
+        self.num_resets += 1
+        self._stream = DecodeStream(skip_special_tokens=self._skip)

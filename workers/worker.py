@@ -252,7 +252,7 @@ class Worker:
             if self.group.stage_loop is not None:
                 self.group.run_stage_loop()  # a pipeline stage: until the leader sends STOP
                 continue
-            start, retries = time.perf_counter(), allocator_retries(self.device)
+            start = time.perf_counter()
             self.engine.clock.reset()
             with self.engine.clock.phase("inbox"):
                 outputs = self._apply(inbox)
@@ -263,16 +263,17 @@ class Worker:
                     self._push(outputs)
             self._park_if_gathered()
             if time.perf_counter() - start > SLOW_STEP_S:
-                self._report_slow(time.perf_counter() - start, retries)
+                self._report_slow(time.perf_counter() - start)
 
-    def _report_slow(self, seconds: float, retries_before: int) -> None:
+    def _report_slow(self, seconds: float) -> None:
         """Warns of an engine iteration longer than ``SLOW_STEP_S``, naming its phases, its
-        step and the allocator's retries in it (workers/stalls.py)."""
+        step and the allocator's retries so far (workers/stalls.py; read only here: the
+        allocator's statistics cost too much to read every step)."""
         engine = self.engine
         step_s, step_tokens = engine.last_step
         logger.warning(
             "worker %d: engine iteration took %.0f ms (%s); last step %d tokens in %.0f ms, "
-            "%d running, %d waiting, %d in flight, %d allocator retries",
+            "%d running, %d waiting, %d in flight, %d allocator retries so far",
             self.rank,
             1e3 * seconds,
             engine.clock.describe(),
@@ -281,7 +282,7 @@ class Worker:
             len(engine.scheduler.running),
             len(engine.scheduler.waiting),
             len(engine.in_flight),
-            allocator_retries(self.device) - retries_before,
+            allocator_retries(self.device),
         )
 
     def _park_if_gathered(self) -> None:

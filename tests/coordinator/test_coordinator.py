@@ -213,3 +213,31 @@ def test_stream_coalesces_deltas_queued_behind_the_first() -> None:
         assert _coalesced(Delta([2], "y"), q) == [Delta([2], "y")]  # nothing queued
 
     asyncio.run(main())
+
+
+def test_output_that_fails_to_process_ends_only_its_request() -> None:
+    """A fault while folding one request's output (here its detokenizer raises) ends that
+    request with an error and aborts it on its worker; the other request in the same push,
+    and every later push of that worker, still apply."""
+
+    async def main():
+        core, workers = make_coordinator()
+        bad, good = core.submit("bad", parsed(4)), core.submit("good", parsed(4))
+
+        def boom(ids):
+            raise RuntimeError("detokenizer state broken")
+
+        bad.detokenizer.step = boom
+        rank = bad.instance_id
+        assert good.instance_id != rank  # routed apart: put both on one worker's push
+        core.move_requests(["good"], core.instances[rank])
+        core.on_step(step(rank, 1, [RequestOutput("bad", [5]), RequestOutput("good", [6])]))
+        core.on_step(step(rank, 2, [RequestOutput("good", [7])]))
+        fin = drain(bad)[-1]
+        assert isinstance(fin, Finished) and "detokenizer state broken" in fin.error
+        assert "bad" not in core.requests
+        assert workers[rank].abort.calls == [(["bad"],)]
+        assert [ev.token_ids for ev in drain(good)] == [[6], [7]]
+        assert core.applied_seq(rank) == 2
+
+    asyncio.run(main())

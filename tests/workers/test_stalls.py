@@ -99,3 +99,29 @@ def test_late_log_warns_once_per_period_and_counts_the_rest(caplog, monkeypatch)
         "pushes late from worker 1: 1 late, the worst by 300 ms",
         "pushes late from worker 0: 2 late, the worst by 900 ms",
     ]
+
+
+def test_worker_reports_a_slow_iteration_with_its_phases(stories_dir, caplog):
+    """The worker's warning names the iteration's phases and the engine's last step."""
+    import torch
+
+    from tests.workers.pipeline_helpers import engine_config, spec_of
+    from workers.engine import Engine
+    from workers.worker import Worker
+
+    installed, threads = stalls._on_gc in gc.callbacks, torch.get_num_threads()
+    worker = Worker(0, engine_config(stories_dir), coordinator=None, use_gpu=False)
+    # the worker sets these up for its own process; not for the test session's
+    torch.set_num_threads(threads)
+    if not installed:
+        gc.callbacks.remove(stalls._on_gc)
+    worker.engine = Engine(worker.config, torch.device("cpu"))
+    worker.engine.add_request(spec_of("a1"))
+    worker.engine.clock.reset()
+    worker.engine.step()
+    with caplog.at_level(logging.WARNING, logger="workers.worker"):
+        worker._report_slow(0.75)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("worker 0: engine iteration took 750 ms (schedule ")
+    assert "execute " in line and "update " in line
+    assert "1 running, 0 waiting, 0 in flight, 0 allocator retries so far" in line

@@ -162,3 +162,31 @@ def test_stream_is_primed_with_a_short_suffix(tok: Tokenizer, monkeypatch) -> No
     tok.detokenizer(prompt)
     tok.detokenizer(prompt[:3])
     assert len(prompt) > 500 and primed[0] <= module.PRIME_MAX_TOKENS and primed[1] == 3
+
+
+def test_streaming_random_ids_never_raises(tok: Tokenizer) -> None:
+    """Random ids (as a dummy-weight model samples) make ``DecodeStream`` fail about every
+    other sequence here ('Invalid prefix encountered'); the Detokenizer restarts it instead
+    and goes on. Where it never restarted and the text is well-formed, it is a full decode's.
+    (Byte-fallback runs that are not valid UTF-8 have no streaming form equal to a full
+    decode: a later byte turns earlier ASCII bytes into U+FFFD.)"""
+    import random
+
+    rng = random.Random(0)
+    resets = clean_runs = 0
+    for i in range(300):
+        low = 3 if i % 2 else 259  # every other run without byte-fallback tokens (3-258)
+        prompt = [rng.randrange(low, 512) for _ in range(rng.randrange(1, 60))]
+        generated = [rng.randrange(low, 512) for _ in range(20)]
+        detok = tok.detokenizer(prompt)
+        text = "".join(detok.step([t]) for t in generated)
+        resets += detok.num_resets
+        if detok.num_resets == 0:
+            full, head = tok.decode(prompt + generated), tok.decode(prompt)
+            clean = head.rstrip("\ufffd")
+            if "\ufffd" not in full:
+                assert full.startswith(clean) and text == full[len(clean) :]
+                clean_runs += 1
+    assert (
+        resets > 50 and clean_runs > 100
+    )  # the failure is common on random ids, so this exercised the restart

@@ -31,7 +31,7 @@ for step in $steps; do
     gpu-tests)
       timeout 150 python3 -m pytest -q -m gpu -x tests/workers/test_pipeline.py 2>&1 | tee "$OUT/gpu_pipeline.log" | tail -15
       timeout 300 python3 -m pytest -q -m gpu tests/workers/test_stage_memory.py \
-        tests/workers/test_remote_attention.py tests/workers/test_cuda_graphs.py \
+        tests/workers/test_remote_attention.py tests/workers/test_cuda_graphs.py tests/attention/test_transport.py \
         tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
     drop-bench)
       start_server serve_drop --overload-policy drop --no-auto-transitions || continue

@@ -79,7 +79,7 @@ class CoordinatorServer:
         self.workers: list = []
         self.core: Coordinator | None = None
         self._pg = None
-        self._late_stats = LateLog("workers answered GetServerInfo late:", threshold_s=0.5)
+        self._late_stats = LateLog("GetServerInfo waited on", threshold_s=0.5)
 
     def start(self) -> str:
         """Binds the gRPC server (health NOT_SERVING) and starts the workers in the background.
@@ -218,7 +218,7 @@ class CoordinatorServer:
             return resp
         asked = time.monotonic()
         fresh = await asyncio.gather(*[i.leader.stats.remote() for i in core.instances])
-        self._late_stats.observe("stats", time.monotonic() - asked)
+        self._late_stats.observe("the workers' stats", time.monotonic() - asked)
         by_rank = {i.info.rank: s for i, s in zip(core.instances, fresh, strict=True)}
         for inst, s in zip(core.instances, fresh, strict=True):
             # a pipeline group: the leader holds its requests; each stage holds the same

@@ -28,6 +28,7 @@ from typing import Any
 from coordinator.coordinator import Coordinator, Instance
 from planner.drop_plan import stage_layer_ranges
 from planner.types import InstanceState
+from workers.stalls import PhaseClock
 from workers.transition import GroupSpec, TransitionError
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Transitions:
             for m in members:  # the leader routes new requests from now (they wait its inbox)
                 m.group = spec.ranks
             self._set_state(members, InstanceState.DROPPING)
-            phases = _Phases()
+            phases = PhaseClock()
             try:
                 reports = await self._prepare_drop(members, spec, phases)
             except BaseException:
@@ -167,7 +168,7 @@ class Transitions:
         return [insts[i] for i in ids]
 
     async def _prepare_drop(
-        self, members: list[Instance], spec: GroupSpec, phases: _Phases
+        self, members: list[Instance], spec: GroupSpec, phases: PhaseClock
     ) -> list:
         """Pauses the members, collects their reports, and has the leader merge them; the
         last step that may still fail without changing anything."""
@@ -180,7 +181,7 @@ class Transitions:
         return reports
 
     async def _execute_drop(
-        self, members: list[Instance], record: GroupRecord, reports: list, phases: _Phases
+        self, members: list[Instance], record: GroupRecord, reports: list, phases: PhaseClock
     ) -> None:
         spec, leader = record.spec, members[0]
         exported = [t.request.request_id for r in reports for t in r.transfers]
@@ -225,7 +226,7 @@ class Transitions:
             self._set_state(members, InstanceState.RESTORING)
             record.state = InstanceState.RESTORING
             leader = members[0]
-            phases = _Phases()
+            phases = PhaseClock()
             try:
                 await self._gather(leader, phases)
             except BaseException:
@@ -257,7 +258,7 @@ class Transitions:
             )
             return record
 
-    async def _gather(self, leader: Instance, phases: _Phases) -> None:
+    async def _gather(self, leader: Instance, phases: PhaseClock) -> None:
         """The live part of a restore: the leader begins gathering every running request's
         KV onto one home while the group serves (workers/transition.py, ``restore_begin``; it
         parks itself after the step that brings the last one home); returns once none is
@@ -309,7 +310,7 @@ class Transitions:
         record: GroupRecord,
         plan: Any,
         leader_seq: int,
-        phases: _Phases,
+        phases: PhaseClock,
     ) -> None:
         leader = members[0]
         parked = [m.leader.pause.remote() for m in members[1:]]
@@ -393,19 +394,3 @@ class Transitions:
 
 async def _gather(refs: Any) -> list:
     return list(await asyncio.gather(*refs))
-
-
-class _Phases:
-    """Milliseconds each phase of one transition took, for its log line."""
-
-    def __init__(self) -> None:
-        self._last = time.monotonic()
-        self.ms: dict[str, float] = {}
-
-    def mark(self, name: str) -> None:
-        now = time.monotonic()
-        self.ms[name] = 1e3 * (now - self._last)
-        self._last = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{name} {ms:.1f} ms" for name, ms in self.ms.items())

@@ -14,7 +14,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,17 +31,32 @@ LOOP_LAG_S = 0.25
 
 
 class PhaseClock:
-    """Wall time of named phases of one engine iteration (seconds, ``time.perf_counter``).
+    """Wall time of named phases (seconds, ``time.perf_counter``): of one engine iteration,
+    or of one transition.
 
-    ``with clock.phase("launch"): ...`` adds to that phase; :meth:`reset` starts the next
-    iteration. Phases repeat (a pipelined iteration may launch and collect) and add up.
+    ``with clock.phase("launch"): ...`` adds that block's time to its phase; ``mark(name)``
+    adds the time since the previous mark (or the start) to ``name``. Phases repeat (a
+    pipelined iteration may launch and collect) and add up; :meth:`reset` starts over.
+    ``sync``, when given, is called before each mark reads the clock (a device sync, so a
+    phase owns the GPU work it queued).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self._sync = sync
         self.phases: dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
 
     def reset(self) -> None:
         self.phases = {}
+        self._last = self._now()
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -49,11 +64,18 @@ class PhaseClock:
         try:
             yield
         finally:
-            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+            self._add(name, time.perf_counter() - start)
+
+    def mark(self, name: str) -> None:
+        now = self._now()
+        self._add(name, now - self._last)
+        self._last = now
 
     def describe(self) -> str:
         """``"schedule 1.2 ms, launch 3.4 ms"``, in the order the phases first ran."""
         return ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.phases.items()) or "no phases"
+
+    __str__ = describe
 
 
 class LateLog:

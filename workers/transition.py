@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ from workers.remote_attention import GroupKVManager, GroupLayout
 from workers.request import Request, RequestStatus
 from workers.scheduler import Scheduler
 from workers.stage_memory import StageMemory, stage_memory_for
+from workers.stalls import PhaseClock
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ class GroupController:
         engine, runner = self.engine, self.engine.runner
         stage = spec.stage_of(self.rank)
         start, end = spec.ranges[stage]
-        t0 = _synced_clock(runner.device)
+        clock = PhaseClock(_device_sync(runner.device))
         self.transport = StageTransport(
             runner.device,
             runner.model_config.hidden_size,
@@ -282,27 +283,23 @@ class GroupController:
         )
         num_layers = runner.model.cfg.num_layers
         runner.model = self.memory.drop(runner.model, (start, end))
-        t1 = _synced_clock(runner.device)
+        clock.mark("weights out")
         _set_kv(runner, self.memory.view(end - start))
         stage_blocks = runner.kv_cache.shape[0]
         self.legacy_view = self.memory.view(num_layers)
         self.spec = spec
-        t2 = _synced_clock(runner.device)
+        clock.mark("KV views")
         if stage == 0:
             self._become_leader(spec)
         else:
             self._become_stage(spec, stage, group_blocks)
-        t3 = _synced_clock(runner.device)
+        clock.mark("leader" if stage == 0 else "stage")
         check_block_ownership(engine)
+        clock.mark("checks")
         logger.info(
-            "drop on worker %d: weights out %.1f ms, KV views %.1f ms, %s %.1f ms, checks "
-            "%.1f ms; layers [%d, %d), %d stage blocks, %d in the group pool",
+            "drop on worker %d: %s; layers [%d, %d), %d stage blocks, %d in the group pool",
             self.rank,
-            1e3 * (t1 - t0),
-            1e3 * (t2 - t1),
-            "leader" if stage == 0 else "stage",
-            1e3 * (t3 - t2),
-            1e3 * (time.perf_counter() - t3),
+            clock,
             start,
             end,
             stage_blocks,
@@ -451,13 +448,13 @@ class GroupController:
         spec, engine = self.spec, self.engine
         runner = _base_runner(engine)
         stage = spec.stage_of(self.rank)
-        t0 = _synced_clock(runner.device)
+        clock = PhaseClock(_device_sync(runner.device))
         pending = kv_exchange.read(plan.copies, self.rank, runner.kv_cache, self.transport)
-        t1 = _synced_clock(runner.device)
+        clock.mark("KV out")
         runner.model = self.memory.restore(
             runner.model, spec.ranks, spec.ranges, stage, self.transport
         )
-        t2 = _synced_clock(runner.device)
+        clock.mark("weights in")
         _set_kv(runner, self.memory.view(runner.model.cfg.num_layers))
         kv_exchange.write(pending, runner.kv_cache)
         if stage == 0:
@@ -465,18 +462,12 @@ class GroupController:
         else:
             self._leave_as_member(plan)
         self.spec, self.transport, self.origins, self._restore = None, None, {}, None
-        t3 = _synced_clock(runner.device)
+        clock.mark("KV in")
         runner.capture_cuda_graphs()  # the full model again (a no-op, logged, on CPU)
         check_block_ownership(engine)
+        clock.mark("graphs")
         logger.info(
-            "restore on worker %d: KV out %.1f ms, weights in %.1f ms, KV in %.1f ms, "
-            "graphs %.1f ms; %d blocks",
-            self.rank,
-            1e3 * (t1 - t0),
-            1e3 * (t2 - t1),
-            1e3 * (t3 - t2),
-            1e3 * (_synced_clock(runner.device) - t3),
-            runner.kv_cache.shape[0],
+            "restore on worker %d: %s; %d blocks", self.rank, clock, runner.kv_cache.shape[0]
         )
         return runner.kv_cache.shape[0]
 
@@ -531,11 +522,12 @@ def _base_runner(engine: Any) -> Any:
     return r.runner if isinstance(r, PipelineRunner) else r
 
 
-def _synced_clock(device: torch.device) -> float:
-    """``time.perf_counter()`` once the device's queued work is done (phase timings)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def _device_sync(device: torch.device) -> Callable[[], None] | None:
+    """What a transition's :class:`PhaseClock` calls before each mark, so a phase owns the
+    device work it queued: a CUDA sync (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.synchronize(device)
 
 
 def _set_kv(runner: Any, view: torch.Tensor) -> None:

@@ -125,3 +125,18 @@ def test_worker_reports_a_slow_iteration_with_its_phases(stories_dir, caplog):
     assert line.startswith("worker 0: engine iteration took 750 ms (schedule ")
     assert "execute " in line and "update " in line
     assert "1 running, 0 waiting, 0 in flight, 0 allocator retries so far" in line
+
+
+def test_phase_clock_marks_time_between_marks_after_a_sync():
+    """A transition's phases: each mark takes the time since the last, after ``sync``."""
+    synced = []
+    clock = stalls.PhaseClock(sync=lambda: synced.append(time.perf_counter()))
+    time.sleep(0.01)
+    clock.mark("weights out")
+    clock.mark("KV views")
+    time.sleep(0.01)
+    clock.mark("weights out")  # a repeated phase adds up
+    assert list(clock.phases) == ["weights out", "KV views"]
+    assert clock.phases["weights out"] >= 0.02 and clock.phases["KV views"] < 0.01
+    assert len(synced) == 4  # at the start and before each mark
+    assert str(clock) == clock.describe() and str(clock).startswith("weights out ")

@@ -260,10 +260,11 @@ class Transitions:
 
     async def _gather(self, leader: Instance, phases: PhaseClock) -> None:
         """The live part of a restore: the leader begins gathering every running request's
-        KV onto one home while the group serves (workers/transition.py, ``restore_begin``; it
-        parks itself after the step that brings the last one home); returns once none is
-        left, or when the count has not fallen for ``gather_stall_s``, or after
-        ``gather_timeout_s`` (the split then copies what is left)."""
+        KV onto one home while the group serves, and, on VMM memory, refilling the dropped
+        weights from the stages that kept them (workers/transition.py, ``restore_begin``; it
+        parks itself after the step that finishes both); returns once nothing is left (or no
+        request runs to step the refill), or when what is left has not fallen for
+        ``gather_stall_s``, or after ``gather_timeout_s`` (the split then copies the rest)."""
         await leader.leader.pause.remote()
         try:
             await leader.leader.transition.remote("restore_begin")
@@ -274,11 +275,13 @@ class Transitions:
         best = None
         try:
             while True:
-                left = (await leader.leader.stats.remote()).num_to_gather
+                stats = await leader.leader.stats.remote()
+                left = (stats.num_to_gather, stats.weight_bytes_to_refill)
                 now = time.monotonic()
                 if best is None or left < best:
                     best, last_change = left, now
-                if left == 0 or now - last_change > self.gather_stall_s:
+                ready = left[0] == 0 and (left[1] == 0 or stats.num_running == 0)
+                if ready or now - last_change > self.gather_stall_s:
                     break
                 if now - start > self.gather_timeout_s:
                     break
@@ -289,8 +292,15 @@ class Transitions:
             await leader.leader.resume.remote()
             raise
         phases.mark("gather")
-        if left:
-            logger.info("restore: %d requests not gathered live; the split copies their KV", left)
+        if left[0]:
+            logger.info(
+                "restore: %d requests not gathered live; the split copies their KV", left[0]
+            )
+        if left[1]:
+            logger.info(
+                "restore: %.1f MiB of weights not refilled live; the split copies them",
+                left[1] / 2**20,
+            )
 
     def _restore_group(self, group_id: int | None) -> GroupRecord:
         if group_id is None:

@@ -60,6 +60,9 @@ class EngineStats:
     exponential average, each step weighing ``FILL_WEIGHT`` (the planner's compute-bound test)."""
     num_to_gather: int = 0
     """Running requests whose KV a live restore has not gathered onto one home yet."""
+    weight_bytes_to_refill: int = 0
+    """Weight bytes a live restore has still to copy while the group serves (0 when it
+    refills none: the split copies them)."""
     tokens_computed: int = 0
     """Tokens (prefill and decode) the engine's steps have computed since it started: its
     rate over time is the load the planner sets beside the worker's profiled peak."""
@@ -246,8 +249,23 @@ class Engine:
             waiting_demand_blocks=self.scheduler.waiting_demand_blocks(),
             step_token_fill=self._fill,
             num_to_gather=self.num_to_gather(),
+            weight_bytes_to_refill=self.weight_bytes_to_refill(),
             tokens_computed=self._tokens_computed,
         )
+
+    def weight_bytes_to_refill(self) -> int:
+        """Weight bytes a live restore still refills while the group serves
+        (workers/weight_exchange.py); 0 outside one."""
+        prefetch = getattr(self.runner, "prefetch", None)
+        return 0 if prefetch is None else prefetch.bytes_left
+
+    def restore_ready(self) -> bool:
+        """Whether a live restore has nothing left to do while serving: every running
+        request's KV is home and the weights are refilled, or no request runs (nothing steps
+        the refill; the split copies what is left)."""
+        if self.num_to_gather():
+            return False
+        return not self.scheduler.running or self.weight_bytes_to_refill() == 0
 
     def num_to_gather(self) -> int:
         """Running requests whose KV a restore still has to gather onto one home (0 unless a

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kernels.vmm import ChunkBackend, ChunkPool, VmmError, make_backend
+from kernels.vmm import Chunk, ChunkBackend, ChunkPool, VmmError, make_backend
 from workers.kv_pool import EvacuationNeeded, KVBlockFormat, KVPool
 from workers.weight_arena import (
     ArenaLayout,
@@ -227,11 +227,40 @@ class WorkerMemory:
         nbytes = self.arena.layer_nbytes(start, end)
         return RestoreStats(n, nbytes, before - self.kv.num_blocks, time.perf_counter() - t0)
 
-    def _restore_plan(self, start: int, end: int) -> list[tuple[int, int]]:
+    def restores_in_place(self, runs: Sequence[tuple[int, int]]) -> set[int]:
+        """Of the dropped layers of ``runs`` (restored one run after the other, in this order,
+        as ``restore_layers`` does), those whose chunks a lazy restore adopts where they are
+        mapped now, under the layer's own slots (the lazy drop's alias): bytes written through
+        their weight views before the restore are the bytes the restored layer holds. Changes
+        nothing; raises ValueError as ``restore_layers`` would for these runs."""
+        lives, kept = self.kv.live_chunks(), set()
+        for start, end in runs:
+            self.arena.check_layers(start, end, dropped=True)
+            plan = self._restore_plan(start, end, lives)
+            for layer, k in plan:
+                chunks, lives = lives[len(lives) - k :], lives[: len(lives) - k]
+                first, count = self.arena.layout.layer_run(layer, layer + 1)
+                want, slot = [], first
+                for c in chunks:
+                    want.append((slot, c.index))
+                    slot += c.num_slots
+                try:
+                    mapped = self.arena.range.mappings(first, first + count)
+                except ValueError:  # a mapping crosses the layer's edge: not its own chunk
+                    continue
+                if [(s, c.index) for s, c in mapped] == want:
+                    kept.add(layer)
+        return kept
+
+    def _restore_plan(
+        self, start: int, end: int, lives: Sequence[Chunk] | None = None
+    ) -> list[tuple[int, int]]:
         """``[(layer, tail chunks it takes)]`` in ``restore_order``: each layer takes the KV
-        tail's last chunks whose slots add up to its own. Raises ValueError when they do not
-        add up exactly, or when nothing would be left in the KV pool."""
-        lives, i, plan = self.kv.live_chunks(), len(self.kv.live_chunks()), []
+        tail's last chunks (of ``lives``, default the KV pool's live chunks) whose slots add up
+        to its own. Raises ValueError when they do not add up exactly, or when nothing would be
+        left in the KV pool."""
+        lives = self.kv.live_chunks() if lives is None else list(lives)
+        i, plan = len(lives), []
         for layer in restore_order(start, end):
             want, got, k = self.arena.num_layer_slots(layer, layer + 1), 0, 0
             while got < want and k < i:

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +34,12 @@ from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
 from workers.stage_graphs import StageGraphs
 from workers.stalls import SLOW_STEP_S, PhaseClock
+from workers.weight_exchange import WeightCopy, WeightPrefetch
 
 logger = logging.getLogger(__name__)
+
+Refill = Callable[[Sequence[WeightCopy]], int]
+"""Runs a step's weight copies on this stage; returns the bytes it received."""
 
 _LOGGED_STEPS = 8
 """The leader logs the time of its first pipelined steps (at info): they carry a drop's
@@ -172,6 +176,7 @@ class _Stage:
         layout: GroupLayout,
         stage: int,
         legacy_view: torch.Tensor | None,
+        refill: Refill | None = None,
     ) -> None:
         self.runner = runner
         self.transport = transport
@@ -179,6 +184,9 @@ class _Stage:
         self.stage = stage
         self.legacy_view = legacy_view
         """This worker's KV bytes as L-layer blocks, where pre-drop requests' KV lives."""
+        self.refill = refill
+        """Runs a step's weight copies of a live restore (``StageMemory.prefetch`` bound to
+        this stage); None where the memory cannot refill weights before a restore."""
         self.counters: Counter = Counter()
         """Pre-drop traffic: ``moved`` KV slices this worker sent or received in the
         exchange, and RemoteAttention's ``sent``, ``served`` and ``home`` layer calls."""
@@ -196,15 +204,19 @@ class _Stage:
     def exchange(self, plan: StepPlan) -> None:
         """Runs the plan's KV moves: L-layer slices out of this worker's legacy view into
         this stage's view (the live KV exchange), then a restore's gathers the other way
-        (workers/remote_attention.py). Every slice is read before any is written."""
-        if not plan.moves and not plan.gathers:
-            return
-        stage_view, legacy_view = self.runner.kv_cache, self._legacy_view()
-        forward = kv_exchange.read(plan.moves, self.me, legacy_view, self.transport)
-        back = kv_exchange.read(plan.gathers, self.me, stage_view, self.transport)
-        kv_exchange.write(forward, stage_view)
-        kv_exchange.write(back, legacy_view)
-        self.counters["moved"] += len(forward) + len(back)
+        (workers/remote_attention.py). Every slice is read before any is written. Then the
+        step's weight copies of a live restore (workers/weight_exchange.py)."""
+        if plan.moves or plan.gathers:
+            stage_view, legacy_view = self.runner.kv_cache, self._legacy_view()
+            forward = kv_exchange.read(plan.moves, self.me, legacy_view, self.transport)
+            back = kv_exchange.read(plan.gathers, self.me, stage_view, self.transport)
+            kv_exchange.write(forward, stage_view)
+            kv_exchange.write(back, legacy_view)
+            self.counters["moved"] += len(forward) + len(back)
+        if plan.weights:
+            if self.refill is None:
+                raise RuntimeError("a step plan refills weights but this stage cannot")
+            self.counters["weight_bytes"] += self.refill(plan.weights)
 
     def router(self, plan: StepPlan | None) -> RemoteAttention | None:
         if plan is None or not plan.legacy:
@@ -270,10 +282,14 @@ class PipelineRunner(_Stage):
         kv: GroupKVManager | None = None,
         legacy_view: torch.Tensor | None = None,
         micro_batches: int | None = None,
+        refill: Refill | None = None,
     ) -> None:
         layout = layout or GroupLayout(ranks, ())
-        super().__init__(runner, transport, layout, 0, legacy_view)
+        super().__init__(runner, transport, layout, 0, legacy_view, refill)
         self.kv = kv
+        self.prefetch: WeightPrefetch | None = None
+        """A live restore's weight copies still to run while the group serves (set by the
+        restore's begin, workers/transition.py)."""
         self.micro_batches = micro_batches or len(ranks)
         self._launched: collections.deque[_Launched] = collections.deque()
         self.peak_in_flight = 0
@@ -333,8 +349,9 @@ class PipelineRunner(_Stage):
         t0 = time.perf_counter()
         plan = None
         if self.kv is not None and (self.kv.legacy or self.kv.gather_homes is not None):
+            weights = self._weights_step()
             moves = self.kv.plan_exchange(out)
-            plan = self.kv.step_plan(out, moves, self.kv.plan_gather(out))
+            plan = self.kv.step_plan(out, moves, self.kv.plan_gather(out), weights)
             if not self.kv.legacy and self.kv.gather_homes is None:
                 logger.info(
                     "kv exchange: every pre-drop request moved after %d steps (%.3f s)",
@@ -375,6 +392,22 @@ class PipelineRunner(_Stage):
             self.serve(router, range(1, len(self.ranks)))
         self._launched.append(_Launched(out, requests, sends, plan, t0))
         self.peak_in_flight = max(self.peak_in_flight, len(self._launched))
+
+    def _weights_step(self) -> list[WeightCopy]:
+        """This step's share of a live restore's weight copies: none until the KV tail is
+        fenced (no pipeline block left there), then a budget per link."""
+        p = self.prefetch
+        if p is None or not p.pending or not self.kv.fence(p.first_tail_block):
+            return []
+        copies = p.take()
+        if not p.pending:
+            logger.info(
+                "restore: weights refilled while serving, in %d steps (%.1f MiB received by "
+                "each stage)",
+                p.steps,
+                sum(p.nbytes(c.region) for c in p.done) / max(1, len(self.ranks)) / 2**20,
+            )
+        return copies
 
     @torch.inference_mode()
     def collect(
@@ -443,10 +476,12 @@ class StageLoop(_Stage):
         stage: int,
         layout: GroupLayout | None = None,
         legacy_view: torch.Tensor | None = None,
+        refill: Refill | None = None,
     ) -> None:
         if not 0 < stage < len(ranks):
             raise ValueError(f"stage {stage} of {len(ranks)} cannot run a stage loop")
-        super().__init__(runner, transport, layout or GroupLayout(ranks, ()), stage, legacy_view)
+        layout = layout or GroupLayout(ranks, ())
+        super().__init__(runner, transport, layout, stage, legacy_view, refill)
 
     @property
     def is_last(self) -> bool:

@@ -61,6 +61,7 @@ from workers.block_pool import BlockPool, KVCacheManager
 from workers.kv_exchange import SliceCopy
 from workers.request import Request
 from workers.scheduler import SchedulerOutput
+from workers.weight_exchange import WeightCopy
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class StepPlan:
     gathers: tuple[SliceCopy, ...] = ()
     """A live restore's gather: pipeline-block slices on each stage into L-layer blocks on
     a home (run after ``moves``)."""
+    weights: tuple[WeightCopy, ...] = ()
+    """A live restore's weight refill: regions back from the stage that kept them, into the
+    KV tail the drop lent (run after ``gathers``; workers/weight_exchange.py)."""
 
     def encode(self, device: torch.device) -> torch.Tensor:
         """The plan as a uint8 tensor on ``device`` (sent after the step header)."""
@@ -169,6 +173,8 @@ class GroupKVManager(KVCacheManager):
         self.origins: dict[str, int | None] = {}
         self._moved_now: set[str] = set()
         """Requests whose KV the last :meth:`plan_exchange` moved forward."""
+        self.fenced: list[int] = []
+        """Ids reserved by :meth:`fence` (a restore refills weights in the KV tail)."""
 
     # --- bookkeeping ----------------------------------------------------------------------
 
@@ -223,11 +229,38 @@ class GroupKVManager(KVCacheManager):
 
     @property
     def num_reserved(self) -> int:
-        return sum(len(lg.reserved) for lg in self.legacy.values())
+        return sum(len(lg.reserved) for lg in self.legacy.values()) + len(self.fenced)
 
     def held_ids(self) -> list[int]:
-        """Every reservation (ids may repeat across requests when layers split unevenly)."""
-        return [i for lg in self.legacy.values() for i in lg.reserved]
+        """Every reservation, the fence's included (ids may repeat across requests when layers
+        split unevenly)."""
+        return [i for lg in self.legacy.values() for i in lg.reserved] + self.fenced
+
+    def _pipeline_refs(self) -> np.ndarray:
+        """Per group-pool id, the references pipeline blocks hold (reservations taken out)."""
+        held = np.array(self.pool.ref_counts(), dtype=np.int64)
+        np.subtract.at(held, self.held_ids(), 1)
+        return held
+
+    def fence(self, first: int) -> bool:
+        """Reserves every id from ``first`` on (free or reserved), so no pipeline block is
+        handed out there until :meth:`unfence`; False, reserving nothing, while a pipeline
+        block from ``first`` on is held. A restore fences the ids whose bytes may lie in the KV
+        tail a drop lent before it refills weights there (workers/weight_exchange.py).
+        Fencing twice is a no-op."""
+        if self.fenced:
+            return True
+        if np.any(self._pipeline_refs()[first:] > 0):
+            return False
+        self.fenced = list(range(first, self.pool.num_blocks))
+        self.pool.reserve(self.fenced)
+        logger.debug("fenced group blocks [%d, %d)", first, self.pool.num_blocks)
+        return True
+
+    def unfence(self) -> None:
+        """Gives the fenced ids back (a refused restore)."""
+        fenced, self.fenced = self.fenced, []
+        self.pool.free(fenced)
 
     # --- the exchange ---------------------------------------------------------------------
 
@@ -330,10 +363,9 @@ class GroupKVManager(KVCacheManager):
         now: none of a pre-drop request's blocks there, and no pipeline block on that
         member's stage view aliasing their bytes. Bool arrays [normal blocks of the member]."""
         L, size = self.layout.num_layers, self.pool.num_blocks
-        held = np.array(self.pool.ref_counts(), dtype=np.int64)
+        held = self._pipeline_refs()  # reservations are not pipeline blocks
         used: dict[int, list[int]] = {rank: [] for rank in self.layout.ranks}
-        for lg in self.legacy.values():  # reservations are not pipeline blocks
-            np.subtract.at(held, lg.reserved, 1)
+        for lg in self.legacy.values():
             used[lg.home] += lg.blocks
         sums = np.concatenate(([0], np.cumsum(held > 0)))
         room = {}
@@ -485,20 +517,24 @@ class GroupKVManager(KVCacheManager):
         return _merged(copies)
 
     def step_plan(
-        self, out: SchedulerOutput, moves: list[SliceCopy], gathers: list[SliceCopy] = ()
+        self,
+        out: SchedulerOutput,
+        moves: Sequence[SliceCopy],
+        gathers: Sequence[SliceCopy] = (),
+        weights: Sequence[WeightCopy] = (),
     ) -> StepPlan | None:
-        """The plan every stage gets with this step; None when it has no moves, no gathers
-        and no pre-drop sequence (a plain pipeline step)."""
+        """The plan every stage gets with this step; None when it has no moves, no gathers,
+        no weight copies and no pre-drop sequence (a plain pipeline step)."""
         legacy = []
         for i, s in enumerate(out.scheduled):
             lg = self.legacy.get(s.request.request_id)
             if lg is not None:
                 legacy.append(LegacySeq(i, lg.home, lg.moved_upto, lg.blocks))
-        if not legacy and not moves and not gathers:
+        if not legacy and not moves and not gathers and not weights:
             return None
         q = tuple(s.num_new_tokens for s in out.scheduled)
         c = tuple(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
-        return StepPlan(tuple(moves), tuple(legacy), q, c, tuple(gathers))
+        return StepPlan(tuple(moves), tuple(legacy), q, c, tuple(gathers), tuple(weights))
 
 
 def _merged(copies: list[SliceCopy]) -> list[SliceCopy]:

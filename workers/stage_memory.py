@@ -9,7 +9,9 @@ KunServe §3(a), §3(d) (reference/kunserve.md); DESIGN.md §5-6. The transition
   it back and copies the dropped modules from the stages that kept them.
 - :class:`VmmStageMemory`: VMM memory (``--memory-backend vmm``; emulated on CPU): a drop maps
   the dropped layers' chunks at the end of the KV range (no copy, no allocation); a restore maps
-  them back under the layers and refills them from the stages that kept them.
+  them back under the layers and refills them from the stages that kept them, or only adopts
+  them when a live restore refilled them while the group served (``prefetch``,
+  workers/weight_exchange.py).
 
 The KV bytes are one flat buffer viewed as blocks of any layer count (``view(layers)``); a drop
 and a restore keep its prefix, so blocks that pre-drop requests hold in the L-layer view keep
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from attention.transport import StageTransport
+from workers import weight_exchange
 from workers.kv_buffer import KVBuffer
 from workers.memory import WorkerMemory
 from workers.models.llama import LlamaModel
@@ -34,7 +37,8 @@ from workers.pipeline import (
     empty_model,
     restore_full_model,
 )
-from workers.weight_arena import place_model_in_arena, restore_order
+from workers.weight_arena import place_model_in_arena
+from workers.weight_exchange import WeightCopy
 
 
 class StageMemory(Protocol):
@@ -69,11 +73,35 @@ class StageMemory(Protocol):
         ranges: Sequence[tuple[int, int]],
         stage: int,
         transport: StageTransport,
+        done: Sequence[WeightCopy] = (),
     ) -> LlamaModel:
         """Every stage of the group at once: shrinks the KV bytes back to ``normal_bytes``
         (prefix kept; the caller has moved live KV out of the rest) and rebuilds the full model
         from this stage's modules and the other stages' (KunServe §3(d): from the peer that kept
-        them). Returns the full model."""
+        them), copying all but the ``done`` copies (those :meth:`prefetch` ran). Returns the
+        full model."""
+
+    refills_in_place: bool
+    """Whether a restore keeps each dropped region's memory mapped at its weight address, so
+    :meth:`prefetch` can refill it while the group still serves (workers/weight_exchange.py)."""
+
+    def region_nbytes(self, region: int) -> int:
+        """Bytes one weight region copies (arena index: -1 embedding, a layer, L head); only
+        where ``refills_in_place``."""
+
+    def prefetch(
+        self,
+        copies: Sequence[WeightCopy],
+        ranks: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        stage: int,
+        transport: StageTransport,
+    ) -> int:
+        """Runs a step's share of the restore's weight copies (the leader planned them after
+        fencing the KV tail, workers/weight_exchange.py); returns the bytes received. Raises
+        RuntimeError when a region this worker receives would not keep its bytes through the
+        restore (not ``refills_in_place``, or its chunk is no longer where the restore adopts
+        it)."""
 
 
 class TorchStageMemory:
@@ -109,9 +137,29 @@ class TorchStageMemory:
         ranges: Sequence[tuple[int, int]],
         stage: int,
         transport: StageTransport,
+        done: Sequence[WeightCopy] = (),
     ) -> LlamaModel:
+        if done:
+            raise ValueError("the torch allocator refills no weights before a restore")
         self.buffer.resize(self.normal_bytes)
         return restore_full_model(model, ranks, ranges, stage, transport)
+
+    refills_in_place = False
+
+    def region_nbytes(self, region: int) -> int:
+        raise RuntimeError("the torch allocator refills no weights before a restore")
+
+    def prefetch(
+        self,
+        copies: Sequence[WeightCopy],
+        ranks: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        stage: int,
+        transport: StageTransport,
+    ) -> int:
+        raise RuntimeError(
+            "the torch allocator frees dropped weights: they cannot be refilled before a restore"
+        )
 
 
 class VmmStageMemory:
@@ -188,6 +236,11 @@ class VmmStageMemory:
             self.memory.drop_layers(a, b)
         return stage
 
+    refills_in_place = True
+
+    def region_nbytes(self, region: int) -> int:
+        return self.memory.arena.layer_nbytes(region, region + 1)
+
     def restore(
         self,
         model: LlamaModel,
@@ -195,29 +248,62 @@ class VmmStageMemory:
         ranges: Sequence[tuple[int, int]],
         stage: int,
         transport: StageTransport,
+        done: Sequence[WeightCopy] = (),
     ) -> LlamaModel:
         """Maps the KV tail back under every layer this worker dropped (the stages' ranges last
-        first, each range's layers in ``restore_order``), then moves all layers at once: this
-        worker sends each layer it kept to every other stage while it receives the others'
-        (:meth:`StageTransport.exchange`, both directions of every link busy together). Raises
-        ValueError, before any transfer, when this worker did not drop exactly the other
-        stages' layers."""
+        first, each range's layers in ``restore_order``), then moves all layers at once but the
+        ``done`` copies: this worker sends each layer it kept to every other stage while it
+        receives the others' (:meth:`StageTransport.exchange`, both directions of every link
+        busy together). Raises ValueError, before any transfer, when this worker did not drop
+        exactly the other stages' layers, and RuntimeError when a region it received before
+        (``done``) would not keep its bytes."""
         arena, num_layers = self.memory.arena, model.cfg.num_layers
         self._check_restore(ranges, stage, num_layers)
-        owned = _owned(ranges, num_layers)
-        sends, recvs = [], []
-        for s in reversed(range(len(ranges))):
-            order = restore_order(*owned[s])
-            if s == stage:
-                peers = [rank for rank in ranks if rank != ranks[stage]]
-                sends += [(p, arena.layer_bytes(j, j + 1)) for j in order for p in peers]
-            else:
-                self.memory.restore_layers(*owned[s], None)
-                recvs += [(ranks[s], arena.layer_bytes(j, j + 1)) for j in order]
-        transport.exchange(sends, recvs)
+        me = ranks[stage]
+        received = {c.region for c in done if c.dst_rank == me}
+        self._require_in_place(received, ranges, stage, num_layers)
+        runs = self._restore_runs(ranges, stage, num_layers)
+        for start, end in runs:
+            self.memory.restore_layers(start, end, None)
+        todo = [c for c in weight_exchange.plan_restore(ranks, ranges, num_layers) if c not in done]
+        weight_exchange.run(todo, me, arena, transport)
         full = empty_model(model, (0, num_layers))
         place_model_in_arena(full, arena)
         return full.eval()
+
+    def prefetch(
+        self,
+        copies: Sequence[WeightCopy],
+        ranks: Sequence[int],
+        ranges: Sequence[tuple[int, int]],
+        stage: int,
+        transport: StageTransport,
+    ) -> int:
+        me, num_layers = ranks[stage], ranges[-1][1]
+        received = {c.region for c in copies if c.dst_rank == me}
+        self._require_in_place(received, ranges, stage, num_layers)
+        return weight_exchange.run(copies, me, self.memory.arena, transport)
+
+    def _restore_runs(
+        self, ranges: Sequence[tuple[int, int]], stage: int, num_layers: int
+    ) -> list[tuple[int, int]]:
+        """The region runs this worker restores, in the order it restores them: the other
+        stages' regions, last stage first."""
+        owned = weight_exchange.owned_regions(ranges, num_layers)
+        return [owned[s] for s in reversed(range(len(ranges))) if s != stage]
+
+    def _require_in_place(
+        self, regions: set[int], ranges: Sequence[tuple[int, int]], stage: int, num_layers: int
+    ) -> None:
+        if not regions:
+            return
+        runs = self._restore_runs(ranges, stage, num_layers)
+        lost = regions - self.memory.restores_in_place(runs)
+        if lost:
+            raise RuntimeError(
+                f"regions {sorted(lost)} are refilled before the restore, but the restore would "
+                "not adopt their chunks where they are mapped: the refill would be lost"
+            )
 
     def _check_restore(
         self, ranges: Sequence[tuple[int, int]], stage: int, num_layers: int
@@ -227,7 +313,7 @@ class VmmStageMemory:
             raise ValueError(f"stage ranges {list(ranges)} do not split [0, {num_layers})")
         start, end = ranges[stage]
         arena = self.memory.arena
-        kept = range(*_owned(ranges, num_layers)[stage])
+        kept = range(*weight_exchange.owned_regions(ranges, num_layers)[stage])
         if arena.dropped != set(range(-1, num_layers + 1)) - set(kept):
             raise ValueError(
                 f"stage {stage} keeps [{start}, {end}) but the arena has dropped "
@@ -240,15 +326,6 @@ class VmmStageMemory:
                 f"KV bytes {self.nbytes} are not the normal {self.normal_bytes} plus the dropped "
                 f"layers' {grown}"
             )
-
-
-def _owned(ranges: Sequence[tuple[int, int]], num_layers: int) -> list[tuple[int, int]]:
-    """Each stage's arena regions (workers/weight_arena.py indices): its decoder layers, the
-    embedding (-1) on the first stage and the head (L) on the last."""
-    last = len(ranges) - 1
-    return [
-        (-1 if s == 0 else a, num_layers + 1 if s == last else b) for s, (a, b) in enumerate(ranges)
-    ]
 
 
 def _dropped(model: LlamaModel, layer_range: tuple[int, int]) -> list[tuple[int, int]]:

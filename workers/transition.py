@@ -21,8 +21,10 @@ restore
   0. ``restore_begin`` (leader), then the group serves on: each step gathers a budget of
      running requests' KV onto one home each (KunServe §3(d) step 4; workers/remote_attention
      .py, live gather), and they keep decoding through remote attention. Waiting requests are
-     held until the split. The coordinator waits until every running request is home (or a
-     deadline passes; ``restore_cancel`` undoes the step when the restore is refused).
+     held until the split. On VMM memory the same steps refill the dropped weights from the
+     stages that kept them, once the KV tail the drop lent is fenced (workers/weight_exchange
+     .py). The coordinator waits until every running request is home and the weights are in
+     (or a deadline passes; ``restore_cancel`` undoes the step when the restore is refused).
   1. ``restore_plan`` (leader, parked, pipeline still up): finishes moving any pre-drop KV
      partly moved (one exchange-only step); a request whose KV is whole on one home stays
      there in the same blocks; every other gets a home (back to where it came from when it
@@ -30,9 +32,9 @@ restore
      TransitionError, changing no placement, when the live KV does not fit.
   2. ``stop_pipeline`` (leader): STOP to every stage; each stage loop returns and parks.
   3. ``restore_execute`` (every): read the slices still to copy, shrink the KV bytes back,
-     copy the dropped weights back from the stage that kept them, write the slices, rebuild
-     each member's engine with its requests. Requests pause for this step: after a full
-     gather it copies only weights.
+     copy the dropped weights not refilled live from the stage that kept them, write the
+     slices, rebuild each member's engine with its requests. Requests pause for this step:
+     after a full gather and refill it copies nothing.
 
 Requests keep ``num_computed_tokens`` (their KV moves with them), so nothing is recomputed.
 """
@@ -42,14 +44,14 @@ from __future__ import annotations
 import copy
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from attention.transport import StageTransport
-from workers import kv_exchange
+from workers import kv_exchange, weight_exchange
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.kv_exchange import BlockMove, SliceCopy
 from workers.pipeline import PipelineRunner, StageLoop
@@ -58,6 +60,7 @@ from workers.request import Request, RequestStatus
 from workers.scheduler import Scheduler
 from workers.stage_memory import StageMemory, stage_memory_for
 from workers.stalls import PhaseClock
+from workers.weight_exchange import WeightCopy, WeightPrefetch
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,8 @@ class DropReport:
     used_blocks: int
     transfers: list[RequestTransfer] = field(default_factory=list)
     """Its requests, running then waiting (members other than the leader)."""
+    refills_in_place: bool = False
+    """Its memory can refill dropped weights while the group serves (``StageMemory``)."""
 
 
 @dataclass
@@ -128,6 +133,8 @@ class RestorePlan:
     new_blocks: dict[str, list[int]]
     """Running request id -> its L-layer blocks on its home."""
     normal_blocks: dict[int, int]
+    weights_done: tuple[WeightCopy, ...] = ()
+    """Weight copies the live restore ran while the group served (the split skips them)."""
 
 
 @dataclass
@@ -171,7 +178,10 @@ class GroupController:
         self._restore: RestorePlan | None = None
         self.park_when_gathered = False
         """Leader, during a restore's gather: park the engine after the step that brings the
-        last running request home, so no further remote-attention step delays the split."""
+        last running request home (and refills the last weights), so no further step delays
+        the split."""
+        self.refills_in_place = False
+        """Leader: every member's memory can refill weights while the group serves."""
 
     def call(self, step: str, *args: Any) -> Any:
         if step not in self.STEPS:
@@ -219,7 +229,15 @@ class GroupController:
             [t.request.request_id for t in transfers],
         )
         pool = engine.pool
-        return DropReport(self.rank, stage_blocks, freed, pool.num_blocks, pool.num_used, transfers)
+        return DropReport(
+            self.rank,
+            stage_blocks,
+            freed,
+            pool.num_blocks,
+            pool.num_used,
+            transfers,
+            self.memory.refills_in_place,
+        )
 
     def _export(self, origin: int | None) -> list[RequestTransfer]:
         sched, sampler = self.engine.scheduler, self.engine.runner.sampler
@@ -245,6 +263,7 @@ class GroupController:
         )
         kv = self._group_kv(spec, group_blocks)
         self.normal_blocks = {r.rank: r.normal_blocks for r in reports}
+        self.refills_in_place = all(r.refills_in_place for r in reports)
         self.origins = {t.request.request_id: t.origin for t in everyone}
         requests = ([t.request for t in running], [t.request for t in waiting])
         self._merge = _Merge(kv, *requests, incoming)
@@ -323,6 +342,7 @@ class GroupController:
             m.kv,
             self.legacy_view,
             engine.config.scheduler.pipeline_micro_batches,
+            self._refill(spec, 0),
         )
         self._merge = None
 
@@ -332,8 +352,21 @@ class GroupController:
             engine.runner.sampler.forget(r.request_id)
         _install(engine, KVCacheManager(BlockPool(group_blocks), engine.kv.block_size), [], [])
         self.stage_loop = StageLoop(
-            engine.runner, self.transport, spec.ranks, stage, spec.layout, self.legacy_view
+            engine.runner,
+            self.transport,
+            spec.ranks,
+            stage,
+            spec.layout,
+            self.legacy_view,
+            self._refill(spec, stage),
         )
+
+    def _refill(self, spec: GroupSpec, stage: int) -> Callable[[Sequence[WeightCopy]], int] | None:
+        """This stage's weight refill for a live restore's steps (None: the memory cannot)."""
+        if not self.memory.refills_in_place:
+            return None
+        memory, transport = self.memory, self.transport
+        return lambda copies: memory.prefetch(copies, spec.ranks, spec.ranges, stage, transport)
 
     def run_stage_loop(self) -> None:
         """Engine thread of a stage other than the leader: serves until STOP. A fault ends the
@@ -351,17 +384,34 @@ class GroupController:
         """Leader, parked: the live part of a restore begins. From the next step the group
         gathers each running request's KV onto one home while it keeps decoding, and holds
         waiting requests until the split (workers/remote_attention.py, live gather)."""
-        self._require_leader()
-        kv = self.engine.kv
+        spec = self._require_leader()
+        kv, runner = self.engine.kv, self.engine.runner
         kv.begin_gather(dict(self.normal_blocks), dict(self.origins))
         self.engine.scheduler.admitting = False
         self.park_when_gathered = True
+        if self.refills_in_place:
+            runner.prefetch = self._prefetch(spec, kv)
+
+    def _prefetch(self, spec: GroupSpec, kv: GroupKVManager) -> WeightPrefetch:
+        """The restore's weight copies, to run while the group serves once the group-pool ids
+        whose bytes may lie past some member's normal KV bytes are fenced: id ``i`` of a stage
+        of ``L_r`` layers spans bytes ``[i·L_r, (i+1)·L_r)`` layer blocks, inside the normal
+        region of ``N_r`` L-layer blocks while ``i < N_r·L / L_r``."""
+        L = spec.layout.num_layers
+        first = min(n * L // spec.layout.stage_layers(r) for r, n in self.normal_blocks.items())
+        copies = weight_exchange.plan_restore(spec.ranks, spec.ranges, L)
+        budget = self.engine.config.cache.kv_exchange_bytes_per_step
+        return WeightPrefetch(
+            copies, self.memory.region_nbytes, budget, min(first, kv.pool.num_blocks)
+        )
 
     def restore_cancel(self) -> None:
         """Leader, parked: a restore was refused; the group serves as a pipeline again (new
         requests admitted, the forward exchange resumed)."""
         self._require_leader()
         self.engine.kv.end_gather()
+        self.engine.kv.unfence()
+        self.engine.runner.prefetch = None
         self.engine.scheduler.admitting = True
         self.park_when_gathered = False
 
@@ -408,13 +458,18 @@ class GroupController:
                     RequestTransfer(moved, state, self.origins.get(r.request_id))
                 )
         copies = kv_exchange.plan_restore(moves, spec.ranks, spec.ranges)
+        prefetch = getattr(engine.runner, "prefetch", None)
+        done = () if prefetch is None else tuple(prefetch.done)
         logger.debug(
-            "restore plan on %d: homes %s; KV already home for %s",
+            "restore plan on %d: homes %s; KV already home for %s; %d weight copies done",
             self.rank,
             homes,
             [r.request_id for r in at_home],
+            len(done),
         )
-        self._restore = RestorePlan(copies, homes, transfers, new_blocks, dict(self.normal_blocks))
+        self._restore = RestorePlan(
+            copies, homes, transfers, new_blocks, dict(self.normal_blocks), done
+        )
         return self._restore
 
     def _pick_home(
@@ -452,7 +507,7 @@ class GroupController:
         pending = kv_exchange.read(plan.copies, self.rank, runner.kv_cache, self.transport)
         clock.mark("KV out")
         runner.model = self.memory.restore(
-            runner.model, spec.ranks, spec.ranges, stage, self.transport
+            runner.model, spec.ranks, spec.ranges, stage, self.transport, plan.weights_done
         )
         clock.mark("weights in")
         _set_kv(runner, self.memory.view(runner.model.cfg.num_layers))

@@ -286,10 +286,11 @@ class Worker:
         )
 
     def _park_if_gathered(self) -> None:
-        """A restore's gather is done: park now, as a pause would, so the coordinator's split
-        starts without waiting out one more step (workers/transition.py, restore_begin)."""
+        """A restore's live part is done (KV gathered, weights refilled): park now, as a
+        pause would, so the coordinator's split starts without waiting out one more step
+        (workers/transition.py, restore_begin)."""
         group, engine = self.group, self.engine
-        if group.park_when_gathered and not engine.in_flight and engine.num_to_gather() == 0:
+        if group.park_when_gathered and not engine.in_flight and engine.restore_ready():
             group.park_when_gathered = False
             with self._cv:
                 self._pause_requested = True

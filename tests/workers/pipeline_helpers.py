@@ -165,12 +165,21 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
                 _drop_restore, exchange_bytes=1 << 30, max_seqs=4, pipelined=(12, 30)
             ),
             # a live restore: the group gathers every request's KV home while it decodes
+            # (and on VMM refills the dropped weights)
             "drop_restore_gathered": functools.partial(
                 _drop_restore, max_seqs=4, pipelined=(6, 2), gather=True
             ),
-            # a restore refused after two gather steps: the group serves on, then restores
-            "drop_gather_cancelled": functools.partial(
-                _drop_restore, max_seqs=4, pipelined=(6, 2), gather=True, cancel_after=2
+            "drop_restore_gathered_vmm": functools.partial(
+                _drop_restore, max_seqs=4, pipelined=(6, 2), gather=True, memory_backend="vmm"
+            ),
+            # a restore refused after two live steps: the group serves on, then restores
+            "drop_gather_cancelled_vmm": functools.partial(
+                _drop_restore,
+                max_seqs=4,
+                pipelined=(6, 2),
+                gather=True,
+                cancel_after=2,
+                memory_backend="vmm",
             ),
         }
         result = bodies[body](rank, world, model_dir)
@@ -272,6 +281,9 @@ def _drop_restore(
     stage_blocks = ctl.drop_execute(spec, group_blocks)
     if memory is not None:
         memory.check_integrity()
+        # the lent tail holds no KV yet: wipe the dropped weights' stale bytes there, so only a
+        # copy from the stage that kept them can bring them back (zeros are harmless as KV)
+        memory.kv.prefix_bytes()[ctl.memory.normal_bytes :].zero_()
     info = {"reports": [(r.stage_blocks, r.freed_bytes, r.normal_blocks) for r in reports]}
     info["at_drop"] = at_drop
     info["pipelined"] = ctl.describe()
@@ -285,13 +297,16 @@ def _drop_restore(
             info["to_gather_at_begin"] = engine.stats().num_to_gather
             steps = 0
             limit = 60 if cancel_after is None else cancel_after
-            while engine.stats().num_to_gather and steps < limit:
+            while not engine.restore_ready() and steps < limit:
                 _steps(engine, tokens["pipelined"], 1)
                 check_block_ownership(engine)
                 steps += 1
             info["gather_steps"] = steps
             info["to_gather"] = engine.stats().num_to_gather
+            info["weights_to_refill"] = engine.stats().weight_bytes_to_refill
             info["held_waiting"] = [r.request_id for r in engine.scheduler.waiting]
+            prefetch = engine.runner.prefetch
+            info["weights_refilled_live"] = 0 if prefetch is None else len(prefetch.done)
             if cancel_after is not None:
                 info["home_at_cancel"] = sorted(
                     r.request_id
@@ -319,6 +334,7 @@ def _drop_restore(
         info["graph_replays"] = 0 if stage.graphs is None else stage.graphs.num_replays
     plan = _broadcast(plan)
     info["restore_copies"] = len(plan.copies)
+    info["weights_refilled"] = len(plan.weights_done)
     restored_blocks = ctl.restore_execute(plan)
     check_block_ownership(engine)
     if memory is not None:

@@ -260,6 +260,8 @@ def test_gloo_transport_one_step_equals_local(stories_dir: Path, tmp_path: Path)
 
 
 RESTORED = {"group_id": None, "layer_range": [0, 5], "kv_blocks": 64, "pool_blocks": 64}
+VMM_BLOCKS = {"kv_blocks": 409, "pool_blocks": 409}
+"""On VMM memory the normal KV is one 2 MiB chunk (emulated): 409 blocks."""
 
 
 def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: Path) -> None:
@@ -317,22 +319,33 @@ def test_gloo_restore_right_after_drop_finishes_the_kv_exchange(
         assert r["restored"] == RESTORED | {"stage_loop": False}
 
 
+@pytest.mark.parametrize("memory", ["torch", "vmm"])
 def test_gloo_live_restore_gathers_kv_home_while_requests_decode(
-    stories_dir: Path, tmp_path: Path
+    stories_dir: Path, tmp_path: Path, memory: str
 ) -> None:
     """A live restore: the leader begins it, and the group keeps decoding while each step
     gathers a request's KV (one request a step, no byte budget) from both stages onto one
     home; a request that arrived meanwhile waits. Once every running request is home the split
-    copies no KV, and every token is the same as alone."""
-    r0, r1 = spawn_gloo("drop_restore_gathered", stories_dir, tmp_path)
+    copies no KV, and every token is the same as alone. On VMM memory the same steps refill
+    the dropped weights from the stage that kept them (one region per link a step, into the
+    KV tail the drop lent, fenced first), so the split copies no weights either."""
+    body = "drop_restore_gathered" + ("_vmm" if memory == "vmm" else "")
+    r0, r1 = spawn_gloo(body, stories_dir, tmp_path)
     assert r0["to_gather_at_begin"] > 1
     assert 1 <= r0["gather_steps"] < 60 and r0["to_gather"] == 0
-    assert r0["restore_copies"] == 0  # the split moves weights only
+    assert r0["restore_copies"] == 0  # no KV left to copy at the split
+    if memory == "vmm":  # 7 regions: embedding, 5 layers, head; each to the other stage
+        assert r0["weights_refilled"] == 7 and r0["weights_to_refill"] == 0
+        assert r0["gather_steps"] >= 4  # the budget: one region per link a step
+        assert min(r["counters"]["weight_bytes"] for r in (r0, r1)) > 0
+    else:
+        assert r0["weights_refilled"] == 0  # the torch allocator freed them: the split copies
+    restored = RESTORED | (VMM_BLOCKS if memory == "vmm" else {}) | {"stage_loop": False}
     assert tokens_by_request([r0, r1]) == {
         rid: run_alone(stories_dir, rid) for rid in requests_for(2)
     }
     for r in (r0, r1):
-        assert r["restored"] == RESTORED | {"stage_loop": False}
+        assert r["restored"] == restored
         # gathered requests decoded through remote attention on both sides
         assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served")) > 0
 
@@ -340,17 +353,19 @@ def test_gloo_live_restore_gathers_kv_home_while_requests_decode(
 def test_gloo_refused_restore_after_a_partial_gather_keeps_every_token(
     stories_dir: Path, tmp_path: Path
 ) -> None:
-    """A restore refused after two gather steps (``restore_cancel``): the gathered requests
-    stay home as pre-drop requests, the held request is admitted, the forward exchange moves
-    KV again, and a later restore still gives every request the tokens it gets alone."""
-    r0, r1 = spawn_gloo("drop_gather_cancelled", stories_dir, tmp_path)
+    """A restore refused after two live steps (``restore_cancel``, VMM memory): the gathered
+    requests stay home as pre-drop requests, the held request is admitted, the forward exchange
+    moves KV again, and the weights refilled so far are forgotten (the fenced KV tail serves
+    again); a later, parked restore still gives every request the tokens it gets alone."""
+    r0, r1 = spawn_gloo("drop_gather_cancelled_vmm", stories_dir, tmp_path)
     assert r0["gather_steps"] == 2 and r0["to_gather"] > 0
+    assert r0["weights_refilled_live"] > 0 and r0["weights_refilled"] == 0
     assert r0["home_at_cancel"] and "late" in r0["held_waiting"]
     assert tokens_by_request([r0, r1]) == {
         rid: run_alone(stories_dir, rid) for rid in requests_for(2)
     }
     for r in (r0, r1):
-        assert r["restored"] == RESTORED | {"stage_loop": False}
+        assert r["restored"] == RESTORED | VMM_BLOCKS | {"stage_loop": False}
 
 
 @pytest.mark.parametrize("world", [2, 3])

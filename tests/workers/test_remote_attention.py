@@ -206,3 +206,28 @@ def test_remote_attention_equals_local_attention() -> None:
     assert (home.counters["served"], stage.counters["sent"]) == (3, 3)
     assert torch.equal(legacy, ref_cache)  # the home's cache holds the new K and V
     assert not stage0.any()  # nothing went to stage 0's own KV
+
+
+def test_fence_waits_for_the_tail_to_be_free_then_keeps_pipeline_blocks_out_of_it() -> None:
+    """A restore fences the group-pool ids from the first whose bytes may lie in the lent KV
+    tail before it refills weights there: refused while a pipeline block lies there (a
+    reservation there does not count); once fenced, allocations come from below only, also
+    after a reservation there ends; a refused restore gives the ids back."""
+    kv = _manager(LAYOUT, blocks=20)
+    a = _request("a", computed=6, blocks=[3, 4])
+    kv.adopt_legacy(a, home=0)  # home 0 keeps 3 of 5 layers: reserves ids 5..8
+    b = _request("b", computed=0, blocks=[])
+    assert kv.allocate_slots(b, 4 * BS) == [0, 1, 2, 3]
+    c = _request("c", computed=0, blocks=[])
+    assert kv.allocate_slots(c, 4 * BS) == [4, 9, 10, 11]
+    assert not kv.fence(5) and kv.fenced == [] and kv.pool.num_used == 12
+    kv.free(c)
+    assert kv.fence(5) and kv.fence(5)  # twice: a no-op
+    assert kv.fenced == list(range(5, 20)) and kv.pool.num_used == 4 + 15
+    assert sorted(set(kv.held_ids())) == list(range(5, 20))
+    kv.free(a)  # its reservations end, but ids 5..8 stay fenced
+    assert kv.allocate_slots(_request("d", 0, []), BS) == [4]
+    assert kv.allocate_slots(_request("e", 0, []), BS) is None  # nothing free below 5
+    kv.unfence()
+    assert kv.fenced == [] and kv.pool.num_used == 5  # b's and d's blocks
+    kv.pool.check_integrity()

@@ -33,8 +33,9 @@ from workers.transition import GroupSpec, TransitionError
 
 logger = logging.getLogger(__name__)
 
-GATHER_POLL_S = 0.01
-"""How often a restore asks the leader how many requests are left to gather (seconds)."""
+GATHER_POLL_S = 0.05
+"""How long a restore waits for the leader to park itself (its live part done) before it
+asks again how much is left (seconds)."""
 
 
 @dataclass
@@ -272,20 +273,18 @@ class Transitions:
             await leader.leader.resume.remote()
         phases.mark("begin")
         start = last_change = time.monotonic()
-        best = None
+        best, left = None, (0, 0)
         try:
-            while True:
+            while not await leader.leader.wait_restore_ready.remote(GATHER_POLL_S):
                 stats = await leader.leader.stats.remote()
                 left = (stats.num_to_gather, stats.weight_bytes_to_refill)
                 now = time.monotonic()
                 if best is None or left < best:
                     best, last_change = left, now
-                ready = left[0] == 0 and (left[1] == 0 or stats.num_running == 0)
-                if ready or now - last_change > self.gather_stall_s:
+                if left[0] == 0 and stats.num_running == 0:
+                    break  # idle: nothing steps the refill, and nothing waits on the split
+                if now - last_change > self.gather_stall_s or now - start > self.gather_timeout_s:
                     break
-                if now - start > self.gather_timeout_s:
-                    break
-                await asyncio.sleep(GATHER_POLL_S)
         except BaseException:  # the leader may have parked itself once gathered: undo
             await leader.leader.pause.remote()
             await leader.leader.transition.remote("restore_cancel")

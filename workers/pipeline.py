@@ -111,11 +111,12 @@ def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[
         stage.embed_tokens = model.embed_tokens
     if stage.is_last:
         stage.norm, stage.lm_head = model.norm, model.lm_head
-    _check_materialized(stage)
+    check_materialized(stage)
     return stage.eval(), freed
 
 
-def _check_materialized(model: LlamaModel) -> None:
+def check_materialized(model: LlamaModel) -> None:
+    """Raises RuntimeError naming parameters still on the meta device."""
     meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if meta:
         raise RuntimeError(f"stage model has parameters left on meta: {meta[:4]}")
@@ -606,5 +607,5 @@ def restore_full_model(
             for p in module.parameters():
                 transport.recv_into(ranks[owner], p.data)
         _put(full, unit, module)
-    _check_materialized(full)
+    check_materialized(full)
     return full.eval()

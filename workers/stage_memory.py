@@ -32,7 +32,9 @@ from workers.kv_buffer import KVBuffer
 from workers.memory import WorkerMemory
 from workers.models.llama import LlamaModel
 from workers.pipeline import (
+    adopt_layer,
     build_stage_model,
+    check_materialized,
     dropped_param_bytes,
     empty_model,
     restore_full_model,
@@ -192,6 +194,10 @@ class VmmStageMemory:
     def __init__(self, memory: WorkerMemory) -> None:
         self.memory = memory
         self.normal_bytes = memory.kv.mapped_bytes
+        self._full: LlamaModel | None = None
+        """The full model of the last drop, kept for the restore (its kept modules serve in
+        the stage model meanwhile), and its dropped parameters' arena views."""
+        self._parked: list[tuple[nn.Module, str, torch.Tensor]] = []
 
     @property
     def nbytes(self) -> int:
@@ -227,10 +233,14 @@ class VmmStageMemory:
                 f"the dropped layers need {need}"
             )
         stage, _ = build_stage_model(model, layer_range)
+        parked = []
         for a, b in runs:  # their arena views become KV: nothing may read them as weights
             for j in range(a, b):
                 for module in _modules_of(model, j):
+                    for m in module.modules():
+                        parked += [(m, n, p.data) for n, p in m.named_parameters(recurse=False)]
                     module.to("meta")
+        self._full, self._parked = model, parked
         kv.detach_block_pool()
         for a, b in runs:
             self.memory.drop_layers(a, b)
@@ -267,8 +277,24 @@ class VmmStageMemory:
             self.memory.restore_layers(start, end, None)
         todo = [c for c in weight_exchange.plan_restore(ranks, ranges, num_layers) if c not in done]
         weight_exchange.run(todo, me, arena, transport)
-        full = empty_model(model, (0, num_layers))
-        place_model_in_arena(full, arena)
+        return self._full_model(model)
+
+    def _full_model(self, stage: LlamaModel) -> LlamaModel:
+        """The full model over the arena again: the drop's own model with its dropped
+        parameters pointed back at their views (no model built, no view made: a Llama-3-8B
+        takes ~10 ms of host time to build on meta and bind), else a new one bound to the
+        arena."""
+        full, parked = self._full, self._parked
+        self._full, self._parked = None, []
+        if full is None:
+            full = empty_model(stage, (0, stage.cfg.num_layers))
+            place_model_in_arena(full, self.memory.arena)
+            return full.eval()
+        for module, name, view in parked:
+            setattr(module, name, nn.Parameter(view, requires_grad=False))
+        for j, layer in enumerate(full.layers):  # the stage model re-pointed its kept layers
+            adopt_layer(full, j, layer)
+        check_materialized(full)
         return full.eval()
 
     def prefetch(

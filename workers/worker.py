@@ -109,6 +109,8 @@ class Worker:
         self.group = GroupController(self)
         self._pause_requested = False
         self._parked = False
+        self._parked_ready = False
+        """The engine parked itself after a restore's live part (until the next resume)."""
         self.return_group = None
         self.link_bandwidth: float | None = None
         """A second process group of every rank, for pipeline logits (StageTransport)."""
@@ -203,7 +205,19 @@ class Worker:
     def resume(self) -> None:
         with self._cv:
             self._pause_requested = False
+            self._parked_ready = False
             self._cv.notify_all()
+
+    def wait_restore_ready(self, timeout_s: float) -> bool:
+        """Blocks until the engine thread has parked itself because a restore's live part is
+        done (``_park_if_gathered``), or ``timeout_s`` passes; returns whether it has. The
+        coordinator waits on this rather than polling, so the split starts as the last live
+        step ends."""
+        with self._cv:
+            self._cv.wait_for(
+                lambda: (self._parked_ready and self._parked) or self._stop, timeout_s
+            )
+            return self._parked_ready and self._parked
 
     def transition(self, step: str, *args: Any) -> Any:
         """Runs one step of a drop or restore (``GroupController.STEPS``) while parked."""
@@ -293,7 +307,7 @@ class Worker:
         if group.park_when_gathered and not engine.in_flight and engine.restore_ready():
             group.park_when_gathered = False
             with self._cv:
-                self._pause_requested = True
+                self._pause_requested = self._parked_ready = True
 
     def _apply(self, inbox: _Inbox) -> list[RequestOutput]:
         for spec in inbox.adds:

@@ -36,6 +36,14 @@ class GroupWorker(FakeWorker):
         self.pause = _Method(self._pause)
         self.resume = _Method(self._resume)
         self.transition = _Method(self._transition)
+        self.ready = False
+        """What ``wait_restore_ready`` answers (the engine parked itself after a restore's
+        live part)."""
+        self.wait_restore_ready = _Method(self._wait_restore_ready)
+
+    async def _wait_restore_ready(self, timeout_s: float) -> bool:
+        await asyncio.sleep(0 if self.ready else min(timeout_s, 0.001))
+        return self.ready
 
     async def _pause(self) -> int:
         return self.seq
@@ -165,6 +173,40 @@ def test_refused_restore_cancels_the_gather_and_a_stalled_gather_splits_anyway()
         assert tr.groups[0].state is InstanceState.PIPELINED
         assert [i.state for i in core.instances] == [InstanceState.PIPELINED] * 2
         assert len(w0.resume.calls) == resumed + 1  # the leader serves again
+
+    asyncio.run(body())
+
+
+def test_restore_waits_for_the_leader_to_park_after_its_live_part_with_requests_running() -> None:
+    """With requests running, the split waits until the leader parks itself after the step
+    that finishes the gather and the weight refill (``wait_restore_ready``), not when the
+    counts reach zero at that step's launch; an idle leader splits at once."""
+
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=None)
+        w0.answers.update(drop_execute=140)
+        w1.answers.update(drop_prepare=lambda spec: _report(1, []), drop_execute=150)
+        await tr.drop([0, 1])
+        plan = RestorePlan([], {"a": 0}, {1: []}, {}, {0: 100, 1: 100})
+        w0.answers.update(restore_begin=None, restore_plan=plan, stop_pipeline=None)
+        w0.answers.update(restore_execute=100)
+        w1.answers.update(restore_execute=100)
+        refill = iter([2 << 30, 1 << 30, 0, 0, 0])
+
+        def stats():
+            w0.ready = len(w0.stats.calls) >= 4  # parks after the step that refilled the last
+            running = dataclasses.replace(make_stats(), num_running=2)
+            return _async(dataclasses.replace(running, weight_bytes_to_refill=next(refill)))
+
+        w0.stats = _Method(stats)
+        await tr.restore()
+        assert len(w0.stats.calls) == 4 and w0.steps[-1] == "restore_execute"
+
+        await tr.drop([0, 1])
+        w0.ready, w0.stats = False, _Method(lambda: _async(make_stats()))  # idle, none running
+        await tr.restore()
+        assert len(w0.stats.calls) == 1
 
     asyncio.run(body())
 

@@ -66,7 +66,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="run N CPU workers instead of GPU workers (default 1 when no GPU)",
     )
-    p.add_argument("--overload-policy", default="recompute", help=serve["overload_policy"])
+    p.add_argument("--overload-policy", default="drop", help=serve["overload_policy"])
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -212,6 +212,8 @@ def serve_main(args: argparse.Namespace) -> int:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = args.cpu_workers is None and gpus > 0
     num_workers = (args.num_gpus or gpus) if use_gpu else (args.cpu_workers or 1)
+    if args.overload_policy == "drop" and num_workers >= 2:  # a drop's first steps replay
+        engine = dataclasses.replace(engine, stage_graphs_at_start=2)
     config = ServeConfig(
         engine=engine,
         served_model_name=args.served_model_name or args.model,

@@ -50,8 +50,11 @@ class ServeConfig:
     """Workers (one per GPU, or CPU workers)."""
     use_gpu: bool = True
     """One GPU per worker; False runs CPU workers."""
-    overload_policy: str = "recompute"
-    """What an instance does when its KV cache runs out."""
+    overload_policy: str = "drop"
+    """What an instance does when its KV cache runs out: ``drop`` (KunServe: data-parallel
+    instances drop replicated layers and serve as a pipeline; needs two instances or more, and
+    a single instance serves as ``recompute``) or ``recompute`` (preempt and recompute, as vLLM
+    does)."""
     worker_env: dict[str, str] = field(default_factory=dict)
     """Environment variables for the worker processes."""
     planner: PlannerConfig = field(default_factory=PlannerConfig)

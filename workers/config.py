@@ -243,6 +243,11 @@ class EngineConfig:
     on remappable physical chunks, so dropped layers become KV without a copy; emulated over
     shared memory on CPU), 'torch' (the torch allocator), or 'auto' (vmm on CUDA when
     cuda-python is installed, torch otherwise)."""
+    stage_graphs_at_start: int = 0
+    """Capture at start-up the decode graphs of every stage a drop into a group of this many
+    stages would make of this worker (0: none; stages then capture each size on first use, a
+    stall of tens of ms per size after a drop). CUDA graphs on VMM memory only; ``kunserve
+    serve --overload-policy drop`` with two instances or more sets 2."""
     decode_gemm: str = "cublas"
     """Matmuls of batches of at most 16 tokens (decode) on the triton attention backend:
     'cublas' (torch's), or 'triton' (kernels/skinny_gemm.py: each weight read once, with the
@@ -258,6 +263,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES) + ['auto']}")
+        if self.stage_graphs_at_start < 0 or self.stage_graphs_at_start == 1:
+            raise ValueError(
+                f"stage_graphs_at_start must be 0 or a group size >= 2, got {self.stage_graphs_at_start}"
+            )
         if self.memory_backend not in _MEMORY_BACKENDS:
             raise ValueError(
                 f"memory_backend must be one of {list(_MEMORY_BACKENDS)}, got {self.memory_backend!r}"

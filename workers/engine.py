@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from planner.drop_plan import stage_layer_ranges
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.config import EngineConfig, load_eos_token_ids
 from workers.model_runner import ModelRunner
 from workers.request import Request, RequestStatus, SamplingParams
 from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
+from workers.stage_memory import capture_stage_graphs
 from workers.stalls import PhaseClock
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class Engine:
         self.eos_token_ids = load_eos_token_ids(config.model_path)
         self._init_kv_cache()
         self.runner.capture_cuda_graphs()
+        if config.stage_graphs_at_start:
+            self._capture_stage_graphs(config.stage_graphs_at_start)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._last_step = (0.0, 0)
         self._fill = 0.0
@@ -113,6 +117,20 @@ class Engine:
             self.config.cache.block_size,
             self.pool.num_blocks * self.runner.block_bytes / 2**20,
         )
+
+    def _capture_stage_graphs(self, group_size: int) -> None:
+        """The decode graphs of every stage of a ``group_size``-stage drop, captured now
+        (workers/stage_memory.py, ``capture_stage_graphs``)."""
+        start = time.perf_counter()
+        ranges = stage_layer_ranges(self.runner.model.cfg.num_layers, group_size)
+        n = capture_stage_graphs(self.runner, ranges)
+        if n:
+            logger.info(
+                "CUDA graphs: captured %d decode graphs of the stages %s in %.1f s",
+                n,
+                ranges,
+                time.perf_counter() - start,
+            )
 
     def add_request(self, spec: RequestSpec) -> None:
         self.scheduler.add(

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,6 +95,9 @@ class ModelRunner:
         captured under."""
         self._graph_key: tuple | None = None
         self._force_eager = False
+        self.stage_graphs: dict[tuple[int, int], tuple[tuple, Any]] = {}
+        """Pipeline stages' decode graphs by layer range, with the key they were captured
+        under (workers/pipeline.py, ``stage_graphs_for``): kept from one drop to the next."""
 
     @property
     def layers_per_block(self) -> int:
@@ -184,6 +188,7 @@ class ModelRunner:
         KV). The parameters move to the meta device first, so any later use raises instead of
         reading freed memory: the runner cannot run again."""
         self.cuda_graphs = self._parked_graphs = None
+        self.stage_graphs.clear()
         self.kv_cache = torch.empty(0, device=self.device)
         if self.memory is not None:
             self.model.to("meta")

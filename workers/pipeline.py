@@ -26,7 +26,7 @@ from torch import nn
 
 from attention.transport import StageInputs, StageOp, StageTransport, StepHeader, wait_sends
 from workers import kv_exchange
-from workers.cuda_graphs import capture_sizes, graph_blocker
+from workers.cuda_graphs import capture_sizes, graph_blocker, graph_key
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
 from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttention, StepPlan
@@ -149,10 +149,20 @@ def run_stage(
         return model(positions, **kwargs)
 
 
-def stage_graphs_for(runner: Any, replay_eagerly: bool = False) -> StageGraphs | None:
-    """Decode graphs for the stage ``runner`` now holds, when its device, backend and config
-    allow graphs (workers/cuda_graphs.graph_blocker; ``replay_eagerly`` skips that check for
-    tests on CPU), else None."""
+def stage_graphs_for(
+    runner: Any,
+    replay_eagerly: bool = False,
+    model: LlamaModel | None = None,
+    kv_cache: torch.Tensor | None = None,
+) -> StageGraphs | None:
+    """Decode graphs for a stage of ``runner`` (its current model and KV view, or ``model`` over
+    ``kv_cache``), when its device, backend and config allow graphs (workers/cuda_graphs
+    .graph_blocker; ``replay_eagerly`` skips that check for tests on CPU), else None.
+
+    The runner keeps them (``stage_graphs``, by layer range): a later drop to the same range
+    gets the same graphs back when its stage model and KV view have the same
+    :func:`stage_graph_key`, with every size captured so far (and the sizes captured at
+    start-up, :func:`workers.stage_memory.capture_stage_graphs`)."""
     cfg = getattr(runner, "config", None)
     if cfg is None:
         return None
@@ -160,10 +170,36 @@ def stage_graphs_for(runner: Any, replay_eagerly: bool = False) -> StageGraphs |
         reason = graph_blocker(runner.device, cfg.enforce_eager, runner.backend.name, True)
         if reason is not None:
             return None
+    model = runner.model if model is None else model
+    kv_cache = runner.kv_cache if kv_cache is None else kv_cache
+    kept = getattr(runner, "stage_graphs", None)
+    key = stage_graph_key(model, kv_cache)
+    hit = None if kept is None else kept.get((model.start, model.end))
+    if hit is not None and hit[0] == key:
+        graphs = hit[1]
+        graphs.model, graphs.kv_cache = model, kv_cache
+        logger.info(
+            "stage layers [%d, %d): decode graphs kept (%d sizes captured)",
+            model.start,
+            model.end,
+            len(graphs.graphs),
+        )
+        return graphs
     sched = cfg.scheduler
     max_batch = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)[-1]
     width = -(-runner.max_model_len // runner.block_size)
-    return StageGraphs(runner.model, runner.kv_cache, width, max_batch, replay_eagerly)
+    graphs = StageGraphs(model, kv_cache, width, max_batch, replay_eagerly)
+    if kept is not None:
+        kept[(model.start, model.end)] = (key, graphs)
+    return graphs
+
+
+def stage_graph_key(model: LlamaModel, kv_cache: torch.Tensor) -> tuple:
+    """:func:`~workers.cuda_graphs.graph_key` of a stage's decode graphs, without the KV view's
+    block count: a view of the stage's layer count over the same base grows with a drop (more
+    blocks, same strides), and the graphs read blocks only through their tables."""
+    params, (ptr, shape, stride, dtype) = graph_key(model, kv_cache)
+    return params, (ptr, shape[1:], stride, dtype)
 
 
 class _Stage:

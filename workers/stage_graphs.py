@@ -145,6 +145,13 @@ class StageGraphs:
         self.num_replays += 1
         return tuple(t[:n] for t in out)
 
+    def capture_all(self) -> int:
+        """Captures the graph of every size not captured yet; returns how many it captured."""
+        todo = [size for size in self.sizes if size not in self.graphs]
+        for size in todo:
+            self._capture(size)
+        return len(todo)
+
     def _forward(self, size: int) -> tuple[torch.Tensor, ...]:
         """What the graph of ``size`` records, over the static buffers."""
         splits = choose_num_splits(

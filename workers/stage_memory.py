@@ -28,6 +28,7 @@ from torch import nn
 
 from attention.transport import StageTransport
 from workers import weight_exchange
+from workers.cuda_graphs import graph_blocker
 from workers.kv_buffer import KVBuffer
 from workers.memory import WorkerMemory
 from workers.models.llama import LlamaModel
@@ -38,6 +39,7 @@ from workers.pipeline import (
     dropped_param_bytes,
     empty_model,
     restore_full_model,
+    stage_graphs_for,
 )
 from workers.weight_arena import place_model_in_arena
 from workers.weight_exchange import WeightCopy
@@ -379,6 +381,33 @@ def _modules_of(model: LlamaModel, region: int) -> list[nn.Module]:
     if region == model.cfg.num_layers:
         return [model.norm, model.lm_head]
     return [model.layers[region]]
+
+
+def capture_stage_graphs(runner: Any, ranges: Sequence[tuple[int, int]]) -> int:
+    """At start-up, before any drop: captures every decode graph of the pipeline stages a
+    drop may make of this worker (each layer range of ``ranges``) over the stage views of its
+    KV bytes, so the pipeline's first decode micro-batches replay instead of capturing one size
+    after another (15-36 ms each on an H200, on every stage: a stall for every request of the
+    micro-batch). A view made now has fewer blocks than the one after a drop, at the same base
+    with the same strides, and the weights do not move: ``stage_graphs_for`` finds the graphs
+    and keeps them. Only on VMM memory (the torch allocator moves the KV cache at a drop) and
+    where graphs run at all; returns the graphs captured."""
+    cfg = runner.config
+    if runner.memory is None or graph_blocker(
+        runner.device, cfg.enforce_eager, runner.backend.name, True
+    ):
+        return 0
+    full, memory, count = runner.model, VmmStageMemory(runner.memory), 0
+    try:
+        for start, end in ranges:
+            stage, _ = build_stage_model(full, (start, end))
+            count += stage_graphs_for(
+                runner, model=stage, kv_cache=memory.view(end - start)
+            ).capture_all()
+    finally:
+        for j, layer in enumerate(full.layers):  # the stage models re-pointed the layers
+            adopt_layer(full, j, layer)
+    return count
 
 
 def stage_memory_for(runner: Any) -> StageMemory:

@@ -56,6 +56,7 @@ def engine_config(
     max_seqs: int = 2,
     attention_backend: str = "torch",
     pipeline_budget: int | None = None,
+    stage_graphs_at_start: int = 0,
 ) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
     and a request can be mid-prefill when a transition starts; at most ``max_seqs`` running
@@ -65,6 +66,7 @@ def engine_config(
         dtype="float32",
         attention_backend=attention_backend,
         memory_backend=memory_backend,
+        stage_graphs_at_start=stage_graphs_at_start,
         # the least the KV exchange moves: one layer of one pre-drop request per step, so
         # remote attention serves them for many steps and a restore finishes the exchange
         cache=CacheConfig(
@@ -245,6 +247,7 @@ def _drop_restore(
     return_group=None,
     gather: bool = False,
     cancel_after: int | None = None,
+    stage_graphs_at_start: int = 0,
 ) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
@@ -259,6 +262,7 @@ def _drop_restore(
         exchange_bytes=exchange_bytes,
         max_seqs=max_seqs,
         attention_backend=backend,
+        stage_graphs_at_start=stage_graphs_at_start,
     )
     engine = Engine(config, device)
     memory = engine.runner.memory
@@ -287,6 +291,8 @@ def _drop_restore(
     info = {"reports": [(r.stage_blocks, r.freed_bytes, r.normal_blocks) for r in reports]}
     info["at_drop"] = at_drop
     info["pipelined"] = ctl.describe()
+    stage = engine.runner if rank == 0 else ctl.stage_loop
+    info["stage_graphs_at_drop"] = 0 if stage.graphs is None else len(stage.graphs.graphs)
     plan = None
     if rank == 0:
         _steps(engine, tokens["pipelined"], pipelined[0])
@@ -371,6 +377,7 @@ def nccl_main(
             backend="triton",
             return_group=group,
             gather=gather,
+            stage_graphs_at_start=2 if gather else 0,  # both ways: captured at start, on use
         )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:

@@ -30,7 +30,15 @@ from tests.workers.pipeline_helpers import (
 )
 from workers.engine import Engine, RequestSpec
 from workers.kv_buffer import KVBuffer
-from workers.pipeline import PipelineRunner, StageLoop, build_stage_model, run_stage
+from workers.pipeline import (
+    PipelineRunner,
+    StageLoop,
+    adopt_layer,
+    build_stage_model,
+    run_stage,
+    stage_graphs_for,
+)
+from workers.stage_memory import VmmStageMemory
 from workers.transition import GroupSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -403,6 +411,30 @@ def test_stage_graphs_replay_decode_micro_batches_with_the_sametokens_by_request
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
 
 
+def test_stage_graphs_made_before_a_drop_are_kept_by_the_drop_and_the_next(
+    stories_dir: Path,
+) -> None:
+    """Stage graphs are kept by layer range on the runner: graphs made over a stage model and
+    a stage view before any drop (as at start-up) are the ones the drop's own stage model and
+    grown view get back (same weights, same base and strides, more blocks), with the new view;
+    another range, or a view at another base, gets graphs of its own."""
+    runner = Engine(engine_config(stories_dir, memory_backend="vmm"), torch.device("cpu")).runner
+    memory = VmmStageMemory(runner.memory)
+    early, _ = build_stage_model(runner.model, (3, 5))
+    before = stage_graphs_for(runner, True, early, memory.view(2))
+    for j, layer in enumerate(runner.model.layers):
+        adopt_layer(runner.model, j, layer)  # as capture_stage_graphs leaves the full model
+    stage = memory.drop(runner.model, (3, 5))
+    view = memory.view(2)
+    assert view.shape[0] > before.kv_cache.shape[0]  # the drop grew the view
+    kept = stage_graphs_for(runner, True, stage, view)
+    assert kept is before and kept.model is stage and kept.kv_cache is view
+    assert stage_graphs_for(runner, True, stage, view[1:]) is not kept  # another base
+    other, _ = build_stage_model(stage, (3, 4))
+    assert stage_graphs_for(runner, True, other, memory.view(1)) is not kept
+    assert sorted(runner.stage_graphs) == [(3, 4), (3, 5)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gather", [False, True], ids=["parked-restore", "live-gather"])
 def test_gpu_nccl_micro_batches_and_stage_graphs_keep_every_token(
@@ -412,7 +444,9 @@ def test_gpu_nccl_micro_batches_and_stage_graphs_keep_every_token(
     micro-batches in flight (logits back on their own process group), decode micro-batches
     replayed from stage graphs captured on first use; tokens equal each request's alone on a
     full GPU engine. ``live-gather``: the restore first gathers every request's KV home while
-    the group decodes, so the split copies none."""
+    the group decodes, and refills the dropped weights (VMM memory), so the split copies
+    neither; its engines capture their stage graphs at start-up (kept at the drop), the other
+    run's on first use."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     init = f"tcp://127.0.0.1:{free_port()}"
@@ -421,8 +455,13 @@ def test_gpu_nccl_micro_batches_and_stage_graphs_keep_every_token(
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0]["max_in_flight"] == 2
     assert all(r["graph_replays"] > 0 for r in results)
-    if gather:
+    if gather:  # the split copies no KV, and no weights: the live steps refilled them
         assert results[0]["to_gather"] == 0 and results[0]["restore_copies"] == 0
+        assert results[0]["weights_refilled"] == 7  # embedding, 5 layers, head
+        # stage graphs captured at start-up, kept at the drop (replays then equal tokens)
+        assert all(r["stage_graphs_at_drop"] > 0 for r in results)
+    else:
+        assert all(r["stage_graphs_at_drop"] == 0 for r in results)
     cuda = torch.device("cuda", 0)
     rids = requests_for(2)
     assert tokens_by_request(results) == {

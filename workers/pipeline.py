@@ -103,14 +103,19 @@ def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[
     if not model.start <= start < end <= model.end:
         raise ValueError(f"[{start}, {end}) is not inside [{model.start}, {model.end})")
     freed = dropped_param_bytes(model, layer_range)
-    stage = empty_model(model, layer_range)
-    for j, layer in _layers_by_index(model):
-        if start <= j < end:
-            adopt_layer(stage, j, layer)
-    if stage.is_first:
-        stage.embed_tokens = model.embed_tokens
-    if stage.is_last:
-        stage.norm, stage.lm_head = model.norm, model.lm_head
+    kept = [layer for j, layer in _layers_by_index(model) if start <= j < end]
+    stage = LlamaModel.of_modules(
+        model.cfg,
+        layer_range,
+        kept,
+        model.embed_tokens,
+        model.norm,
+        model.lm_head,
+        model.max_positions,
+        model.cos_sin_cache,
+    )
+    for j, layer in zip(range(start, end), kept, strict=True):
+        adopt_layer(stage, j, layer)
     check_materialized(stage)
     return stage.eval(), freed
 

@@ -1,11 +1,14 @@
-"""CUDA graphs for one pipeline stage's decode micro-batches, captured on first use.
+"""CUDA graphs for one pipeline stage's decode micro-batches.
 
 A stage holding half of Llama-3-8B's layers runs a decode micro-batch eagerly in about 6 ms on
 an H200, almost all of it kernel launches and Python; its graph replays in about a third of
 that. Normal mode captures graphs at start-up for the full model (workers/cuda_graphs.py); a
-stage exists only after a drop, and capturing every size then would stall the drop. So a stage
-captures the graph of a batch size the first time a decode micro-batch of that size reaches
-it (one stall of tens of milliseconds per size) and replays it after.
+stage exists only after a drop, and capturing every size then would stall the drop. So a
+worker that may drop captures its stages' graphs at start-up, over stage views of its VMM KV
+bytes (workers/stage_memory.py, ``capture_stage_graphs``), and the runner keeps them for the
+drop (workers/pipeline.py, ``stage_graphs_for``). A stage without them captures the graph of a
+batch size the first time a decode micro-batch of that size reaches it (one stall of 15-36 ms
+per size on an H200) and replays it after.
 
 What a stage graph reads and writes (fixed addresses, like the full-model graphs):
 
@@ -46,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 
 class StageGraphs:
-    """Decode graphs of one stage model over its KV view, one per batch size, captured lazily.
+    """Decode graphs of one stage model over its KV view, one per batch size, captured on first
+    use or all at once (:meth:`capture_all`).
 
     ``kv_cache``: the stage's view [num_blocks, layers, 2, block_size, kv_heads, head_dim];
     ``max_blocks_per_seq``: block-table width (the longest context); ``max_batch``: the

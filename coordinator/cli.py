@@ -131,6 +131,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-kv-cache-gb", type=float, default=1.0, help=cache["cpu_kv_cache_gb"])
     p.add_argument("--num-kv-blocks", type=int, default=None, help=cache["num_kv_blocks"])
     p.add_argument(
+        "--kv-exchange-bytes-per-step",
+        type=int,
+        default=CacheConfig.kv_exchange_bytes_per_step,
+        help=cache["kv_exchange_bytes_per_step"],
+    )
+    p.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help=sched["max_num_batched_tokens"]
     )
     p.add_argument("--max-num-seqs", type=int, default=256, help=sched["max_num_seqs"])
@@ -172,6 +178,7 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
             gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_kv_cache_gb=args.cpu_kv_cache_gb,
             num_kv_blocks=args.num_kv_blocks,
+            kv_exchange_bytes_per_step=args.kv_exchange_bytes_per_step,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,

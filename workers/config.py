@@ -150,11 +150,13 @@ class CacheConfig:
     num_kv_blocks: int | None = None
     """Override the number of KV blocks (for tests and to force memory pressure)."""
     kv_exchange_bytes_per_step: int = 2**30
-    """After a drop, KV bytes of pre-drop requests moved to the stages that own their layers
-    per pipeline step (at least one layer of one request moves each step; DESIGN.md §6.5).
-    A step with pre-drop requests costs ~35 ms on 2 H200s whatever it moves (one remote
-    attention round trip per layer), while 1 GiB crosses NVLink in ~3 ms: moving more per step
-    ends that phase in fewer steps (docs/benchmarks.md; 256 MiB took 10 steps)."""
+    """Bytes a pipeline step moves between a group's workers while requests keep decoding:
+    after a drop, pre-drop requests' KV to the stages that own their layers (at least one layer
+    of one request a step; DESIGN.md §6.5); during a restore, running requests' KV onto one
+    home, and on VMM memory the dropped weights back (per link). A step with pre-drop requests
+    costs ~35 ms on 2 H200s whatever it moves (one remote attention round trip per layer),
+    while 1 GiB crosses NVLink in ~3 ms: moving more per step ends that phase in fewer steps,
+    each longer (docs/benchmarks.md; 256 MiB took 10 steps)."""
 
     def __post_init__(self) -> None:
         if self.kv_exchange_bytes_per_step < 0:

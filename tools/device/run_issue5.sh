@@ -7,7 +7,8 @@
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
 # (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window (a policy "drop@N"
 # serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
-# cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100").
+# cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100");
+# EXCHANGE_BYTES (drop-bench) one server per --kv-exchange-bytes-per-step value.
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-gpu-tests drop-bench replay}
@@ -34,20 +35,26 @@ for step in $steps; do
         tests/workers/test_remote_attention.py tests/workers/test_cuda_graphs.py tests/attention/test_transport.py \
         tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
     drop-bench)
-      start_server serve_drop --overload-policy drop --no-auto-transitions || continue
-      # Two cycles on one server: what the second drop no longer pays was a one-time cost.
-      # Triton kernels compiled during each cycle are listed (a first-drop cost suspect).
-      cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
-      for cycle in 1 2; do
-        touch /tmp/cycle_marker
-        timeout 240 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 \
-          --max-tokens 6000 --phase-s 4 --weight-gb 14.96 --output-json "$OUT/drop_bench$cycle.json" \
-          2>&1 | tee "$OUT/drop_bench$cycle.log"
-        find "$cache" -newer /tmp/cycle_marker -name "*.json" ! -name "__grp__*" 2>/dev/null \
-          | xargs -r -n1 basename | sort | uniq -c | tee "$OUT/triton_compiled_cycle$cycle.log"
-      done
-      grep -E "drop:|drop on worker|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop.log" | tail -60
-      stop_server ;;
+      # EXCHANGE_BYTES: a server per value of --kv-exchange-bytes-per-step (outputs suffixed
+      # _x<value>); unset: one server with the default.
+      for xb in ${EXCHANGE_BYTES:-default}; do
+        extra=(); sfx=""
+        if [[ $xb != default ]]; then extra=(--kv-exchange-bytes-per-step "$xb"); sfx="_x$xb"; fi
+        start_server "serve_drop$sfx" --overload-policy drop --no-auto-transitions "${extra[@]}" || continue
+        # Two cycles on one server: what the second drop no longer pays was a one-time cost.
+        # Triton kernels compiled during each cycle are listed (a first-drop cost suspect).
+        cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+        for cycle in 1 2; do
+          touch /tmp/cycle_marker
+          timeout 240 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 \
+            --max-tokens 6000 --phase-s 4 --weight-gb 14.96 \
+            --output-json "$OUT/drop_bench$sfx$cycle.json" 2>&1 | tee "$OUT/drop_bench$sfx$cycle.log"
+          find "$cache" -newer /tmp/cycle_marker -name "*.json" ! -name "__grp__*" 2>/dev/null \
+            | xargs -r -n1 basename | sort | uniq -c | tee "$OUT/triton_compiled$sfx$cycle.log"
+        done
+        grep -E "drop:|drop on worker|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop$sfx.log" | tail -60
+        stop_server
+      done ;;
     replay)
       for spec in ${POLICIES:-recompute drop}; do
         # drop@N: the drop policy with --pipeline-max-num-batched-tokens N (outputs drop_bN)

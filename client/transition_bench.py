@@ -24,6 +24,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -66,10 +67,28 @@ def _rate(traces: list[_Trace], lo: float, hi: float) -> float:
     return n / max(hi - lo, 1e-9)
 
 
+async def _idle_server_info(client: AsyncKunserveClient, timeout_s: float) -> Any:
+    """The server's info once no instance runs or queues a request (a previous run's cancelled
+    requests are still being released); raises SystemExit naming what is left after
+    ``timeout_s`` (a request the server never released)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await client.server_info()
+        busy = {i.instance_id: (i.num_running, i.num_waiting) for i in info.instances}
+        if not any(r or w for r, w in busy.values()):
+            return info
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"the server still holds requests after {timeout_s:.0f} s "
+                f"(instance: (running, waiting)) {busy}: the bench needs an idle server"
+            )
+        await asyncio.sleep(0.2)
+
+
 async def run(args: argparse.Namespace) -> dict:
     client = AsyncKunserveClient(args.host, args.port)
     await client.wait_ready(args.ready_timeout)
-    info = await client.server_info()
+    info = await _idle_server_info(client, args.idle_timeout_s)
     if info.overload_policy != "drop":
         raise SystemExit(f"the server's overload policy is {info.overload_policy!r}; need drop")
     inst = [i for i in info.instances if i.state == "normal"]
@@ -194,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=30.0,
+        help="how long to wait for the server to hold no request before starting",
+    )
     p.add_argument("--num-requests", type=int, default=32, help="requests decoding at the drop")
     p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per request")
     p.add_argument("--max-tokens", type=int, default=100000, help="tokens each may generate")

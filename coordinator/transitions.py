@@ -275,7 +275,7 @@ class Transitions:
         start = last_change = time.monotonic()
         best, left = None, (0, 0)
         try:
-            while not await leader.leader.wait_restore_ready.remote(GATHER_POLL_S):
+            while not (ready := await leader.leader.wait_restore_ready.remote(GATHER_POLL_S)):
                 stats = await leader.leader.stats.remote()
                 left = (stats.num_to_gather, stats.weight_bytes_to_refill)
                 now = time.monotonic()
@@ -291,6 +291,8 @@ class Transitions:
             await leader.leader.resume.remote()
             raise
         phases.mark("gather")
+        if ready:  # the leader parked itself with nothing left (``left`` may be older)
+            return
         if left[0]:
             logger.info(
                 "restore: %d requests not gathered live; the split copies their KV", left[0]

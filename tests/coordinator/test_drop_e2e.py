@@ -205,15 +205,17 @@ def test_admin_errors(drop_server: ServerProcess) -> None:
 def test_bench_drop_measures_a_forced_drop_and_restore(
     drop_server: ServerProcess, tmp_path
 ) -> None:
-    """``kunserve bench drop`` end to end: requests decode through a drop and a restore and
-    each figure comes back from the same run."""
+    """``kunserve bench drop`` end to end, twice on one server: requests decode through a drop
+    and a restore and each figure comes back from the same run; the second run starts once the
+    server has released the first run's cancelled requests (same request ids)."""
     host, port = drop_server.address.split(":")
     out = tmp_path / "drop.json"
     cmd = [sys.executable, "-m", "coordinator.cli", "bench", "drop", "--host", host]
     cmd += ["--port", port, "--num-requests", "4", "--prompt-len", "32", "--max-tokens", "400"]
     cmd += ["--phase-s", "1", "--weight-gb", "0.001", "--output-json", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
+    for _ in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
     r = json.loads(out.read_text())
     assert r["g"] == 2
     assert (r["kv_blocks_before"], r["kv_blocks_after"]) == (2 * BLOCKS, expected_capacity()[1])

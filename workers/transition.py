@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +54,7 @@ from attention.transport import StageTransport
 from workers import kv_exchange, weight_exchange
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.kv_exchange import BlockMove, SliceCopy
-from workers.pipeline import PipelineRunner, StageLoop
+from workers.pipeline import PipelineRunner, Refill, StageLoop
 from workers.remote_attention import GroupKVManager, GroupLayout
 from workers.request import Request, RequestStatus
 from workers.scheduler import Scheduler
@@ -361,7 +361,7 @@ class GroupController:
             self._refill(spec, stage),
         )
 
-    def _refill(self, spec: GroupSpec, stage: int) -> Callable[[Sequence[WeightCopy]], int] | None:
+    def _refill(self, spec: GroupSpec, stage: int) -> Refill | None:
         """This stage's weight refill for a live restore's steps (None: the memory cannot)."""
         if not self.memory.refills_in_place:
             return None

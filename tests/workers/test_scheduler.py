@@ -358,6 +358,7 @@ def test_token_budget_overrides_the_step_budget(make_request) -> None:
     sched.add(make_request("b", prompt=8, max_tokens=3))
     assert plan(sched.schedule(token_budget=6)) == [("a", 6, False)]
     assert SchedulerConfig(max_num_batched_tokens=16).pipeline_token_budget == 16
+    assert SchedulerConfig(max_num_batched_tokens=8192).pipeline_token_budget == 1024
     config = SchedulerConfig(max_num_batched_tokens=16, pipeline_max_num_batched_tokens=4)
     assert config.pipeline_token_budget == 4
     with pytest.raises(ValueError, match="pipeline_max_num_batched_tokens"):

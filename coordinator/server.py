@@ -151,9 +151,13 @@ class CoordinatorServer:
             interval = cfg.planner.sample_interval_s
             self._monitor_task = asyncio.ensure_future(self.core.monitor(interval))
             act = cfg.auto_transitions and cfg.overload_policy == "drop"
+            alone = act and len(infos) < 2  # a drop merges two instances or more
+            act = act and not alone
             self.overload = OverloadController(self.core, self.transitions, shape, cfg.planner, act)
             self._overload_task = asyncio.ensure_future(self.overload.run())
             what = "drops and restores" if act else "observes only"
+            if alone:
+                what += " (one instance: nothing to drop into, it serves as recompute)"
             logger.info("planner: %s, sampling every %g s", what, interval)
             logger.info(
                 "serving %s on %s:%d with %d instance(s)",

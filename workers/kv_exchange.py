@@ -110,7 +110,8 @@ def read(
         if c.src_rank == me:
             a, b = c.src_layers
             idx = host_tensor(c.src_blocks, torch.int64, view.device)
-            data = view.index_select(0, idx)[:, a:b].contiguous()
+            # only the layers that move are gathered (half of an L-layer block when half move)
+            data = view[:, a:b].index_select(0, idx)
             if c.dst_rank == me:
                 pending.append((c, data))
             else:

@@ -195,6 +195,15 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
     )
 
 
+def engine_for_policy(engine: EngineConfig, overload_policy: str, num_workers: int) -> EngineConfig:
+    """The workers' config for a server of ``num_workers`` instances: with the ``drop`` policy
+    and two or more, each captures its two-stage graphs at start-up, so a drop's first decode
+    micro-batches replay (EngineConfig.stage_graphs_at_start)."""
+    if overload_policy == "drop" and num_workers >= 2:
+        return dataclasses.replace(engine, stage_graphs_at_start=2)
+    return engine
+
+
 def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -219,8 +228,7 @@ def serve_main(args: argparse.Namespace) -> int:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = args.cpu_workers is None and gpus > 0
     num_workers = (args.num_gpus or gpus) if use_gpu else (args.cpu_workers or 1)
-    if args.overload_policy == "drop" and num_workers >= 2:  # a drop's first steps replay
-        engine = dataclasses.replace(engine, stage_graphs_at_start=2)
+    engine = engine_for_policy(engine, args.overload_policy, num_workers)
     config = ServeConfig(
         engine=engine,
         served_model_name=args.served_model_name or args.model,

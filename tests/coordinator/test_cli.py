@@ -7,8 +7,15 @@ import dataclasses
 
 import pytest
 
-from coordinator.cli import add_serve_args, planner_config, planner_flag
+from coordinator.cli import (
+    add_serve_args,
+    engine_config,
+    engine_for_policy,
+    planner_config,
+    planner_flag,
+)
 from planner.config import PlannerConfig
+from workers.config import PIPELINE_TOKENS, EngineConfig
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -54,3 +61,18 @@ def test_pipeline_micro_batches_flag_reaches_the_scheduler_config(tmp_path) -> N
     assert engine_config(args, tmp_path).scheduler.pipeline_micro_batches == 1
     with pytest.raises(ValueError, match="pipeline_micro_batches must be >= 1"):
         engine_config(parse("--pipeline-micro-batches", "0"), tmp_path)
+
+
+def test_serve_defaults_drop_and_its_engine_flags(tmp_path) -> None:
+    """The overload policy defaults to drop; the live budget and the pipeline budget reach the
+    engine config; stage graphs are captured at start-up only where a drop can happen."""
+    args = parse("--kv-exchange-bytes-per-step", "4096", "--max-num-batched-tokens", "8192")
+    assert args.overload_policy == "drop"
+    engine = engine_config(args, tmp_path)
+    assert engine.cache.kv_exchange_bytes_per_step == 4096
+    assert engine.scheduler.pipeline_token_budget == PIPELINE_TOKENS == 1024
+    assert engine_for_policy(engine, "drop", 2).stage_graphs_at_start == 2
+    assert engine_for_policy(engine, "drop", 1).stage_graphs_at_start == 0
+    assert engine_for_policy(engine, "recompute", 4).stage_graphs_at_start == 0
+    with pytest.raises(ValueError, match="stage_graphs_at_start"):
+        EngineConfig(model_path=str(tmp_path), stage_graphs_at_start=1)

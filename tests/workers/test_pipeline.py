@@ -418,7 +418,9 @@ def test_stage_graphs_made_before_a_drop_are_kept_by_the_drop_and_the_next(
     a stage view before any drop (as at start-up) are the ones the drop's own stage model and
     grown view get back (same weights, same base and strides, more blocks), with the new view;
     another range, or a view at another base, gets graphs of its own."""
-    runner = Engine(engine_config(stories_dir, memory_backend="vmm"), torch.device("cpu")).runner
+    config = engine_config(stories_dir, memory_backend="vmm", stage_graphs_at_start=2)
+    runner = Engine(config, torch.device("cpu")).runner
+    assert runner.stage_graphs == {}  # no graphs on CPU: start-up captured nothing
     memory = VmmStageMemory(runner.memory)
     early, _ = build_stage_model(runner.model, (3, 5))
     before = stage_graphs_for(runner, True, early, memory.view(2))

@@ -266,11 +266,7 @@ class Transitions:
         parks itself after the step that finishes both); returns once nothing is left (or no
         request runs to step the refill), or when what is left has not fallen for
         ``gather_stall_s``, or after ``gather_timeout_s`` (the split then copies the rest)."""
-        await leader.leader.pause.remote()
-        try:
-            await leader.leader.transition.remote("restore_begin")
-        finally:
-            await leader.leader.resume.remote()
+        await self._parked_step(leader, "restore_begin")
         phases.mark("begin")
         start = last_change = time.monotonic()
         best, left = None, (0, 0)
@@ -286,9 +282,7 @@ class Transitions:
                 if now - last_change > self.gather_stall_s or now - start > self.gather_timeout_s:
                     break
         except BaseException:  # the leader may have parked itself once gathered: undo
-            await leader.leader.pause.remote()
-            await leader.leader.transition.remote("restore_cancel")
-            await leader.leader.resume.remote()
+            await self._parked_step(leader, "restore_cancel")
             raise
         phases.mark("gather")
         if ready:  # the leader parked itself with nothing left (``left`` may be older)
@@ -353,6 +347,16 @@ class Transitions:
         self._abort_released(list(homes), homes)
 
     # --- shared -------------------------------------------------------------------------
+
+    @staticmethod
+    async def _parked_step(inst: Instance, step: str) -> None:
+        """Runs one transition step on ``inst``'s worker parked between engine steps, and
+        resumes it whether the step raised or not."""
+        await inst.leader.pause.remote()
+        try:
+            await inst.leader.transition.remote(step)
+        finally:
+            await inst.leader.resume.remote()
 
     async def _pause(self, members: list[Instance]) -> None:
         """Parks every member between steps and waits until the coordinator has applied

@@ -93,6 +93,14 @@ def adopt_layer(model: LlamaModel, index: int, layer: nn.Module) -> None:
     model.layers[local] = layer
 
 
+def point_layers_at_kv_slots(model: LlamaModel) -> None:
+    """Points each decoder layer of ``model`` at its slot in ``model``'s KV blocks (its index
+    in ``model.layers``). A stage model shares its layers with the full model it came from,
+    so whichever of the two runs next is re-pointed first."""
+    for local, layer in enumerate(model.layers):
+        layer.self_attn.local_layer = local
+
+
 def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[LlamaModel, int]:
     """Moves the kept modules of ``model`` into a new model for ``layer_range`` (no reload, no
     copy); the rest is left to be freed with ``model``. Returns (stage model, freed bytes).
@@ -114,8 +122,7 @@ def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[
         model.max_positions,
         model.cos_sin_cache,
     )
-    for j, layer in zip(range(start, end), kept, strict=True):
-        adopt_layer(stage, j, layer)
+    point_layers_at_kv_slots(stage)
     check_materialized(stage)
     return stage.eval(), freed
 

@@ -28,16 +28,15 @@ from torch import nn
 
 from attention.transport import StageTransport
 from workers import weight_exchange
-from workers.cuda_graphs import graph_blocker
 from workers.kv_buffer import KVBuffer
 from workers.memory import WorkerMemory
 from workers.models.llama import LlamaModel
 from workers.pipeline import (
-    adopt_layer,
     build_stage_model,
     check_materialized,
     dropped_param_bytes,
     empty_model,
+    point_layers_at_kv_slots,
     restore_full_model,
     stage_graphs_for,
 )
@@ -294,8 +293,7 @@ class VmmStageMemory:
             return full.eval()
         for module, name, view in parked:
             setattr(module, name, nn.Parameter(view, requires_grad=False))
-        for j, layer in enumerate(full.layers):  # the stage model re-pointed its kept layers
-            adopt_layer(full, j, layer)
+        point_layers_at_kv_slots(full)  # the stage model re-pointed its kept layers
         check_materialized(full)
         return full.eval()
 
@@ -392,21 +390,18 @@ def capture_stage_graphs(runner: Any, ranges: Sequence[tuple[int, int]]) -> int:
     with the same strides, and the weights do not move: ``stage_graphs_for`` finds the graphs
     and keeps them. Only on VMM memory (the torch allocator moves the KV cache at a drop) and
     where graphs run at all; returns the graphs captured."""
-    cfg = runner.config
-    if runner.memory is None or graph_blocker(
-        runner.device, cfg.enforce_eager, runner.backend.name, True
-    ):
+    if runner.memory is None:
         return 0
     full, memory, count = runner.model, VmmStageMemory(runner.memory), 0
     try:
         for start, end in ranges:
             stage, _ = build_stage_model(full, (start, end))
-            count += stage_graphs_for(
-                runner, model=stage, kv_cache=memory.view(end - start)
-            ).capture_all()
+            graphs = stage_graphs_for(runner, model=stage, kv_cache=memory.view(end - start))
+            if graphs is None:  # no graphs on this device, backend or config
+                return 0
+            count += graphs.capture_all()
     finally:
-        for j, layer in enumerate(full.layers):  # the stage models re-pointed the layers
-            adopt_layer(full, j, layer)
+        point_layers_at_kv_slots(full)  # the stage models re-pointed the layers
     return count
 
 

@@ -114,12 +114,13 @@ class WeightPrefetch:
         ones in order, while each link's bytes stay within the budget (every link gets at
         least one region). The order of the taken copies is the plan's."""
         used: dict[tuple[int, int], int] = {}
+        full: set[tuple[int, int]] = set()  # links whose budget a region overran this step
         taken, left = [], []
         for c in self.pending:
             link = (c.src_rank, c.dst_rank)
             size = self.nbytes(c.region)
-            if link in used and (used[link] + size > self.bytes_per_step or used[link] < 0):
-                used[link] = -1  # a region was skipped: later ones of this link wait (order)
+            if link in full or (link in used and used[link] + size > self.bytes_per_step):
+                full.add(link)  # later regions of this link wait too (plan order)
                 left.append(c)
                 continue
             used[link] = used.get(link, 0) + size

@@ -33,8 +33,8 @@ from workers.kv_buffer import KVBuffer
 from workers.pipeline import (
     PipelineRunner,
     StageLoop,
-    adopt_layer,
     build_stage_model,
+    point_layers_at_kv_slots,
     run_stage,
     stage_graphs_for,
 )
@@ -424,8 +424,7 @@ def test_stage_graphs_made_before_a_drop_are_kept_by_the_drop_and_the_next(
     memory = VmmStageMemory(runner.memory)
     early, _ = build_stage_model(runner.model, (3, 5))
     before = stage_graphs_for(runner, True, early, memory.view(2))
-    for j, layer in enumerate(runner.model.layers):
-        adopt_layer(runner.model, j, layer)  # as capture_stage_graphs leaves the full model
+    point_layers_at_kv_slots(runner.model)  # as capture_stage_graphs leaves the full model
     stage = memory.drop(runner.model, (3, 5))
     view = memory.view(2)
     assert view.shape[0] > before.kv_cache.shape[0]  # the drop grew the view

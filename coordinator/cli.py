@@ -296,6 +296,7 @@ def bench_main(args: argparse.Namespace) -> int:
         prefill=not args.no_prefill,
         hf=not args.no_hf,
         profile=_ints(args.profile),
+        mixed_steps=not args.no_mixed,
     )
     return 0
 
@@ -321,6 +322,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     eng.add_argument(
         "--no-hf", action="store_true", help="skip the HF transformers decode baseline"
+    )
+    eng.add_argument(
+        "--no-mixed",
+        action="store_true",
+        help="skip the mixed steps (a prefill chunk + 32 decodes, piecewise graphs vs eager)",
     )
     eng.add_argument(
         "--profile",

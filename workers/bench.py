@@ -11,6 +11,8 @@ measured in the same run.
   replay's launch (scheduler update and schedule, input preparation), while the GPU idles.
 - Prefill throughput at 8k tokens (1 x 8192 and 8 x 1024) in tokens/s and TFLOP/s, beside
   the bf16 rate of an 8192^3 ``torch.matmul`` measured in the same run.
+- Mixed steps (a prefill chunk beside 32 decodes, 64 to 1,024 tokens in all) through the
+  piecewise graphs (workers/piecewise_graphs.py) beside the same step run eagerly.
 - HF transformers baseline: a ``LlamaForCausalLM`` built from the same ``config.json`` with
   random weights in the engine's dtype, its decode step at batch 1 and 64 with 1k context,
   beside ours. It runs before the engine is built, so both never hold GPU memory at once.
@@ -41,13 +43,16 @@ from workers.bench_profile import (
 from workers.config import EngineConfig, ModelConfig, parse_dtype
 from workers.cuda_graphs import padded_batch_size
 from workers.engine import Engine, RequestSpec
-from workers.request import SamplingParams
+from workers.request import Request, SamplingParams
+from workers.scheduler import ScheduledRequest, SchedulerOutput
 
 HF_POINTS = ((1, 1024), (64, 1024))
 """(batch, context) points of the HF transformers baseline."""
 PREFILL_SHAPES = ((1, 8192), (8, 1024))
 """(prompts, tokens per prompt) of the prefill points: 8192 tokens each."""
 WARMUP_STEPS = 2
+MIXED_TOKENS = (64, 128, 256, 512, 1024)
+"""Token counts of the mixed-step points (a prefill chunk plus 32 decodes)."""
 
 
 @dataclass
@@ -95,6 +100,22 @@ class PrefillResult:
     def vs_matmul(self) -> float:
         """Achieved FLOP/s over the matmul rate (a model-FLOPs utilization)."""
         return self.flops / self.seconds / self.matmul_flops_per_s
+
+
+@dataclass
+class MixedResult:
+    """One mixed step (a prefill chunk beside decodes) with and without piecewise graphs."""
+
+    tokens: int  # the step's tokens: the chunk plus one per decode
+    decodes: int
+    context: int  # tokens of context of each decode (and the chunk's prompt)
+    step_ms: float  # through the piecewise graphs (eager where the engine has none)
+    eager_ms: float | None = None  # the same step with every graph bypassed
+
+    @property
+    def speedup(self) -> float:
+        """Eager step time over the piecewise one (nan without graphs)."""
+        return self.eager_ms / self.step_ms if self.eager_ms else float("nan")
 
 
 @dataclass
@@ -252,6 +273,80 @@ def start_decoding(engine: Engine, batch: int, context: int, steps: int, phases:
     return ids
 
 
+def mixed_step(engine: Engine, tokens: int, decodes: int, context: int) -> SchedulerOutput:
+    """A step of ``tokens`` tokens: ``decodes`` requests of ``context`` tokens decoding one
+    each, and the rest a prefill chunk at the end of a ``context``-token prompt, all over
+    KV blocks from 0 up (call with no request running). Raises ValueError when the KV cache
+    cannot hold them or the chunk would be empty or longer than the prompt."""
+    chunk, bs = tokens - decodes, engine.runner.block_size
+    if context + 1 > engine.max_model_len:
+        raise ValueError(f"a context of {context} exceeds max_model_len {engine.max_model_len}")
+    if not 0 < chunk <= context:
+        raise ValueError(f"a {tokens}-token step of {decodes} decodes leaves a chunk of {chunk}")
+    per_seq = -(-context // bs)
+    if (decodes + 1) * per_seq > engine.pool.num_blocks:
+        raise ValueError(f"{decodes + 1} sequences of {context} tokens exceed the KV cache")
+    vocab, gen = engine.runner.model_config.vocab_size, torch.Generator().manual_seed(tokens)
+    scheduled = []
+    for i in range(decodes + 1):
+        prompt = _random_prompt(vocab, context, gen)
+        req = Request(f"mixed-{i}", prompt, SamplingParams(temperature=0.0), 2, frozenset())
+        req.block_ids = list(range(i * per_seq, (i + 1) * per_seq))
+        new = 1 if i < decodes else chunk
+        req.num_computed_tokens = context - new
+        scheduled.append(ScheduledRequest(req, new))
+    return SchedulerOutput(scheduled=scheduled)
+
+
+def bench_mixed(
+    engine: Engine, tokens: int, decodes: int, context: int, reps: int = 20
+) -> MixedResult:
+    """Mean time of one mixed step (:func:`mixed_step`, run through ``ModelRunner.execute``:
+    input preparation, the forward and sampling, synced by the sampled tokens), through the
+    piecewise graphs and, when the engine has graphs, with them bypassed."""
+    runner, out = engine.runner, mixed_step(engine, tokens, decodes, context)
+
+    def timed() -> float:
+        for _ in range(WARMUP_STEPS):
+            runner.execute(out)
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            runner.execute(out)
+        _sync(runner.device)
+        return 1e3 * (time.perf_counter() - t0) / reps
+
+    step_ms = timed()
+    eager_ms = None
+    if runner.cuda_graphs is not None:
+        with runner.eager():
+            eager_ms = timed()
+    return MixedResult(tokens, decodes, context, step_ms, eager_ms)
+
+
+def _mixed_section(engine: Engine, context: int = 1024, decodes: int = 32) -> list[MixedResult]:
+    """Mixed steps of each MIXED_TOKENS size (within the step budget), piecewise vs eager."""
+    pieces = engine.runner.cuda_graphs and engine.runner.cuda_graphs.piecewise
+    print(
+        f"mixed steps: a prefill chunk + {decodes} decodes at {context} tokens of context; "
+        + (f"piecewise graphs of {pieces.sizes} tokens" if pieces else "no graphs (eager)")
+    )
+    budget = engine.config.scheduler.max_num_batched_tokens
+    out = []
+    for tokens in (t for t in MIXED_TOKENS if t <= budget):
+        try:
+            r = bench_mixed(engine, tokens, decodes, context)
+        except ValueError as e:
+            print(f"mixed {tokens}: skipped ({e})")
+            continue
+        out.append(r)
+        print(
+            f"mixed {tokens:>5} tokens: {r.step_ms:.2f} ms; eager {_ms(r.eager_ms, 0)} ms; "
+            f"eager / piecewise {r.speedup:.2f}"
+        )
+    return out
+
+
 def _host_gap(engine: Engine) -> tuple[float, int]:
     """(seconds, intervals) of the runner's host-gap clock so far; (0, 0) without graphs."""
     graphs = engine.runner.cuda_graphs
@@ -346,8 +441,10 @@ def run_engine_bench(
     prefill: bool = True,
     hf: bool = True,
     profile: list[int] | None = None,
+    mixed_steps: bool = True,
 ) -> list[DecodeResult]:
-    """The decode grid (``batches`` x ``contexts``), the HF baseline, prefill at 8k tokens and,
+    """The decode grid (``batches`` x ``contexts``), the HF baseline, prefill at 8k tokens,
+    mixed steps (``mixed_steps``) and,
     for each batch in ``profile``, a per-kernel table of its decode graph at every context
     (last, so that the profiler's tracing slows none of the timed points)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -363,6 +460,7 @@ def run_engine_bench(
     results = _decode_grid(engine, batches, contexts, steps, bandwidth)
     hf_results = _compare_hf(engine, hf_ms, results, steps, bandwidth)
     prefills = _prefill_section(engine, device) if prefill else []
+    mixed = _mixed_section(engine) if mixed_steps else []
     profiles = _profile_section(engine, profile or [], contexts, bandwidth)
     if out_json:
         report = {
@@ -374,6 +472,7 @@ def run_engine_bench(
                 for r in results
             ],
             "prefill": [asdict(p) | {"vs_matmul": p.vs_matmul} for p in prefills],
+            "mixed": [asdict(m) | {"speedup": m.speedup} for m in mixed],
             "hf": [asdict(h) | {"speedup": h.speedup} for h in hf_results],
             "profile": [asdict(p) | {"idle_us": p.idle_us} for p in profiles],
         }

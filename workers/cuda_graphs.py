@@ -35,7 +35,8 @@ All graphs share one memory pool, captured largest first, so their intermediate 
 reuse the same memory; each graph's outputs (hidden states, logits, greedy ids) stay its own:
 ``sum(sizes) * vocab`` logits in the model dtype (131 MB for sizes 1..256 and a 128k vocab in
 bf16). Only decode-only steps (every scheduled request has one new token) replay; prefill
-and mixed steps run eagerly.
+and mixed steps of up to 512 tokens run through piecewise graphs (workers/piecewise_graphs.py,
+attention eager between captured pieces), larger ones eagerly.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -55,6 +56,9 @@ from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
 from workers.scheduler import ScheduledRequest
+
+if TYPE_CHECKING:
+    from workers.piecewise_graphs import PiecewiseGraphs
 
 T = TypeVar("T")
 
@@ -167,6 +171,7 @@ class CudaGraphRunner:
         kv_cache: torch.Tensor,  # [num_blocks, layers_per_block, 2, block_size, kv_heads, d]
         sizes: Sequence[int],
         max_blocks_per_seq: int,
+        piecewise: PiecewiseGraphs | None = None,
     ) -> None:
         if not (model.is_first and model.is_last):
             raise ValueError("CUDA graphs capture a model holding every layer")
@@ -184,6 +189,10 @@ class CudaGraphRunner:
         self.last_size: int | None = None
         """The size :meth:`run` replayed last: its static inputs still hold that step."""
         self.host_gap = HostGap()
+        self.piecewise = piecewise
+        """The same model's prefill and mixed steps as piecewise graphs, captured with the
+        decode graphs, parked and kept with them (workers/piecewise_graphs.py); None: such
+        steps run eagerly."""
         pin = self.device.type == "cuda"
         self._greedy_host = torch.zeros(self.max_batch, dtype=torch.int64, pin_memory=pin)
         self._greedy_copied = torch.cuda.Event() if pin else None
@@ -207,7 +216,8 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warms up and captures every size, largest first, into one shared memory pool.
+        """Warms up and captures every size, largest first, into one shared memory pool, then
+        the piecewise graphs if there are some (into theirs).
 
         The warm-up forward (on the capture stream, over padding inputs) compiles the Triton
         kernels and lets cuBLAS pick its algorithms outside the capture. Raises RuntimeError
@@ -219,6 +229,8 @@ class CudaGraphRunner:
             self.inputs.pad(batch)
             forward = functools.partial(self.forward_static, batch)
             self.graphs[batch], self.outputs[batch] = record(forward, pool, stream)
+        if self.piecewise is not None:
+            self.piecewise.capture_all()
         torch.cuda.synchronize(self.device)
 
     def forward_static(self, batch: int) -> DecodeOutputs:

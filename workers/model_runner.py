@@ -23,6 +23,7 @@ from workers.kv_pool import KVBlockFormat
 from workers.memory import WorkerMemory
 from workers.model_loader import build_model
 from workers.models.llama import LlamaModel
+from workers.piecewise_graphs import PIECEWISE_SIZES, PiecewiseGraphs
 from workers.request import Request, SamplingParams
 from workers.sampler import Sampler, TokenLogprobs, argmax_suffices
 from workers.scheduler import ScheduledRequest, SchedulerOutput
@@ -95,6 +96,10 @@ class ModelRunner:
         captured under."""
         self._graph_key: tuple | None = None
         self._force_eager = False
+        self.graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        """The memory pool every piecewise graph set of this worker shares (the full model's
+        and each pipeline stage's: only one runs at a time, and none keeps memory alive
+        between replays; workers/piecewise_graphs.py)."""
         self.stage_graphs: dict[tuple[int, int], tuple[tuple, Any]] = {}
         """Pipeline stages' decode graphs by layer range, with the key they were captured
         under (workers/pipeline.py, ``stage_graphs_for``): kept from one drop to the next."""
@@ -231,18 +236,24 @@ class ModelRunner:
         key = graph_key(self.model, self.graph_kv_cache)
         if parked is not None and parked[1] == key:
             self.cuda_graphs, self._graph_key = parked
+            if self.cuda_graphs.piecewise is not None:  # the attention between the pieces
+                self.cuda_graphs.piecewise.model = self.model
             logger.info("CUDA graphs: kept (weights and KV cache are where they were captured)")
             return
         sched = self.config.scheduler
         sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
         width = -(-self.max_model_len // self.block_size)
         start = time.perf_counter()
-        graphs = CudaGraphRunner(self.model, self.graph_kv_cache, sizes, width)
+        tokens = min(sched.max_num_batched_tokens, PIECEWISE_SIZES[-1])
+        pieces = PiecewiseGraphs(self.model, self.graph_kv_cache, tokens, self.graph_pool)
+        graphs = CudaGraphRunner(self.model, self.graph_kv_cache, sizes, width, pieces)
         graphs.capture()
         self.cuda_graphs, self._graph_key = graphs, key
         logger.info(
-            "CUDA graphs: captured decode batch sizes %s in %.1f s",
+            "CUDA graphs: captured decode batch sizes %s and the pieces of steps of %s "
+            "tokens in %.1f s",
             sizes,
+            pieces.sizes,
             time.perf_counter() - start,
         )
 
@@ -365,6 +376,19 @@ class ModelRunner:
             hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
         return hidden
 
+    def _forward_step(self, inputs: ModelInputs) -> torch.Tensor:
+        """[num_tokens, hidden] final-norm states of a step that replays no decode graph:
+        through the piecewise graphs when there are some and the step fits them (a view of
+        their static output, overwritten by the next step), else eagerly."""
+        graphs = None if self._force_eager else self.cuda_graphs
+        pieces = None if graphs is None else graphs.piecewise
+        if pieces is not None and pieces.size_for(inputs.positions.shape[0]) is not None:
+            hidden, _ = pieces.run(inputs.meta, inputs.positions, inputs.input_ids)
+            return hidden
+        with set_forward_context(ForwardContext(inputs.meta, self.kv_cache)):
+            hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
+        return hidden
+
     def replay_size(self, out: SchedulerOutput) -> int | None:
         """The captured size this step replays, or None when it runs eagerly (no graphs,
         inside :meth:`eager`, or not a decode-only step that a captured size holds)."""
@@ -384,7 +408,7 @@ class ModelRunner:
         if self.cuda_graphs is not None:
             self.cuda_graphs.host_gap.reset()
         h = self.gather(out)
-        hidden = self.forward(h)
+        hidden = self._forward_step(self._to_device(h))
         if not h.sampling_requests:
             return {}, {}
         logits_indices = host_tensor(h.logits_indices, torch.int64, self.device)

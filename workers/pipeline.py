@@ -29,6 +29,7 @@ from workers import kv_exchange
 from workers.cuda_graphs import capture_sizes, graph_blocker, graph_key
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
+from workers.piecewise_graphs import PIECEWISE_SIZES
 from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttention, StepPlan
 from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
@@ -189,7 +190,7 @@ def stage_graphs_for(
     hit = None if kept is None else kept.get((model.start, model.end))
     if hit is not None and hit[0] == key:
         graphs = hit[1]
-        graphs.model, graphs.kv_cache = model, kv_cache
+        graphs.rebind(model, kv_cache)
         logger.info(
             "stage layers [%d, %d): decode graphs kept (%d sizes captured)",
             model.start,
@@ -200,7 +201,9 @@ def stage_graphs_for(
     sched = cfg.scheduler
     max_batch = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)[-1]
     width = -(-runner.max_model_len // runner.block_size)
-    graphs = StageGraphs(model, kv_cache, width, max_batch, replay_eagerly)
+    piecewise = min(sched.pipeline_token_budget, PIECEWISE_SIZES[-1])
+    pool = getattr(runner, "graph_pool", None)
+    graphs = StageGraphs(model, kv_cache, width, max_batch, replay_eagerly, piecewise, pool)
     if kept is not None:
         kept[(model.start, model.end)] = (key, graphs)
     return graphs
@@ -266,6 +269,32 @@ class _Stage:
             if self.refill is None:
                 raise RuntimeError("a step plan refills weights but this stage cannot")
             self.counters["weight_bytes"] += self.refill(plan.weights)
+
+    def compute(
+        self,
+        x: StageInputs,
+        router: RemoteAttention | None,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This stage's layers over a micro-batch that does not replay a decode graph: through
+        the piecewise graphs when it has no pre-drop request and fits them (the returned
+        tensors are then static buffers, overwritten by the next run), else eagerly.
+        ``input_ids``: the first stage's tokens (``x`` then carries no activations)."""
+        pieces = None if self.graphs is None or router is not None else self.graphs.piecewise
+        if pieces is not None and pieces.size_for(x.positions.shape[0]) is not None:
+            return pieces.run(x.meta, x.positions, input_ids, x.hidden, x.residual)
+        r = self.runner
+        if input_ids is None:
+            return run_stage(r.model, r.kv_cache, x, router)
+        return run_stage(
+            r.model,
+            r.kv_cache,
+            None,
+            router,
+            input_ids=input_ids,
+            positions=x.positions,
+            meta=x.meta,
+        )
 
     def router(self, plan: StepPlan | None) -> RemoteAttention | None:
         if plan is None or not plan.legacy:
@@ -425,18 +454,11 @@ class PipelineRunner(_Stage):
                 self.exchange(plan)
             router = self.router(plan)
             if size is None:
-                hidden, residual = run_stage(
-                    r.model,
-                    r.kv_cache,
-                    None,
-                    router,
-                    input_ids=inputs.input_ids,
-                    positions=inputs.positions,
-                    meta=inputs.meta,
-                )
+                hidden, residual = self.compute(x, router, inputs.input_ids)
             else:
-                # copies: the posted sends read them after the next replay may have begun
-                hidden, residual = (t.clone() for t in self.graphs.run(size, len(requests)))
+                hidden, residual = self.graphs.run(size, len(requests))
+            if self.graphs is not None:  # static buffers: the posted sends read them after
+                hidden, residual = hidden.clone(), residual.clone()  # the next run began
             self.transport.send_body(self.ranks[1], x.with_hidden(hidden, residual))
             self.serve(router, range(1, len(self.ranks)))
         self._launched.append(_Launched(out, requests, sends, plan, t0))
@@ -587,7 +609,7 @@ class StageLoop(_Stage):
             else:
                 return
         else:
-            hidden, residual = run_stage(model, self.runner.kv_cache, x, router)
+            hidden, residual = self.compute(x, router)
         if not self.is_last:
             self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
         elif x.logits_indices.numel():

@@ -22,8 +22,10 @@ What a stage graph reads and writes (fixed addresses, like the full-model graphs
   every row (the last stage) into its pool; :meth:`StageGraphs.run` returns views of the first
   ``n`` rows, overwritten by the next replay of the same size.
 
-Steps with pre-drop requests (remote attention), prefill chunks or more requests than the
-largest size run eagerly.
+Prefill and mixed micro-batches of up to the pipeline's token budget (at most 512 tokens) run
+through the stage's piecewise graphs (:attr:`StageGraphs.piecewise`, workers/piecewise_graphs.py:
+every piece between two attentions captured, attention eager). Steps with pre-drop requests
+(remote attention), and larger ones, run eagerly.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -43,6 +46,7 @@ from workers.cuda_graphs import DEFAULT_CAPTURE_SIZES, padded_batch_size, record
 from workers.decode_inputs import StaticDecodeInputs
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
+from workers.piecewise_graphs import PiecewiseGraphs
 from workers.scheduler import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -55,8 +59,9 @@ class StageGraphs:
     ``kv_cache``: the stage's view [num_blocks, layers, 2, block_size, kv_heads, head_dim];
     ``max_blocks_per_seq``: block-table width (the longest context); ``max_batch``: the
     largest micro-batch replayed. ``replay_eagerly`` (tests on CPU) runs what a graph would
-    record eagerly over the same static buffers instead of capturing. Not thread-safe: the
-    stage's engine thread only.
+    record eagerly over the same static buffers instead of capturing. ``piecewise_tokens``
+    (0: none) and ``pool``: the stage's piecewise graphs for prefill and mixed micro-batches
+    (:attr:`piecewise`). Not thread-safe: the stage's engine thread only.
     """
 
     def __init__(
@@ -66,9 +71,18 @@ class StageGraphs:
         max_blocks_per_seq: int,
         max_batch: int,
         replay_eagerly: bool = False,
+        piecewise_tokens: int = 0,
+        pool: Any = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.piecewise = (
+            PiecewiseGraphs(model, kv_cache, piecewise_tokens, pool, replay_eagerly)
+            if piecewise_tokens > 0
+            else None
+        )
+        """Prefill and mixed micro-batches of up to ``piecewise_tokens`` tokens, everything
+        but attention captured (workers/piecewise_graphs.py); None runs them eagerly."""
         self.device = kv_cache.device
         self.sizes = [s for s in DEFAULT_CAPTURE_SIZES if s < max_batch] + [max_batch]
         self.inputs = StaticDecodeInputs(
@@ -84,6 +98,14 @@ class StageGraphs:
         self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.num_replays = 0
         self._pool = None
+
+    def rebind(self, model: LlamaModel, kv_cache: torch.Tensor) -> None:
+        """Points the graphs' eager parts (padding, the attention between pieces) at a new
+        stage model and KV view that :func:`~workers.pipeline.stage_graph_key` found equal
+        to the captured ones (same weights; same base and strides, maybe more blocks)."""
+        self.model, self.kv_cache = model, kv_cache
+        if self.piecewise is not None:
+            self.piecewise.model, self.piecewise.kv_cache = model, kv_cache
 
     def size_for(self, query_lens: Sequence[int]) -> int | None:
         """The size a micro-batch replays (None: eager): decode-only and not too large."""
@@ -150,11 +172,13 @@ class StageGraphs:
         return tuple(t[:n] for t in out)
 
     def capture_all(self) -> int:
-        """Captures the graph of every size not captured yet; returns how many it captured."""
+        """Captures the graph of every size not captured yet, and the piecewise graphs of
+        every token count; returns how many sizes it captured (decode and piecewise)."""
         todo = [size for size in self.sizes if size not in self.graphs]
         for size in todo:
             self._capture(size)
-        return len(todo)
+        pieces = 0 if self.piecewise is None else self.piecewise.capture_all()
+        return len(todo) + pieces
 
     def _forward(self, size: int) -> tuple[torch.Tensor, ...]:
         """What the graph of ``size`` records, over the static buffers."""

@@ -284,3 +284,36 @@ def test_profile_point_names_every_gemm_of_a_captured_graph(tmp_path: Path) -> N
     ]
     assert p.rows and 0 < p.kernel_us <= p.span_us
     assert p.replay_us is not None and p.replay_us > 0
+
+
+def test_mixed_step_is_a_chunk_beside_decodes_and_the_bench_times_it_on_cpu(
+    stories_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workers.bench import bench_mixed, mixed_step
+
+    config = EngineConfig(
+        model_path=str(stories_dir),
+        dtype="float32",
+        attention_backend="torch",
+        cache=CacheConfig(block_size=4, num_kv_blocks=64),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_model_len=96),
+    )
+    engine = Engine(config, torch.device("cpu"))
+    out = mixed_step(engine, 24, 4, 40)
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 1, 1, 1, 20]
+    assert [s.request.num_computed_tokens for s in out.scheduled] == [39] * 4 + [20]
+    blocks = [b for s in out.scheduled for b in s.request.block_ids]
+    assert blocks == list(range(50))  # 10 blocks of 4 tokens each, none shared
+    for bad, match in (
+        ((24, 4, 96), "exceeds max_model_len 96"),
+        ((50, 4, 40), "leaves a chunk of 46"),
+        ((24, 8, 40), "9 sequences of 40 tokens exceed the KV cache"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            mixed_step(engine, *bad)
+    r = bench_mixed(engine, 24, 4, 40, reps=2)
+    assert r.step_ms > 0 and r.eager_ms is None  # no graphs on CPU: nothing to compare
+    run_engine_bench(config, [1], [8], steps=2, prefill=False, hf=False)
+    assert "mixed 64: skipped (a context of 1024 exceeds max_model_len 96)" in (
+        capsys.readouterr().out
+    )

@@ -585,8 +585,8 @@ class CountedCapture:
 
     made: list[CountedCapture] = []
 
-    def __init__(self, model, kv_cache, sizes, width) -> None:
-        self.kv_cache = kv_cache
+    def __init__(self, model, kv_cache, sizes, width, piecewise=None) -> None:
+        self.kv_cache, self.piecewise = kv_cache, piecewise
         CountedCapture.made.append(self)
 
     def capture(self) -> None:

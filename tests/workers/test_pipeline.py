@@ -398,7 +398,8 @@ def test_stage_graphs_replay_decode_micro_batches_with_the_sametokens_by_request
     """Both stages replay their decode micro-batches through StageGraphs' static buffers (run
     eagerly here, as a graph would record them): the leader loads them from the scheduler, the
     later stage copies the received activations and metadata in. Tokens equal each request's
-    alone on a full engine; prefill steps ran eagerly, decode steps replayed."""
+    alone on a full engine; prefill steps ran through the piecewise graphs' static buffers
+    (also eagerly here), decode steps replayed."""
     import workers.pipeline as wp
 
     monkeypatch.setattr(
@@ -407,6 +408,7 @@ def test_stage_graphs_replay_decode_micro_batches_with_the_sametokens_by_request
     rids = ["a0", "a1", "a2", "b1"]
     leader, loop, tokens = _run_loopback_pipeline(stories_dir, rids, max_seqs=4)
     assert leader.runner.graphs.num_replays > 0 and loop.graphs.num_replays > 0
+    assert leader.runner.graphs.piecewise.num_runs > 0 and loop.graphs.piecewise.num_runs > 0
     assert leader.runner.peak_in_flight == 2
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
 

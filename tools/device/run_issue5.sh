@@ -3,7 +3,7 @@
 # (`kunserve bench drop`), then the burst replay with
 # --overload-policy drop vs recompute. Logs and JSON under $OUT.
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
-# steps: gpu-tests drop-bench replay (default: all). MEMORY=vmm|torch (default vmm);
+# steps: gpu-tests mixed-bench drop-bench replay (default: all but mixed-bench). MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
 # (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window (a policy "drop@N"
 # serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
@@ -33,7 +33,13 @@ for step in $steps; do
       timeout 150 python3 -m pytest -q -m gpu -x tests/workers/test_pipeline.py 2>&1 | tee "$OUT/gpu_pipeline.log" | tail -15
       timeout 300 python3 -m pytest -q -m gpu tests/workers/test_stage_memory.py \
         tests/workers/test_remote_attention.py tests/workers/test_cuda_graphs.py tests/attention/test_transport.py \
-        tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+        tests/workers/test_piecewise_graphs.py tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+    mixed-bench)
+      # Mixed steps (a prefill chunk + 32 decodes) through the piecewise graphs vs eager, on
+      # one GPU: the engine bench's mixed section alone (one decode point to build the engine).
+      timeout 300 python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy \
+        --max-num-batched-tokens 8192 --batch-sizes 1 --contexts 1024 --steps 4 --no-hf --no-prefill \
+        --output-json "$OUT/mixed_bench.json" 2>&1 | tee "$OUT/mixed_bench.log" | tail -12 ;;
     drop-bench)
       # EXCHANGE_BYTES: a server per value of --kv-exchange-bytes-per-step (outputs suffixed
       # _x<value>); unset: one server with the default.

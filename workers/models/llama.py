@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from attention.backends import AttentionBackend
+from attention.metadata import AttentionMetadata
 from kernels.rope import rope_cos_sin_cache
 from workers.config import ModelConfig
 from workers.forward_context import get_forward_context
@@ -56,22 +57,52 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attention from this layer's ``qkv_proj`` output [n, q_size + 2 * kv_size] (the
         layer computes it, fused with its input norm) through ``o_proj``: [n, hidden]."""
-        cfg = self.cfg
         ctx = get_forward_context()
-        n = qkv.shape[0]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.reshape(n, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         meta = ctx.attn_metadata
         if ctx.router is not None:  # pre-drop requests in a pipeline step
+            q, k, v = self.split_qkv(qkv)
             out = ctx.router.attend(self.local_layer, q, k, v, positions, ctx.kv_cache, meta)
-            return self.backend.linear(out.reshape(n, cfg.q_size), self.o_proj.weight)
-        q, _ = self.backend.rope_and_write_kv(
-            q, k, v, positions, cos_sin_cache, ctx.kv_cache, self.local_layer, meta.slot_mapping
+            return self.project(out)
+        q = self.rope_and_write_kv(qkv, positions, cos_sin_cache, ctx.kv_cache, meta.slot_mapping)
+        return self.project(self.attend(q, ctx.kv_cache, meta))
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[n, q_size + 2 * kv_size] -> q [n, heads, d], k and v [n, kv_heads, d] (views)."""
+        cfg, n = self.cfg, qkv.shape[0]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        return (
+            q.reshape(n, cfg.num_heads, cfg.head_dim),
+            k.reshape(n, cfg.num_kv_heads, cfg.head_dim),
+            v.reshape(n, cfg.num_kv_heads, cfg.head_dim),
         )
-        out = self.backend.attention(q, ctx.kv_cache, self.local_layer, meta)
-        return self.backend.linear(out.reshape(n, cfg.q_size), self.o_proj.weight)
+
+    def rope_and_write_kv(
+        self,
+        qkv: torch.Tensor,  # [n, q_size + 2 * kv_size]
+        positions: torch.Tensor,  # [n] int64
+        cos_sin_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,  # [n] int64; -1 writes nothing
+    ) -> torch.Tensor:
+        """Rotates q and k and writes k, v to their slots at this layer: rotated q [n, heads,
+        d]. Reads no metadata beyond the slots, so a CUDA graph can hold it
+        (workers/piecewise_graphs.py)."""
+        q, k, v = self.split_qkv(qkv)
+        q, _ = self.backend.rope_and_write_kv(
+            q, k, v, positions, cos_sin_cache, kv_cache, self.local_layer, slot_mapping
+        )
+        return q
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Paged attention of rotated q [n, heads, d] over this layer's KV: [n, q_size]."""
+        out = self.backend.attention(q, kv_cache, self.local_layer, meta)
+        return out.reshape(q.shape[0], self.cfg.q_size)
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """``o_proj`` of the attention output [n, q_size]: [n, hidden]."""
+        return self.backend.linear(out.reshape(out.shape[0], self.cfg.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -106,6 +137,13 @@ class DecoderLayer(nn.Module):
             hidden, residual, self.self_attn.qkv_proj
         )
         hidden = self.self_attn(qkv, positions, cos_sin_cache)
+        return self.mlp_block(hidden, residual)
+
+    def mlp_block(
+        self, hidden: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after attention: post-attention norm (adding ``hidden`` [n, hidden] to the
+        residual stream) and the MLP. Returns (hidden, residual), each [n, hidden]."""
         gate_up, residual = self.post_attention_layernorm.forward_linear(
             hidden, residual, self.mlp.gate_up_proj
         )

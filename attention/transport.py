@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from attention.metadata import AttentionMetadata, host_tensor
 
-HEADER_LEN = 8
+HEADER_LEN = 9
 """int64 fields in a step header (op, tokens, seqs, table width, sampling rows, max query
 length, max sequence length, bytes of the step plan that follows)."""
 
@@ -54,6 +54,8 @@ class StepHeader:
     max_seq_len: int = 0
     plan_bytes: int = 0
     """Bytes of the pickled step plan sent right after the header (0: none; a plain step)."""
+    num_decodes: int = 0
+    """:attr:`AttentionMetadata.num_decodes` of the micro-batch."""
 
     def encode(self, device: torch.device) -> torch.Tensor:
         """The header as int64 [HEADER_LEN] on ``device``. On CUDA it goes through pinned
@@ -62,12 +64,13 @@ class StepHeader:
         to finish stage 0 (no host work overlapped the GPU's)."""
         fields = [int(self.op), self.num_tokens, self.num_seqs, self.table_width]
         fields += [self.num_sampling, self.max_query_len, self.max_seq_len, self.plan_bytes]
+        fields += [self.num_decodes]
         return host_tensor(fields, torch.int64, device)
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> StepHeader:
-        op, tokens, seqs, width, sampling, max_q, max_s, plan = t.tolist()
-        return cls(StageOp(op), tokens, seqs, width, sampling, max_q, max_s, plan)
+        op, tokens, seqs, width, sampling, max_q, max_s, plan, decodes = t.tolist()
+        return cls(StageOp(op), tokens, seqs, width, sampling, max_q, max_s, plan, decodes)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class StageInputs:
             num_sampling=self.logits_indices.shape[0],
             max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len,
+            num_decodes=m.num_decodes,
         )
 
     def with_hidden(self, hidden: torch.Tensor, residual: torch.Tensor) -> StageInputs:
@@ -175,7 +179,7 @@ class StageTransport:
             query_start_loc=query_start_loc,
             max_query_len=h.max_query_len,
             max_seq_len=h.max_seq_len,
-        )
+        ).with_decodes(h.num_decodes)
         return StageInputs(hidden, residual, positions, meta, logits_indices)
 
     def send_header(self, dst: int, h: StepHeader) -> None:

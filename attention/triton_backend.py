@@ -9,7 +9,11 @@ from attention.metadata import AttentionMetadata
 from kernels import skinny_gemm
 from kernels.activation import silu_and_mul
 from kernels.norm import rms_norm
-from kernels.paged_attention import paged_attention, paged_decode_attention
+from kernels.paged_attention import (
+    paged_attention,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 from kernels.rope import rope_and_write_kv
 
 
@@ -42,6 +46,18 @@ class TritonBackend(AttentionBackend):
         self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata
     ) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5
+        nd = meta.num_decodes
+        if nd:  # a mixed step: its leading decodes through the decode kernel
+            out = torch.empty_like(q)
+            paged_decode_attention(
+                q[:nd], kv_cache, layer, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                out=out[:nd],
+            )  # fmt: skip
+            paged_prefill_attention(
+                q[nd:], kv_cache, layer, meta.block_tables[nd:], meta.seq_lens[nd:],
+                meta.prefill_query_start_loc, meta.max_query_len, scale, out=out[nd:],
+            )  # fmt: skip
+            return out
         if meta.decode_num_splits is not None and meta.is_decode_only:
             return paged_decode_attention(
                 q,

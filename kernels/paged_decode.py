@@ -250,6 +250,23 @@ def check_paged_args(
     return device
 
 
+def check_out(
+    out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``out`` checked to be a contiguous tensor of ``shape`` and ``dtype`` on ``device`` (the
+    kernels write it as such), or a new one when None. Raises ValueError otherwise."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out must be {list(shape)} {dtype} on {device}, got {list(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return out
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]
@@ -258,6 +275,7 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [num_seqs] int32, context length including this step's token
     scale: float,
     num_splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: one new query token per sequence over its paged context.
 
@@ -267,8 +285,9 @@ def paged_decode_attention(
     (fp16, bf16, fp32); accumulation is fp32. ``num_splits`` (1..64) splits each context for
     flash-decoding; None picks it from the batch size and the context bound
     ``block_tables.shape[1] * block_size`` with :func:`choose_num_splits`, with no device sync.
-    A sequence of length 0 gets zeros. Returns a new [num_seqs, num_heads, head_dim] in q.dtype.
-    Raises ValueError naming a bad argument, RuntimeError without Triton.
+    A sequence of length 0 gets zeros. Returns [num_seqs, num_heads, head_dim] in q.dtype: a
+    new tensor, or ``out`` (contiguous, that shape and dtype) when given. Raises ValueError
+    naming a bad argument, RuntimeError without Triton.
     """
     device = check_paged_args(q, kv_cache, layer, block_tables, seq_lens, scale)
     num_seqs, num_heads, head_dim = q.shape
@@ -282,7 +301,7 @@ def paged_decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, num_sms(device))
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
-    out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=device)
+    out = check_out(out, (num_seqs, num_heads, head_dim), q.dtype, device)
     if num_seqs == 0:
         return out
     return _launch_decode(q, kv_cache, layer, block_tables, seq_lens, scale, num_splits, out)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from kernels._triton import INDEX_DTYPES, check_tensor, jit, next_pow2, tl, triton
-from kernels.paged_decode import _attend_key_range, check_paged_args
+from kernels.paged_decode import _attend_key_range, check_out, check_paged_args
 
 
 @jit(do_not_specialize=["block_tables_stride"])  # varies step to step (paged_decode.py)
@@ -94,6 +94,7 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32/int64: prefix sums of query lengths
     max_query_len: int,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -102,9 +103,10 @@ def paged_prefill_attention(
     positions, whose K/V must already be in the cache; covers prefill, chunked prefill over a
     cached prefix and mixed batches. ``max_query_len`` (tokens) must be >= every query length:
     it sizes the grid without a device sync, and queries past it are left unwritten. ``q`` and
-    ``kv_cache`` share a dtype (fp16, bf16, fp32); accumulation is fp32. Returns a new
-    [num_tokens, num_heads, head_dim] in q.dtype. Raises ValueError naming a bad argument,
-    RuntimeError without Triton.
+    ``kv_cache`` share a dtype (fp16, bf16, fp32); accumulation is fp32. Returns
+    [num_tokens, num_heads, head_dim] in q.dtype: a new tensor, or ``out`` (contiguous, that
+    shape and dtype) when given. Raises ValueError naming a bad argument, RuntimeError without
+    Triton.
     """
     device = check_paged_args(q, kv_cache, layer, block_tables, seq_lens, scale)
     num_seqs = seq_lens.shape[0]
@@ -116,7 +118,7 @@ def paged_prefill_attention(
         )
     if not isinstance(max_query_len, int) or max_query_len < 0:
         raise ValueError(f"max_query_len must be a non-negative int, got {max_query_len!r}")
-    out = torch.empty(q.shape, dtype=q.dtype, device=device)
+    out = check_out(out, tuple(q.shape), q.dtype, device)
     if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
         return out
     _launch_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, max_query_len,

@@ -97,12 +97,15 @@ class Scheduler:
         (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
         running requests this batch takes (pipeline mode spreads them over micro-batches);
         waiting requests it admits do not count. ``token_budget``: most tokens in the batch
-        (None: ``max_num_batched_tokens``)."""
+        (None: ``max_num_batched_tokens``). The batch lists its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget, busy, max_running)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        # single-token queries first: a mixed step runs their attention with the decode
+        # kernel (attention/metadata.py, ``num_decodes``), as vLLM reorders its batches
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 
     def _schedule_running(

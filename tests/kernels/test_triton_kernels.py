@@ -237,6 +237,32 @@ def test_paged_attention_dispatches_decode_and_prefill(
         assert_matches(out, ref)
 
 
+@pytest.mark.parametrize("decodes", [[1, 1, 1], [1]])
+def test_a_mixed_step_splits_its_leading_decodes_off_to_the_decode_kernel(
+    decodes: list[int], device: torch.device
+) -> None:
+    """The Triton backend on a mixed step whose metadata names its leading decodes
+    (``num_decodes``): the decode kernel for those rows and the prefill kernel for the rest,
+    into one output, equal to the reference over the whole step."""
+    from attention.metadata import AttentionMetadata
+    from attention.triton_backend import TritonBackend
+
+    q_lens = [*decodes, 7, 1, 40]  # a decode after a chunk stays with the prefill kernel
+    prefix_lens = [60, 3, 17][: len(decodes)] + [9, 33, 0]
+    q, cache, tables, seq_lens, qsl, ref = _run_paged(
+        q_lens, prefix_lens, (8, 2), 32, 16, torch.float32, device
+    )
+    slots = torch.zeros(sum(q_lens), dtype=torch.int64, device=device)
+    meta = AttentionMetadata(slots, tables, seq_lens, qsl, max(q_lens), int(seq_lens.max()))
+    split = meta.with_decodes(len(decodes))
+    assert split.num_decodes == len(decodes)
+    assert split.prefill_query_start_loc.tolist() == [0, 7, 8, 48]
+    out = TritonBackend().attention(q, cache, 1, split)
+    assert_matches(out, ref)
+    with pytest.raises(ValueError, match="out must be \\[3, 8, 32\\]"):
+        paged_decode_attention(q[:3], cache, 1, tables[:3], seq_lens[:3], 1.0, out=out[:2])
+
+
 def test_choose_num_splits() -> None:
     assert choose_num_splits(1, 8, 4096, 132) == 32
     assert choose_num_splits(1, 8, 1024, 132) == 8

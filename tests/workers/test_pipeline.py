@@ -56,8 +56,11 @@ def test_stage_ranges_split_five_layers() -> None:
 
 
 def test_step_header_round_trip() -> None:
-    h = StepHeader(StageOp.STEP, 7, 2, 3, 2, 5, 9)
-    assert StepHeader.decode(h.encode(CPU)) == h
+    for h in (
+        StepHeader(StageOp.STEP, 7, 2, 3, 2, 5, 9),
+        StepHeader(StageOp.STEP, 7, 3, 3, 2, 5, 9, 40, 2),
+    ):
+        assert StepHeader.decode(h.encode(CPU)) == h
 
 
 @torch.inference_mode()

@@ -123,6 +123,18 @@ def test_decodes_and_a_prefill_chunk_share_the_token_budget(make_request) -> Non
     assert planned == [("a", 1, True), ("b", 1, True), ("c", 1, True)]
 
 
+def test_single_token_queries_come_first_in_a_step(make_request) -> None:
+    """A step lists its one-token queries first (a mixed step runs their attention with the
+    decode kernel), whatever the running order: here b's one-token prompt before a's last
+    chunk. The running order itself is kept."""
+    sched = make_scheduler(budget=6)
+    sched.add(make_request("a", prompt=10))
+    sched.add(make_request("b", prompt=1))
+    assert step(sched)[0] == [("a", 6, False)]
+    assert step(sched)[0] == [("b", 1, True), ("a", 4, True)]
+    assert [r.request_id for r in sched.running] == ["a", "b"]
+
+
 def test_max_num_seqs_caps_running_requests(make_request) -> None:
     sched = make_scheduler(budget=64, max_num_seqs=2)
     sched.add(make_request("a", prompt=2, max_tokens=1))

@@ -5,7 +5,9 @@ One call runs everything and writes JSON::
     python -c "from kernels.bench import run_kernel_bench; run_kernel_bench('out/kernels.json')"
 
 ``python -m kernels.bench --only skinny`` runs only the skinny GEMM tables
-(kernels/bench_skinny.py: decode-batch projections vs cuBLAS and the floor).
+(kernels/bench_skinny.py: decode-batch projections vs cuBLAS and the floor); ``--only mixed``
+only the mixed-step attention points (decodes split off to the decode kernel vs one prefill
+kernel for the whole step).
 
 Decode attention (GQA 32/8, head_dim 128, bf16, block 16; batch x context grid) is timed beside
 (a) SDPA's flash backend on the same K/V laid out contiguously, (b) FlexAttention (compiled) on
@@ -44,6 +46,8 @@ DECODE_BATCHES = (1, 8, 64, 256)
 DECODE_CONTEXTS = (1024, 4096)
 POINTWISE_TOKENS, HIDDEN = 8192, 4096
 PREFILL_TOKENS = 8192
+MIXED_POINTS = ((32, 480), (128, 384), (8, 1016))
+"""(decodes, chunk tokens) of the mixed-step attention points (``--only mixed``)."""
 
 
 def _time_us(fn: Callable[[], Any]) -> float:
@@ -221,6 +225,40 @@ def bench_prefill(device: torch.device) -> dict:
     return row
 
 
+def bench_mixed(device: torch.device, decodes: int = 32, chunk: int = 480) -> dict:
+    """A mixed step's attention, as the engine runs it (one layer): ``decodes`` decodes and
+    one ``chunk``-token prefill chunk, each over 1,024 tokens of context, with the decodes
+    split off to the decode kernel (``AttentionMetadata.num_decodes``) vs the whole step in
+    the prefill kernel (its tiles of 128 queries hold one real row per decode)."""
+    from attention.metadata import AttentionMetadata
+    from attention.triton_backend import TritonBackend
+
+    errors: list[str] = []
+    context = 1024
+    case = make_decode_case(decodes + 1, context + chunk, device)
+    q = torch.randn(decodes + chunk, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=device)
+    lens = [1] * decodes + [chunk]
+    qsl = torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([context] * decodes + [context + chunk], device=device)
+    slots = torch.zeros(q.shape[0], dtype=torch.int64, device=device)
+    meta = AttentionMetadata(slots, case.block_tables, seq_lens.int(), qsl, chunk, context + chunk)
+    split, backend = meta.with_decodes(decodes), TritonBackend()
+    row = {
+        "kernel": "mixed-step attention",
+        "shape": f"{decodes} decodes + {chunk}-token chunk, 1k ctx",
+        "ours_us": _try(
+            lambda: _time_us(lambda: backend.attention(q, case.kv_cache, 0, split)), errors, "ours"
+        ),
+        "baseline": "one prefill kernel",
+        "baseline_us": _try(
+            lambda: _time_us(lambda: backend.attention(q, case.kv_cache, 0, meta)), errors, "one"
+        ),
+        "floor_us": None,
+        "errors": errors,
+    }
+    return row
+
+
 def _pointwise_row(
     name: str,
     shape: str,
@@ -321,7 +359,8 @@ def print_table(rows: list[dict]) -> None:
 def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> dict:
     """Runs the benchmark on the current CUDA device; prints tables, returns the results.
 
-    ``only``: None runs everything; ``"skinny"`` only the skinny GEMM tables
+    ``only``: None runs everything; ``"mixed"`` only the mixed-step attention rows
+    (:func:`bench_mixed` at ``MIXED_POINTS``); ``"skinny"`` only the skinny GEMM tables
     (kernels/bench_skinny.py). Returns ``{"device", "torch", "triton", "copy_bandwidth_GBps",
     "rows", "skinny_rows", "skinny_sweep"}``; each of ``rows`` has ``kernel``, ``shape``, times
     in microseconds (``ours_us``, ``baseline_us``, ``floor_us``; decode also
@@ -332,8 +371,8 @@ def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> di
     ``out_json`` when given. Raises RuntimeError without a CUDA device, ValueError for an
     unknown ``only``.
     """
-    if only not in (None, "skinny"):
-        raise ValueError(f"only must be None or 'skinny', got {only!r}")
+    if only not in (None, "skinny", "mixed"):
+        raise ValueError(f"only must be None, 'skinny' or 'mixed', got {only!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("run_kernel_bench needs a CUDA GPU")
     import triton
@@ -342,9 +381,13 @@ def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> di
 
     device = torch.device("cuda")
     bandwidth = measure_copy_bandwidth(device)
-    rows = [] if only else _attention_and_pointwise_rows(bandwidth, device)
-    skinny_rows = bench_skinny(bandwidth, device)
-    skinny_sweep = sweep_skinny(bandwidth, device)
+    if only == "mixed":
+        rows = _with_ratios([bench_mixed(device, d, c) for d, c in MIXED_POINTS])
+    else:
+        rows = [] if only else _attention_and_pointwise_rows(bandwidth, device)
+    skinny = only != "mixed"
+    skinny_rows = bench_skinny(bandwidth, device) if skinny else []
+    skinny_sweep = sweep_skinny(bandwidth, device) if skinny else []
     result = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -357,7 +400,8 @@ def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> di
     print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     if rows:
         print_table(rows)
-    print_skinny(skinny_rows, skinny_sweep)
+    if skinny:
+        print_skinny(skinny_rows, skinny_sweep)
     if out_json:
         with open(out_json, "w") as f:
             json.dump(result, f, indent=2)
@@ -371,7 +415,12 @@ def _attention_and_pointwise_rows(bandwidth: float, device: torch.device) -> lis
             rows.append(bench_decode(batch, context, bandwidth, device))
             torch.cuda.empty_cache()
     rows.append(bench_prefill(device))
+    rows.append(bench_mixed(device))
     rows.extend(bench_pointwise(bandwidth, device))
+    return _with_ratios(rows)
+
+
+def _with_ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         r["ours_over_baseline"] = _ratio(r["ours_us"], r["baseline_us"])
         r["ours_over_floor"] = _ratio(r["ours_us"], r["floor_us"])
@@ -382,7 +431,9 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="kunserve bench kernels, with --only")
-    parser.add_argument("--only", choices=["skinny"], default=None, help="run only these tables")
+    parser.add_argument(
+        "--only", choices=["skinny", "mixed"], default=None, help="run only these tables"
+    )
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     run_kernel_bench(args.output_json, args.only)

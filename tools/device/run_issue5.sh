@@ -39,7 +39,8 @@ for step in $steps; do
       # one GPU: the engine bench's mixed section alone (one decode point to build the engine).
       timeout 300 python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy \
         --max-num-batched-tokens 8192 --batch-sizes 1 --contexts 1024 --steps 4 --no-hf --no-prefill \
-        --output-json "$OUT/mixed_bench.json" 2>&1 | tee "$OUT/mixed_bench.log" | tail -12 ;;
+        --output-json "$OUT/mixed_bench.json" 2>&1 | tee "$OUT/mixed_bench.log" | tail -12
+      timeout 120 python3 -m kernels.bench --only mixed 2>&1 | tee "$OUT/mixed_attention.log" | tail -6 ;;
     drop-bench)
       # EXCHANGE_BYTES: a server per value of --kv-exchange-bytes-per-step (outputs suffixed
       # _x<value>); unset: one server with the default.

@@ -184,11 +184,16 @@ class Engine:
         return outputs
 
     def _token_budget(self) -> int:
-        """Tokens per step: the pipeline budget while this engine leads a pipeline group."""
+        """Tokens per step. While this engine leads a pipeline group: the small pipeline
+        budget, or the full one once a request has waited ``pipeline_ttft_guard_s`` for its
+        first token (config.py, ``pipeline_min_num_batched_tokens``)."""
         sched = self.config.scheduler
         if getattr(self.runner, "overlap_depth", None) is None:
             return sched.max_num_batched_tokens
-        return sched.pipeline_token_budget
+        small, full = sched.pipeline_small_token_budget, sched.pipeline_token_budget
+        if small < full and self.scheduler.oldest_first_token_wait() < sched.pipeline_ttft_guard_s:
+            return small
+        return full
 
     def _overlap_depth(self) -> int:
         """Micro-batches to keep in flight now: the runner's, when it can overlap them."""

@@ -138,13 +138,6 @@ def _parse_rope_scaling(raw: dict | None) -> RopeScaling | None:
 
 
 PIPELINE_TOKENS = 1024
-PIPELINE_SMALL_TOKENS = 256
-"""Default micro-batch budget of a pipeline group while no request has waited long for its
-first token (``SchedulerConfig.pipeline_min_num_batched_tokens``). On 2 H200s (dummy
-Llama-3-8B, docs/benchmarks.md session 7), 256-token micro-batches kept P99 TPOT at 1.35x
-recompute's on the Azure conversation burst (2.0x at 1,024), but could not keep up with the
-code burst's 2k-token prompts (goodput below recompute's): so the budget rises to
-``PIPELINE_TOKENS`` once a request has waited ``pipeline_ttft_guard_s``."""
 """Default cap on a pipeline micro-batch's tokens. A drop admits a burst's queued prompts at
 once; with 8,192-token micro-batches their prefill chunks held every decode token behind
 them. On 2 H200s (dummy Llama-3-8B, docs/benchmarks.md) 1,024 cut P99 TPOT from 197 to 41 ms
@@ -213,15 +206,6 @@ class SchedulerConfig:
     about the time one instance takes for this many tokens through the whole model, so this
     bounds the time between tokens while a drop admits a burst's prompts (Sarathi-Serve's token
     budget)."""
-    pipeline_min_num_batched_tokens: int | None = None
-    """Tokens in one micro-batch of a pipeline group while every request has waited less than
-    ``pipeline_ttft_guard_s`` for its first token (None: the pipeline budget, at most
-    ``PIPELINE_SMALL_TOKENS``). Small micro-batches keep the time between tokens low; once a
-    request has waited that long, micro-batches take the full pipeline budget to prefill
-    faster. Equal to the pipeline budget: one budget always."""
-    pipeline_ttft_guard_s: float = 0.5
-    """How long a request may wait for its first token (from arrival, queued or in chunked
-    prefill) before a pipeline group's micro-batches take their full budget (seconds)."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -231,14 +215,6 @@ class SchedulerConfig:
             raise ValueError(
                 "pipeline_max_num_batched_tokens must be >= 1 (or None: max_num_batched_tokens)"
             )
-        small = self.pipeline_min_num_batched_tokens
-        if small is not None and small < 1:
-            raise ValueError(
-                "pipeline_min_num_batched_tokens must be >= 1 (or None: the pipeline budget, "
-                f"at most {PIPELINE_SMALL_TOKENS})"
-            )
-        if self.pipeline_ttft_guard_s < 0:
-            raise ValueError("pipeline_ttft_guard_s must be >= 0")
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ValueError("pipeline_micro_batches must be >= 1 (or None: the stage count)")
         if self.max_num_seqs < 1:
@@ -251,14 +227,6 @@ class SchedulerConfig:
         """Tokens per micro-batch in pipeline mode."""
         explicit = self.pipeline_max_num_batched_tokens
         return explicit or min(self.max_num_batched_tokens, PIPELINE_TOKENS)
-
-    @property
-    def pipeline_small_token_budget(self) -> int:
-        """Tokens per micro-batch in pipeline mode while no request has waited
-        ``pipeline_ttft_guard_s``: never above :attr:`pipeline_token_budget`."""
-        full = self.pipeline_token_budget
-        small = self.pipeline_min_num_batched_tokens or PIPELINE_SMALL_TOKENS
-        return min(small, full)
 
 
 @dataclass(frozen=True)

@@ -184,16 +184,11 @@ class Engine:
         return outputs
 
     def _token_budget(self) -> int:
-        """Tokens per step. While this engine leads a pipeline group: the small pipeline
-        budget, or the full one once a request has waited ``pipeline_ttft_guard_s`` for its
-        first token (config.py, ``pipeline_min_num_batched_tokens``)."""
+        """Tokens per step: the pipeline budget while this engine leads a pipeline group."""
         sched = self.config.scheduler
         if getattr(self.runner, "overlap_depth", None) is None:
             return sched.max_num_batched_tokens
-        small, full = sched.pipeline_small_token_budget, sched.pipeline_token_budget
-        if small < full and self.scheduler.oldest_first_token_wait() < sched.pipeline_ttft_guard_s:
-            return small
-        return full
+        return sched.pipeline_token_budget
 
     def _overlap_depth(self) -> int:
         """Micro-batches to keep in flight now: the runner's, when it can overlap them."""

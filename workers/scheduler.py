@@ -108,15 +108,6 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 
-    def oldest_first_token_wait(self, now: float | None = None) -> float:
-        """Seconds since arrival of the longest-waiting request without its first token: the
-        head of the queue (which a preempted request rejoins), or a running request still in
-        its prompt's prefill. 0 when there is none. ``now``: ``time.monotonic()`` by default."""
-        now = time.monotonic() if now is None else now
-        ages = [now - self.waiting[0].arrival_time] if self.waiting else []
-        ages += [now - r.arrival_time for r in self.running if not r.output_token_ids]
-        return max(ages, default=0.0)
-
     def _schedule_running(
         self, out: SchedulerOutput, budget: int, busy: Collection[str], max_running: int | None
     ) -> int:

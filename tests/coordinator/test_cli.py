@@ -71,13 +71,6 @@ def test_serve_defaults_drop_and_its_engine_flags(tmp_path) -> None:
     engine = engine_config(args, tmp_path)
     assert engine.cache.kv_exchange_bytes_per_step == 4096
     assert engine.scheduler.pipeline_token_budget == PIPELINE_TOKENS == 1024
-    assert engine.scheduler.pipeline_small_token_budget == 256
-    assert engine.scheduler.pipeline_ttft_guard_s == 0.5
-    small = engine_config(
-        parse("--pipeline-min-num-batched-tokens", "128", "--pipeline-ttft-guard-s", "2"),
-        tmp_path,
-    ).scheduler
-    assert (small.pipeline_small_token_budget, small.pipeline_ttft_guard_s) == (128, 2.0)
     assert engine_for_policy(engine, "drop", 2).stage_graphs_at_start == 2
     assert engine_for_policy(engine, "drop", 1).stage_graphs_at_start == 0
     assert engine_for_policy(engine, "recompute", 4).stage_graphs_at_start == 0

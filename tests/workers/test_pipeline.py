@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import threading
@@ -193,17 +192,12 @@ def _run_loopback_pipeline(
     max_seqs: int = 2,
     pipeline_budget: int | None = None,
     launched: list[int] | None = None,
-    **scheduler: object,
 ) -> tuple[Engine, StageLoop, dict[str, list[int]]]:
     """The leader's engine steps through a PipelineRunner while stage 1 runs a StageLoop in a
     thread, over a loopback transport, until ``rids`` finish; returns the leader, the stage
-    loop and each request's tokens. ``launched`` collects the tokens of every launched step;
-    ``scheduler``: more SchedulerConfig fields of the leader."""
+    loop and each request's tokens. ``launched`` collects the tokens of every launched step."""
     config = engine_config(
         stories_dir, budget=16, max_seqs=max_seqs, pipeline_budget=pipeline_budget
-    )
-    config = dataclasses.replace(
-        config, scheduler=dataclasses.replace(config.scheduler, **scheduler)
     )
     leader = Engine(config, CPU)
     member = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
@@ -253,23 +247,6 @@ def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
     assert max(launched) == 5 and len(launched) > 20
     assert leader.config.scheduler.pipeline_token_budget == 5
-
-
-@pytest.mark.parametrize(("guard_s", "largest"), [(1e9, 2), (0.0, 5)])
-def test_micro_batches_stay_small_until_a_request_waits_past_the_guard(
-    stories_dir: Path, guard_s: float, largest: int
-) -> None:
-    """With a small pipeline budget (2 tokens) below the full one (5), micro-batches stay
-    small while no request has waited pipeline_ttft_guard_s for its first token, and take
-    the full budget once one has (a guard of 0: always); tokens are each request's alone."""
-    rids = ["a0", "a1", "a2", "b1"]
-    launched: list[int] = []
-    _, _, tokens = _run_loopback_pipeline(
-        stories_dir, rids, 4, 5, launched, pipeline_min_num_batched_tokens=2,
-        pipeline_ttft_guard_s=guard_s,
-    )  # fmt: skip
-    assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
-    assert max(launched) == largest
 
 
 def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Path) -> None:

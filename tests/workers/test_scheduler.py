@@ -375,38 +375,3 @@ def test_token_budget_overrides_the_step_budget(make_request) -> None:
     assert config.pipeline_token_budget == 4
     with pytest.raises(ValueError, match="pipeline_max_num_batched_tokens"):
         SchedulerConfig(pipeline_max_num_batched_tokens=0)
-
-
-def test_the_small_pipeline_budget_defaults_to_256_and_never_exceeds_the_full_one() -> None:
-    import pytest
-
-    assert SchedulerConfig(max_num_batched_tokens=8192).pipeline_small_token_budget == 256
-    assert SchedulerConfig(max_num_batched_tokens=100).pipeline_small_token_budget == 100
-    config = SchedulerConfig(
-        pipeline_max_num_batched_tokens=512, pipeline_min_num_batched_tokens=600
-    )
-    assert config.pipeline_small_token_budget == 512
-    with pytest.raises(ValueError, match="pipeline_min_num_batched_tokens must be >= 1"):
-        SchedulerConfig(pipeline_min_num_batched_tokens=0)
-    with pytest.raises(ValueError, match="pipeline_ttft_guard_s must be >= 0"):
-        SchedulerConfig(pipeline_ttft_guard_s=-1.0)
-
-
-def test_oldest_first_token_wait_counts_the_queue_head_and_prefills_not_decodes(
-    make_request,
-) -> None:
-    sched = make_scheduler(budget=6)
-    assert sched.oldest_first_token_wait(now=100.0) == 0.0
-    a, b, c = (make_request(rid, prompt=p) for rid, p in (("a", 4), ("b", 10), ("c", 4)))
-    for req, arrived in ((a, 90.0), (b, 95.0), (c, 97.0)):
-        req.arrival_time = arrived
-        sched.add(req)
-    assert sched.oldest_first_token_wait(now=100.0) == 10.0  # a, queued
-    step(sched)  # a's prompt (4) and 2 of b's: a has its first token, b is in prefill
-    assert sched.oldest_first_token_wait(now=100.0) == 5.0  # b; c (3 s) is queued behind it
-    step(sched)
-    step(sched)  # b has its first token, c 2 of its 4 prompt tokens
-    assert [r.num_output_tokens for r in sched.running] == [3, 1, 0]
-    assert sched.oldest_first_token_wait(now=100.0) == 3.0  # c, in prefill
-    step(sched)  # only decodes left
-    assert sched.oldest_first_token_wait(now=100.0) == 0.0

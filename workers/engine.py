@@ -119,14 +119,15 @@ class Engine:
         )
 
     def _capture_stage_graphs(self, group_size: int) -> None:
-        """The decode graphs of every stage of a ``group_size``-stage drop, captured now
-        (workers/stage_memory.py, ``capture_stage_graphs``)."""
+        """The decode and piecewise graphs of every stage of a ``group_size``-stage drop,
+        captured now (workers/stage_memory.py, ``capture_stage_graphs``)."""
         start = time.perf_counter()
         ranges = stage_layer_ranges(self.runner.model.cfg.num_layers, group_size)
         n = capture_stage_graphs(self.runner, ranges)
         if n:
             logger.info(
-                "CUDA graphs: captured %d decode graphs of the stages %s in %.1f s",
+                "CUDA graphs: captured %d sizes (decode batches and piecewise token counts) "
+                "of the stages %s in %.1f s",
                 n,
                 ranges,
                 time.perf_counter() - start,

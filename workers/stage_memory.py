@@ -382,14 +382,15 @@ def _modules_of(model: LlamaModel, region: int) -> list[nn.Module]:
 
 
 def capture_stage_graphs(runner: Any, ranges: Sequence[tuple[int, int]]) -> int:
-    """At start-up, before any drop: captures every decode graph of the pipeline stages a
+    """At start-up, before any drop: captures every decode and piecewise graph of the stages a
     drop may make of this worker (each layer range of ``ranges``) over the stage views of its
     KV bytes, so the pipeline's first decode micro-batches replay instead of capturing one size
     after another (15-36 ms each on an H200, on every stage: a stall for every request of the
     micro-batch). A view made now has fewer blocks than the one after a drop, at the same base
     with the same strides, and the weights do not move: ``stage_graphs_for`` finds the graphs
     and keeps them. Only on VMM memory (the torch allocator moves the KV cache at a drop) and
-    where graphs run at all; returns the graphs captured."""
+    where graphs run at all; returns the sizes captured (decode batch sizes and piecewise
+    token counts, :meth:`StageGraphs.capture_all`)."""
     if runner.memory is None:
         return 0
     full, memory, count = runner.model, VmmStageMemory(runner.memory), 0

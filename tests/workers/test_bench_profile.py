@@ -241,16 +241,21 @@ def test_format_profile_says_when_gemms_were_not_attributed() -> None:
     assert "launch gap" not in text  # no replay time measured: percentages of the span
 
 
-def test_bench_on_cpu_says_why_it_cannot_profile(
-    stories_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = EngineConfig(
+def cpu_config(stories_dir: Path) -> EngineConfig:
+    """stories260K on CPU: 64 blocks of 4 tokens, a 64-token step budget, 96 tokens of context."""
+    return EngineConfig(
         model_path=str(stories_dir),
         dtype="float32",
         attention_backend="torch",
         cache=CacheConfig(block_size=4, num_kv_blocks=64),
         scheduler=SchedulerConfig(max_num_batched_tokens=64, max_model_len=96),
     )
+
+
+def test_bench_on_cpu_says_why_it_cannot_profile(
+    stories_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = cpu_config(stories_dir)
     results = run_engine_bench(config, [1], [8], steps=2, prefill=False, hf=False, profile=[1])
     assert [(r.batch, r.context) for r in results] == [(1, 8)]
     out = capsys.readouterr().out
@@ -291,13 +296,7 @@ def test_mixed_step_is_a_chunk_beside_decodes_and_the_bench_times_it_on_cpu(
 ) -> None:
     from workers.bench import bench_mixed, mixed_step
 
-    config = EngineConfig(
-        model_path=str(stories_dir),
-        dtype="float32",
-        attention_backend="torch",
-        cache=CacheConfig(block_size=4, num_kv_blocks=64),
-        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_model_len=96),
-    )
+    config = cpu_config(stories_dir)
     engine = Engine(config, torch.device("cpu"))
     out = mixed_step(engine, 24, 4, 40)
     assert [s.num_new_tokens for s in out.scheduled] == [1, 1, 1, 1, 20]

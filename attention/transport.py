@@ -27,7 +27,7 @@ from attention.metadata import AttentionMetadata, host_tensor
 
 HEADER_LEN = 9
 """int64 fields in a step header (op, tokens, seqs, table width, sampling rows, max query
-length, max sequence length, bytes of the step plan that follows)."""
+length, max sequence length, bytes of the step plan that follows, leading decodes)."""
 
 
 class StageOp(enum.IntEnum):

@@ -2,10 +2,10 @@
 
 A decode-only step replays one whole-model graph (workers/cuda_graphs.py), but a step that
 carries a prefill chunk cannot: its attention grid depends on each sequence's query length. Run
-eagerly, such a step costs about 375 us of host time a layer on an H200 (kernel launches and the
-Python around them), 6 ms for half of Llama-3-8B, more than the GPU needs for a few hundred
-tokens. Under a burst nearly every pipeline micro-batch mixes a prefill chunk with decodes, so
-the host sets the time between tokens. vLLM V1 answers this with *piecewise* CUDA graphs
+eagerly, a step costs about 375 us of host time a layer on an H200 (kernel launches and the
+Python around them, as the engine bench's eager decode shows): 6 ms for half of Llama-3-8B,
+more than the GPU needs for a few hundred tokens. Under a burst nearly every pipeline
+micro-batch mixes a prefill chunk with decodes. vLLM V1 answers this with *piecewise* CUDA graphs
 (vLLM V1 design notes, "torch.compile and CUDA graphs": the model is split at the attention
 op, each piece between two attentions is captured per token count, attention runs eagerly);
 this module does the same for our Llama layers, without torch.compile:
@@ -21,7 +21,9 @@ this module does the same for our Llama layers, without torch.compile:
 A step of ``n`` tokens runs the pieces captured for the next size ``N >= n`` (padding rows
 ``n..N-1``: position 0, slot -1, so no KV is touched; the rows are independent in every piece,
 and their outputs are sliced off). Attention reads only rows ``< n``. So a layer costs one graph
-replay, one attention launch and one copy, about a fifth of the eager host time.
+replay, one attention launch (two in a mixed step: attention/triton_backend.py) and one copy.
+On an H200, a 64-token mixed step of Llama-3-8B (a chunk beside 32 decodes) takes 8.4 ms
+through the pieces and 19.6 ms eagerly (docs/benchmarks.md, session 7).
 
 Static buffers (fixed addresses, sized for the largest size): the inputs (token ids, or hidden
 and residual from the previous stage), positions and slots; ``q`` (rotated queries, written by a

@@ -46,7 +46,7 @@ DECODE_BATCHES = (1, 8, 64, 256)
 DECODE_CONTEXTS = (1024, 4096)
 POINTWISE_TOKENS, HIDDEN = 8192, 4096
 PREFILL_TOKENS = 8192
-MIXED_POINTS = ((32, 480), (128, 384), (8, 1016))
+MIXED_POINTS = ((32, 480), (128, 384), (8, 1016), (2, 510))
 """(decodes, chunk tokens) of the mixed-step attention points (``--only mixed``)."""
 
 
@@ -229,7 +229,8 @@ def bench_mixed(device: torch.device, decodes: int = 32, chunk: int = 480) -> di
     """A mixed step's attention, as the engine runs it (one layer): ``decodes`` decodes and
     one ``chunk``-token prefill chunk, each over 1,024 tokens of context, with the decodes
     split off to the decode kernel (``AttentionMetadata.num_decodes``) vs the whole step in
-    the prefill kernel (its tiles of 128 queries hold one real row per decode)."""
+    the prefill kernel (its tiles of 128 queries hold one real row per decode). Each is timed
+    as launched (``*_us``) and replayed from a CUDA graph (``*_graph_us``: GPU time alone)."""
     from attention.metadata import AttentionMetadata
     from attention.triton_backend import TritonBackend
 
@@ -243,20 +244,24 @@ def bench_mixed(device: torch.device, decodes: int = 32, chunk: int = 480) -> di
     slots = torch.zeros(q.shape[0], dtype=torch.int64, device=device)
     meta = AttentionMetadata(slots, case.block_tables, seq_lens.int(), qsl, chunk, context + chunk)
     split, backend = meta.with_decodes(decodes), TritonBackend()
-    row = {
+
+    def ours() -> torch.Tensor:
+        return backend.attention(q, case.kv_cache, 0, split)
+
+    def one_kernel() -> torch.Tensor:
+        return backend.attention(q, case.kv_cache, 0, meta)
+
+    return {
         "kernel": "mixed-step attention",
         "shape": f"{decodes} decodes + {chunk}-token chunk, 1k ctx",
-        "ours_us": _try(
-            lambda: _time_us(lambda: backend.attention(q, case.kv_cache, 0, split)), errors, "ours"
-        ),
+        "ours_us": _try(lambda: _time_us(ours), errors, "ours"),
+        "ours_graph_us": _try(lambda: _time_graph_us(ours), errors, "ours graph"),
         "baseline": "one prefill kernel",
-        "baseline_us": _try(
-            lambda: _time_us(lambda: backend.attention(q, case.kv_cache, 0, meta)), errors, "one"
-        ),
+        "baseline_us": _try(lambda: _time_us(one_kernel), errors, "one"),
+        "baseline_graph_us": _try(lambda: _time_graph_us(one_kernel), errors, "one graph"),
         "floor_us": None,
         "errors": errors,
     }
-    return row
 
 
 def _pointwise_row(
@@ -352,6 +357,8 @@ def print_table(rows: list[dict]) -> None:
             _fmt(r["floor_us"]), _fmt(r["ours_over_baseline"], 2), _fmt(r["ours_over_floor"], 2),
         ]  # fmt: skip
         print(" ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)))
+        if r.get("baseline_graph_us") is not None:
+            print(f"    baseline from a CUDA graph: {_fmt(r['baseline_graph_us'])} us")
         for err in r["errors"]:
             print(f"    ! {err}")
 

@@ -151,11 +151,10 @@ class PiecewiseGraphs:
             if size not in self.graphs:
                 self._capture(size)
             pieces = [g.replay for g in self.graphs[size]]
-        for piece, layer in zip(pieces, self.model.layers, strict=False):
-            piece()
-            attn = layer.self_attn
-            self.attn[:n].copy_(attn.attend(self._q_heads(n), self.kv_cache, meta))
-        pieces[-1]()
+        for i, layer in enumerate(self.model.layers):  # piece i, then layer i's attention
+            pieces[i]()
+            self.attn[:n].copy_(layer.self_attn.attend(self._q_heads(n), self.kv_cache, meta))
+        pieces[-1]()  # the last layer's MLP (and the final norm)
         self.num_runs += 1
         return self.hidden_out[:n], self.residual_out[:n]
 

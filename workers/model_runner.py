@@ -371,7 +371,9 @@ class ModelRunner:
 
     def forward(self, h: HostInputs) -> torch.Tensor:
         """[num_tokens, hidden] final-norm states of one step, run eagerly."""
-        inputs = self._to_device(h)
+        return self._forward_eager(self._to_device(h))
+
+    def _forward_eager(self, inputs: ModelInputs) -> torch.Tensor:
         with set_forward_context(ForwardContext(inputs.meta, self.kv_cache)):
             hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
         return hidden
@@ -385,9 +387,7 @@ class ModelRunner:
         if pieces is not None and pieces.size_for(inputs.positions.shape[0]) is not None:
             hidden, _ = pieces.run(inputs.meta, inputs.positions, inputs.input_ids)
             return hidden
-        with set_forward_context(ForwardContext(inputs.meta, self.kv_cache)):
-            hidden, _ = self.model(inputs.positions, input_ids=inputs.input_ids)
-        return hidden
+        return self._forward_eager(inputs)
 
     def replay_size(self, out: SchedulerOutput) -> int | None:
         """The captured size this step replays, or None when it runs eagerly (no graphs,

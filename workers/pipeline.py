@@ -43,8 +43,15 @@ Refill = Callable[[Sequence[WeightCopy]], int]
 """Runs a step's weight copies on this stage; returns the bytes it received."""
 
 _LOGGED_STEPS = 8
-"""The leader logs the time of its first pipelined steps (at info): they carry a drop's
-token gap."""
+"""Every stage logs its first pipelined steps at info, each phase timed after a device sync:
+they carry a drop's token gap."""
+
+
+def _step_clock(device: torch.device, step: int) -> PhaseClock:
+    """The phase clock of pipelined step ``step`` (0-based): synced to the device for the
+    first :data:`_LOGGED_STEPS` (each phase then owns its GPU work), host time after."""
+    synced = step < _LOGGED_STEPS and device.type == "cuda"
+    return PhaseClock((lambda: torch.cuda.synchronize(device)) if synced else None)
 
 
 # --- stage models -----------------------------------------------------------------------
@@ -333,6 +340,7 @@ class _Launched:
     sends: list  # deferred sends (attention.transport.wait_sends)
     plan: StepPlan | None
     launched: float  # time.perf_counter() at launch
+    clock: PhaseClock  # its phases, launch and collect
 
 
 class PipelineRunner(_Stage):
@@ -373,7 +381,8 @@ class PipelineRunner(_Stage):
         self.peak_in_flight = 0
         """The most steps launched and not yet collected at once so far."""
         self.steps = 0
-        """Pipelined steps run so far."""
+        """Pipelined steps collected so far."""
+        self._launches = 0
         self._started = time.perf_counter()
 
     def __getattr__(self, name: str) -> Any:
@@ -424,6 +433,7 @@ class PipelineRunner(_Stage):
         posts its activations to stage 1 and serves the later stages' remote attention; the
         logits are :meth:`collect`'s. Launches must be collected in order."""
         r = self.runner
+        clock = _step_clock(r.device, self._launches)
         t0 = time.perf_counter()
         plan = None
         if self.kv is not None and (self.kv.legacy or self.kv.gather_homes is not None):
@@ -436,6 +446,7 @@ class PipelineRunner(_Stage):
                     self.steps + 1,
                     t0 - self._started,
                 )
+        clock.mark("plan")
         size = None
         replayable = plan is None or not plan.legacy  # no remote attention this step
         if replayable and self.graphs is not None and all(s.samples for s in out.scheduled):
@@ -448,10 +459,13 @@ class PipelineRunner(_Stage):
             self.graphs.load_scheduled(out.scheduled, size)
             requests = [s.request for s in out.scheduled]
             x = self.graphs.sent_inputs(size, len(requests))
+        clock.mark("inputs")
         with self.transport.deferred_sends() as sends:
             self._announce(x.header(), plan)
+            clock.mark("announce")
             if plan is not None:
                 self.exchange(plan)
+                clock.mark("exchange")
             router = self.router(plan)
             if size is None:
                 hidden, residual = self.compute(x, router, inputs.input_ids)
@@ -459,9 +473,12 @@ class PipelineRunner(_Stage):
                 hidden, residual = self.graphs.run(size, len(requests))
             if self.graphs is not None:  # static buffers: the posted sends read them after
                 hidden, residual = hidden.clone(), residual.clone()  # the next run began
+            clock.mark("stage 0" if size is None else "stage 0 (graph)")
             self.transport.send_body(self.ranks[1], x.with_hidden(hidden, residual))
             self.serve(router, range(1, len(self.ranks)))
-        self._launched.append(_Launched(out, requests, sends, plan, t0))
+            clock.mark("send and serve")
+        self._launches += 1
+        self._launched.append(_Launched(out, requests, sends, plan, t0, clock))
         self.peak_in_flight = max(self.peak_in_flight, len(self._launched))
 
     def _weights_step(self) -> list[WeightCopy]:
@@ -489,24 +506,28 @@ class PipelineRunner(_Stage):
         step = self._launched.popleft()
         if step.out is not out:
             raise RuntimeError("pipeline steps must be collected in the order they launched")
-        r, requests = self.runner, step.requests
+        r, requests, clock = self.runner, step.requests, step.clock
+        clock.mark("in flight")  # other launches and collects since this one launched
         tokens, logprobs = [], []
         if requests:
             vocab = r.model_config.vocab_size
             logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
+            clock.mark("later stages")
             tokens, logprobs = r.sampler.sample(logits, requests)
         wait_sends(step.sends)
+        clock.mark("sample")
         self.steps += 1
         if self.steps <= _LOGGED_STEPS:  # the first steps after a drop carry its token gap
             logger.info(
                 "pipeline step %d: %.2f ms, %d sequences, %d pre-drop, %d KV slices moved, "
-                "%d in flight",
+                "%d in flight (%s)",
                 self.steps,
                 1e3 * (time.perf_counter() - step.launched),
                 len(out.scheduled),
                 0 if step.plan is None else len(step.plan.legacy),
                 0 if step.plan is None else len(step.plan.moves),
                 len(self._launched) + 1,
+                clock,
             )
         ids = [q.request_id for q in requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
@@ -562,26 +583,39 @@ class StageLoop(_Stage):
     def run(self) -> None:
         """Blocks on the leader; returns after STOP."""
         leader, prev = self.ranks[0], self.ranks[self.stage - 1]
-        clock = PhaseClock()
+        steps = 0
         while (h := self.transport.recv_header(leader)).op is not StageOp.STOP:
-            clock.reset()
+            clock = _step_clock(self.runner.device, steps)
             start = time.perf_counter()
             plan = None
             if h.plan_bytes:
-                with clock.phase("plan"):
-                    raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
-                    plan = StepPlan.decode(raw)
-                    self.exchange(plan)
+                raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
+                plan = StepPlan.decode(raw)
+                clock.mark("plan")
+                self.exchange(plan)
+                clock.mark("exchange")
             if h.num_seqs == 0:
                 continue
             router = self.router(plan)
-            with clock.phase("serve"):
-                self.serve(router, range(self.stage))
-            with clock.phase("step"):
-                self.step(self.transport.recv_body(prev, h), router)
-            with clock.phase("serve"):
-                self.serve(router, range(self.stage + 1, len(self.ranks)))
-            if time.perf_counter() - start > SLOW_STEP_S:  # host time: the wait is in the header
+            self.serve(router, range(self.stage))
+            clock.mark("serve")
+            self.step(self.transport.recv_body(prev, h), router)
+            clock.mark("step")
+            self.serve(router, range(self.stage + 1, len(self.ranks)))
+            clock.mark("serve")
+            steps += 1
+            if steps <= _LOGGED_STEPS:
+                logger.info(
+                    "stage %d, pipeline step %d: %.2f ms from its header, %d tokens, %s "
+                    "pre-drop (%s)",
+                    self.stage,
+                    steps,
+                    1e3 * (time.perf_counter() - start),
+                    h.num_tokens,
+                    0 if plan is None else len(plan.legacy),
+                    clock,
+                )
+            elif time.perf_counter() - start > SLOW_STEP_S:  # host time: the wait is the header
                 logger.warning(
                     "stage %d: a step of %d tokens took %.0f ms of host time (%s)",
                     self.stage,

@@ -108,10 +108,8 @@ def read(
     pending: Pending = []
     for c in plan:
         if c.src_rank == me:
-            a, b = c.src_layers
-            idx = host_tensor(c.src_blocks, torch.int64, view.device)
             # only the layers that move are gathered (half of an L-layer block when half move)
-            data = view[:, a:b].index_select(0, idx)
+            data = _gather(c, 0, len(c.src_blocks), view)
             if c.dst_rank == me:
                 pending.append((c, data))
             else:
@@ -122,12 +120,76 @@ def read(
     return pending
 
 
+MOVE_CHUNK_BYTES = 256 * 2**20
+"""Most bytes :func:`move` sends in one message: its scratch is a chunk per peer and
+direction, however large the step's plan."""
+
+
+def move(
+    plan: Sequence[SliceCopy],
+    me: int,
+    src_view: torch.Tensor,  # [num_blocks, layers, 2, bs, H, D] where the slices are now
+    dst_view: torch.Tensor,  # [num_blocks, layers, 2, bs, H, D] where they go (same memory)
+    transport: StageTransport | None,
+    chunk_bytes: int = MOVE_CHUNK_BYTES,
+) -> int:
+    """Runs ``plan`` in place, for plans whose destinations alias none of their sources (the
+    live exchange and a live restore's gather: workers/remote_attention.py gives them
+    blocks no other copy of the step reads): each copy is cut into chunks of at most
+    ``chunk_bytes`` (at least one block); round ``k`` posts the ``k``-th chunk of every
+    (source, destination) pair as one batch (:func:`~attention.transport.batch_exchange`:
+    both directions of a link at once) and writes what it received. Every worker derives the
+    same rounds from the same plan, so sends and receives match. Local copies run directly.
+    Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
+    workers and ``transport`` is None."""
+    pairs: dict[tuple[int, int], list[tuple[SliceCopy, int, int]]] = {}
+    for c in plan:
+        if me not in (c.src_rank, c.dst_rank):
+            continue
+        per_block = c.num_layers * src_view[0, 0].numel() * src_view.element_size()
+        step = max(1, chunk_bytes // max(1, per_block))
+        chunks = pairs.setdefault((c.src_rank, c.dst_rank), [])
+        chunks += [
+            (c, lo, min(lo + step, len(c.src_blocks))) for lo in range(0, len(c.src_blocks), step)
+        ]
+    for c, lo, hi in pairs.pop((me, me), []):
+        _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
+    if pairs:
+        transport = _require(transport)
+    for k in range(max((len(v) for v in pairs.values()), default=0)):
+        sends, recvs = [], []
+        for (src, dst), chunks in sorted(pairs.items()):
+            if k >= len(chunks):
+                continue
+            c, lo, hi = chunks[k]
+            if src == me:
+                sends.append((dst, _gather(c, lo, hi, src_view)))
+            else:
+                shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
+                buf = torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device)
+                recvs.append((src, buf, c, lo, hi))
+        transport.exchange(sends, [(src, buf) for src, buf, *_ in recvs])
+        for _, buf, c, lo, hi in recvs:
+            _write(c, lo, hi, buf, dst_view)
+    return sum(1 for c in plan if me in (c.src_rank, c.dst_rank))
+
+
+def _gather(c: SliceCopy, lo: int, hi: int, view: torch.Tensor) -> torch.Tensor:
+    """Source blocks ``[lo, hi)`` of ``c``, its layers only: [hi - lo, layers, 2, bs, H, D]."""
+    a, b = c.src_layers
+    idx = host_tensor(c.src_blocks[lo:hi], torch.int64, view.device)
+    return view[:, a:b].index_select(0, idx)
+
+
+def _write(c: SliceCopy, lo: int, hi: int, data: torch.Tensor, view: torch.Tensor) -> None:
+    a, b = c.dst_layers
+    view[host_tensor(c.dst_blocks[lo:hi], torch.int64, view.device), a:b] = data
+
+
 def write(pending: Pending, view: torch.Tensor) -> None:
     """Scatters the slices into ``view`` (this rank's next view), blocks and layers per copy."""
     for c, data in pending:
-        a, b = c.dst_layers
-        idx = host_tensor(c.dst_blocks, torch.int64, view.device)
-        view[idx, a:b] = data
+        _write(c, 0, len(c.dst_blocks), data, view)
 
 
 def _require(transport: StageTransport | None) -> StageTransport:

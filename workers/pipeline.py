@@ -263,15 +263,16 @@ class _Stage:
     def exchange(self, plan: StepPlan) -> None:
         """Runs the plan's KV moves: L-layer slices out of this worker's legacy view into
         this stage's view (the live KV exchange), then a restore's gathers the other way
-        (workers/remote_attention.py). Every slice is read before any is written. Then the
-        step's weight copies of a live restore (workers/weight_exchange.py)."""
+        (workers/remote_attention.py), each in chunks (:func:`~workers.kv_exchange.move`:
+        no copy of a step writes bytes another reads). Then the step's weight copies of a
+        live restore (workers/weight_exchange.py)."""
         if plan.moves or plan.gathers:
             stage_view, legacy_view = self.runner.kv_cache, self._legacy_view()
-            forward = kv_exchange.read(plan.moves, self.me, legacy_view, self.transport)
-            back = kv_exchange.read(plan.gathers, self.me, stage_view, self.transport)
-            kv_exchange.write(forward, stage_view)
-            kv_exchange.write(back, legacy_view)
-            self.counters["moved"] += len(forward) + len(back)
+            moved = kv_exchange.move(plan.moves, self.me, legacy_view, stage_view, self.transport)
+            moved += kv_exchange.move(
+                plan.gathers, self.me, stage_view, legacy_view, self.transport
+            )
+            self.counters["moved"] += moved
         if plan.weights:
             if self.refill is None:
                 raise RuntimeError("a step plan refills weights but this stage cannot")

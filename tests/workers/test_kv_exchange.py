@@ -1,0 +1,79 @@
+"""KV slice copies between workers: the chunked in-place move of the live exchange."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tests.workers.pipeline_helpers import LoopbackTransport
+from workers import kv_exchange
+from workers.kv_exchange import SliceCopy
+
+BLOCKS, LAYERS, BS, H, D = 12, 4, 2, 2, 3
+
+
+class CountingTransport(LoopbackTransport):
+    """Loopback, counting the messages each rank sends."""
+
+    def __init__(self, rank: int, links: dict) -> None:
+        super().__init__(rank, links, hidden_size=8)
+        self.messages = 0
+
+    def send(self, dst: int, t: torch.Tensor, group=None) -> None:
+        self.messages += 1
+        super().send(dst, t, group)
+
+
+def _views(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(BLOCKS, LAYERS, 2, BS, H, D, generator=g)
+    return src, torch.zeros(BLOCKS, 2, 2, BS, H, D)
+
+
+PLAN = [
+    # rank 0's blocks 0-4, layers [2, 4), to rank 1's blocks 7-11 as its layers [0, 2)
+    SliceCopy(0, 1, (2, 4), (0, 2), (0, 1, 2, 3, 4), (7, 8, 9, 10, 11)),
+    SliceCopy(1, 0, (0, 2), (0, 2), (5, 3, 1), (0, 2, 4)),  # out of order on both ends
+    SliceCopy(0, 0, (0, 2), (0, 2), (6, 7, 8, 9), (8, 9, 10, 11)),  # local
+    SliceCopy(1, 1, (2, 4), (0, 2), (11,), (0,)),
+]
+
+
+def test_move_in_chunks_writes_every_slice_where_the_plan_says() -> None:
+    views = {rank: _views(rank) for rank in (0, 1)}
+    links: dict = {}
+    transports = {rank: CountingTransport(rank, links) for rank in (0, 1)}
+    block_bytes = 2 * 2 * BS * H * D * 4  # two layers of one block, float32
+    moved: dict[int, int] = {}
+
+    def run(rank: int) -> None:
+        src, dst = views[rank]
+        moved[rank] = kv_exchange.move(PLAN, rank, src, dst, transports[rank], 2 * block_bytes)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert moved == {0: 3, 1: 3}
+    for c in PLAN:
+        src, _ = views[c.src_rank]
+        _, dst = views[c.dst_rank]
+        (a, b), (x, y) = c.src_layers, c.dst_layers
+        for s, d in zip(c.src_blocks, c.dst_blocks, strict=True):
+            assert torch.equal(dst[d, x:y], src[s, a:b]), (c, s, d)
+    written = {(c.dst_rank, d) for c in PLAN for d in c.dst_blocks}
+    for rank in (0, 1):
+        untouched = [b for b in range(BLOCKS) if (rank, b) not in written]
+        assert not views[rank][1][untouched].any()
+    # chunks of two blocks: five blocks go in three messages, three in two
+    assert transports[0].messages == 3
+    assert transports[1].messages == 2
+
+
+def test_move_across_workers_needs_a_transport() -> None:
+    src, dst = _views(0)
+    with pytest.raises(RuntimeError, match="no transport"):
+        kv_exchange.move(PLAN[:1], 0, src, dst, None)

@@ -133,7 +133,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-exchange-bytes-per-step",
         type=int,
-        default=CacheConfig.kv_exchange_bytes_per_step,
+        default=None,
         help=cache["kv_exchange_bytes_per_step"],
     )
     p.add_argument(

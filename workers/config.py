@@ -145,6 +145,28 @@ and raised goodput from 2.3 to 4.9 req/s on the Azure code burst, and cut P99 TT
 359 ms on the conversation burst; 512 was worse there (950 ms)."""
 
 
+EXCHANGE_STEP_S = 0.025
+"""Link time a live step's KV exchange may take by default (seconds). On 2 H200s a step that
+still runs remote attention for some pre-drop request costs 35-70 ms more than a replayed
+one, whatever it moves, while the link moves ~1 GiB in 4 ms (docs/benchmarks.md, session 8):
+a step that moves ~25 ms worth ends the exchange in fewer, cheaper steps."""
+
+EXCHANGE_FALLBACK_BYTES = 2**30
+"""The default exchange budget where no link bandwidth was measured (gloo on CPU)."""
+
+
+def exchange_bytes_per_step(configured: int | None, link_bandwidth: float | None) -> int:
+    """The live exchange's budget per step (bytes): ``configured`` when set, else what
+    ``link_bandwidth`` (bytes/s, one way, measured at start-up) moves in
+    :data:`EXCHANGE_STEP_S`, at least 256 MiB; :data:`EXCHANGE_FALLBACK_BYTES` without a
+    measurement."""
+    if configured is not None:
+        return configured
+    if not link_bandwidth:
+        return EXCHANGE_FALLBACK_BYTES
+    return max(256 * 2**20, int(link_bandwidth * EXCHANGE_STEP_S))
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing."""
@@ -157,17 +179,15 @@ class CacheConfig:
     """KV-cache size in GiB on a CPU worker."""
     num_kv_blocks: int | None = None
     """Override the number of KV blocks (for tests and to force memory pressure)."""
-    kv_exchange_bytes_per_step: int = 2**30
+    kv_exchange_bytes_per_step: int | None = None
     """Bytes a pipeline step moves between a group's workers while requests keep decoding:
     after a drop, pre-drop requests' KV to the stages that own their layers (at least one layer
     of one request a step; DESIGN.md §6.5); during a restore, running requests' KV onto one
-    home, and on VMM memory the dropped weights back (per link). A step with pre-drop requests
-    costs ~35 ms on 2 H200s whatever it moves (one remote attention round trip per layer),
-    while 1 GiB crosses NVLink in ~3 ms: moving more per step ends that phase in fewer steps,
-    each longer (docs/benchmarks.md; 256 MiB took 10 steps)."""
+    home, and on VMM memory the dropped weights back (per link). None: what the link measured
+    at start-up moves in :data:`EXCHANGE_STEP_S` (:func:`exchange_bytes_per_step`)."""
 
     def __post_init__(self) -> None:
-        if self.kv_exchange_bytes_per_step < 0:
+        if self.kv_exchange_bytes_per_step is not None and self.kv_exchange_bytes_per_step < 0:
             raise ValueError(
                 f"kv_exchange_bytes_per_step must be >= 0, got {self.kv_exchange_bytes_per_step}"
             )

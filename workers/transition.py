@@ -53,6 +53,7 @@ import torch
 from attention.transport import StageTransport
 from workers import kv_exchange, weight_exchange
 from workers.block_pool import BlockPool, KVCacheManager
+from workers.config import exchange_bytes_per_step
 from workers.kv_exchange import BlockMove, SliceCopy
 from workers.pipeline import PipelineRunner, Refill, StageLoop
 from workers.remote_attention import GroupKVManager, GroupLayout
@@ -275,6 +276,12 @@ class GroupController:
             [t.request.request_id for t in waiting],
         )
 
+    def exchange_bytes(self) -> int:
+        """Bytes a live step moves (``--kv-exchange-bytes-per-step``, or ~25 ms of this
+        worker's measured link: workers/config.exchange_bytes_per_step)."""
+        configured = self.engine.config.cache.kv_exchange_bytes_per_step
+        return exchange_bytes_per_step(configured, getattr(self.worker, "link_bandwidth", None))
+
     def _group_kv(self, spec: GroupSpec, group_blocks: int) -> GroupKVManager:
         runner, cache = _base_runner(self.engine), self.engine.config.cache
         layer_block_bytes = runner.block_bytes // runner.layers_per_block
@@ -283,7 +290,7 @@ class GroupController:
             cache.block_size,
             spec.layout,
             layer_block_bytes,
-            cache.kv_exchange_bytes_per_step,
+            self.exchange_bytes(),
         )
 
     @torch.inference_mode()
@@ -309,24 +316,26 @@ class GroupController:
         self.spec = spec
         clock.mark("KV views")
         if stage == 0:
-            self._become_leader(spec)
+            self._become_leader(spec, clock)
         else:
             self._become_stage(spec, stage, group_blocks)
-        clock.mark("leader" if stage == 0 else "stage")
+            clock.mark("stage")
         check_block_ownership(engine)
         clock.mark("checks")
         logger.info(
-            "drop on worker %d: %s; layers [%d, %d), %d stage blocks, %d in the group pool",
+            "drop on worker %d: %s; layers [%d, %d), %d stage blocks, %d in the group pool; "
+            "live steps move %.0f MiB",
             self.rank,
             clock,
             start,
             end,
             stage_blocks,
             group_blocks,
+            self.exchange_bytes() / 2**20,
         )
         return stage_blocks
 
-    def _become_leader(self, spec: GroupSpec) -> None:
+    def _become_leader(self, spec: GroupSpec, clock: PhaseClock) -> None:
         engine, m = self.engine, self._merge
         sampler = engine.runner.sampler
         for t in m.incoming:
@@ -334,6 +343,7 @@ class GroupController:
         for r in m.running:  # pre-drop requests: their KV stays home until it has moved
             m.kv.adopt_legacy(r, self.origins[r.request_id])
         _install(engine, m.kv, m.running, m.waiting)
+        clock.mark("leader's requests")
         engine.runner = PipelineRunner(
             engine.runner,
             self.transport,
@@ -345,6 +355,7 @@ class GroupController:
             self._refill(spec, 0),
         )
         self._merge = None
+        clock.mark("leader's runner")
 
     def _become_stage(self, spec: GroupSpec, stage: int, group_blocks: int) -> None:
         engine = self.engine
@@ -400,7 +411,7 @@ class GroupController:
         L = spec.layout.num_layers
         first = min(n * L // spec.layout.stage_layers(r) for r, n in self.normal_blocks.items())
         copies = weight_exchange.plan_restore(spec.ranks, spec.ranges, L)
-        budget = self.engine.config.cache.kv_exchange_bytes_per_step
+        budget = self.exchange_bytes()
         return WeightPrefetch(
             copies, self.memory.region_nbytes, budget, min(first, kv.pool.num_blocks)
         )

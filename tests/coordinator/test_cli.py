@@ -15,7 +15,13 @@ from coordinator.cli import (
     planner_flag,
 )
 from planner.config import PlannerConfig
-from workers.config import PIPELINE_TOKENS, EngineConfig
+from workers.config import (
+    EXCHANGE_FALLBACK_BYTES,
+    EXCHANGE_STEP_S,
+    PIPELINE_TOKENS,
+    EngineConfig,
+    exchange_bytes_per_step,
+)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -70,9 +76,18 @@ def test_serve_defaults_drop_and_its_engine_flags(tmp_path) -> None:
     assert args.overload_policy == "drop"
     engine = engine_config(args, tmp_path)
     assert engine.cache.kv_exchange_bytes_per_step == 4096
+    assert engine_config(parse(), tmp_path).cache.kv_exchange_bytes_per_step is None
     assert engine.scheduler.pipeline_token_budget == PIPELINE_TOKENS == 1024
     assert engine_for_policy(engine, "drop", 2).stage_graphs_at_start == 2
     assert engine_for_policy(engine, "drop", 1).stage_graphs_at_start == 0
     assert engine_for_policy(engine, "recompute", 4).stage_graphs_at_start == 0
     with pytest.raises(ValueError, match="stage_graphs_at_start"):
         EngineConfig(model_path=str(tmp_path), stage_graphs_at_start=1)
+
+
+def test_exchange_budget_is_set_or_25_ms_of_the_measured_link() -> None:
+    assert exchange_bytes_per_step(4096, 300e9) == 4096
+    assert exchange_bytes_per_step(0, 300e9) == 0  # one layer of one request a step
+    assert exchange_bytes_per_step(None, 300e9) == int(300e9 * EXCHANGE_STEP_S) == 7_500_000_000
+    assert exchange_bytes_per_step(None, 1e9) == 256 * 2**20  # a slow link: the floor
+    assert exchange_bytes_per_step(None, None) == EXCHANGE_FALLBACK_BYTES == 2**30  # gloo

@@ -171,12 +171,14 @@ class Transitions:
     async def _prepare_drop(
         self, members: list[Instance], spec: GroupSpec, phases: PhaseClock
     ) -> list:
-        """Pauses the members, collects their reports, and has the leader merge them; the
-        last step that may still fail without changing anything."""
-        await self._pause(members)
-        phases.mark("pause")
-        reports = await _gather(m.leader.transition.remote("drop_prepare", spec) for m in members)
-        phases.mark("prepare")
+        """Pauses the members and collects their reports (one call each), waits until every
+        step they pushed before parking is applied, and has the leader merge the reports;
+        the last step that may still fail without changing anything."""
+        paused = await _gather(m.leader.pause_for.remote("drop_prepare", spec) for m in members)
+        for m, (seq, _) in zip(members, paused, strict=True):
+            await self.core.wait_applied(m.info.rank, seq)
+        reports = [report for _, report in paused]
+        phases.mark("pause and prepare")
         await members[0].leader.transition.remote("drop_merge", spec, reports)
         phases.mark("merge")
         return reports
@@ -357,13 +359,6 @@ class Transitions:
             await inst.leader.transition.remote(step)
         finally:
             await inst.leader.resume.remote()
-
-    async def _pause(self, members: list[Instance]) -> None:
-        """Parks every member between steps and waits until the coordinator has applied
-        every step each pushed before parking."""
-        seqs = await _gather(m.leader.pause.remote() for m in members)
-        for m, seq in zip(members, seqs, strict=True):
-            await self.core.wait_applied(m.info.rank, seq)
 
     def _set_state(self, members: list[Instance], state: InstanceState) -> None:
         for m in members:

@@ -34,6 +34,7 @@ class GroupWorker(FakeWorker):
         self.answers = answers
         self.steps: list[str] = []
         self.pause = _Method(self._pause)
+        self.pause_for = _Method(self._pause_for)
         self.resume = _Method(self._resume)
         self.transition = _Method(self._transition)
         self.ready = False
@@ -47,6 +48,9 @@ class GroupWorker(FakeWorker):
 
     async def _pause(self) -> int:
         return self.seq
+
+    async def _pause_for(self, name: str, *args):
+        return await self._pause(), await self._transition(name, *args)
 
     async def _resume(self) -> None:
         return None
@@ -84,11 +88,13 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
         w1.seq = 1  # worker 1 pushed step 1 before parking; it is not applied yet
 
         def prepare1(spec):
-            assert core.applied_seq(1) == 1  # the drop waited for it
             core.abort(["b"])  # the client cancels while b moves: the abort goes to worker 1
             return _report(1, ["b"])
 
-        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=None)
+        def merge(spec, reports):
+            assert core.applied_seq(1) == 1  # the drop waited for it before moving requests
+
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=merge)
         w0.answers.update(drop_execute=140)
         w1.answers.update(drop_prepare=prepare1, drop_execute=150)
         out = RequestOutput("b", [7])

@@ -189,17 +189,26 @@ class GroupKVManager(KVCacheManager):
     def adopt_legacy(self, request: Request, home: int) -> None:
         """Takes a running request whose ``block_ids`` are L-layer blocks on ``home``: they
         become its legacy blocks (reserved in the group pool) and it holds no pipeline block."""
-        blocks = tuple(request.block_ids)
-        reserved = self.reserved_ids(home, blocks)
-        self.pool.reserve(reserved)
-        self.legacy[request.request_id] = LegacyKV(request, home, blocks, reserved)
-        request.block_ids = []
-        logger.debug(
-            "request %s: pre-drop KV stays on worker %d (L-layer blocks %s)",
-            request.request_id,
-            home,
-            list(blocks),
-        )
+        self.adopt_all([(request, home)])
+
+    def adopt_all(self, requests: Sequence[tuple[Request, int]]) -> None:
+        """:meth:`adopt_legacy` for each (request, home), with one reservation for all: each
+        reservation walks the pool's free list (~0.7 ms at 12k blocks; 13 ms for a drop of 16
+        requests one by one on 2 H200s)."""
+        held: list[int] = []
+        for request, home in requests:
+            blocks = tuple(request.block_ids)
+            reserved = self.reserved_ids(home, blocks)
+            held += reserved
+            self.legacy[request.request_id] = LegacyKV(request, home, blocks, reserved)
+            request.block_ids = []
+            logger.debug(
+                "request %s: pre-drop KV stays on worker %d (L-layer blocks %s)",
+                request.request_id,
+                home,
+                list(blocks),
+            )
+        self.pool.reserve(held)
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
         lg = self.legacy.get(request.request_id)

@@ -340,8 +340,8 @@ class GroupController:
         sampler = engine.runner.sampler
         for t in m.incoming:
             sampler.import_state(t.request.request_id, t.request.sampling.seed, t.generator_state)
-        for r in m.running:  # pre-drop requests: their KV stays home until it has moved
-            m.kv.adopt_legacy(r, self.origins[r.request_id])
+        # pre-drop requests: their KV stays home until it has moved
+        m.kv.adopt_all([(r, self.origins[r.request_id]) for r in m.running])
         _install(engine, m.kv, m.running, m.waiting)
         clock.mark("leader's requests")
         engine.runner = PipelineRunner(

@@ -97,6 +97,32 @@ def test_budget_moves_several_layers_and_free_releases_a_legacy_request() -> Non
         kv.pool.reserve([99])
 
 
+def test_adopting_all_at_once_reserves_what_adopting_one_by_one_does() -> None:
+    """A drop adopts its pre-drop requests with one reservation; ids shared by two
+    requests' L-layer blocks (uneven layers) are held twice either way."""
+
+    def requests() -> list[tuple[Request, int]]:
+        a, b, c = _request("a", 6, [1, 0]), _request("b", 6, [2, 5]), _request("c", 3, [1])
+        return [(a, 0), (b, 0), (c, 1)]
+
+    one_by_one, at_once = _manager(LAYOUT), _manager(LAYOUT)
+    for r, home in requests():
+        one_by_one.adopt_legacy(r, home)
+    at_once.adopt_all(requests())
+    assert at_once.pool.ref_counts() == one_by_one.pool.ref_counts()
+    # id 3 aliases a's block 1 and b's block 2 on home 0, and c's block 1 on home 1
+    assert at_once.pool.ref_counts()[:6] == [1, 1, 2, 3, 2, 0]
+    assert {rid: (lg.home, lg.blocks) for rid, lg in at_once.legacy.items()} == {
+        "a": (0, (1, 0)),
+        "b": (0, (2, 5)),
+        "c": (1, (1,)),
+    }
+    assert at_once.allocate_slots(_request("d", 0, []), BS) == one_by_one.allocate_slots(
+        _request("d", 0, []), BS
+    )
+    at_once.pool.check_integrity()
+
+
 def _pipeline_request(kv: GroupKVManager, rid: str, computed: int) -> Request:
     """A request admitted after the drop: pipeline blocks for ``computed`` tokens."""
     r = _request(rid, computed, [])

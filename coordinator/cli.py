@@ -154,12 +154,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=sched["pipeline_max_num_batched_tokens"],
     )
-    p.add_argument(
-        "--pipeline-min-num-batched-tokens",
-        type=int,
-        default=None,
-        help=sched["pipeline_min_num_batched_tokens"],
-    )
     p.add_argument("--dtype", default="auto", help=eng["dtype"])
     p.add_argument(
         "--load-format", default="auto", choices=["auto", "dummy"], help=eng["load_format"]
@@ -193,7 +187,6 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
             max_waiting=args.max_waiting,
             pipeline_micro_batches=args.pipeline_micro_batches,
             pipeline_max_num_batched_tokens=args.pipeline_max_num_batched_tokens,
-            pipeline_min_num_batched_tokens=args.pipeline_min_num_batched_tokens,
         ),
         seed=args.seed,
         enforce_eager=args.enforce_eager,

@@ -144,19 +144,6 @@ them. On 2 H200s (dummy Llama-3-8B, docs/benchmarks.md) 1,024 cut P99 TPOT from 
 and raised goodput from 2.3 to 4.9 req/s on the Azure code burst, and cut P99 TTFT from 882 to
 359 ms on the conversation burst; 512 was worse there (950 ms)."""
 
-PIPELINE_MIN_TOKENS = 256
-"""Default floor of a pipeline micro-batch's token budget
-(``SchedulerConfig.pipeline_min_num_batched_tokens``). On 2 H200s (dummy Llama-3-8B,
-docs/benchmarks.md session 7), 256-token micro-batches held P99 TPOT to 1.35x recompute's on
-the Azure conversation burst (2.0x at 1,024), but fell behind the code burst's 2k-token
-prompts, which need 1,024."""
-
-PIPELINE_DRAIN_MICRO_BATCHES = 8
-"""A pipeline micro-batch is budgeted one in this many of the prefill tokens waiting, between
-the floor and the cap (``SchedulerConfig.pipeline_budget_for``): a queue of prompts is taken in
-about this many micro-batches, so the budget rises as soon as prompts queue, not once one has
-waited (session 7 tried a wait-time switch; it lagged a burst)."""
-
 
 EXCHANGE_STEP_S = 0.025
 """Link time a live step's KV exchange may take by default (seconds). On 2 H200s a step that
@@ -240,23 +227,9 @@ class SchedulerConfig:
     bounds the time between tokens while a drop admits a burst's prompts (Sarathi-Serve's token
     budget)."""
 
-    pipeline_min_num_batched_tokens: int | None = None
-    """Fewest tokens a pipeline micro-batch is budgeted (None: ``PIPELINE_MIN_TOKENS``; never
-    above the pipeline budget). Between this floor and ``pipeline_max_num_batched_tokens``, a
-    micro-batch may take 1/``PIPELINE_DRAIN_MICRO_BATCHES`` of the prefill tokens waiting
-    (queued prompts and the rest of prompts in chunked prefill): few while the queue is short,
-    so decode tokens do not wait behind prefill chunks; the cap once a burst's prompts queue.
-    Set equal to the cap for one fixed budget."""
-
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        floor = self.pipeline_min_num_batched_tokens
-        if floor is not None and floor < 1:
-            raise ValueError(
-                "pipeline_min_num_batched_tokens must be >= 1 (or None: at most "
-                f"{PIPELINE_MIN_TOKENS})"
-            )
         pipelined = self.pipeline_max_num_batched_tokens
         if pipelined is not None and pipelined < 1:
             raise ValueError(
@@ -274,19 +247,6 @@ class SchedulerConfig:
         """Tokens per micro-batch in pipeline mode."""
         explicit = self.pipeline_max_num_batched_tokens
         return explicit or min(self.max_num_batched_tokens, PIPELINE_TOKENS)
-
-    @property
-    def pipeline_min_token_budget(self) -> int:
-        """The floor of a micro-batch's budget in pipeline mode (never above the cap)."""
-        floor = self.pipeline_min_num_batched_tokens or PIPELINE_MIN_TOKENS
-        return min(floor, self.pipeline_token_budget)
-
-    def pipeline_budget_for(self, pending_prefill_tokens: int) -> int:
-        """A pipeline micro-batch's token budget with ``pending_prefill_tokens`` of prompts
-        waiting to prefill: 1/``PIPELINE_DRAIN_MICRO_BATCHES`` of them, between
-        :attr:`pipeline_min_token_budget` and :attr:`pipeline_token_budget`."""
-        share = -(-pending_prefill_tokens // PIPELINE_DRAIN_MICRO_BATCHES)
-        return max(self.pipeline_min_token_budget, min(self.pipeline_token_budget, share))
 
 
 @dataclass(frozen=True)

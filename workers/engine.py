@@ -185,16 +185,7 @@ class Engine:
         return outputs
 
     def _token_budget(self) -> int:
-        """Tokens per step. While this engine leads a pipeline group: a share of the prefill
-        tokens waiting, between the pipeline floor and cap (``SchedulerConfig
-        .pipeline_budget_for``)."""
-        sched = self.config.scheduler
-        if getattr(self.runner, "overlap_depth", None) is None:
-            return sched.max_num_batched_tokens
-        return sched.pipeline_budget_for(self.scheduler.pending_prefill_tokens())
-
-    def _budget_cap(self) -> int:
-        """The most tokens a step may take now (the pipeline cap while leading a group)."""
+        """Tokens per step: the pipeline budget while this engine leads a pipeline group."""
         sched = self.config.scheduler
         if getattr(self.runner, "overlap_depth", None) is None:
             return sched.max_num_batched_tokens
@@ -238,7 +229,7 @@ class Engine:
     def _record_step(self, seconds: float, num_tokens: int) -> None:
         self._last_step = (seconds, num_tokens)
         self._tokens_computed += num_tokens
-        fill = min(1.0, num_tokens / self._budget_cap())
+        fill = min(1.0, num_tokens / self._token_budget())
         self._fill += FILL_WEIGHT * (fill - self._fill)
 
     def _update(

@@ -82,12 +82,6 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
-    def pending_prefill_tokens(self) -> int:
-        """Prompt tokens still to prefill: queued requests' (a preempted one's outputs too)
-        and the rest of running prompts in chunked prefill; decodes (one token each) do not
-        count."""
-        return sum(n for r in (*self.running, *self.waiting) if (n := r.num_pending_tokens) > 1)
-
     @property
     def has_work(self) -> bool:
         """Whether a step would do anything: running requests, or waiting ones it may admit."""

@@ -78,9 +78,6 @@ def test_serve_defaults_drop_and_its_engine_flags(tmp_path) -> None:
     assert engine.cache.kv_exchange_bytes_per_step == 4096
     assert engine_config(parse(), tmp_path).cache.kv_exchange_bytes_per_step is None
     assert engine.scheduler.pipeline_token_budget == PIPELINE_TOKENS == 1024
-    assert engine.scheduler.pipeline_min_token_budget == 256
-    fixed = engine_config(parse("--pipeline-min-num-batched-tokens", "1024"), tmp_path)
-    assert fixed.scheduler.pipeline_budget_for(0) == 1024  # floor = cap: one budget
     assert engine_for_policy(engine, "drop", 2).stage_graphs_at_start == 2
     assert engine_for_policy(engine, "drop", 1).stage_graphs_at_start == 0
     assert engine_for_policy(engine, "recompute", 4).stage_graphs_at_start == 0

@@ -57,7 +57,6 @@ def engine_config(
     attention_backend: str = "torch",
     pipeline_budget: int | None = None,
     stage_graphs_at_start: int = 0,
-    pipeline_floor: int | None = None,
 ) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
     and a request can be mid-prefill when a transition starts; at most ``max_seqs`` running
@@ -78,7 +77,6 @@ def engine_config(
             max_num_seqs=max_seqs,
             max_model_len=96,
             pipeline_max_num_batched_tokens=pipeline_budget,
-            pipeline_min_num_batched_tokens=pipeline_floor,
         ),
     )
 

@@ -192,17 +192,12 @@ def _run_loopback_pipeline(
     max_seqs: int = 2,
     pipeline_budget: int | None = None,
     launched: list[int] | None = None,
-    pipeline_floor: int | None = None,
 ) -> tuple[Engine, StageLoop, dict[str, list[int]]]:
     """The leader's engine steps through a PipelineRunner while stage 1 runs a StageLoop in a
     thread, over a loopback transport, until ``rids`` finish; returns the leader, the stage
     loop and each request's tokens. ``launched`` collects the tokens of every launched step."""
     config = engine_config(
-        stories_dir,
-        budget=16,
-        max_seqs=max_seqs,
-        pipeline_budget=pipeline_budget,
-        pipeline_floor=pipeline_floor,
+        stories_dir, budget=16, max_seqs=max_seqs, pipeline_budget=pipeline_budget
     )
     leader = Engine(config, CPU)
     member = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
@@ -252,22 +247,6 @@ def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
     assert max(launched) == 5 and len(launched) > 20
     assert leader.config.scheduler.pipeline_token_budget == 5
-
-
-def test_micro_batch_budget_follows_the_waiting_prefill_down_to_the_floor(
-    stories_dir: Path,
-) -> None:
-    """Between a floor (2) and the cap (16), a micro-batch is budgeted an eighth of the
-    prefill tokens waiting: the first takes ceil(prompts / 8) with every prompt queued; once
-    the prompts are in, steps keep to the floor plus decodes; every request still gets its
-    tokens alone."""
-    rids = ["a0", "a1", "a2", "b1"]
-    prompts = sum(len(spec_of(rid).prompt_token_ids) for rid in rids)
-    launched: list[int] = []
-    _, _, tokens = _run_loopback_pipeline(stories_dir, rids, 4, 16, launched, pipeline_floor=2)
-    assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
-    assert launched[0] == -(-prompts // 8) > 2
-    assert max(launched[-10:]) <= 4  # decodes of at most 4 requests, no prefill left
 
 
 def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Path) -> None:

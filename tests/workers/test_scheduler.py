@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.config import SchedulerConfig
 from workers.request import FinishReason, Request, RequestStatus
@@ -377,33 +375,3 @@ def test_token_budget_overrides_the_step_budget(make_request) -> None:
     assert config.pipeline_token_budget == 4
     with pytest.raises(ValueError, match="pipeline_max_num_batched_tokens"):
         SchedulerConfig(pipeline_max_num_batched_tokens=0)
-
-
-def test_pipeline_budget_is_an_eighth_of_the_waiting_prefill_between_floor_and_cap() -> None:
-    config = SchedulerConfig(max_num_batched_tokens=8192)
-    assert (config.pipeline_min_token_budget, config.pipeline_token_budget) == (256, 1024)
-    assert [config.pipeline_budget_for(n) for n in (0, 2048, 4000, 8000, 100_000)] == [
-        256,
-        256,
-        500,
-        1000,
-        1024,
-    ]
-    small = SchedulerConfig(max_num_batched_tokens=100)  # the floor never passes the cap
-    assert small.pipeline_min_token_budget == small.pipeline_budget_for(0) == 100
-    with pytest.raises(ValueError, match="pipeline_min_num_batched_tokens must be >= 1"):
-        SchedulerConfig(pipeline_min_num_batched_tokens=0)
-
-
-def test_pending_prefill_counts_queued_prompts_and_chunk_remainders_not_decodes(
-    make_request,
-) -> None:
-    sched = make_scheduler(budget=6)
-    assert sched.pending_prefill_tokens() == 0
-    sched.add(make_request("a", prompt=4, max_tokens=3))
-    sched.add(make_request("b", prompt=10, max_tokens=3))
-    assert sched.pending_prefill_tokens() == 14
-    step(sched)  # a's prompt (4) and 2 of b's: a decodes next, b has 8 left to prefill
-    assert sched.pending_prefill_tokens() == 8
-    step(sched)  # a's decode and 5 of b's
-    assert sched.pending_prefill_tokens() == 3

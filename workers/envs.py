@@ -17,3 +17,10 @@ def cache_dir() -> Path:
     """
     value = os.environ.get("KUNSERVE_CACHE_DIR", "")
     return Path(value).expanduser() if value else Path.home() / ".cache" / "kunserve"
+
+
+def sync_step_phases() -> bool:
+    """``KUNSERVE_SYNC_STEP_PHASES``: ``1`` times the phases of the first pipelined steps after
+    a drop (logged at info) after a device sync each, so each phase owns its GPU work. The
+    syncs stall the pipeline, so the default (unset, ``0``) times host work only."""
+    return os.environ.get("KUNSERVE_SYNC_STEP_PHASES", "0") == "1"

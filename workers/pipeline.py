@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from attention.transport import StageInputs, StageOp, StageTransport, StepHeader, wait_sends
-from workers import kv_exchange
+from workers import envs, kv_exchange
 from workers.cuda_graphs import capture_sizes, graph_blocker, graph_key
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
@@ -43,14 +43,15 @@ Refill = Callable[[Sequence[WeightCopy]], int]
 """Runs a step's weight copies on this stage; returns the bytes it received."""
 
 _LOGGED_STEPS = 8
-"""Every stage logs its first pipelined steps at info, each phase timed after a device sync:
-they carry a drop's token gap."""
+"""Every stage logs its first pipelined steps at info, by phase: they carry a drop's token
+gap."""
 
 
 def _step_clock(device: torch.device, step: int) -> PhaseClock:
-    """The phase clock of pipelined step ``step`` (0-based): synced to the device for the
-    first :data:`_LOGGED_STEPS` (each phase then owns its GPU work), host time after."""
-    synced = step < _LOGGED_STEPS and device.type == "cuda"
+    """The phase clock of pipelined step ``step`` (0-based): host time, or, for the first
+    :data:`_LOGGED_STEPS` with ``KUNSERVE_SYNC_STEP_PHASES=1`` (workers/envs.py), synced to
+    the device before each mark, so each phase owns its GPU work."""
+    synced = step < _LOGGED_STEPS and device.type == "cuda" and envs.sync_step_phases()
     return PhaseClock((lambda: torch.cuda.synchronize(device)) if synced else None)
 
 

@@ -354,6 +354,15 @@ def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert envs.cache_dir() == Path.home() / ".cache" / "kunserve"
 
 
+def test_step_phases_sync_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUNSERVE_SYNC_STEP_PHASES", raising=False)
+    assert not envs.sync_step_phases()
+    monkeypatch.setenv("KUNSERVE_SYNC_STEP_PHASES", "1")
+    assert envs.sync_step_phases()
+    monkeypatch.setenv("KUNSERVE_SYNC_STEP_PHASES", "0")
+    assert not envs.sync_step_phases()
+
+
 def test_resolve_hf_directory_as_is(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path), cache_dir=tmp_path / "cache") == tmp_path

@@ -47,7 +47,9 @@ for step in $steps; do
       for xb in ${EXCHANGE_BYTES:-default}; do
         extra=(); sfx=""
         if [[ $xb != default ]]; then extra=(--kv-exchange-bytes-per-step "$xb"); sfx="_x$xb"; fi
-        start_server "serve_drop$sfx" --overload-policy drop --no-auto-transitions "${extra[@]}" || continue
+        # The first pipelined steps' phases are timed after device syncs (the gap's breakdown;
+        # SYNC_PHASES=0 leaves the server unsynced, as it serves by default).
+        KUNSERVE_SYNC_STEP_PHASES=${SYNC_PHASES:-1} start_server "serve_drop$sfx" --overload-policy drop --no-auto-transitions "${extra[@]}" || continue
         # Two cycles on one server: what the second drop no longer pays was a one-time cost.
         # Triton kernels compiled during each cycle are listed (a first-drop cost suspect).
         cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}

@@ -128,14 +128,14 @@ class Transitions:
             self._set_state(members, InstanceState.DROPPING)
             phases = PhaseClock()
             try:
-                reports, moves = await self._prepare_drop(members, spec, phases)
+                reports = await self._prepare_drop(members, spec, phases)
             except BaseException:
                 for m in members:
                     m.group = None
                 self._set_state(members, InstanceState.NORMAL)
                 await _gather(m.leader.resume.remote() for m in members)
                 raise
-            await self._execute_drop(members, record, reports, moves, phases)
+            await self._execute_drop(members, record, reports, phases)
             record.transition_s = record.paused_s = time.monotonic() - start
             self.groups[spec.group_id] = record
             logger.info(
@@ -170,27 +170,21 @@ class Transitions:
 
     async def _prepare_drop(
         self, members: list[Instance], spec: GroupSpec, phases: PhaseClock
-    ) -> tuple[list, list]:
+    ) -> list:
         """Pauses the members and collects their reports (one call each), waits until every
         step they pushed before parking is applied, and has the leader merge the reports;
-        the last step that may still fail without changing anything. Returns the reports and
-        the merge's KV moves (the drop's first exchange step)."""
+        the last step that may still fail without changing anything."""
         paused = await _gather(m.leader.pause_for.remote("drop_prepare", spec) for m in members)
         for m, (seq, _) in zip(members, paused, strict=True):
             await self.core.wait_applied(m.info.rank, seq)
         reports = [report for _, report in paused]
         phases.mark("pause and prepare")
-        moves = await members[0].leader.transition.remote("drop_merge", spec, reports)
+        await members[0].leader.transition.remote("drop_merge", spec, reports)
         phases.mark("merge")
-        return reports, moves
+        return reports
 
     async def _execute_drop(
-        self,
-        members: list[Instance],
-        record: GroupRecord,
-        reports: list,
-        moves: list,
-        phases: PhaseClock,
+        self, members: list[Instance], record: GroupRecord, reports: list, phases: PhaseClock
     ) -> None:
         spec, leader = record.spec, members[0]
         exported = [t.request.request_id for r in reports for t in r.transfers]
@@ -201,7 +195,7 @@ class Transitions:
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
         try:
             stage_blocks = await _gather(
-                m.leader.transition.remote("drop_execute", spec, record.kv_blocks_after, moves)
+                m.leader.transition.remote("drop_execute", spec, record.kv_blocks_after)
                 for m in members
             )
         except BaseException:

@@ -8,16 +8,14 @@ drop
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
      on members other than the leader, export their requests (pickled, no tensors).
   2. ``drop_merge`` (leader): one group block pool of min-over-stages blocks and the merged
-     request queues; the running requests become pre-drop requests (their L-layer blocks
-     reserved in the group pool, workers/remote_attention.py), and the first step of the live
-     exchange is planned: a budget of their layer slices, to move during the drop. Returns
-     that plan.
+     request queues. No KV is copied: running requests keep their KV home.
   3. ``drop_execute`` (every): drop the other stages' weights and give their memory to the KV
      bytes (workers/stage_memory.py; the prefix, where pre-drop KV lives, is kept); the leader
-     runs the group scheduler through :class:`~workers.pipeline.PipelineRunner`, the others a
-     :class:`~workers.pipeline.StageLoop`. Last, every member queues the merge's KV moves
-     (their GPU work runs on while the engines resume). Pre-drop requests whose KV did not
-     all move keep decoding through remote attention while the live exchange moves the rest.
+     adopts the running requests as pre-drop requests (their L-layer blocks reserved in the
+     group pool, workers/remote_attention.py) and runs the group scheduler through
+     :class:`~workers.pipeline.PipelineRunner`, the others a
+     :class:`~workers.pipeline.StageLoop`. Pre-drop requests keep decoding through remote
+     attention from the next step while the live exchange moves their KV.
 
 restore
   0. ``restore_begin`` (leader), then the group serves on: each step gathers a budget of
@@ -46,7 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,14 +247,11 @@ class GroupController:
             for r in (*sched.running, *sched.waiting)
         ]
 
-    def drop_merge(self, spec: GroupSpec, reports: list[DropReport]) -> list[SliceCopy]:
-        """Leader: the group pool (min over stages of their blocks) and the merged queues.
-        Running requests keep their admission order, waiting ones put the preempted first,
-        then arrival order. Running requests keep their KV home as pre-drop requests
-        (workers/remote_attention.py); returns the first exchange step's KV moves, which every
-        member runs at the end of ``drop_execute``. The engine is changed only at the end
-        (the running requests' block lists), by steps that cannot fail, so a merge that raises
-        leaves it as it was."""
+    def drop_merge(self, spec: GroupSpec, reports: list[DropReport]) -> None:
+        """Leader: the group pool (min over stages of their blocks) and the merged queues;
+        changes nothing the engine uses until ``drop_execute``. Running requests keep their
+        admission order, waiting ones put the preempted first, then arrival order. No KV is
+        copied: running requests keep theirs home (workers/remote_attention.py)."""
         group_blocks = min(r.stage_blocks for r in reports)
         incoming = [t for r in reports for t in r.transfers]
         everyone = [RequestTransfer(r, None, self.rank) for r in _requests(self.engine)]
@@ -272,6 +267,7 @@ class GroupController:
         self.refills_in_place = all(r.refills_in_place for r in reports)
         self.origins = {t.request.request_id: t.origin for t in everyone}
         requests = ([t.request for t in running], [t.request for t in waiting])
+        self._merge = _Merge(kv, *requests, incoming)
         logger.debug(
             "drop merge on %d: %d group blocks; running (home) %s; waiting %s",
             self.rank,
@@ -279,20 +275,6 @@ class GroupController:
             {t.request.request_id: t.origin for t in running},
             [t.request.request_id for t in waiting],
         )
-        # pre-drop requests: their KV stays home until it has moved
-        kv.adopt_all([(t.request, t.origin) for t in running])
-        moves = kv.plan_exchange(None)
-        self._merge = _Merge(kv, *requests, incoming)
-        logger.info(
-            "drop merge on %d: the drop moves the KV of %d of %d pre-drop requests (%.0f MiB "
-            "budget); %d left for the live steps",
-            self.rank,
-            len({rid for c in moves for rid in c.request_ids}),
-            len(running),
-            kv.exchange_bytes_per_step / 2**20,
-            len(kv.legacy),
-        )
-        return moves
 
     def exchange_bytes(self) -> int:
         """Bytes a live step moves (``--kv-exchange-bytes-per-step``, or ~25 ms of this
@@ -312,12 +294,9 @@ class GroupController:
         )
 
     @torch.inference_mode()
-    def drop_execute(
-        self, spec: GroupSpec, group_blocks: int, moves: Sequence[SliceCopy] = ()
-    ) -> int:
-        """Every member: drops weights, re-views KV memory, enters pipeline mode, then queues
-        ``moves`` (the merge's first exchange step: every member the same list). Returns this
-        stage's capacity in its own blocks."""
+    def drop_execute(self, spec: GroupSpec, group_blocks: int) -> int:
+        """Every member: moves KV, drops weights, re-views KV memory, enters pipeline mode.
+        Returns this stage's capacity in its own blocks."""
         engine, runner = self.engine, self.engine.runner
         stage = spec.stage_of(self.rank)
         start, end = spec.ranges[stage]
@@ -354,11 +333,6 @@ class GroupController:
             group_blocks,
             self.exchange_bytes() / 2**20,
         )
-        if moves:  # last: the copies' GPU work overlaps the resume and the first step's host
-            moved = kv_exchange.move(
-                moves, self.rank, self.legacy_view, runner.kv_cache, self.transport
-            )
-            (engine.runner if stage == 0 else self.stage_loop).counters["moved"] += moved
         return stage_blocks
 
     def _become_leader(self, spec: GroupSpec, clock: PhaseClock) -> None:
@@ -366,6 +340,8 @@ class GroupController:
         sampler = engine.runner.sampler
         for t in m.incoming:
             sampler.import_state(t.request.request_id, t.request.sampling.seed, t.generator_state)
+        # pre-drop requests: their KV stays home until it has moved
+        m.kv.adopt_all([(r, self.origins[r.request_id]) for r in m.running])
         _install(engine, m.kv, m.running, m.waiting)
         clock.mark("leader's requests")
         engine.runner = PipelineRunner(

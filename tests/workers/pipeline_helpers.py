@@ -279,9 +279,10 @@ def _drop_restore(
     }
     spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
     reports = _all_gather(ctl.drop_prepare(spec))
-    moves = _broadcast(ctl.drop_merge(spec, reports) if rank == 0 else None)
+    if rank == 0:
+        ctl.drop_merge(spec, reports)
     group_blocks = min(r.stage_blocks for r in reports)
-    stage_blocks = ctl.drop_execute(spec, group_blocks, moves)
+    stage_blocks = ctl.drop_execute(spec, group_blocks)
     if memory is not None:
         memory.check_integrity()
         # the lent tail holds no KV yet: wipe the dropped weights' stale bytes there, so only a

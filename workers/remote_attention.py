@@ -408,14 +408,17 @@ class GroupKVManager(KVCacheManager):
         extra = self._take(room, self.blocks_needed(tokens) - len(lg.blocks))
         if extra is None:
             return False
-        self._extend(lg, extra)
+        self.pool.reserve(self._extend(lg, extra))
         return True
 
-    def _extend(self, lg: LegacyKV, blocks: list[int]) -> None:
+    def _extend(self, lg: LegacyKV, blocks: list[int]) -> list[int]:
+        """Gives ``lg`` more L-layer blocks on its home; returns the group-pool ids aliasing
+        them, for the caller to reserve (one reservation for a step's requests: each walks
+        the pool's free list)."""
         reserved = self.reserved_ids(lg.home, blocks)
-        self.pool.reserve(reserved)
         lg.blocks += tuple(blocks)
         lg.reserved += reserved
+        return reserved
 
     def plan_gather(self, out: SchedulerOutput) -> list[SliceCopy]:
         """While gathering (:meth:`begin_gather`; else no copies), this step's gather, decided
@@ -452,12 +455,13 @@ class GroupKVManager(KVCacheManager):
             budget -= cost
             moves.append((r, home, blocks, n, upto))
         copies: list[SliceCopy] = []
+        held: list[int] = []  # no pipeline block aliases them (``_home_room``)
         for r, home, blocks, n, upto in moves:
             lg = self.legacy.get(r.request_id)
             if lg is None:
                 lg = LegacyKV(r, home, (), [], moved_upto=upto)
                 self.legacy[r.request_id] = lg
-            self._extend(lg, blocks)
+            held += self._extend(lg, blocks)
             copies += self._gather_copies(lg, n, upto)
             self.pool.free(list(reversed(r.block_ids)))
             r.block_ids = []
@@ -469,6 +473,7 @@ class GroupKVManager(KVCacheManager):
                 home,
                 list(lg.blocks),
             )
+        self.pool.reserve(held)
         return _merged(copies)
 
     def _gather_home(self, rid: str, blocks: int, room: dict[int, np.ndarray]) -> int | None:

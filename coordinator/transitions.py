@@ -174,7 +174,13 @@ class Transitions:
         """Pauses the members and collects their reports (one call each), waits until every
         step they pushed before parking is applied, and has the leader merge the reports;
         the last step that may still fail without changing anything."""
-        paused = await _gather(m.leader.pause_for.remote("drop_prepare", spec) for m in members)
+        # every call returns before any error is raised: a member still pausing when another's
+        # prepare fails would otherwise park after the resume that undoes the drop
+        calls = (m.leader.pause_for.remote("drop_prepare", spec) for m in members)
+        paused = await asyncio.gather(*calls, return_exceptions=True)
+        for outcome in paused:
+            if isinstance(outcome, BaseException):
+                raise outcome
         for m, (seq, _) in zip(members, paused, strict=True):
             await self.core.wait_applied(m.info.rank, seq)
         reports = [report for _, report in paused]

@@ -242,6 +242,39 @@ def test_refused_drop_changes_nothing() -> None:
     asyncio.run(body())
 
 
+def test_a_failed_prepare_resumes_a_member_only_after_it_has_parked() -> None:
+    """Each member pauses and prepares in one call: when one member's prepare fails while
+    another is still waiting out its step, the drop waits for that pause to return before it
+    resumes everyone (a resume first would leave that member parked)."""
+
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        events: list[str] = []
+
+        async def slow_pause() -> int:
+            await asyncio.sleep(0.05)  # its engine finishes the step in flight
+            events.append("w0 parked")
+            return 0
+
+        async def resume() -> None:
+            events.append("w0 resumed")
+
+        def fail(spec):
+            raise RuntimeError("worker 1 could not export its requests")
+
+        w0._pause = slow_pause
+        w0.resume = _Method(resume)
+        w0.answers.update(drop_prepare=lambda spec: _report(0, []))
+        w1.answers.update(drop_prepare=fail)
+        with pytest.raises(RuntimeError, match="could not export"):
+            await tr.drop()
+        assert events == ["w0 parked", "w0 resumed"]
+        assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
+        assert len(w1.resume.calls) == 1
+
+    asyncio.run(body())
+
+
 def test_requests_arriving_during_a_drop_wait_on_the_leader_and_none_is_refused() -> None:
     async def body():
         core, (w0, w1), tr = _setup({}, {})

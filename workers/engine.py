@@ -121,16 +121,17 @@ class Engine:
     def _capture_stage_graphs(self, group_size: int) -> None:
         """The decode and piecewise graphs of every stage of a ``group_size``-stage drop,
         captured now (workers/stage_memory.py, ``capture_stage_graphs``)."""
-        start = time.perf_counter()
+        start, free = time.perf_counter(), self.runner.device_free_bytes()
         ranges = stage_layer_ranges(self.runner.model.cfg.num_layers, group_size)
         n = capture_stage_graphs(self.runner, ranges)
         if n:
             logger.info(
                 "CUDA graphs: captured %d sizes (decode batches and piecewise token counts) "
-                "of the stages %s in %.1f s",
+                "of the stages %s in %.1f s, %.0f MiB of device memory",
                 n,
                 ranges,
                 time.perf_counter() - start,
+                (free - self.runner.device_free_bytes()) / 2**20,
             )
 
     def add_request(self, spec: RequestSpec) -> None:

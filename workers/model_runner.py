@@ -243,7 +243,7 @@ class ModelRunner:
         sched = self.config.scheduler
         sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
         width = -(-self.max_model_len // self.block_size)
-        start = time.perf_counter()
+        start, free = time.perf_counter(), self.device_free_bytes()
         tokens = min(sched.max_num_batched_tokens, PIECEWISE_SIZES[-1])
         pieces = PiecewiseGraphs(self.model, self.graph_kv_cache, tokens, self.graph_pool)
         graphs = CudaGraphRunner(self.model, self.graph_kv_cache, sizes, width, pieces)
@@ -251,11 +251,19 @@ class ModelRunner:
         self.cuda_graphs, self._graph_key = graphs, key
         logger.info(
             "CUDA graphs: captured decode batch sizes %s and the pieces of steps of %s "
-            "tokens in %.1f s",
+            "tokens in %.1f s, %.0f MiB of device memory (not counted when the KV cache was "
+            "sized)",
             sizes,
             pieces.sizes,
             time.perf_counter() - start,
+            (free - self.device_free_bytes()) / 2**20,
         )
+
+    def device_free_bytes(self) -> int:
+        """Free device memory (bytes, ``cudaMemGetInfo``); 0 off CUDA."""
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.mem_get_info(self.device)[0]
 
     def park_cuda_graphs(self) -> None:
         """Sets the decode graphs aside (no replay) while the model or the KV cache is re-viewed

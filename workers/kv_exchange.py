@@ -8,9 +8,11 @@ the engines are parked (KunServe's blocking ``reshard`` mode).
 
 A plan is a list of :class:`SliceCopy`, one per ordered (source, destination) worker pair, in
 one global order that every worker walks: the sender gathers and sends, the receiver receives,
-a local pair copies. Because the source and destination views may alias the same bytes (one
-buffer re-viewed, DESIGN.md §5), every slice is read into a scratch tensor first (:func:`read`)
-and written only after the buffer has been re-viewed (:func:`write`).
+a local pair copies. At a restore the source and destination views may alias the same bytes
+(one buffer re-viewed, DESIGN.md §5), so every slice is read into a scratch tensor first
+(:func:`read`) and written only after the buffer has been re-viewed (:func:`write`). The live
+steps' plans write no bytes they read, so :func:`move` copies them in place, a bounded chunk at
+a time.
 """
 
 from __future__ import annotations

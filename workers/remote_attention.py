@@ -13,7 +13,7 @@ blocks keep their format until their KV has moved). It keeps decoding with no st
 - **Live KV exchange.** Each step, the leader moves a budget of layer slices of pre-drop
   requests from their home to the stage that owns those layers, in global layer order
   (:meth:`GroupKVManager.plan_exchange`); every stage runs the step's copies before its compute
-  (:func:`~workers.kv_exchange.read` / :func:`~workers.kv_exchange.write`), so the request's
+  (:func:`~workers.kv_exchange.move`, in chunks), so the request's
   layers ``< moved_upto`` then attend locally, in pipeline blocks. When every layer has moved,
   its L-layer blocks are given back to the group pool.
 

@@ -139,7 +139,7 @@ def _store_kv_token(
     tl.store(ptrs + stride_kv, v.to(kv_ptr.dtype.element_ty), mask=mask)
 
 
-@jit
+@jit(do_not_specialize=["slot_mapping_ptr"])  # no alignment variants (kernels/rope.py)
 def _write_kv_kernel(
     k_ptr,  # [num_tokens, num_kv_heads, head_dim]
     v_ptr,  # [num_tokens, num_kv_heads, head_dim]

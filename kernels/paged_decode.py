@@ -21,6 +21,7 @@ from kernels._triton import (
     check_device,
     check_kv_cache,
     check_tensor,
+    interpreting,
     jit,
     next_pow2,
     num_sms,
@@ -96,11 +97,16 @@ def _attend_key_range(
     return acc, m_i, l_i
 
 
-# Integer arguments are specialized by value (== 1, divisible by 16) unless listed here: an
-# eager step's block-table width (the batch's longest sequence) and split count vary from step
-# to step, and each new variant cost a compile (about 0.3 s of token gap) the first time a
-# pipeline group ran remote attention (issue #5, docs/benchmarks.md).
-@jit(do_not_specialize=["block_tables_stride", "num_splits"])
+# Triton compiles a variant per value class of each argument not listed here: integers by
+# value (== 1, divisible by 16), pointers by 16-byte alignment. An eager step's block-table
+# width and split count vary from step to step, and so does the alignment of the metadata a
+# mixed step slices after its decodes (``seq_lens[nd:]``: 4·nd bytes in); each new variant
+# cost a compile of 0.15-0.3 s of token gap in the middle of serving (issue #5,
+# docs/benchmarks.md). Only constexprs make variants now, and :func:`warm_up` compiles those.
+METADATA_ARGS = ["block_tables_ptr", "seq_lens_ptr", "block_tables_stride"]
+
+
+@jit(do_not_specialize=[*METADATA_ARGS, "num_splits"])
 def _paged_decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     kv_ptr,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]
@@ -172,7 +178,7 @@ def _paged_decode_kernel(
         tl.store(lse_ptr + row, lse, mask=mask_h)
 
 
-@jit
+@jit(do_not_specialize=["num_splits"])  # BLOCK_S (its power-of-2 bound) makes the variants
 def _merge_splits_kernel(
     partial_ptr,  # [num_seqs * num_heads, num_splits, head_dim] float32
     lse_ptr,  # [num_seqs * num_heads, num_splits] float32, base-2 log-sum-exp
@@ -350,3 +356,28 @@ def _launch_decode(
             BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out
+
+
+def warm_up(
+    device: torch.device,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+) -> int:
+    """Compiles every variant of the decode and merge kernels a server can launch for this
+    model shape (one split and each power-of-2 split bound up to ``MAX_SPLITS``), on a
+    one-block cache, so none compiles in the middle of serving. Returns the launches made.
+    Call once at start-up, before serving (a no-op under the Triton interpreter, which
+    compiles nothing)."""
+    if interpreting():
+        return 0
+    kv = torch.zeros((1, 1, 2, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+    q = torch.zeros((1, num_heads, head_dim), dtype=dtype, device=device)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    lens = torch.ones(1, dtype=torch.int32, device=device)
+    splits = [1] + [1 << i for i in range(1, MAX_SPLITS.bit_length())]
+    for n in splits:
+        paged_decode_attention(q, kv, 0, tables, lens, 1.0, num_splits=n)
+    return len(splits)

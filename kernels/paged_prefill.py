@@ -17,10 +17,11 @@ import math
 import torch
 
 from kernels._triton import INDEX_DTYPES, check_tensor, jit, next_pow2, tl, triton
-from kernels.paged_decode import _attend_key_range, check_out, check_paged_args
+from kernels.paged_decode import METADATA_ARGS, _attend_key_range, check_out, check_paged_args
 
 
-@jit(do_not_specialize=["block_tables_stride"])  # varies step to step (paged_decode.py)
+# metadata of a mixed step is sliced past its decodes: no alignment variants (paged_decode.py)
+@jit(do_not_specialize=[*METADATA_ARGS, "query_start_loc_ptr"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     kv_ptr,  # [num_blocks, layers_per_block, 2, block_size, num_kv_heads, head_dim]

@@ -109,7 +109,8 @@ def _rotate_heads(
     return o1, o2
 
 
-@jit
+# positions and slots may be slices of a packed step buffer: no alignment variants
+@jit(do_not_specialize=["positions_ptr", "slot_mapping_ptr"])
 def _rope_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_ptr,  # [num_tokens, num_kv_heads, head_dim]

@@ -35,6 +35,13 @@ class PlannerConfig:
     min_dwell_s: float = 1.0
     """A drop or restore condition must hold on every sample of this many seconds before it is
     decided (ours: hysteresis against single-sample spikes)."""
+    drop_at_once_demand: float = 2.0
+    """Drop on the first sample, with neither smoothing nor dwell, when an instance's KV demand
+    reaches this multiple of its capacity and its queue needs at least its free blocks: the
+    queue alone then needs about as much KV as the instance has, and each sample of dwell adds
+    its length to the TTFT of every request waiting (ours: the 2x H200 Azure-code replay went
+    from 0.2 to over 2x its KV within one sample; docs/benchmarks.md). Must be at least
+    drop_threshold; a large value leaves every drop to the dwell."""
     cooldown_s: float = 10.0
     """Seconds after an instance or group enters normal or pipelined mode before the planner may
     reverse that transition (ours: hysteresis against oscillation)."""
@@ -84,6 +91,12 @@ class PlannerConfig:
             "restore_threshold",
             f"in (0, drop_threshold={self.drop_threshold})",
             self.restore_threshold,
+        )
+        _require(
+            self.drop_at_once_demand >= self.drop_threshold,
+            "drop_at_once_demand",
+            f">= drop_threshold ({self.drop_threshold})",
+            self.drop_at_once_demand,
         )
 
     def _check_times(self) -> None:

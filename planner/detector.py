@@ -8,7 +8,10 @@ restore when its queue is empty, demand <= 50% and demand is falling over a 30-s
 Ours on top, so that a noisy plateau near a threshold cannot flip the mode back and forth:
 the level compared is a moving average (``smoothing_s``), a condition must hold on every sample
 of ``min_dwell_s``, a transition cannot be reversed for ``cooldown_s`` after it completes, and
-"falling" is the least-squares slope over ``window_s`` rather than two end points. A slope of
+"falling" is the least-squares slope over ``window_s`` rather than two end points. One
+exception: a drop whose unsmoothed demand already reaches ``drop_at_once_demand`` (a queue
+about as large as the KV) is decided at once, as KunServe decides every drop: that is no
+plateau, and the dwell would only add to the queue's wait. A slope of
 exactly 0 (a flat window, e.g. an idle group at demand 0) also counts, or an idle group would
 never restore; any noise makes the slope non-zero. The gap between the drop and restore
 thresholds is itself a hysteresis band.
@@ -65,6 +68,9 @@ class _Sample:
     num_waiting: int
     overloaded: bool
     valley: bool
+    overloaded_at_once: bool = False
+    """Demand (unsmoothed) at least ``drop_at_once_demand`` and the queue needs the free
+    blocks: a drop needs no dwell."""
 
 
 _Key = tuple[str, int]
@@ -153,6 +159,7 @@ class OverloadDetector:
             num_waiting=waiting,
             overloaded=smoothed >= cfg.drop_threshold and queue_needs_free,
             valley=waiting == 0 and smoothed <= cfg.restore_threshold and slope <= 0.0,
+            overloaded_at_once=demand >= cfg.drop_at_once_demand and queue_needs_free,
         )
 
     def _verdict(self, key: _Key, hist: deque[_Sample]) -> Verdict:
@@ -182,11 +189,16 @@ class OverloadDetector:
         last = hist[-1]
         dwell = _tail(hist, self._n_dwell)
         held = len(dwell) == self._n_dwell and all(getattr(s, flag) for s in dwell)
-        if not held:
+        at_once = decision is Decision.DROP and last.overloaded_at_once
+        if not (held or at_once):
             return Decision.NONE, f"not {flag} for {self._n_dwell} samples"
         since = max(self._since.get(i, -math.inf) for i in self._members[key])
         if last.t - since < self.config.cooldown_s:
             return Decision.NONE, f"{flag}, but in cooldown since t={since:g}"
+        if not held:
+            return decision, (
+                f"{flag} at once: demand {last.demand:.3f} >= {self.config.drop_at_once_demand:g}"
+            )
         return decision, f"{flag} for {self._n_dwell} samples: demand {last.smoothed:.3f}"
 
 

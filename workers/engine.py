@@ -83,6 +83,7 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = load_eos_token_ids(config.model_path)
         self._init_kv_cache()
+        self.runner.warm_up_kernels()
         self.runner.capture_cuda_graphs()
         if config.stage_graphs_at_start:
             self._capture_stage_graphs(config.stage_graphs_at_start)

@@ -385,3 +385,77 @@ def test_gpu_norm_activation_rope_bf16() -> None:
     ref_cache = torch.zeros_like(cache)
     write_kv_ref(k_rot, v, ref_cache, 0, slots)
     torch.testing.assert_close(cache, ref_cache, rtol=0, atol=0)
+
+
+def _compiled_variants(kernel: object) -> int:
+    """Variants of a Triton kernel compiled so far on any device. Triton 3.x keeps one cache
+    per device in ``JITFunction.device_caches``, whose first item maps a specialization key
+    to its compiled kernel; fails if this Triton keeps them elsewhere."""
+    caches = kernel.device_caches  # type: ignore[attr-defined]
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_serving_shapes_compile_nothing_after_warm_up() -> None:
+    """After ``paged_decode.warm_up`` and one step of each kind, the steps a server runs
+    compile no further variant: mixed steps with 1-7 leading decodes (metadata sliced past
+    them, so at every 4-byte alignment), decode batches from 1 to 40 sequences whose split
+    counts span 1-64, and RoPE with sliced positions and slots. A compile in the middle of
+    serving cost a 0.15-0.3 s token gap (docs/benchmarks.md)."""
+    from attention.metadata import AttentionMetadata
+    from attention.triton_backend import TritonBackend
+    from kernels import paged_attention as pa
+    from kernels import paged_decode, paged_prefill, rope
+
+    device, dtype, bs = torch.device("cuda"), torch.bfloat16, 16
+    heads, kv_heads = GPU_HEADS
+    paged_decode.warm_up(device, dtype, heads, kv_heads, GPU_HEAD_DIM, bs)
+    backend = TritonBackend()
+
+    def mixed_step(num_decodes: int, prompt: int) -> None:
+        q_lens = [1] * num_decodes + [prompt, 3]
+        prefix_lens = [200 + 37 * i for i in range(num_decodes)] + [0, 90]
+        q, cache, tables, seq_lens, qsl, _ = _run_paged(
+            q_lens, prefix_lens, GPU_HEADS, GPU_HEAD_DIM, bs, dtype, device
+        )
+        slots = torch.zeros(sum(q_lens), dtype=torch.int64, device=device)
+        meta = AttentionMetadata(slots, tables, seq_lens, qsl, max(q_lens), int(seq_lens.max()))
+        backend.attention(q, cache, 1, meta.with_decodes(num_decodes) if num_decodes else meta)
+
+    def rope_step(num_tokens: int, skip: int) -> None:
+        q, k, v = _qkv(num_tokens + skip, heads, kv_heads, GPU_HEAD_DIM, dtype, device)
+        positions = torch.arange(num_tokens + skip, device=device)
+        cos_sin = rope_cos_sin_cache(GPU_HEAD_DIM, 4096, 500000.0).to(device)
+        cache = torch.zeros(64, 1, 2, bs, kv_heads, GPU_HEAD_DIM, dtype=dtype, device=device)
+        slots = torch.arange(num_tokens + skip, device=device)
+        rope_and_write_kv(q[skip:], k[skip:], v[skip:], positions[skip:], cos_sin, cache, 0,
+                          slots[skip:])  # fmt: skip
+        pa.write_kv(k[skip:], v[skip:], cache, 0, slots[skip:])
+
+    mixed_step(0, 300)  # the first prefill and RoPE steps compile their one variant
+    mixed_step(4, 300)
+    rope_step(8, 0)
+    kernels = {
+        "decode": paged_decode._paged_decode_kernel,
+        "merge": paged_decode._merge_splits_kernel,
+        "prefill": paged_prefill._paged_prefill_kernel,
+        "rope": rope._rope_kernel,
+        "write_kv": pa._write_kv_kernel,
+    }
+    before = {name: _compiled_variants(k) for name, k in kernels.items()}
+    assert before["merge"] >= 6, before  # every power-of-2 split bound from 2 to 64
+    for num_decodes in range(1, 8):
+        mixed_step(num_decodes, 57 + num_decodes)
+    for batch in (1, 2, 3, 5, 8, 13, 21, 40):
+        context = 4096 // batch
+        tables, seq_lens, _, num_blocks = make_batch([1] * batch, [context - 1] * batch, bs, device)
+        cache = make_kv_cache(num_blocks, bs, kv_heads, GPU_HEAD_DIM, dtype, device)
+        q = torch.randn(batch, heads, GPU_HEAD_DIM, dtype=dtype, device=device)
+        for splits in (None, 3, 7, 12, 24, 48, 64):
+            paged_decode_attention(q, cache, 1, tables, seq_lens, 0.1, splits)
+    for skip in (1, 2, 3):
+        rope_step(5, skip)
+    torch.cuda.synchronize()
+    after = {name: _compiled_variants(k) for name, k in kernels.items()}
+    assert after == before

@@ -309,3 +309,26 @@ def test_observe_rejects_bad_samples() -> None:
         det.observe(1.0, [_normal(0, 10)])
     with pytest.raises(ValueError, match="appears twice"):
         det.observe(1.5, [_normal(0, 10), _normal(0, 10)])
+
+
+def test_a_queue_as_large_as_the_kv_drops_at_the_first_sample(loop: ControlLoop) -> None:
+    """The Azure-code replay's jump (0.2 to over 2x the KV in one sample): demand 2.5 at
+    10.0 drops at 10.0; 1.5 waits for the smoothing and the dwell (11.0)."""
+    assert loop.run(lambda t: {0: 2.5 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
+        (10.0, Decision.DROP, (0, 1))
+    ]
+    drops = [v for v in loop.verdicts if v.decision is Decision.DROP]
+    assert [v.reason for v in drops] == ["overloaded at once: demand 2.500 >= 2"]
+    dwell = ControlLoop(loop.shape, loop.cost_model)
+    assert dwell.run(lambda t: {0: 1.5 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
+        (11.0, Decision.DROP, (0, 1))
+    ]
+
+
+def test_drop_at_once_still_waits_for_the_cooldown(loop: ControlLoop) -> None:
+    """A restore at 21.5 (test_restore_waits_for_the_cooldown) and a second surge at 23 s:
+    however large, it drops only once the cooldown since the restore has passed."""
+    surge = lambda t: {0: 1.2 if 10 <= t < 17 else (3.0 if t >= 23 else 0.1), 1: 0.1}  # noqa: E731
+    events = loop.run(surge, until_s=40)
+    assert events[:2] == [(11.0, Decision.DROP, (0, 1)), (21.5, Decision.RESTORE, (0, 1))]
+    assert events[2] == (32.0, Decision.DROP, (0, 1))

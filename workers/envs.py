@@ -24,3 +24,20 @@ def sync_step_phases() -> bool:
     a drop (logged at info) after a device sync each, so each phase owns its GPU work. The
     syncs stall the pipeline, so the default (unset, ``0``) times host work only."""
     return os.environ.get("KUNSERVE_SYNC_STEP_PHASES", "0") == "1"
+
+
+def profile_pipeline_steps() -> int:
+    """``KUNSERVE_PROFILE_PIPELINE_STEPS``: profile the first N pipelined steps of every stage
+    after a drop with ``torch.profiler`` (workers/step_profiler.py). Default 0 (off); a
+    value that is not a non-negative integer raises ValueError."""
+    value = os.environ.get("KUNSERVE_PROFILE_PIPELINE_STEPS", "") or "0"
+    if not value.isdigit():
+        raise ValueError(f"KUNSERVE_PROFILE_PIPELINE_STEPS must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def profile_dir() -> Path | None:
+    """``KUNSERVE_PROFILE_DIR``: where ``KUNSERVE_PROFILE_PIPELINE_STEPS`` writes Chrome
+    traces; unset or empty writes none (the op tables go to the log either way)."""
+    value = os.environ.get("KUNSERVE_PROFILE_DIR", "")
+    return Path(value).expanduser() if value else None

@@ -35,6 +35,7 @@ from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
 from workers.stage_graphs import StageGraphs
 from workers.stalls import SLOW_STEP_S, PhaseClock
+from workers.step_profiler import StepProfiler
 from workers.weight_exchange import WeightCopy, WeightPrefetch
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class _Stage:
         exchange, and RemoteAttention's ``sent``, ``served`` and ``home`` layer calls."""
         self.graphs = stage_graphs_for(runner)
         """Decode graphs of this stage (None: every step runs eagerly)."""
+        self.profiler = StepProfiler(f"stage {stage}", runner.device)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -435,6 +437,7 @@ class PipelineRunner(_Stage):
         posts its activations to stage 1 and serves the later stages' remote attention; the
         logits are :meth:`collect`'s. Launches must be collected in order."""
         r = self.runner
+        self.profiler.step(self._launches)
         clock = _step_clock(r.device, self._launches)
         t0 = time.perf_counter()
         plan = None
@@ -554,6 +557,7 @@ class PipelineRunner(_Stage):
     def stop(self) -> None:
         """Sends STOP to every other stage (each stage loop returns)."""
         self._check_drained()
+        self.profiler.finish()
         for rank in self.ranks[1:]:
             self.transport.send_stop(rank)
 
@@ -587,6 +591,7 @@ class StageLoop(_Stage):
         leader, prev = self.ranks[0], self.ranks[self.stage - 1]
         steps = 0
         while (h := self.transport.recv_header(leader)).op is not StageOp.STOP:
+            self.profiler.step(steps)
             clock = _step_clock(self.runner.device, steps)
             start = time.perf_counter()
             plan = None
@@ -625,6 +630,7 @@ class StageLoop(_Stage):
                     1e3 * (time.perf_counter() - start),
                     clock.describe(),
                 )
+        self.profiler.finish()
         logger.debug("stage %d: pipeline stopped", self.stage)
 
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:

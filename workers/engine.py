@@ -83,10 +83,6 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = load_eos_token_ids(config.model_path)
         self._init_kv_cache()
-        self.runner.warm_up_kernels()
-        self.runner.capture_cuda_graphs()
-        if config.stage_graphs_at_start:
-            self._capture_stage_graphs(config.stage_graphs_at_start)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self._last_step = (0.0, 0)
         self._fill = 0.0
@@ -98,8 +94,30 @@ class Engine:
         """Phases of the current iteration (the worker reports a slow one, workers/stalls.py)."""
 
     def _init_kv_cache(self) -> None:
-        num_blocks = self.runner.determine_num_blocks()
-        need = -(-self.max_model_len // self.config.cache.block_size)
+        """Sizes and allocates the KV cache and captures the CUDA graphs. Where the KV cache
+        is sized from ``gpu_memory_utilization`` on VMM memory, the graphs are captured first
+        and the device memory they take comes out of the KV cache's share: the KV range's
+        base never moves, so graphs captured over a few blocks stay valid as it grows
+        (``ModelRunner.graph_kv_cache``). Elsewhere the graphs are captured after (on the
+        torch allocator they record the final KV tensor's address), and their memory is
+        logged but not counted."""
+        runner, cache = self.runner, self.config.cache
+        num_blocks = runner.determine_num_blocks()
+        need = -(-self.max_model_len // cache.block_size)
+        graphs_first = (
+            runner.memory is not None
+            and runner.device.type == "cuda"
+            and cache.num_kv_blocks is None
+            and num_blocks >= need
+        )
+        if graphs_first:
+            runner.allocate_kv_cache(need)
+            graph_bytes = self._capture_graphs()
+            num_blocks -= -(-graph_bytes // runner.block_bytes)
+            logger.info(
+                "KV cache: sized after the CUDA graphs, whose %.0f MiB it gives up",
+                graph_bytes / 2**20,
+            )
         if num_blocks < need:
             raise ValueError(
                 f"KV cache of {num_blocks} blocks cannot hold one request of max_model_len "
@@ -118,6 +136,19 @@ class Engine:
             self.config.cache.block_size,
             self.pool.num_blocks * self.runner.block_bytes / 2**20,
         )
+        if not graphs_first:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> int:
+        """Compiles the attention kernels' variants and captures the decode and piecewise
+        graphs (and, with ``stage_graphs_at_start``, every stage's); returns the device
+        memory that took (bytes, ``torch.cuda.mem_get_info``; 0 off CUDA)."""
+        runner, free = self.runner, self.runner.device_free_bytes()
+        runner.warm_up_kernels()
+        runner.capture_cuda_graphs()
+        if self.config.stage_graphs_at_start:
+            self._capture_stage_graphs(self.config.stage_graphs_at_start)
+        return max(0, free - runner.device_free_bytes())
 
     def _capture_stage_graphs(self, group_size: int) -> None:
         """The decode and piecewise graphs of every stage of a ``group_size``-stage drop,

@@ -269,8 +269,7 @@ class ModelRunner:
         self.cuda_graphs, self._graph_key = graphs, key
         logger.info(
             "CUDA graphs: captured decode batch sizes %s and the pieces of steps of %s "
-            "tokens in %.1f s, %.0f MiB of device memory (not counted when the KV cache was "
-            "sized)",
+            "tokens in %.1f s, %.0f MiB of device memory",
             sizes,
             pieces.sizes,
             time.perf_counter() - start,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -64,6 +65,7 @@ class StepProfiler:
         out = envs.profile_dir()
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            path = out / f"{self.name.replace(' ', '_')}_{os.getpid()}.json"
+            stamp = time.strftime("%H%M%S")  # a later drop of the same worker writes beside it
+            path = out / f"{self.name.replace(' ', '_')}_{os.getpid()}_{stamp}.json"
             prof.export_chrome_trace(str(path))
             logger.info("%s: Chrome trace in %s", self.name, path)

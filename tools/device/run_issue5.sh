@@ -3,7 +3,9 @@
 # (`kunserve bench drop`), then the burst replay with
 # --overload-policy drop vs recompute. Logs and JSON under $OUT.
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
-# steps: gpu-tests mixed-bench drop-bench replay (default: all but mixed-bench). MEMORY=vmm|torch (default vmm);
+# steps: gpu-tests mixed-bench drop-bench replay sizing (default: gpu-tests drop-bench replay).
+# sizing: a server whose KV cache is sized from --gpu-memory-utilization ${UTIL:-0.85} (the graphs
+# counted), its device memory beside the budget, then one drop bench cycle on it. MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
 # (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window (a policy "drop@N"
 # serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
@@ -15,8 +17,8 @@ steps=${*:-gpu-tests drop-bench replay}
 MEMORY=${MEMORY:-vmm}
 KV_BLOCKS=${KV_BLOCKS:-2048}  # 16-token blocks of 128 KiB/token: 4 GiB of KV per GPU
 SERVE=(python3 -m coordinator.cli serve --model llama-3-8b --load-format dummy --port 50051
-       --metrics-port 8000 --memory-backend "$MEMORY" --num-kv-blocks "$KV_BLOCKS"
-       --max-num-batched-tokens 8192)
+       --metrics-port 8000 --memory-backend "$MEMORY" --max-num-batched-tokens 8192)
+FIXED_KV=(--num-kv-blocks "$KV_BLOCKS")  # every step but sizing
 
 start_server() {  # $1: log name; the rest: extra serve flags
   local log="$OUT/$1.log"; shift
@@ -33,7 +35,7 @@ for step in $steps; do
       timeout 150 python3 -m pytest -q -m gpu -x tests/workers/test_pipeline.py 2>&1 | tee "$OUT/gpu_pipeline.log" | tail -15
       timeout 300 python3 -m pytest -q -m gpu tests/workers/test_stage_memory.py \
         tests/workers/test_remote_attention.py tests/workers/test_cuda_graphs.py tests/attention/test_transport.py \
-        tests/workers/test_piecewise_graphs.py tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+        tests/workers/test_piecewise_graphs.py tests/workers/test_engine_vmm.py tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
     mixed-bench)
       # Mixed steps (a prefill chunk + 32 decodes) through the piecewise graphs vs eager, on
       # one GPU: the engine bench's mixed section alone (one decode point to build the engine).
@@ -49,7 +51,7 @@ for step in $steps; do
         if [[ $xb != default ]]; then extra=(--kv-exchange-bytes-per-step "$xb"); sfx="_x$xb"; fi
         # The first pipelined steps' phases are timed after device syncs (the gap's breakdown;
         # SYNC_PHASES=0 leaves the server unsynced, as it serves by default).
-        KUNSERVE_SYNC_STEP_PHASES=${SYNC_PHASES:-1} start_server "serve_drop$sfx" --overload-policy drop --no-auto-transitions "${extra[@]}" || continue
+        KUNSERVE_SYNC_STEP_PHASES=${SYNC_PHASES:-1} start_server "serve_drop$sfx" "${FIXED_KV[@]}" --overload-policy drop --no-auto-transitions "${extra[@]}" || continue
         # Two cycles on one server: what the second drop no longer pays was a one-time cost.
         # Triton kernels compiled during each cycle are listed (a first-drop cost suspect).
         cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
@@ -64,12 +66,22 @@ for step in $steps; do
         grep -E "drop:|drop on worker|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop$sfx.log" | tail -60
         stop_server
       done ;;
+    sizing)
+      start_server serve_sizing --overload-policy drop --no-auto-transitions \
+        --gpu-memory-utilization "${UTIL:-0.85}" || continue
+      grep -E "KV cache|CUDA graphs: captured|Triton:" "$OUT/serve_sizing.log" | cut -c 1-300
+      nvidia-smi --query-gpu=index,memory.used,memory.total --format=csv | tee "$OUT/sizing_memory.log"
+      echo "budget per GPU: ${UTIL:-0.85} x total"
+      timeout 200 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 \
+        --max-tokens 6000 --phase-s 4 --weight-gb 14.96 --output-json "$OUT/drop_bench_sized.json" \
+        2>&1 | tee "$OUT/drop_bench_sized.log" | tail -8
+      stop_server ;;
     replay)
       for spec in ${POLICIES:-recompute drop}; do
         # drop@N: the drop policy with --pipeline-max-num-batched-tokens N (outputs drop_bN)
         policy=${spec%@*}; extra=(); name=$policy
         if [[ $spec == *@* ]]; then extra=(--pipeline-max-num-batched-tokens "${spec#*@}"); name="${policy}_b${spec#*@}"; fi
-        start_server "serve_$name" --overload-policy "$policy" --planner-cooldown-s 5 "${extra[@]}" || continue
+        start_server "serve_$name" "${FIXED_KV[@]}" --overload-policy "$policy" --planner-cooldown-s 5 "${extra[@]}" || continue
         touch /tmp/replay_marker; echo "replay starts $(date +%T.%N)" | tee "$OUT/replay_${name}_clock.log"
         timeout 200 python3 -m coordinator.cli replay --port 50051 --trace "${TRACE:-azure-code}" \
           --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \

@@ -6,6 +6,8 @@ return, never an exception.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import deque
 
 from workers.request import Request
@@ -70,8 +72,8 @@ class BlockPool:
         if bad:
             raise ValueError(f"cannot reserve ids {bad[:4]}: the pool has {self.num_blocks}")
         taken = {i for i in ids if self._ref_counts[i] == 0}
-        if taken:
-            self._free = deque(i for i in self._free if i not in taken)
+        if taken:  # one C-level pass over the free list (100k+ ids on a large KV cache)
+            self._free = deque(itertools.filterfalse(taken.__contains__, self._free))
         for i in ids:
             self._ref_counts[i] += 1
 
@@ -117,19 +119,31 @@ class BlockPool:
         if len(below) < len(used):
             return None
         taken = set(below)
-        self._free = deque(i for i in self._free if i not in taken)
+        self._free = deque(itertools.filterfalse(taken.__contains__, self._free))
         for old, new in zip(used, below, strict=True):
             self._ref_counts[new], self._ref_counts[old] = self._ref_counts[old], 0
             self._free.append(old)
         return dict(zip(used, below, strict=True))
 
     def check_integrity(self) -> None:
-        """Raises AssertionError if the free list and the ref counts disagree."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is in the free list twice"
-        for i, rc in enumerate(self._ref_counts):
-            assert rc >= 0, f"block {i} has ref count {rc}"
-            assert (rc == 0) == (i in free), f"block {i}: ref count {rc}, free={i in free}"
+        """Raises AssertionError, naming a block, if the free list and the ref counts
+        disagree. C-level passes (a few ms at 100k blocks: transitions run it) prove that the
+        free ids are distinct, all of count 0, and as many as the ids of count 0, so they are
+        exactly those; only a failure walks the ids in Python to name one."""
+        rc, free = self._ref_counts, self._free
+        distinct = len(set(free)) == len(free)
+        zeros = operator.itemgetter(*free)(rc) if free else ()
+        zeros = (zeros,) if len(free) == 1 else zeros
+        if distinct and min(rc) >= 0 and zeros.count(0) == len(free) == rc.count(0):
+            return
+        assert distinct, "a block is in the free list twice"
+        members = set(free)
+        for i, count in enumerate(rc):
+            assert count >= 0, f"block {i} has ref count {count}"
+            assert (count == 0) == (i in members), (
+                f"block {i}: ref count {count}, free={i in members}"
+            )
+        raise AssertionError("free list and ref counts disagree")
 
 
 class KVCacheManager:

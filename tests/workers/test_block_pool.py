@@ -139,3 +139,13 @@ def test_free_releases_the_tail_block_first(make_pool, make_request) -> None:
     kv.free(b)
     assert kv.pool.allocate(1) == [3]
     kv.pool.check_integrity()
+
+
+def test_check_integrity_catches_a_used_block_swapped_for_a_free_one() -> None:
+    """Counts alone agree (as many free ids as ids of count 0); the ids do not."""
+    pool = BlockPool(6)
+    pool.allocate(2)  # 0 and 1 used; 2..5 free
+    pool._free.remove(3)
+    pool._free.append(1)
+    with pytest.raises(AssertionError, match="block 1: ref count 1, free=True"):
+        pool.check_integrity()

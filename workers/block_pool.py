@@ -94,7 +94,7 @@ class BlockPool:
         """Ids in ``[lo, hi)`` with a nonzero reference count, ascending."""
         if not 0 <= lo <= hi <= self.num_blocks:
             raise ValueError(f"id range [{lo}, {hi}) is outside [0, {self.num_blocks})")
-        return [i for i in range(lo, hi) if self._ref_counts[i] > 0]
+        return list(itertools.compress(range(lo, hi), self._ref_counts[lo:hi]))  # counts >= 0
 
     def shrink_tail(self, n: int) -> bool:
         """Removes the last ``n`` ids if all are free; returns False, changing nothing, if any
@@ -104,7 +104,7 @@ class BlockPool:
         lo = self.num_blocks - n
         if self.used_ids(lo, self.num_blocks):
             return False
-        self._free = deque(i for i in self._free if i < lo)
+        self._free = deque(filter(lo.__gt__, self._free))
         del self._ref_counts[lo:]
         self.num_blocks = lo
         return True
@@ -115,7 +115,9 @@ class BlockPool:
         changing nothing, when fewer free ids lie below ``lo`` than used ids above it. The
         caller copies the blocks' data and rewrites the block tables."""
         used = self.used_ids(lo, self.num_blocks)
-        below = [i for i in self._free if i < lo][: len(used)]
+        if not used:
+            return {}
+        below = list(itertools.islice(filter(lo.__gt__, self._free), len(used)))
         if len(below) < len(used):
             return None
         taken = set(below)

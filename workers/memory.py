@@ -200,8 +200,8 @@ class WorkerMemory:
     ) -> RestoreStats:
         """Takes the KV tail back for layers ``[start, end)`` and refills them from ``source``.
 
-        The KV pool shrinks by exactly the layers' bytes: layer by layer in ``restore_order``,
-        the tail chunks whose slots add up to the layer's are mapped under it (kept as they are
+        The KV pool shrinks by exactly the layers' bytes, in one step; then, layer by layer in
+        ``restore_order``, the tail chunks whose slots add up to the layer's are mapped under it (kept as they are
         where a lazy drop left them mapped) and its refill is enqueued, so later layers' remaps
         overlap earlier layers' copies. Eagerly the whole tail is unmapped from the KV range
         first (one device sync); lazily it stays mapped there as stale aliases, past
@@ -217,12 +217,9 @@ class WorkerMemory:
         if live:
             raise EvacuationNeeded(live)
         before = self.kv.num_blocks
-        tail = [] if lazy else self.kv.shrink(n)
+        tail = self.kv.shrink(n, unmap=not lazy)  # one pass over the block pool's free list
         for layer, k in plan:
-            if lazy:
-                chunks = self.kv.shrink(k, unmap=False)
-            else:
-                chunks, tail = tail[-k:], tail[:-k]
+            chunks, tail = tail[-k:], tail[:-k]
             self.arena.restore_layers(layer, layer + 1, chunks, source)
         nbytes = self.arena.layer_nbytes(start, end)
         return RestoreStats(n, nbytes, before - self.kv.num_blocks, time.perf_counter() - t0)

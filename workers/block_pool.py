@@ -134,9 +134,9 @@ class BlockPool:
         exactly those; only a failure walks the ids in Python to name one."""
         rc, free = self._ref_counts, self._free
         distinct = len(set(free)) == len(free)
-        zeros = operator.itemgetter(*free)(rc) if free else ()
-        zeros = (zeros,) if len(free) == 1 else zeros
-        if distinct and min(rc) >= 0 and zeros.count(0) == len(free) == rc.count(0):
+        free_counts = operator.itemgetter(*free)(rc) if free else ()
+        free_counts = (free_counts,) if len(free) == 1 else free_counts
+        if distinct and min(rc) >= 0 and free_counts.count(0) == len(free) == rc.count(0):
             return
         assert distinct, "a block is in the free list twice"
         members = set(free)

@@ -236,11 +236,12 @@ class ModelRunner:
             self.block_size,
         )  # fmt: skip
         logger.info(
-            "Triton: %d decode-attention variants compiled in %.2f s",
+            "Triton: %d decode-attention variants ready (compiled or cached) in %.2f s",
             n,
             time.perf_counter() - start,
         )
 
+    @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Captures the decode graphs over the allocated KV cache (call once, after
         :meth:`allocate_kv_cache`; the Engine does). Logs why and stays eager on CPU, with

@@ -8,13 +8,14 @@ restore when its queue is empty, demand <= 50% and demand is falling over a 30-s
 Ours on top, so that a noisy plateau near a threshold cannot flip the mode back and forth:
 the level compared is a moving average (``smoothing_s``), a condition must hold on every sample
 of ``min_dwell_s``, a transition cannot be reversed for ``cooldown_s`` after it completes, and
-"falling" is the least-squares slope over ``window_s`` rather than two end points. One
-exception: a drop whose unsmoothed demand already reaches ``drop_at_once_demand`` (a queue
-about as large as the KV) is decided at once, as KunServe decides every drop: that is no
-plateau, and the dwell would only add to the queue's wait. A slope of
+"falling" is the least-squares slope over ``window_s`` rather than two end points. A slope of
 exactly 0 (a flat window, e.g. an idle group at demand 0) also counts, or an idle group would
 never restore; any noise makes the slope non-zero. The gap between the drop and restore
 thresholds is itself a hysteresis band.
+
+One exception: a drop whose unsmoothed demand already reaches ``drop_at_once_demand`` (a queue
+about as large as the KV) is decided at that sample, as KunServe decides every drop: that is no
+plateau, and the dwell would only add to the queue's wait. The cooldown still applies.
 
 Windows count samples: a span of X seconds is the last round(X / sample_interval_s) samples.
 """

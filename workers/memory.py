@@ -201,9 +201,9 @@ class WorkerMemory:
         """Takes the KV tail back for layers ``[start, end)`` and refills them from ``source``.
 
         The KV pool shrinks by exactly the layers' bytes, in one step; then, layer by layer in
-        ``restore_order``, the tail chunks whose slots add up to the layer's are mapped under it (kept as they are
-        where a lazy drop left them mapped) and its refill is enqueued, so later layers' remaps
-        overlap earlier layers' copies. Eagerly the whole tail is unmapped from the KV range
+        ``restore_order``, the tail chunks whose slots add up to the layer's are mapped under
+        it (kept as they are where a lazy drop left them mapped) and its refill is enqueued, so
+        later layers' remaps overlap earlier layers' copies. Eagerly the whole tail is unmapped from the KV range
         first (one device sync); lazily it stays mapped there as stale aliases, past
         ``num_blocks``, until ``flush``. Raises, changing nothing, EvacuationNeeded while live
         blocks lie in that tail, and ValueError when a layer's bytes do not end on a chunk

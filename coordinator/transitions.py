@@ -199,23 +199,21 @@ class Transitions:
         logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
         record.kv_blocks_before = sum(r.normal_blocks for r in reports)
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
-        try:
+        try:  # each member resumes as soon as it has executed (no round trip more)
             stage_blocks = await _gather(
-                m.leader.transition.remote("drop_execute", spec, record.kv_blocks_after)
+                m.leader.transition_and_resume.remote("drop_execute", spec, record.kv_blocks_after)
                 for m in members
             )
         except BaseException:
             self._fail(members, "drop failed")
             raise
-        phases.mark("execute")
+        phases.mark("execute and resume")
         record.stage_blocks = tuple(stage_blocks)
         record.num_moved = len(moved)
         record.state = InstanceState.PIPELINED
         for m, layers in zip(members, spec.ranges, strict=True):
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
-        await _gather(m.leader.resume.remote() for m in members)
-        phases.mark("resume")
         self._abort_released(exported, {rid: leader for rid in exported})
 
     # --- restore ------------------------------------------------------------------------
@@ -334,15 +332,18 @@ class Transitions:
             for m, seq in zip(members[1:], seqs, strict=True):
                 await self.core.wait_applied(m.info.rank, seq)
             phases.mark("stop")
-            await _gather(m.leader.transition.remote("restore_execute", plan) for m in members)
-            phases.mark("execute")
+            # requests point at their homes before any member resumes and pushes for them
+            by_rank = {m.info.rank: m for m in members}
+            homes = {rid: by_rank[rank] for rid, rank in plan.homes.items()}
+            for m in members:
+                self.core.move_requests([r for r, h in homes.items() if h is m], m)
+            await _gather(
+                m.leader.transition_and_resume.remote("restore_execute", plan) for m in members
+            )
+            phases.mark("execute and resume")
         except BaseException:
             self._fail(members, "restore failed")
             raise
-        by_rank = {m.info.rank: m for m in members}
-        homes = {rid: by_rank[rank] for rid, rank in plan.homes.items()}
-        for m in members:
-            self.core.move_requests([r for r, h in homes.items() if h is m], m)
         logger.debug("restore: request homes %s", {r: h.instance_id for r, h in homes.items()})
         record.num_moved = sum(h is not leader for h in homes.values())
         record.state = InstanceState.NORMAL
@@ -350,8 +351,6 @@ class Transitions:
             m.group = None
             m.info = dataclasses.replace(m.info, layer_range=(0, self.num_layers))
         self._set_state(members, InstanceState.NORMAL)
-        await _gather(m.leader.resume.remote() for m in members)
-        phases.mark("resume")
         self._abort_released(list(homes), homes)
 
     # --- shared -------------------------------------------------------------------------
@@ -359,12 +358,8 @@ class Transitions:
     @staticmethod
     async def _parked_step(inst: Instance, step: str) -> None:
         """Runs one transition step on ``inst``'s worker parked between engine steps, and
-        resumes it whether the step raised or not."""
-        await inst.leader.pause.remote()
-        try:
-            await inst.leader.transition.remote(step)
-        finally:
-            await inst.leader.resume.remote()
+        resumes it whether the step raised or not (one call: ``Worker.run_parked``)."""
+        await inst.leader.run_parked.remote(step)
 
     def _set_state(self, members: list[Instance], state: InstanceState) -> None:
         for m in members:

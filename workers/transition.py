@@ -449,7 +449,7 @@ class GroupController:
             load[lg.home][0] += len(lg.blocks)
             load[lg.home][1] += 1
             homes[r.request_id], new_blocks[r.request_id] = lg.home, list(lg.blocks)
-        for rank, blocks in kept.items():  # one pass over each free list, not one a request
+        for rank, blocks in kept.items():
             pools[rank].reserve(blocks)
         for r in sched.running:
             if r.request_id in homes:

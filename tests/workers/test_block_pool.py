@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 
 from workers.block_pool import BlockPool
@@ -64,21 +67,23 @@ def test_check_integrity_passes_on_a_consistent_pool() -> None:
 def test_check_integrity_catches_a_used_block_in_the_free_list() -> None:
     pool = BlockPool(6)
     pool.allocate(2)
-    pool._free.append(1)
-    with pytest.raises(AssertionError, match="block 1: ref count 1, free=True"):
+    pool._freed.append(1)  # an entry the pool did not make (its mark is not set)
+    with pytest.raises(AssertionError, match="block 1: marked 0, in the free list=True"):
         pool.check_integrity()
 
 
 def test_check_integrity_catches_a_free_block_missing_from_the_free_list() -> None:
     pool = BlockPool(6)
-    pool._free.remove(4)
-    with pytest.raises(AssertionError, match="block 4: ref count 0, free=False"):
+    pool.allocate(6)
+    pool.free([4, 2])
+    pool._freed.remove(4)
+    with pytest.raises(AssertionError, match="block 4: ref count 0, not in the free list"):
         pool.check_integrity()
 
 
 def test_check_integrity_catches_a_duplicate_in_the_free_list() -> None:
     pool = BlockPool(6)
-    pool._free.append(5)
+    pool._freed.append(5)
     with pytest.raises(AssertionError, match="in the free list twice"):
         pool.check_integrity()
 
@@ -87,6 +92,109 @@ def test_check_integrity_catches_a_negative_ref_count() -> None:
     pool = BlockPool(6)
     pool._ref_counts[3] = -1
     with pytest.raises(AssertionError, match="block 3 has ref count -1"):
+        pool.check_integrity()
+
+
+def test_check_integrity_catches_a_wrong_free_count() -> None:
+    pool = BlockPool(6)
+    pool.allocate(2)
+    pool._num_free += 1
+    with pytest.raises(AssertionError, match="num_free is 5, but 4 ids have ref count 0"):
+        pool.check_integrity()
+
+
+def test_reserve_leaves_stale_entries_that_allocate_skips() -> None:
+    pool = BlockPool(6)
+    pool.reserve([1, 3, 3])
+    assert (pool.num_free, pool.ref_counts()) == (4, [0, 1, 0, 2, 0, 0])
+    pool.check_integrity()
+    assert pool.allocate(5) is None
+    assert pool.allocate(4) == [0, 2, 4, 5]
+    pool.free([3, 3, 1])  # their entries were skipped: they go to the back
+    assert pool.allocate(2) == [3, 1]
+    pool.check_integrity()
+
+
+def test_an_id_reserved_and_freed_before_its_turn_keeps_its_place() -> None:
+    """The one departure from first-in first-out (BlockPool's docstring)."""
+    pool = BlockPool(6)
+    pool.allocate(1)
+    pool.reserve([4])
+    pool.free([0, 4])
+    pool.check_integrity()
+    assert pool.allocate(6) == [1, 2, 3, 4, 5, 0]
+
+
+def test_grow_appends_after_the_freed_ids() -> None:
+    fresh = BlockPool(2)
+    fresh.grow(2)
+    assert fresh.allocate(4) == [0, 1, 2, 3]
+    pool = BlockPool(4)
+    pool.allocate(4)
+    pool.free([1])
+    pool.grow(2)
+    assert (pool.num_blocks, pool.num_free) == (6, 3)
+    pool.check_integrity()
+    assert pool.allocate(3) == [1, 4, 5]
+
+
+def test_ref_count_array_is_a_copy_of_the_counts() -> None:
+    pool = BlockPool(5)
+    pool.allocate(2)
+    pool.reserve([1, 4])
+    counts = pool.ref_count_array()
+    assert counts.dtype == np.int64 and counts.tolist() == [1, 2, 0, 0, 1]
+    counts[0] = 7
+    pool.grow(1)  # no buffer is left exported: the pool can still resize
+    assert pool.ref_counts() == [1, 2, 0, 0, 1, 0]
+
+
+def test_random_operations_keep_the_pool_consistent_with_a_model() -> None:
+    """Allocate, free, reserve, grow, evacuate and shrink in a random order against a plain
+    dict of reference counts: no id is handed out twice, counts and free counts agree, and
+    every integrity check passes."""
+    rng = random.Random(5)
+    pool, model = BlockPool(40), dict.fromkeys(range(40), 0)
+    held: list[int] = []
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.35:
+            ids = pool.allocate(rng.randint(0, 6))
+            if ids is not None:
+                assert all(model[i] == 0 for i in ids) and len(set(ids)) == len(ids)
+                for i in ids:
+                    model[i] = 1
+                held += ids
+        elif op < 0.65 and held:
+            rng.shuffle(held)
+            n = rng.randint(1, min(5, len(held)))
+            gone, held = held[:n], held[n:]
+            pool.free(gone)
+            for i in gone:
+                model[i] -= 1
+        elif op < 0.8:
+            ids = rng.sample(range(pool.num_blocks), rng.randint(0, 4))
+            pool.reserve(ids)
+            for i in ids:
+                model[i] += 1
+            held += ids
+        elif op < 0.87:
+            n = rng.randint(0, 5)
+            pool.grow(n)
+            model.update(dict.fromkeys(range(pool.num_blocks - n, pool.num_blocks), 0))
+        elif op < 0.94 and pool.num_blocks > 8:
+            lo = pool.num_blocks - rng.randint(1, 4)
+            moves = pool.evacuate(lo)
+            if moves is not None:
+                for old, new in moves.items():
+                    assert model[new] == 0
+                    model[new], model[old] = model[old], 0
+                held = [moves.get(i, i) for i in held]
+                assert pool.shrink_tail(pool.num_blocks - lo)
+                for i in range(lo, len(model)):
+                    del model[i]
+        assert pool.ref_counts() == [model[i] for i in range(pool.num_blocks)]
+        assert pool.num_free == sum(c == 0 for c in model.values())
         pool.check_integrity()
 
 
@@ -142,10 +250,11 @@ def test_free_releases_the_tail_block_first(make_pool, make_request) -> None:
 
 
 def test_check_integrity_catches_a_used_block_swapped_for_a_free_one() -> None:
-    """Counts alone agree (as many free ids as ids of count 0); the ids do not."""
+    """Counts alone agree (as many entries as marks); the ids do not."""
     pool = BlockPool(6)
-    pool.allocate(2)  # 0 and 1 used; 2..5 free
-    pool._free.remove(3)
-    pool._free.append(1)
-    with pytest.raises(AssertionError, match="block 1: ref count 1, free=True"):
+    pool.allocate(6)
+    pool.free([2, 3, 4, 5])  # 0 and 1 used
+    pool._freed.remove(3)
+    pool._freed.append(1)
+    with pytest.raises(AssertionError, match="block 1: marked 0, in the free list=True"):
         pool.check_integrity()

@@ -427,8 +427,13 @@ class GroupController:
         self.park_when_gathered = False
 
     def restore_plan(self) -> RestorePlan:
-        """Leader: homes, L-layer blocks and KV copies for every request (changes nothing)."""
+        """Leader: homes, L-layer blocks and KV copies for every request (changes nothing
+        but the live part's park request: the split has begun, whether or not the leader
+        parked itself)."""
         spec, engine = self._require_leader(), self.engine
+        # a gather that ended without the leader parking itself (idle, stalled or timed out)
+        # must not park it at its first step after the split
+        self.park_when_gathered = False
         try:
             runner = engine.runner
             moved = runner.finish_exchange() if isinstance(runner, PipelineRunner) else 0

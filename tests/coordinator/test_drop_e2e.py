@@ -158,6 +158,10 @@ def test_drop_and_restore_mid_generation_keep_every_token(drop_server: ServerPro
     assert "group 0: NORMAL" in _cli_text(drop_server, "restore")
     status(address)  # block pools checked on both workers
     assert_normal(_info(address))
+    # that restore gathered nothing (no request ran): both instances serve again on their own
+    # (a leader once parked itself at its next step, for a gather it had already skipped)
+    again, _ = asyncio.run(asyncio.wait_for(burst(address, prompts), 60))
+    assert_same_outputs(again, base)
 
     # (c) drop, then restore, both mid-generation
     actions = [drop, (32 * 20, "Restore", apb.RestoreRequest())]

@@ -199,21 +199,26 @@ class Transitions:
         logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
         record.kv_blocks_before = sum(r.normal_blocks for r in reports)
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
-        try:  # each member resumes as soon as it has executed (no round trip more)
+        try:
             stage_blocks = await _gather(
-                m.leader.transition_and_resume.remote("drop_execute", spec, record.kv_blocks_after)
+                m.leader.transition.remote("drop_execute", spec, record.kv_blocks_after)
                 for m in members
             )
         except BaseException:
             self._fail(members, "drop failed")
             raise
-        phases.mark("execute and resume")
+        phases.mark("execute")
         record.stage_blocks = tuple(stage_blocks)
         record.num_moved = len(moved)
         record.state = InstanceState.PIPELINED
         for m, layers in zip(members, spec.ranges, strict=True):
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
+        # every member resumes only once all have executed: members that resumed as each
+        # finished its restore_execute left one engine hung (2x H200: docs/benchmarks.md,
+        # session 10), and a drop is not shown to be safe from the same race
+        await _gather(m.leader.resume.remote() for m in members)
+        phases.mark("resume")
         self._abort_released(exported, {rid: leader for rid in exported})
 
     # --- restore ------------------------------------------------------------------------
@@ -332,15 +337,13 @@ class Transitions:
             for m, seq in zip(members[1:], seqs, strict=True):
                 await self.core.wait_applied(m.info.rank, seq)
             phases.mark("stop")
-            # requests point at their homes before any member resumes and pushes for them
+            # requests point at their homes before any member pushes for them
             by_rank = {m.info.rank: m for m in members}
             homes = {rid: by_rank[rank] for rid, rank in plan.homes.items()}
             for m in members:
                 self.core.move_requests([r for r, h in homes.items() if h is m], m)
-            await _gather(
-                m.leader.transition_and_resume.remote("restore_execute", plan) for m in members
-            )
-            phases.mark("execute and resume")
+            await _gather(m.leader.transition.remote("restore_execute", plan) for m in members)
+            phases.mark("execute")
         except BaseException:
             self._fail(members, "restore failed")
             raise
@@ -351,6 +354,8 @@ class Transitions:
             m.group = None
             m.info = dataclasses.replace(m.info, layer_range=(0, self.num_layers))
         self._set_state(members, InstanceState.NORMAL)
+        await _gather(m.leader.resume.remote() for m in members)  # once all have executed
+        phases.mark("resume")
         self._abort_released(list(homes), homes)
 
     # --- shared -------------------------------------------------------------------------

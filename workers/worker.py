@@ -240,14 +240,6 @@ class Worker:
         finally:
             self.resume()
 
-    def transition_and_resume(self, step: str, *args: Any) -> Any:
-        """:meth:`transition` ``step``, then :meth:`resume`, in one call (a drop's and a
-        restore's last step: one coordinator round trip fewer while requests wait). Returns
-        the step's result; when the step raises, the engine stays parked."""
-        result = self.transition(step, *args)
-        self.resume()
-        return result
-
     def drain_inbox(self) -> None:
         """Applies queued adds and aborts now (a transition exports the result)."""
         with self._cv:

@@ -37,7 +37,6 @@ class GroupWorker(FakeWorker):
         self.pause_for = _Method(self._pause_for)
         self.resume = _Method(self._resume)
         self.transition = _Method(self._transition)
-        self.transition_and_resume = _Method(self._transition_and_resume)
         self.run_parked = _Method(self._run_parked)
         self.ready = False
         """What ``wait_restore_ready`` answers (the engine parked itself after a restore's
@@ -63,11 +62,6 @@ class GroupWorker(FakeWorker):
             return await self._transition(name, *args)
         finally:
             await self.resume.remote()
-
-    async def _transition_and_resume(self, name: str, *args):
-        answer = await self._transition(name, *args)
-        await self.resume.remote()
-        return answer
 
     async def _transition(self, name: str, *args):
         self.steps.append(name)

@@ -19,8 +19,9 @@ from workers.request import Request
 class BlockPool:
     """Hands out block ids ``0 .. num_blocks-1`` first-in first-out.
 
-    The free list is the ids never handed out (a range, so a pool of any size is made in
-    O(1)), then the ids given back, in the order they came back. :meth:`reserve` takes free ids
+    The free list is the ids never handed out (a range: building a pool runs no Python loop
+    over its ids, only two C-level fills), then the ids given back, in the order they came
+    back. :meth:`reserve` takes free ids
     without searching the free list: their entries stay in it, stale, and a pop skips an entry
     whose id is in use. So an id reserved and given back before its entry is reached keeps its
     place instead of going to the back; that is the only departure from first-in first-out.

@@ -203,11 +203,11 @@ class WorkerMemory:
         The KV pool shrinks by exactly the layers' bytes, in one step; then, layer by layer in
         ``restore_order``, the tail chunks whose slots add up to the layer's are mapped under
         it (kept as they are where a lazy drop left them mapped) and its refill is enqueued, so
-        later layers' remaps overlap earlier layers' copies. Eagerly the whole tail is unmapped from the KV range
-        first (one device sync); lazily it stays mapped there as stale aliases, past
-        ``num_blocks``, until ``flush``. Raises, changing nothing, EvacuationNeeded while live
-        blocks lie in that tail, and ValueError when a layer's bytes do not end on a chunk
-        boundary of the tail (chunks are given back whole).
+        later layers' remaps overlap earlier layers' copies. Eagerly the whole tail is unmapped
+        from the KV range first (one device sync); lazily it stays mapped there as stale
+        aliases, past ``num_blocks``, until ``flush``. Raises, changing nothing,
+        EvacuationNeeded while live blocks lie in that tail, and ValueError when a layer's
+        bytes do not end on a chunk boundary of the tail (chunks are given back whole).
         """
         t0 = time.perf_counter()
         self.arena.check_layers(start, end, dropped=True)
@@ -217,7 +217,7 @@ class WorkerMemory:
         if live:
             raise EvacuationNeeded(live)
         before = self.kv.num_blocks
-        tail = self.kv.shrink(n, unmap=not lazy)  # one pass over the block pool's free list
+        tail = self.kv.shrink(n, unmap=not lazy)  # one shrink for every layer
         for layer, k in plan:
             chunks, tail = tail[-k:], tail[:-k]
             self.arena.restore_layers(layer, layer + 1, chunks, source)

@@ -189,24 +189,22 @@ class GroupKVManager(KVCacheManager):
     def adopt_legacy(self, request: Request, home: int) -> None:
         """Takes a running request whose ``block_ids`` are L-layer blocks on ``home``: they
         become its legacy blocks (reserved in the group pool) and it holds no pipeline block."""
-        self.adopt_all([(request, home)])
+        blocks = tuple(request.block_ids)
+        reserved = self.reserved_ids(home, blocks)
+        self.pool.reserve(reserved)
+        self.legacy[request.request_id] = LegacyKV(request, home, blocks, reserved)
+        request.block_ids = []
+        logger.debug(
+            "request %s: pre-drop KV stays on worker %d (L-layer blocks %s)",
+            request.request_id,
+            home,
+            list(blocks),
+        )
 
     def adopt_all(self, requests: Sequence[tuple[Request, int]]) -> None:
-        """:meth:`adopt_legacy` for each (request, home), with one reservation for all."""
-        held: list[int] = []
+        """:meth:`adopt_legacy` for each (request, home)."""
         for request, home in requests:
-            blocks = tuple(request.block_ids)
-            reserved = self.reserved_ids(home, blocks)
-            held += reserved
-            self.legacy[request.request_id] = LegacyKV(request, home, blocks, reserved)
-            request.block_ids = []
-            logger.debug(
-                "request %s: pre-drop KV stays on worker %d (L-layer blocks %s)",
-                request.request_id,
-                home,
-                list(blocks),
-            )
-        self.pool.reserve(held)
+            self.adopt_legacy(request, home)
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
         lg = self.legacy.get(request.request_id)
@@ -406,16 +404,16 @@ class GroupKVManager(KVCacheManager):
         extra = self._take(room, self.blocks_needed(tokens) - len(lg.blocks))
         if extra is None:
             return False
-        self.pool.reserve(self._extend(lg, extra))
+        self._extend(lg, extra)
         return True
 
-    def _extend(self, lg: LegacyKV, blocks: list[int]) -> list[int]:
-        """Gives ``lg`` more L-layer blocks on its home; returns the group-pool ids aliasing
-        them, for the caller to reserve (one reservation for a step's requests)."""
+    def _extend(self, lg: LegacyKV, blocks: list[int]) -> None:
+        """Gives ``lg`` more L-layer blocks on its home, reserving the group-pool ids that
+        alias them."""
         reserved = self.reserved_ids(lg.home, blocks)
+        self.pool.reserve(reserved)
         lg.blocks += tuple(blocks)
         lg.reserved += reserved
-        return reserved
 
     def plan_gather(self, out: SchedulerOutput) -> list[SliceCopy]:
         """While gathering (:meth:`begin_gather`; else no copies), this step's gather, decided
@@ -452,13 +450,12 @@ class GroupKVManager(KVCacheManager):
             budget -= cost
             moves.append((r, home, blocks, n, upto))
         copies: list[SliceCopy] = []
-        held: list[int] = []  # no pipeline block aliases them (``_home_room``)
         for r, home, blocks, n, upto in moves:
             lg = self.legacy.get(r.request_id)
             if lg is None:
                 lg = LegacyKV(r, home, (), [], moved_upto=upto)
                 self.legacy[r.request_id] = lg
-            held += self._extend(lg, blocks)
+            self._extend(lg, blocks)  # no pipeline block aliases them (``_home_room``)
             copies += self._gather_copies(lg, n, upto)
             self.pool.free(list(reversed(r.block_ids)))
             r.block_ids = []
@@ -470,7 +467,6 @@ class GroupKVManager(KVCacheManager):
                 home,
                 list(lg.blocks),
             )
-        self.pool.reserve(held)
         return _merged(copies)
 
     def _gather_home(self, rid: str, blocks: int, room: dict[int, np.ndarray]) -> int | None:

@@ -447,15 +447,12 @@ class GroupController:
         homes, moves, new_blocks = {}, [], {}
         grouped = isinstance(kv, GroupKVManager)
         at_home = [r for r in sched.running if grouped and kv.is_home(r.request_id)]
-        kept: dict[int, list[int]] = {rank: [] for rank in pools}
         for r in at_home:  # all its KV in L-layer blocks on one home: it stays there
             lg = kv.legacy[r.request_id]
-            kept[lg.home] += lg.blocks
+            pools[lg.home].reserve(list(lg.blocks))
             load[lg.home][0] += len(lg.blocks)
             load[lg.home][1] += 1
             homes[r.request_id], new_blocks[r.request_id] = lg.home, list(lg.blocks)
-        for rank, blocks in kept.items():
-            pools[rank].reserve(blocks)
         for r in sched.running:
             if r.request_id in homes:
                 continue

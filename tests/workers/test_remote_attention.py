@@ -98,8 +98,8 @@ def test_budget_moves_several_layers_and_free_releases_a_legacy_request() -> Non
 
 
 def test_adopting_all_at_once_reserves_what_adopting_one_by_one_does() -> None:
-    """A drop adopts its pre-drop requests with one reservation; ids shared by two
-    requests' L-layer blocks (uneven layers) are held twice either way."""
+    """A drop adopts its pre-drop requests in one call; ids shared by two requests' L-layer
+    blocks (uneven layers) are held twice either way."""
 
     def requests() -> list[tuple[Request, int]]:
         a, b, c = _request("a", 6, [1, 0]), _request("b", 6, [2, 5]), _request("c", 3, [1])

@@ -106,7 +106,8 @@ class Transitions:
     ) -> GroupRecord:
         """Merges NORMAL instances (stage order; default: every NORMAL instance) into one
         pipeline group; returns once it serves. Raises TransitionError (nothing changed) when
-        the policy is not ``drop``, an instance is not NORMAL, or the KV does not fit.
+        the policy is not ``drop``, an instance is not NORMAL, or a member refuses at its
+        ``drop_prepare`` (it is in a group already).
         ``trigger`` (admin, planner) labels the ``kunserve:transitions`` counter."""
         with self._counted("drop", trigger):
             return await self._drop(instance_ids)
@@ -171,9 +172,9 @@ class Transitions:
     async def _prepare_drop(
         self, members: list[Instance], spec: GroupSpec, phases: PhaseClock
     ) -> list:
-        """Pauses the members and collects their reports (one call each), waits until every
-        step they pushed before parking is applied, and has the leader merge the reports;
-        the last step that may still fail without changing anything."""
+        """Pauses the members and collects their reports (one call each), and waits until
+        every step they pushed before parking is applied; the last step that may still fail
+        without changing anything (the leader merges the reports in its ``drop_execute``)."""
         # every call returns before any error is raised: a member still pausing when another's
         # prepare fails would otherwise park after the resume that undoes the drop
         calls = (m.leader.pause_for.remote("drop_prepare", spec) for m in members)
@@ -183,11 +184,8 @@ class Transitions:
                 raise outcome
         for m, (seq, _) in zip(members, paused, strict=True):
             await self.core.wait_applied(m.info.rank, seq)
-        reports = [report for _, report in paused]
         phases.mark("pause and prepare")
-        await members[0].leader.transition.remote("drop_merge", spec, reports)
-        phases.mark("merge")
-        return reports
+        return [report for _, report in paused]
 
     async def _execute_drop(
         self, members: list[Instance], record: GroupRecord, reports: list, phases: PhaseClock
@@ -199,9 +197,12 @@ class Transitions:
         logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
         record.kv_blocks_before = sum(r.normal_blocks for r in reports)
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
-        try:
+        blocks = record.kv_blocks_after
+        try:  # the leader merges the reports first
             stage_blocks = await _gather(
-                m.leader.transition.remote("drop_execute", spec, record.kv_blocks_after)
+                m.leader.transition.remote("drop_execute", spec, blocks, reports)
+                if m is leader
+                else m.leader.transition.remote("drop_execute", spec, blocks)
                 for m in members
             )
         except BaseException:

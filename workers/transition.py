@@ -7,12 +7,13 @@ these steps on them through ``Worker.transition``, all members at once where it 
 drop
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
      on members other than the leader, export their requests (pickled, no tensors).
-  2. ``drop_merge`` (leader): one group block pool of min-over-stages blocks and the merged
-     request queues. No KV is copied: running requests keep their KV home.
-  3. ``drop_execute`` (every): drop the other stages' weights and give their memory to the KV
-     bytes (workers/stage_memory.py; the prefix, where pre-drop KV lives, is kept); the leader
-     adopts the running requests as pre-drop requests (their L-layer blocks reserved in the
-     group pool, workers/remote_attention.py) and runs the group scheduler through
+  2. ``drop_execute`` (every): the leader first merges the reports (:meth:`GroupController
+     .drop_merge`: one group block pool of min-over-stages blocks and the merged request
+     queues; no KV is copied, running requests keep their KV home). Every member then drops
+     the other stages' weights and gives their memory to the KV bytes (workers/stage_memory
+     .py; the prefix, where pre-drop KV lives, is kept); the leader adopts the running
+     requests as pre-drop requests (their L-layer blocks reserved in the group pool,
+     workers/remote_attention.py) and runs the group scheduler through
      :class:`~workers.pipeline.PipelineRunner`, the others a
      :class:`~workers.pipeline.StageLoop`. Pre-drop requests keep decoding through remote
      attention from the next step while the live exchange moves their KV.
@@ -140,7 +141,7 @@ class RestorePlan:
 
 @dataclass
 class _Merge:
-    """The leader's pending drop (between ``drop_merge`` and ``drop_execute``)."""
+    """The leader's pending drop (from ``drop_merge`` to the end of ``drop_execute``)."""
 
     kv: GroupKVManager
     running: list[Request]
@@ -154,7 +155,6 @@ class GroupController:
 
     STEPS = (
         "drop_prepare",
-        "drop_merge",
         "drop_execute",
         "restore_begin",
         "restore_cancel",
@@ -248,10 +248,10 @@ class GroupController:
         ]
 
     def drop_merge(self, spec: GroupSpec, reports: list[DropReport]) -> None:
-        """Leader: the group pool (min over stages of their blocks) and the merged queues;
-        changes nothing the engine uses until ``drop_execute``. Running requests keep their
-        admission order, waiting ones put the preempted first, then arrival order. No KV is
-        copied: running requests keep theirs home (workers/remote_attention.py)."""
+        """Leader, first thing in ``drop_execute``: the group pool (min over stages of their
+        blocks) and the merged queues; changes nothing the engine uses. Running requests keep
+        their admission order, waiting ones put the preempted first, then arrival order. No
+        KV is copied: running requests keep theirs home (workers/remote_attention.py)."""
         group_blocks = min(r.stage_blocks for r in reports)
         incoming = [t for r in reports for t in r.transfers]
         everyone = [RequestTransfer(r, None, self.rank) for r in _requests(self.engine)]
@@ -294,13 +294,23 @@ class GroupController:
         )
 
     @torch.inference_mode()
-    def drop_execute(self, spec: GroupSpec, group_blocks: int) -> int:
-        """Every member: moves KV, drops weights, re-views KV memory, enters pipeline mode.
-        Returns this stage's capacity in its own blocks."""
+    def drop_execute(
+        self, spec: GroupSpec, group_blocks: int, reports: list[DropReport] | None = None
+    ) -> int:
+        """Every member: drops weights, re-views KV memory, enters pipeline mode; the leader
+        merges every member's ``drop_prepare`` report first (``reports``, stage order: one
+        coordinator round fewer than a merge of its own while requests wait). Returns this
+        stage's capacity in its own blocks. Raises ValueError when the leader gets no
+        reports or another member gets some."""
         engine, runner = self.engine, self.engine.runner
         stage = spec.stage_of(self.rank)
-        start, end = spec.ranges[stage]
+        if (stage == 0) != (reports is not None):
+            raise ValueError("drop_execute takes the members' reports on the leader only")
         clock = PhaseClock(_device_sync(runner.device))
+        if stage == 0:
+            self.drop_merge(spec, reports)
+            clock.mark("merge")
+        start, end = spec.ranges[stage]
         self.transport = StageTransport(
             runner.device,
             runner.model_config.hidden_size,

@@ -99,12 +99,17 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
             core.abort(["b"])  # the client cancels while b moves: the abort goes to worker 1
             return _report(1, ["b"])
 
-        def merge(spec, reports):
+        def execute0(spec, blocks, reports):
             assert core.applied_seq(1) == 1  # the drop waited for it before moving requests
+            assert [r.rank for r in reports] == [0, 1] and blocks == 150  # merged here
+            return 140
 
-        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=merge)
-        w0.answers.update(drop_execute=140)
-        w1.answers.update(drop_prepare=prepare1, drop_execute=150)
+        def execute1(spec, blocks, *reports):
+            assert not reports  # only the leader merges
+            return 150
+
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_execute=execute0)
+        w1.answers.update(drop_prepare=prepare1, drop_execute=execute1)
         out = RequestOutput("b", [7])
         asyncio.get_running_loop().call_later(0.05, core.on_step, step(1, 1, [out]))
         record = await tr.drop([0, 1])
@@ -136,7 +141,7 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
         assert [i.group for i in core.instances] == [None, None]
         assert [i.info.layer_range for i in core.instances] == [(0, 5), (0, 5)]
         assert (core.requests["c"].instance_id, core.instances[1].live) == (1, {"c"})
-        assert w0.steps == ["drop_prepare", "drop_merge", "drop_execute"] + [
+        assert w0.steps == ["drop_prepare", "drop_execute"] + [
             "restore_begin",
             "restore_plan",
             "stop_pipeline",
@@ -160,8 +165,7 @@ def test_refused_restore_cancels_the_gather_and_a_stalled_gather_splits_anyway()
     async def body():
         core, (w0, w1), tr = _setup({}, {})
         tr.gather_stall_s = 0.05
-        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=None)
-        w0.answers.update(drop_execute=140)
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_execute=140)
         w1.answers.update(drop_prepare=lambda spec: _report(1, []), drop_execute=150)
         await tr.drop([0, 1])
 
@@ -198,8 +202,7 @@ def test_restore_waits_for_the_leader_to_park_after_its_live_part_with_requests_
 
     async def body():
         core, (w0, w1), tr = _setup({}, {})
-        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=None)
-        w0.answers.update(drop_execute=140)
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_execute=140)
         w1.answers.update(drop_prepare=lambda spec: _report(1, []), drop_execute=150)
         await tr.drop([0, 1])
         plan = RestorePlan([], {"a": 0}, {1: []}, {}, {0: 100, 1: 100})
@@ -230,12 +233,12 @@ def test_refused_drop_changes_nothing() -> None:
         core, (w0, w1), tr = _setup({}, {})
         core.submit("a", parsed(16))
 
-        def merge(spec, reports):
-            raise TransitionError("running requests hold 9 blocks; the group pool has 5")
+        def prepare(spec):
+            raise TransitionError("worker 1 is already in group 0")
 
-        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_merge=merge)
-        w1.answers.update(drop_prepare=lambda spec: _report(1, []))
-        with pytest.raises(TransitionError, match="group pool has 5"):
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]))
+        w1.answers.update(drop_prepare=prepare)
+        with pytest.raises(TransitionError, match="already in group"):
             await tr.drop()
         assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
         assert core.requests["a"].instance_id == 0 and not tr.groups
@@ -295,7 +298,7 @@ def test_requests_arriving_during_a_drop_wait_on_the_leader_and_none_is_refused(
 
             return answer
 
-        w0.answers.update(drop_prepare=prepare(0), drop_merge=None, drop_execute=140)
+        w0.answers.update(drop_prepare=prepare(0), drop_execute=140)
         w1.answers.update(drop_prepare=prepare(1), drop_execute=150)
         await tr.drop([0, 1])
         assert [s.instance_id for s in arrived] == [0, 0]

@@ -279,10 +279,8 @@ def _drop_restore(
     }
     spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
     reports = _all_gather(ctl.drop_prepare(spec))
-    if rank == 0:
-        ctl.drop_merge(spec, reports)
     group_blocks = min(r.stage_blocks for r in reports)
-    stage_blocks = ctl.drop_execute(spec, group_blocks)
+    stage_blocks = ctl.drop_execute(spec, group_blocks, *([reports] if rank == 0 else []))
     if memory is not None:
         memory.check_integrity()
         # the lent tail holds no KV yet: wipe the dropped weights' stale bytes there, so only a

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -232,6 +232,16 @@ class StageTransport:
         """:func:`batch_exchange` on the default process group."""
         batch_exchange(sends, recvs)
 
+    def post_exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+    ) -> Callable[[], None]:
+        """:func:`post_batch` on the default process group: posts the batch and returns at
+        once; calling the result waits for it (on NCCL: the current stream waits, the host
+        does not). Until then the tensors are in use, and the host may queue other work."""
+        return post_batch(sends, recvs)
+
     def recv_into(
         self, src: int, out: torch.Tensor, group: dist.ProcessGroup | None = None
     ) -> None:
@@ -266,15 +276,31 @@ def batch_exchange(
     directions at once instead of one after the other), then waits for all. Per peer, sends
     match the peer's receives in list order. Empty tensors are skipped on both ends. Raises
     ValueError for a non-contiguous receive tensor."""
+    post_batch(sends, recvs, group)()
+
+
+def post_batch(
+    sends: Sequence[tuple[int, torch.Tensor]],
+    recvs: Sequence[tuple[int, torch.Tensor]],
+    group: dist.ProcessGroup | None = None,
+) -> Callable[[], None]:
+    """:func:`batch_exchange`'s batch, posted: returns a function that waits for it (and
+    keeps its tensors alive until then). Raises ValueError for a non-contiguous receive
+    tensor, posting nothing."""
     ops = [dist.P2POp(dist.isend, t.contiguous(), dst, group) for dst, t in sends if t.numel()]
     for src, t in recvs:
         if not t.is_contiguous():
             raise ValueError("exchange needs contiguous receive tensors")
         if t.numel():
             ops.append(dist.P2POp(dist.irecv, t, src, group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+    works = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait() -> None:
+        for work in works:
             work.wait()
+        ops.clear()  # the tensors may be freed from here
+
+    return wait
 
 
 def connect_all_pairs(

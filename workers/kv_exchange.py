@@ -17,7 +17,7 @@ a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -122,9 +122,9 @@ def read(
     return pending
 
 
-MOVE_CHUNK_BYTES = 256 * 2**20
-"""Most bytes :func:`move` sends in one message: its scratch is a chunk per peer and
-direction, however large the step's plan."""
+MOVE_CHUNK_BYTES = 128 * 2**20
+"""Most bytes :func:`move` sends in one message. Two rounds are in flight at once, so its
+scratch is two chunks per peer and direction, however large the step's plan."""
 
 
 def move(
@@ -139,10 +139,13 @@ def move(
     live exchange and a live restore's gather: workers/remote_attention.py gives them
     blocks no other copy of the step reads): each copy is cut into chunks of at most
     ``chunk_bytes`` (at least one block); round ``k`` posts the ``k``-th chunk of every
-    (source, destination) pair as one batch (:func:`~attention.transport.batch_exchange`:
-    both directions of a link at once) and writes what it received. Every worker derives the
-    same rounds from the same plan, so sends and receives match. Local copies run directly.
-    Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
+    (source, destination) pair as one batch (:meth:`~attention.transport.StageTransport
+    .post_exchange`: both directions of a link at once). Every worker derives the same rounds
+    from the same plan, so sends and receives match.
+
+    The rounds are pipelined: round ``k + 1`` is gathered and posted before round ``k``'s
+    chunks are written, and on CUDA the local copies run on a side stream, beside the link
+    (tools/device/exchange_probe.py times this against one NCCL batch of the same bytes). Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
     workers and ``transport`` is None."""
     pairs: dict[tuple[int, int], list[tuple[SliceCopy, int, int]]] = {}
     for c in plan:
@@ -154,10 +157,10 @@ def move(
         chunks += [
             (c, lo, min(lo + step, len(c.src_blocks))) for lo in range(0, len(c.src_blocks), step)
         ]
-    for c, lo, hi in pairs.pop((me, me), []):
-        _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
+    side = _copy_local(pairs.pop((me, me), []), src_view, dst_view)
     if pairs:
         transport = _require(transport)
+    in_flight = None  # the round posted last: (its wait, its receive buffers)
     for k in range(max((len(v) for v in pairs.values()), default=0)):
         sends, recvs = [], []
         for (src, dst), chunks in sorted(pairs.items()):
@@ -170,10 +173,46 @@ def move(
                 shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
                 buf = torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device)
                 recvs.append((src, buf, c, lo, hi))
-        transport.exchange(sends, [(src, buf) for src, buf, *_ in recvs])
-        for _, buf, c, lo, hi in recvs:
-            _write(c, lo, hi, buf, dst_view)
+        wait = transport.post_exchange(sends, [(src, buf) for src, buf, *_ in recvs])
+        if in_flight is not None:
+            _write_round(*in_flight, dst_view)
+        in_flight = (wait, recvs)
+    if in_flight is not None:
+        _write_round(*in_flight, dst_view)
+    if side is not None:  # the step's compute, queued next, sees the local copies
+        torch.cuda.current_stream(dst_view.device).wait_stream(side)
     return sum(1 for c in plan if me in (c.src_rank, c.dst_rank))
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_local(
+    chunks: list[tuple[SliceCopy, int, int]], src_view: torch.Tensor, dst_view: torch.Tensor
+) -> torch.cuda.Stream | None:
+    """Runs the local copies: on CUDA queued on a side stream (after the current stream's
+    work so far), so they overlap the link; returns that stream for the caller to join, or
+    None when they ran on the current stream (CPU, or no copy)."""
+    if not chunks or dst_view.device.type != "cuda":
+        for c, lo, hi in chunks:
+            _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
+        return None
+    device = dst_view.device
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # scratch allocated here belongs to this stream
+        for c, lo, hi in chunks:
+            _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
+    return side
+
+
+def _write_round(wait: Callable[[], None], recvs: list, dst_view: torch.Tensor) -> None:
+    """Waits for a posted round and writes what it received."""
+    wait()
+    for _, buf, c, lo, hi in recvs:
+        _write(c, lo, hi, buf, dst_view)
 
 
 def _gather(c: SliceCopy, lo: int, hi: int, view: torch.Tensor) -> torch.Tensor:

@@ -120,10 +120,18 @@ class LoopbackTransport(StageTransport):
             self._link(self.rank, dst).put(t.detach().clone())
 
     def exchange(self, sends, recvs) -> None:
+        self.post_exchange(sends, recvs)()
+
+    def post_exchange(self, sends, recvs):
+        """Sends now (queued in order per link); the returned function receives."""
         for dst, t in sends:
             self.send(dst, t)
-        for src, t in recvs:
-            self.recv_into(src, t)
+
+        def wait() -> None:
+            for src, t in recvs:
+                self.recv_into(src, t)
+
+        return wait
 
     def recv_into(self, src: int, out: torch.Tensor, group=None) -> None:
         if out.numel():

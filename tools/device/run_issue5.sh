@@ -3,7 +3,9 @@
 # (`kunserve bench drop`), then the burst replay with
 # --overload-policy drop vs recompute. Logs and JSON under $OUT.
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
-# steps: gpu-tests mixed-bench drop-bench replay sizing (default: gpu-tests drop-bench replay).
+# steps: gpu-tests mixed-bench exchange-probe drop-bench replay sizing (default: gpu-tests
+# drop-bench replay). exchange-probe: where a drop's first KV exchange spends its time
+# (tools/device/exchange_probe.py).
 # sizing: a server whose KV cache is sized from --gpu-memory-utilization ${UTIL:-0.85} (the graphs
 # counted), its device memory beside the budget, then one drop bench cycle on it. MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
@@ -43,6 +45,9 @@ for step in $steps; do
         --max-num-batched-tokens 8192 --batch-sizes 1 --contexts 1024 --steps 4 --no-hf --no-prefill \
         --output-json "$OUT/mixed_bench.json" 2>&1 | tee "$OUT/mixed_bench.log" | tail -12
       timeout 120 python3 -m kernels.bench --only mixed 2>&1 | tee "$OUT/mixed_attention.log" | tail -6 ;;
+    exchange-probe)
+      timeout 180 python3 tools/device/exchange_probe.py "$OUT/exchange_probe.json" 2>&1 \
+        | tee "$OUT/exchange_probe.log" | tail -20 ;;
     drop-bench)
       # EXCHANGE_BYTES: a server per value of --kv-exchange-bytes-per-step (outputs suffixed
       # _x<value>); unset: one server with the default.

@@ -286,3 +286,63 @@ def instance_series(samples: Sequence[ServerSample]) -> dict:
                 cols[f].append(None if inst is None else getattr(inst, f))
         out["instances"][str(iid)] = cols
     return out
+
+
+def transition_gaps(
+    records: Sequence[RequestRecord],
+    samples: Sequence[ServerSample],
+    margin_s: float = 0.25,
+    min_gaps: int = 3,
+) -> list[dict]:
+    """The token gaps of the requests that decode across each state change the samples saw.
+
+    A state change is a pair of consecutive samples at ``t_a`` and ``t_b`` between which some
+    instance's state changed (``normal -> dropping``, ``pipelined -> restoring``, ...); its
+    window is ``[t_a, t_b + margin_s]`` (the first steps after a transition belong to it).
+    A request decodes across it when it received a delta before ``t_a`` and one after the
+    window. Its gap there is its largest gap between deltas that overlaps the window; its TBT
+    the median of its gaps that ended before ``t_a`` (at least ``min_gaps`` of them, else it
+    is not counted). This is the drop bench's "largest token gap of a pre-drop request vs its
+    normal TBT" (issue #5), measured under the replayed load rather than on an idle server.
+
+    Returns one dict per state change, in time order: ``t_s`` ([t_a, t_b]), ``changes``
+    ({instance id: "old->new"}), ``num_requests`` (counted), ``max_gap_ms``,
+    ``max_gap_x_tbt`` (the largest ratio of a request's gap to its own TBT) and
+    ``median_gap_x_tbt``; the gap fields are None when no request was counted.
+    """
+    out = []
+    for a, b in zip(samples[:-1], samples[1:], strict=True):
+        before = {i.instance_id: i.state for i in a.instances}
+        changes = {
+            i.instance_id: f"{before[i.instance_id]}->{i.state}"
+            for i in b.instances
+            if i.instance_id in before and before[i.instance_id] != i.state
+        }
+        if not changes:
+            continue
+        lo, hi = a.t_s, b.t_s + margin_s
+        gaps, ratios = [], []
+        for r in records:
+            if r.start_s is None or len(r.chunk_times_s) < 2:
+                continue
+            t = [r.start_s + c for c in r.chunk_times_s]
+            if t[0] >= lo or t[-1] <= hi:
+                continue
+            pairs = list(zip(t[:-1], t[1:], strict=True))
+            earlier = [y - x for x, y in pairs if y < lo]
+            across = [y - x for x, y in pairs if y > lo and x < hi]
+            if len(earlier) < min_gaps or not across:
+                continue
+            gaps.append(max(across))
+            ratios.append(max(across) / float(np.median(earlier)))
+        out.append(
+            {
+                "t_s": [a.t_s, b.t_s],
+                "changes": {str(k): v for k, v in sorted(changes.items())},
+                "num_requests": len(gaps),
+                "max_gap_ms": 1e3 * max(gaps) if gaps else None,
+                "max_gap_x_tbt": max(ratios) if ratios else None,
+                "median_gap_x_tbt": float(np.median(ratios)) if ratios else None,
+            }
+        )
+    return out

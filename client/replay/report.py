@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.replay.metrics import error_summary, instance_series, time_series
+from client.replay.metrics import error_summary, instance_series, time_series, transition_gaps
 
 if TYPE_CHECKING:
     from client.replay.runner import ReplayResult
@@ -122,6 +122,7 @@ def _our_keys(result: ReplayResult) -> dict[str, Any]:
         },
         "time_series": time_series(result.records, result.samples, result.duration_s),
         "server_samples": instance_series(result.samples),
+        "transition_gaps": transition_gaps(result.records, result.samples),
     }
 
 
@@ -208,6 +209,17 @@ def format_table(result: ReplayResult) -> str:
         lines.append(f"{'Client':-^50}")
         lines.append(_line("Client stalls (event loop late):", len(result.client_stalls)))
         lines.append(_line("Worst client stall (ms):", 1e3 * worst))
+    changes = transition_gaps(result.records, result.samples)
+    if changes:
+        lines.append(f"{'Transitions (token gaps across)':-^50}")
+    for c in changes:
+        what = ", ".join(f"{i}: {v}" for i, v in c["changes"].items())
+        lines.append(f"{c['t_s'][0]:.1f}-{c['t_s'][1]:.1f} s  {what}")
+        if c["num_requests"]:
+            lines.append(
+                f"  {c['num_requests']} decoding: largest gap {c['max_gap_ms']:.1f} ms, "
+                f"{c['max_gap_x_tbt']:.1f}x its TBT (median {c['median_gap_x_tbt']:.1f}x)"
+            )
     errors = error_summary(result.records)
     if errors:
         lines.append(f"{'Errors':-^50}")

@@ -13,6 +13,7 @@ Run duration: 4.0 s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -27,6 +28,7 @@ from client.replay.metrics import (
     percentile_label,
     summarize_ms,
     time_series,
+    transition_gaps,
 )
 from client.replay.records import RequestRecord, ServerSample
 
@@ -162,3 +164,43 @@ def test_goodput_parsing_and_labels() -> None:
         with pytest.raises(ValueError):
             parse_goodput([bad])
     assert [percentile_label(p) for p in (50, 90.0, 99.9)] == ["p50", "p90", "p99.9"]
+
+
+def test_transition_gaps_compare_each_requests_gap_across_a_state_change_with_its_tbt() -> None:
+    """Samples at 1.0 (normal) and 1.5 (dropping): the window is [1.0, 1.75]. r0 decodes every
+    10 ms and then waits 60 ms across it (6x); r1 every 20 ms, 40 ms across (2x); r2 starts
+    inside the window and r3 ends before it: neither is counted."""
+
+    def steady(index: int, start: float, period: float, gap_at: float, gap: float, end: float):
+        times, t = [], start
+        while t < end:
+            times.append(t)
+            t += gap if abs(t - gap_at) < period / 2 else period
+        r = RequestRecord(index, f"r{index}", start, 10, 8)
+        r.mark_sent(start - 0.05)
+        for t in times:
+            r.add_chunk(t, 1, "x")
+        r.mark_finished(end, Finished("length", Usage(10, len(times)), ServerTiming()))
+        return r
+
+    records = [
+        steady(0, 0.5, 0.010, 1.30, 0.060, 2.0),
+        steady(1, 0.5, 0.020, 1.40, 0.040, 2.0),
+        steady(2, 1.2, 0.010, 9.0, 0.010, 2.0),
+        steady(3, 0.2, 0.010, 9.0, 0.010, 0.9),
+    ]
+
+    def sample(t: float, state: str) -> ServerSample:
+        inst = InstanceInfo(0, state, (0,), 2, 0, 10, 5, 0, 0, 0, "cpu", ())
+        return ServerSample(t, (inst, dataclasses.replace(inst, instance_id=1)))
+
+    samples = [sample(0.5, "normal"), sample(1.0, "normal"), sample(1.5, "dropping")]
+    samples.append(sample(2.0, "dropping"))
+    (change,) = transition_gaps(records, samples)
+    assert change["t_s"] == [1.0, 1.5]
+    assert change["changes"] == {"0": "normal->dropping", "1": "normal->dropping"}
+    assert change["num_requests"] == 2
+    assert change["max_gap_ms"] == pytest.approx(60.0)
+    assert change["max_gap_x_tbt"] == pytest.approx(6.0)
+    assert change["median_gap_x_tbt"] == pytest.approx(4.0)
+    assert transition_gaps(records, samples[:2]) == []  # no state change

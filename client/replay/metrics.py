@@ -299,16 +299,20 @@ def transition_gaps(
     A state change is a pair of consecutive samples at ``t_a`` and ``t_b`` between which some
     instance's state changed (``normal -> dropping``, ``pipelined -> restoring``, ...); its
     window is ``[t_a, t_b + margin_s]`` (the first steps after a transition belong to it).
-    A request decodes across it when it received a delta before ``t_a`` and one after the
-    window. Its gap there is its largest gap between deltas that overlaps the window; its TBT
-    the median of its gaps that ended before ``t_a`` (at least ``min_gaps`` of them, else it
-    is not counted). This is the drop bench's "largest token gap of a pre-drop request vs its
+    A request decodes across it when it received a delta before ``t_a`` and one after. Its
+    gap there is its largest gap between deltas that overlaps the window; its TBT the median
+    of its gaps that ended before ``t_a`` (at least ``min_gaps`` of them, else it is not
+    counted). This is the drop bench's "largest token gap of a pre-drop request vs its
     normal TBT" (issue #5), measured under the replayed load rather than on an idle server.
+    Under load the gap also holds the step in flight when the transition began (a transition
+    parks the engines between steps), so ``max_gap_before_ms`` gives the largest gap the same
+    requests saw before ``t_a``.
 
     Returns one dict per state change, in time order: ``t_s`` ([t_a, t_b]), ``changes``
     ({instance id: "old->new"}), ``num_requests`` (counted), ``max_gap_ms``,
-    ``max_gap_x_tbt`` (the largest ratio of a request's gap to its own TBT) and
-    ``median_gap_x_tbt``; the gap fields are None when no request was counted.
+    ``max_gap_x_tbt`` (the largest ratio of a request's gap to its own TBT),
+    ``median_gap_x_tbt`` and ``max_gap_before_ms``; the gap fields are None when no request
+    was counted.
     """
     out = []
     for a, b in zip(samples[:-1], samples[1:], strict=True):
@@ -321,12 +325,12 @@ def transition_gaps(
         if not changes:
             continue
         lo, hi = a.t_s, b.t_s + margin_s
-        gaps, ratios = [], []
+        gaps, ratios, before = [], [], []
         for r in records:
             if r.start_s is None or len(r.chunk_times_s) < 2:
                 continue
             t = [r.start_s + c for c in r.chunk_times_s]
-            if t[0] >= lo or t[-1] <= hi:
+            if t[0] >= lo or t[-1] <= lo:
                 continue
             pairs = list(zip(t[:-1], t[1:], strict=True))
             earlier = [y - x for x, y in pairs if y < lo]
@@ -335,6 +339,7 @@ def transition_gaps(
                 continue
             gaps.append(max(across))
             ratios.append(max(across) / float(np.median(earlier)))
+            before.append(max(earlier))
         out.append(
             {
                 "t_s": [a.t_s, b.t_s],
@@ -343,6 +348,7 @@ def transition_gaps(
                 "max_gap_ms": 1e3 * max(gaps) if gaps else None,
                 "max_gap_x_tbt": max(ratios) if ratios else None,
                 "median_gap_x_tbt": float(np.median(ratios)) if ratios else None,
+                "max_gap_before_ms": 1e3 * max(before) if before else None,
             }
         )
     return out

@@ -218,7 +218,8 @@ def format_table(result: ReplayResult) -> str:
         if c["num_requests"]:
             lines.append(
                 f"  {c['num_requests']} decoding: largest gap {c['max_gap_ms']:.1f} ms, "
-                f"{c['max_gap_x_tbt']:.1f}x its TBT (median {c['median_gap_x_tbt']:.1f}x)"
+                f"{c['max_gap_x_tbt']:.1f}x its TBT (median {c['median_gap_x_tbt']:.1f}x); "
+                f"largest gap before {c['max_gap_before_ms']:.1f} ms"
             )
     errors = error_summary(result.records)
     if errors:

@@ -168,8 +168,9 @@ def test_goodput_parsing_and_labels() -> None:
 
 def test_transition_gaps_compare_each_requests_gap_across_a_state_change_with_its_tbt() -> None:
     """Samples at 1.0 (normal) and 1.5 (dropping): the window is [1.0, 1.75]. r0 decodes every
-    10 ms and then waits 60 ms across it (6x); r1 every 20 ms, 40 ms across (2x); r2 starts
-    inside the window and r3 ends before it: neither is counted."""
+    10 ms and then waits 60 ms across it (6x); r1 every 20 ms, 40 ms across (2x), and ends
+    inside the window; r2 starts inside the window and r3 ends before it: neither is
+    counted."""
 
     def steady(index: int, start: float, period: float, gap_at: float, gap: float, end: float):
         times, t = [], start
@@ -185,7 +186,7 @@ def test_transition_gaps_compare_each_requests_gap_across_a_state_change_with_it
 
     records = [
         steady(0, 0.5, 0.010, 1.30, 0.060, 2.0),
-        steady(1, 0.5, 0.020, 1.40, 0.040, 2.0),
+        steady(1, 0.5, 0.020, 1.40, 0.040, 1.6),
         steady(2, 1.2, 0.010, 9.0, 0.010, 2.0),
         steady(3, 0.2, 0.010, 9.0, 0.010, 0.9),
     ]
@@ -203,4 +204,5 @@ def test_transition_gaps_compare_each_requests_gap_across_a_state_change_with_it
     assert change["max_gap_ms"] == pytest.approx(60.0)
     assert change["max_gap_x_tbt"] == pytest.approx(6.0)
     assert change["median_gap_x_tbt"] == pytest.approx(4.0)
+    assert change["max_gap_before_ms"] == pytest.approx(20.0)
     assert transition_gaps(records, samples[:2]) == []  # no state change

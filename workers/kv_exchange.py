@@ -145,7 +145,9 @@ def move(
 
     The rounds are pipelined: round ``k + 1`` is gathered and posted before round ``k``'s
     chunks are written, and on CUDA the local copies run on a side stream, beside the link
-    (tools/device/exchange_probe.py times this against one NCCL batch of the same bytes). Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
+    (tools/device/exchange_probe.py times this against one NCCL batch of the same bytes).
+
+    Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
     workers and ``transport`` is None."""
     pairs: dict[tuple[int, int], list[tuple[SliceCopy, int, int]]] = {}
     for c in plan:

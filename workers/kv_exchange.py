@@ -17,6 +17,7 @@ a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -195,16 +196,14 @@ def _copy_local(
     """Runs the local copies: on CUDA queued on a side stream (after the current stream's
     work so far), so they overlap the link; returns that stream for the caller to join, or
     None when they ran on the current stream (CPU, or no copy)."""
-    if not chunks or dst_view.device.type != "cuda":
-        for c, lo, hi in chunks:
-            _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
-        return None
-    device = dst_view.device
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # scratch allocated here belongs to this stream
+    device, side = dst_view.device, None
+    if chunks and device.type == "cuda":
+        side = _SIDE_STREAMS.get(device)
+        if side is None:
+            side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+    # on the side stream, the scratch allocated here belongs to it
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         for c, lo, hi in chunks:
             _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
     return side

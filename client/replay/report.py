@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.replay.metrics import error_summary, instance_series, time_series, transition_gaps
+from client.replay.metrics import error_summary, instance_series, time_series
 
 if TYPE_CHECKING:
     from client.replay.runner import ReplayResult
@@ -122,7 +122,7 @@ def _our_keys(result: ReplayResult) -> dict[str, Any]:
         },
         "time_series": time_series(result.records, result.samples, result.duration_s),
         "server_samples": instance_series(result.samples),
-        "transition_gaps": transition_gaps(result.records, result.samples),
+        "transition_gaps": result.transition_gaps,
     }
 
 
@@ -209,7 +209,7 @@ def format_table(result: ReplayResult) -> str:
         lines.append(f"{'Client':-^50}")
         lines.append(_line("Client stalls (event loop late):", len(result.client_stalls)))
         lines.append(_line("Worst client stall (ms):", 1e3 * worst))
-    changes = transition_gaps(result.records, result.samples)
+    changes = result.transition_gaps
     if changes:
         lines.append(f"{'Transitions (token gaps across)':-^50}")
     for c in changes:

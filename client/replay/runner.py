@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import secrets
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from client.api_types import Delta, KunserveError, ModelInfo
 from client.grpc_client import AsyncKunserveClient
+from client.replay import metrics as replay_metrics
 from client.replay.config import ReplayConfig
 from client.replay.metrics import BenchmarkMetrics, compute_metrics
 from client.replay.prompts import PromptFitter, load_sharegpt, load_tokenizer
@@ -53,6 +55,12 @@ class ReplayResult:
     ``CLIENT_STALL_S`` late: around them the client, not the server, delayed what it saw."""
     result_path: Path | None = None
     plot_path: Path | None = None
+
+    @functools.cached_property
+    def transition_gaps(self) -> list[dict]:
+        """Token gaps across each state change the samples saw (``metrics.transition_gaps``),
+        computed once for the summary and the result JSON."""
+        return replay_metrics.transition_gaps(self.records, self.samples)
 
     @property
     def num_requests(self) -> int:

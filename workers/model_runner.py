@@ -15,7 +15,7 @@ import torch
 
 from attention.backends import get_backend
 from attention.metadata import AttentionMetadata, host_tensor
-from kernels import paged_decode
+from kernels import block_copy, paged_decode
 from kernels.vmm import make_backend
 from workers.config import EngineConfig, ModelConfig, parse_dtype, resolve_memory_backend
 from workers.cuda_graphs import CudaGraphRunner, capture_sizes, graph_blocker, graph_key
@@ -225,18 +225,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up_kernels(self) -> None:
-        """Compiles, on CUDA with the Triton backend, the attention kernel variants a server
-        can launch (``kernels.paged_decode.warm_up``), so that none compiles between two
-        tokens while serving (the Engine calls it at start-up)."""
-        if self.device.type != "cuda" or self.backend.name != "triton":
+        """Compiles, on CUDA, the live KV exchange's copies (``kernels.block_copy.warm_up``)
+        and, with the Triton backend, the attention kernel variants a server can launch
+        (``kernels.paged_decode.warm_up``), so that none compiles between two tokens while
+        serving (the Engine calls it at start-up)."""
+        if self.device.type != "cuda":
             return
         cfg, start = self.model_config, time.perf_counter()
-        n = paged_decode.warm_up(
-            self.device, self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            self.block_size,
-        )  # fmt: skip
+        fmt = (2, self.block_size, cfg.num_kv_heads, cfg.head_dim)  # past (blocks, layers)
+        n = block_copy.warm_up(self.device, self.dtype, fmt)
+        if self.backend.name == "triton":
+            n += paged_decode.warm_up(
+                self.device, self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                self.block_size,
+            )  # fmt: skip
         logger.info(
-            "Triton: %d decode-attention variants ready (compiled or cached) in %.2f s",
+            "Triton: %d attention and KV-copy variants ready (compiled or cached) in %.2f s",
             n,
             time.perf_counter() - start,
         )

@@ -37,7 +37,8 @@ for step in $steps; do
       timeout 150 python3 -m pytest -q -m gpu -x tests/workers/test_pipeline.py 2>&1 | tee "$OUT/gpu_pipeline.log" | tail -15
       timeout 300 python3 -m pytest -q -m gpu tests/workers/test_stage_memory.py \
         tests/workers/test_remote_attention.py tests/workers/test_cuda_graphs.py tests/attention/test_transport.py \
-        tests/workers/test_piecewise_graphs.py tests/workers/test_engine_vmm.py tests/kernels/test_triton_kernels.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
+        tests/workers/test_piecewise_graphs.py tests/workers/test_engine_vmm.py tests/kernels/test_triton_kernels.py \
+        tests/kernels/test_block_copy.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8 ;;
     mixed-bench)
       # Mixed steps (a prefill chunk + 32 decodes) through the piecewise graphs vs eager, on
       # one GPU: the engine bench's mixed section alone (one decode point to build the engine).

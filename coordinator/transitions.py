@@ -2,7 +2,8 @@
 
 NORMAL → DROPPING → PIPELINED → RESTORING → NORMAL (KunServe's INITIAL → BALLOON → RESTORE →
 INITIAL, reference/kunserve.md §2; DESIGN.md §6). Every member parks its engine between steps
-while requests change workers (workers/transition.py has the worker steps). A restore first
+while requests change workers (workers/transition.py has the worker steps); a drop first
+stages what it can while they still serve (``drop_stage``). A restore first
 gathers each running request's KV onto one home while the group still serves, so the parked
 split copies only weights (and the KV of any request the gather could not place).
 Transitions are forced by the admin RPCs (coordinator/admin.py) or started by the planner's
@@ -57,8 +58,8 @@ class GroupRecord:
     transition_s: float = 0.0
     """Duration of the last transition (seconds)."""
     paused_s: float = 0.0
-    """How long the last transition parked the members (seconds): all of a drop; a restore's
-    split, after its live gather."""
+    """How long the last transition parked the members (seconds): a drop after its staging;
+    a restore's split, after its live gather."""
 
     @property
     def group_id(self) -> int:
@@ -123,11 +124,14 @@ class Transitions:
             spec = GroupSpec(members[0].instance_id, tuple(m.info.rank for m in members), ranges)
             ids = tuple(m.instance_id for m in members)
             record = GroupRecord(spec, ids, InstanceState.DROPPING, kv_blocks_before=0)
-            start = time.monotonic()
+            start, phases = time.monotonic(), PhaseClock()
+            # while the members serve on: raises (nothing changed) where the drop cannot run
+            await _gather(m.leader.transition.remote("drop_stage", spec) for m in members)
+            phases.mark("stage (serving)")
+            parked = time.monotonic()
             for m in members:  # the leader routes new requests from now (they wait its inbox)
                 m.group = spec.ranks
             self._set_state(members, InstanceState.DROPPING)
-            phases = PhaseClock()
             try:
                 reports = await self._prepare_drop(members, spec, phases)
             except BaseException:
@@ -137,7 +141,8 @@ class Transitions:
                 await _gather(m.leader.resume.remote() for m in members)
                 raise
             await self._execute_drop(members, record, reports, phases)
-            record.transition_s = record.paused_s = time.monotonic() - start
+            record.transition_s = time.monotonic() - start
+            record.paused_s = time.monotonic() - parked
             self.groups[spec.group_id] = record
             logger.info(
                 "drop: instances %s -> pipeline group %d, layers %s, KV %d -> %d blocks "

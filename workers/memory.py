@@ -179,12 +179,19 @@ class WorkerMemory:
         would put them, as stale aliases past the live blocks, so the drop itself then makes
         no driver call (``KVPool.premap``); returns how many were newly mapped.
 
-        For an idle worker that expects this drop (the mapping costs what a drop's would).
-        Until the drop, block ids past ``num_blocks`` alias those weights (they are never handed
-        out); ``flush`` and any other KV growth undo it. Raises ValueError for layers not all
-        held or a KV range without room."""
-        self.arena.check_layers(start, end, dropped=False)
-        return self.kv.premap(self.arena.layer_chunks(start, end))
+        For a worker that expects this drop (the mapping costs what a drop's would), also
+        while its engine serves: nothing reads past the live blocks. Until the drop, block ids
+        past ``num_blocks`` alias those weights (they are never handed out); ``flush`` and any
+        other KV growth undo it. Raises ValueError for layers not all held or a KV range
+        without room."""
+        return self.premap_drops([(start, end)])
+
+    def premap_drops(self, runs: Sequence[tuple[int, int]]) -> int:
+        """:meth:`premap_drop` for a drop of several runs of regions, dropped in this order
+        (``drop_layers`` once per run puts each run's chunks after the previous run's)."""
+        for start, end in runs:
+            self.arena.check_layers(start, end, dropped=False)
+        return self.kv.premap([c for a, b in runs for c in self.arena.layer_chunks(a, b)])
 
     def evacuate_for_restore(
         self, start: int, end: int, block_tables: Iterable[list[int]]

@@ -111,9 +111,14 @@ def point_layers_at_kv_slots(model: LlamaModel) -> None:
         layer.self_attn.local_layer = local
 
 
-def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[LlamaModel, int]:
+def build_stage_model(
+    model: LlamaModel, layer_range: tuple[int, int], point: bool = True
+) -> tuple[LlamaModel, int]:
     """Moves the kept modules of ``model`` into a new model for ``layer_range`` (no reload, no
     copy); the rest is left to be freed with ``model``. Returns (stage model, freed bytes).
+    ``point=False`` leaves the kept layers pointed at their KV slots in ``model`` (a drop
+    staged while ``model`` still serves; :func:`point_layers_at_kv_slots` before the stage
+    model runs).
 
     Raises ValueError when ``layer_range`` is not inside what ``model`` holds.
     """
@@ -132,7 +137,8 @@ def build_stage_model(model: LlamaModel, layer_range: tuple[int, int]) -> tuple[
         model.max_positions,
         model.cos_sin_cache,
     )
-    point_layers_at_kv_slots(stage)
+    if point:
+        point_layers_at_kv_slots(stage)
     check_materialized(stage)
     return stage.eval(), freed
 

@@ -21,6 +21,7 @@ their bytes (DESIGN.md §5: blocks keep their format until their KV has moved).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -44,6 +45,30 @@ from workers.weight_arena import place_model_in_arena
 from workers.weight_exchange import WeightCopy
 
 
+@dataclass
+class StagedDrop:
+    """A drop made ready while the full model still serves (:meth:`StageMemory.stage_drop`),
+    so the engines park only for what must change at once (KunServe §3(a): requests keep
+    decoding while the group forms). Staging changes nothing the engine reads."""
+
+    model: LlamaModel
+    """The full model it was staged from; a drop of another model stages anew."""
+    layer_range: tuple[int, int]
+    stage: LlamaModel
+    """The stage model over the kept modules, its layers not yet pointed at their KV slots
+    (they still serve in ``model``)."""
+    freed_bytes: int
+    parked: list[tuple[nn.Module, str, torch.Tensor, nn.Parameter]] = field(default_factory=list)
+    """VMM: each dropped parameter's module, name, arena view, and the meta parameter that
+    replaces it at the drop (the view becomes KV)."""
+    premapped: int = 0
+    """VMM: chunks newly mapped at the end of the KV range as stale aliases (0 where a
+    previous drop left them there)."""
+
+    def matches(self, model: LlamaModel, layer_range: tuple[int, int]) -> bool:
+        return self.model is model and self.layer_range == tuple(layer_range)
+
+
 class StageMemory(Protocol):
     """What a transition needs of a worker's memory (one instance per worker, made at its
     first drop and kept, so ``normal_bytes`` is the KV size of normal mode)."""
@@ -65,9 +90,18 @@ class StageMemory(Protocol):
     def bytes_after_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> int:
         """KV bytes :meth:`drop` would leave usable (changes nothing)."""
 
-    def drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> LlamaModel:
+    def stage_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> StagedDrop:
+        """What :meth:`drop` can do while ``model`` still serves (another thread may run it):
+        the stage model, and on VMM the meta parameters and the KV range's mappings (stale
+        aliases past the live blocks). Raises ValueError, changing nothing ``model`` reads,
+        where :meth:`drop` would."""
+
+    def drop(
+        self, model: LlamaModel, layer_range: tuple[int, int], staged: StagedDrop | None = None
+    ) -> LlamaModel:
         """Keeps ``layer_range`` of ``model`` (no reload, no copy), hands the rest's memory to
-        the KV bytes (prefix kept). Returns the stage model; ``model`` must not be used again."""
+        the KV bytes (prefix kept). Returns the stage model; ``model`` must not be used again.
+        ``staged``: this drop's :meth:`stage_drop`, made earlier (else it is staged now)."""
 
     def restore(
         self,
@@ -128,10 +162,18 @@ class TorchStageMemory:
     def bytes_after_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> int:
         return self.buffer.nbytes + dropped_param_bytes(model, layer_range)
 
-    def drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> LlamaModel:
-        stage, freed = build_stage_model(model, layer_range)
-        self.buffer.resize(self.buffer.nbytes + freed)
-        return stage
+    def stage_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> StagedDrop:
+        stage, freed = build_stage_model(model, layer_range, point=False)
+        return StagedDrop(model, tuple(layer_range), stage, freed)
+
+    def drop(
+        self, model: LlamaModel, layer_range: tuple[int, int], staged: StagedDrop | None = None
+    ) -> LlamaModel:
+        if staged is None or not staged.matches(model, layer_range):
+            staged = self.stage_drop(model, layer_range)
+        point_layers_at_kv_slots(staged.stage)
+        self.buffer.resize(self.buffer.nbytes + staged.freed_bytes)
+        return staged.stage
 
     def restore(
         self,
@@ -220,9 +262,25 @@ class VmmStageMemory:
         arena = self.memory.arena
         return self.nbytes + sum(arena.layer_nbytes(a, b) for a, b in _dropped(model, layer_range))
 
-    def drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> LlamaModel:
-        """Raises ValueError, changing nothing, when ``layer_range`` is not inside ``model``,
-        a layer to drop is not held, or the KV range lacks room for the chunks."""
+    def stage_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> StagedDrop:
+        """Also maps the dropped regions' chunks where the drop puts them (``premap_drops``):
+        a first drop's ``cuMemMap`` and ``cuMemSetAccess`` calls happen here, not while the
+        engines are parked. Raises ValueError, changing nothing, when ``layer_range`` is not
+        inside ``model``, a layer to drop is not held, or the KV range lacks room."""
+        runs = self._check_drop(model, layer_range)
+        stage, freed = build_stage_model(model, layer_range, point=False)
+        parked = [
+            (m, n, p.data, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+            for a, b in runs
+            for j in range(a, b)
+            for module in _modules_of(model, j)
+            for m in module.modules()
+            for n, p in m.named_parameters(recurse=False)
+        ]
+        premapped = self.memory.premap_drops(runs)
+        return StagedDrop(model, tuple(layer_range), stage, freed, parked, premapped)
+
+    def _check_drop(self, model: LlamaModel, layer_range: tuple[int, int]) -> list:
         runs = _dropped(model, layer_range)
         kv, arena = self.memory.kv, self.memory.arena
         for a, b in runs:
@@ -233,19 +291,26 @@ class VmmStageMemory:
                 f"the KV range has room for {kv.range.num_slots - kv.mapped_slots} more slots, "
                 f"the dropped layers need {need}"
             )
-        stage, _ = build_stage_model(model, layer_range)
-        parked = []
-        for a, b in runs:  # their arena views become KV: nothing may read them as weights
-            for j in range(a, b):
-                for module in _modules_of(model, j):
-                    for m in module.modules():
-                        parked += [(m, n, p.data) for n, p in m.named_parameters(recurse=False)]
-                    module.to("meta")
-        self._full, self._parked = model, parked
-        kv.detach_block_pool()
-        for a, b in runs:
+        return runs
+
+    def drop(
+        self, model: LlamaModel, layer_range: tuple[int, int], staged: StagedDrop | None = None
+    ) -> LlamaModel:
+        """Raises ValueError, changing nothing, when ``layer_range`` is not inside ``model``,
+        a layer to drop is not held, or the KV range lacks room for the chunks."""
+        runs = self._check_drop(model, layer_range)
+        if staged is None or not staged.matches(model, layer_range):
+            staged = self.stage_drop(model, layer_range)
+        # the dropped parameters' arena views become KV: nothing may read them as weights
+        for m, name, _, meta in staged.parked:
+            m._parameters[name] = meta
+        self._full = model
+        self._parked = [(m, name, view) for m, name, view, _ in staged.parked]
+        point_layers_at_kv_slots(staged.stage)
+        self.memory.kv.detach_block_pool()
+        for a, b in runs:  # the staged mappings are adopted: no driver call
             self.memory.drop_layers(a, b)
-        return stage
+        return staged.stage
 
     refills_in_place = True
 

@@ -5,6 +5,9 @@ KunServe §3(a), §3(c), §3(d) (reference/kunserve.md); DESIGN.md §6. The coor
 these steps on them through ``Worker.transition``, all members at once where it says "every":
 
 drop
+  0. ``drop_stage`` (every), while the engines still serve: the stage model and, on VMM
+     memory, the KV range's new mappings (:meth:`StageMemory.stage_drop`), so that the
+     parked steps below change only what must change at once.
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
      on members other than the leader, export their requests (pickled, no tensors).
   2. ``drop_execute`` (every): the leader first merges the reports (:meth:`GroupController
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +64,7 @@ from workers.pipeline import PipelineRunner, Refill, StageLoop
 from workers.remote_attention import GroupKVManager, GroupLayout
 from workers.request import Request, RequestStatus
 from workers.scheduler import Scheduler
-from workers.stage_memory import StageMemory, stage_memory_for
+from workers.stage_memory import StagedDrop, StageMemory, stage_memory_for
 from workers.stalls import PhaseClock
 from workers.weight_exchange import WeightCopy, WeightPrefetch
 
@@ -151,9 +155,11 @@ class _Merge:
 
 class GroupController:
     """A worker's part in its group's transitions; the worker calls :meth:`call` from an actor
-    thread while its engine thread is parked, and runs :attr:`stage_loop` when it is set."""
+    thread while its engine thread is parked (``drop_stage``: while it serves), and runs
+    :attr:`stage_loop` when it is set."""
 
     STEPS = (
+        "drop_stage",
         "drop_prepare",
         "drop_execute",
         "restore_begin",
@@ -176,6 +182,8 @@ class GroupController:
         self.normal_blocks: dict[int, int] = {}
         self.origins: dict[str, int] = {}
         self._merge: _Merge | None = None
+        self._staged: StagedDrop | None = None
+        """The next drop's :meth:`drop_stage` (taken by its ``drop_execute``)."""
         self._restore: RestorePlan | None = None
         self.park_when_gathered = False
         """Leader, during a restore's gather: park the engine after the step that brings the
@@ -209,6 +217,29 @@ class GroupController:
         }
 
     # --- drop ---------------------------------------------------------------------------
+
+    def drop_stage(self, spec: GroupSpec) -> float:
+        """Runs while the engine serves (an actor thread beside the engine thread): stages
+        this worker's part of ``spec``'s drop (:meth:`StageMemory.stage_drop`), changing
+        nothing the engine reads, so that ``drop_execute`` makes no driver call and builds no
+        model while requests wait. Returns its host time (seconds). Raises TransitionError
+        when the worker is in a group, ValueError when the drop is impossible (nothing
+        changed)."""
+        if self.spec is not None:
+            raise TransitionError(f"worker {self.rank} is already in group {self.spec.group_id}")
+        start, runner = time.perf_counter(), self.engine.runner
+        if self.memory is None:
+            self.memory = stage_memory_for(runner)
+        self._staged = None
+        self._staged = self.memory.stage_drop(runner.model, spec.ranges[spec.stage_of(self.rank)])
+        seconds = time.perf_counter() - start
+        logger.debug(
+            "drop staged on %d in %.1f ms (%d chunks mapped)",
+            self.rank,
+            1e3 * seconds,
+            self._staged.premapped,
+        )
+        return seconds
 
     def drop_prepare(self, spec: GroupSpec) -> DropReport:
         if self.spec is not None:
@@ -318,7 +349,9 @@ class GroupController:
             getattr(self.worker, "return_group", None),
         )
         num_layers = runner.model.cfg.num_layers
-        runner.model = self.memory.drop(runner.model, (start, end))
+        staged, self._staged = self._staged, None
+        runner.model = self.memory.drop(runner.model, (start, end), staged)
+        del staged  # the full model's dropped modules: freed with it (torch allocator)
         clock.mark("weights out")
         _set_kv(runner, self.memory.view(end - start))
         stage_blocks = runner.kv_cache.shape[0]

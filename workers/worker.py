@@ -220,7 +220,8 @@ class Worker:
             return self._parked_ready and self._parked
 
     def transition(self, step: str, *args: Any) -> Any:
-        """Runs one step of a drop or restore (``GroupController.STEPS``) while parked."""
+        """Runs one step of a drop or restore (``GroupController.STEPS``) while parked;
+        ``drop_stage`` runs while the engine serves."""
         return self.group.call(step, *args)
 
     def pause_for(self, step: str, *args: Any) -> tuple[int, Any]:

@@ -32,6 +32,7 @@ class GroupWorker(FakeWorker):
         self.rank = rank
         self.seq = 0
         self.answers = answers
+        answers.setdefault("drop_stage", 0.001)  # staged while serving, host seconds
         self.steps: list[str] = []
         self.pause = _Method(self._pause)
         self.pause_for = _Method(self._pause_for)
@@ -141,13 +142,13 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
         assert [i.group for i in core.instances] == [None, None]
         assert [i.info.layer_range for i in core.instances] == [(0, 5), (0, 5)]
         assert (core.requests["c"].instance_id, core.instances[1].live) == (1, {"c"})
-        assert w0.steps == ["drop_prepare", "drop_execute"] + [
+        assert w0.steps == ["drop_stage", "drop_prepare", "drop_execute"] + [
             "restore_begin",
             "restore_plan",
             "stop_pipeline",
             "restore_execute",
         ]
-        assert w1.steps == ["drop_prepare", "drop_execute", "restore_execute"]
+        assert w1.steps == ["drop_stage", "drop_prepare", "drop_execute", "restore_execute"]
         assert len(w0.resume.calls) == 3 and len(w1.resume.calls) == 2
 
     asyncio.run(body())
@@ -243,6 +244,18 @@ def test_refused_drop_changes_nothing() -> None:
         assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
         assert core.requests["a"].instance_id == 0 and not tr.groups
         assert len(w0.resume.calls) == len(w1.resume.calls) == 1
+
+        # a drop that cannot be staged fails before any member parks
+        def stage(spec):
+            raise ValueError("the KV range has room for 0 more slots")
+
+        w1.answers.update(drop_stage=stage)
+        with pytest.raises(ValueError, match="room for 0 more slots"):
+            await tr.drop()
+        assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
+        assert [i.group for i in core.instances] == [None, None]
+        assert w0.steps[-1] == w1.steps[-1] == "drop_stage"
+        assert len(w0.pause_for.calls) == len(w1.pause_for.calls) == 1  # the first drop's
         with pytest.raises(ValueError, match="no pipeline group"):
             await tr.restore(0)
         with pytest.raises(ValueError, match=">= 2 distinct"):

@@ -199,7 +199,7 @@ class Engine:
         outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
         with self.clock.phase("schedule"):
-            out = self.scheduler.schedule(token_budget=self._token_budget())
+            out = self.scheduler.schedule(token_budget=self._token_budget(), admit=self._admits())
         if out.is_empty:
             return outputs
         with self.clock.phase("execute"):
@@ -223,6 +223,11 @@ class Engine:
         if getattr(self.runner, "overlap_depth", None) is None:
             return sched.max_num_batched_tokens
         return sched.pipeline_token_budget
+
+    def _admits(self) -> bool:
+        """Whether the next step may start waiting requests: not a pipeline group's first
+        step after a drop (``PipelineRunner.holds_prompts``)."""
+        return not getattr(self.runner, "holds_prompts", False)
 
     def _overlap_depth(self) -> int:
         """Micro-batches to keep in flight now: the runner's, when it can overlap them."""

@@ -421,6 +421,15 @@ class PipelineRunner(_Stage):
         if self._launched:
             raise RuntimeError(f"{len(self._launched)} pipeline steps are still in flight")
 
+    @property
+    def holds_prompts(self) -> bool:
+        """Whether the next step must start no waiting request: the group's first step after
+        a drop, while pre-drop KV is still to move. That step carries the live exchange, and
+        a prompt's prefill beside it would add to every pre-drop request's token gap at the
+        drop (2x H200, conversation burst: a 1,024-token chunk made the first step 32 ms).
+        Later steps admit prompts as usual."""
+        return self._launches == 0 and self.kv is not None and bool(self.kv.legacy)
+
     def overlap_depth(self) -> int:
         """Micro-batches the engine may keep in flight now: 1 while pre-drop requests remain
         or a restore gathers KV (their steps serve remote attention and move KV in lockstep),

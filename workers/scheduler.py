@@ -92,16 +92,18 @@ class Scheduler:
         busy: Collection[str] = frozenset(),
         max_running: int | None = None,
         token_budget: int | None = None,
+        admit: bool = True,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
         (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
         running requests this batch takes (pipeline mode spreads them over micro-batches);
         waiting requests it admits do not count. ``token_budget``: most tokens in the batch
-        (None: ``max_num_batched_tokens``). The batch lists its one-token queries first."""
+        (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
+        request. The batch lists its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget, busy, max_running)
-        if not out.preempted:
+        if not out.preempted and admit:
             self._schedule_waiting(out, budget)
         # single-token queries first: a mixed step runs their attention with the decode
         # kernel (attention/metadata.py, ``num_decodes``), as vLLM reorders its batches

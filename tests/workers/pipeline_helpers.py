@@ -286,6 +286,7 @@ def _drop_restore(
         "waiting": [r.request_id for r in sched.waiting],
     }
     spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
+    ctl.drop_stage(spec)  # as the coordinator does, while the engines still serve
     reports = _all_gather(ctl.drop_prepare(spec))
     group_blocks = min(r.stage_blocks for r in reports)
     stage_blocks = ctl.drop_execute(spec, group_blocks, *([reports] if rank == 0 else []))
@@ -301,7 +302,10 @@ def _drop_restore(
     info["stage_graphs_at_drop"] = 0 if stage.graphs is None else len(stage.graphs.graphs)
     plan = None
     if rank == 0:
-        _steps(engine, tokens["pipelined"], pipelined[0])
+        held = [engine.runner.holds_prompts]  # pre-drop KV to move: its first step holds them
+        _steps(engine, tokens["pipelined"], 1)
+        info["held_prompts"] = [*held, engine.runner.holds_prompts]
+        _steps(engine, tokens["pipelined"], pipelined[0] - 1)
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
         if gather:

@@ -249,6 +249,30 @@ def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None
     assert leader.config.scheduler.pipeline_token_budget == 5
 
 
+def test_an_engine_whose_runner_holds_prompts_starts_no_waiting_request(
+    stories_dir: Path,
+) -> None:
+    """A pipeline group's first step after a drop (``PipelineRunner.holds_prompts``) decodes
+    the running requests and starts no prompt; the next step starts it."""
+
+    class Holding:
+        def __init__(self, runner) -> None:
+            self.runner, self.holds_prompts = runner, True
+
+        def __getattr__(self, name: str):
+            return getattr(self.runner, name)
+
+    engine = Engine(engine_config(stories_dir, budget=16, max_seqs=4), CPU)
+    engine.add_request(spec_of("a0"))
+    engine.step()
+    engine.add_request(spec_of("b0"))
+    engine.runner = Holding(engine.runner)
+    assert [o.request_id for o in engine.step()] == ["a0"]
+    assert [r.request_id for r in engine.scheduler.waiting] == ["b0"]
+    engine.runner.holds_prompts = False
+    assert sorted(o.request_id for o in engine.step()) == ["a0", "b0"]
+
+
 def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Path) -> None:
     """A step whose only request is mid-prefill samples nothing: no logits come back."""
     leader = Engine(engine_config(stories_dir, budget=4), CPU)
@@ -283,6 +307,7 @@ def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: P
     assert all(r0["tokens"][p] for p in PHASES)  # every phase generated tokens
     assert r0["at_drop"] == {"mid_prefill": ["a1"], "waiting": ["a2"]}
     assert r1["at_drop"]["waiting"] == ["b2"]
+    assert r0["held_prompts"] == [True, False]  # only the first pipelined step holds prompts
     rids = requests_for(2)
     assert tokens_by_request([r0, r1]) == {rid: run_alone(stories_dir, rid) for rid in rids}
     assert r0["reports"] == [

@@ -375,3 +375,15 @@ def test_token_budget_overrides_the_step_budget(make_request) -> None:
     assert config.pipeline_token_budget == 4
     with pytest.raises(ValueError, match="pipeline_max_num_batched_tokens"):
         SchedulerConfig(pipeline_max_num_batched_tokens=0)
+
+
+def test_a_step_that_admits_nothing_still_runs_decodes_and_prefill_chunks(make_request) -> None:
+    """``admit=False`` (a pipeline group's first step after a drop): running requests are
+    scheduled as usual, a decode and a prefill chunk alike; no waiting request starts."""
+    sched = make_scheduler(budget=8)
+    sched.add(make_request("a", prompt=4))
+    sched.add(make_request("b", prompt=12))
+    step(sched)  # a: 4 (prefilled), b: 4 of 12
+    sched.add(make_request("c", prompt=4))
+    assert plan(sched.schedule(admit=False)) == [("a", 1, True), ("b", 7, False)]
+    assert [r.request_id for r in sched.waiting] == ["c"]

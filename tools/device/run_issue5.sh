@@ -103,5 +103,8 @@ for step in $steps; do
       done ;;
   esac
 done
-# A call brings back only a few files: the logs travel as one archive.
-(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+# A call brings back only a few files: the logs travel as one archive, named for the steps so
+# that a second invocation into the same $OUT does not overwrite the first one's.
+archive="logs_$(echo "$steps" | tr ' ' '-')_$(date +%H%M%S).tgz"
+(cd "$OUT" && tar czf "$archive" ./*.log && rm -f ./*.log)
+echo "logs: $OUT/$archive"

@@ -141,6 +141,9 @@ class InstanceInfo:
     num_preemptions: int
     device: str
     layer_range: tuple[int, ...]
+    last_pause_unix_s: tuple[float, float] = (0.0, 0.0)
+    """When the last transition that parked this instance asked it to park and when it had
+    resumed it (Unix seconds; 0.0: not yet)."""
 
     @property
     def kv_usage(self) -> float:
@@ -223,6 +226,7 @@ def server_info_from_proto(s: inference_pb2.GetServerInfoResponse) -> ServerInfo
             num_preemptions=i.num_preemptions,
             device=i.device,
             layer_range=tuple(i.layer_range),
+            last_pause_unix_s=(i.last_pause_start_unix_s, i.last_pause_end_unix_s),
         )
         for i in s.instances
     )

@@ -48,6 +48,9 @@ class Instance:
     group: tuple[int, ...] | None = None
     """Worker ranks of the pipeline group this instance is in, stage order (set from a drop
     to the end of its restore, coordinator/transitions.py); None in normal mode."""
+    last_pause: tuple[float, float] = (0.0, 0.0)
+    """Unix times (seconds) when the last transition that parked this instance's engines
+    asked them to park and when it had resumed them all (0.0: not yet)."""
 
     @property
     def leader(self) -> Any:

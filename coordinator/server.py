@@ -244,5 +244,7 @@ class CoordinatorServer:
                 num_preemptions=s.num_preemptions,
                 device=inst.info.device,
                 layer_range=list(inst.info.layer_range),
+                last_pause_start_unix_s=inst.last_pause[0],
+                last_pause_end_unix_s=inst.last_pause[1],
             )
         return resp

@@ -129,6 +129,7 @@ class Transitions:
             await _gather(m.leader.transition.remote("drop_stage", spec) for m in members)
             phases.mark("stage (serving)")
             parked = time.monotonic()
+            _pause_began(members)
             for m in members:  # the leader routes new requests from now (they wait its inbox)
                 m.group = spec.ranks
             self._set_state(members, InstanceState.DROPPING)
@@ -139,6 +140,7 @@ class Transitions:
                     m.group = None
                 self._set_state(members, InstanceState.NORMAL)
                 await _gather(m.leader.resume.remote() for m in members)
+                _pause_ended(members)
                 raise
             await self._execute_drop(members, record, reports, phases)
             record.transition_s = time.monotonic() - start
@@ -224,6 +226,7 @@ class Transitions:
         # finished its restore_execute left one engine hung (2x H200: docs/benchmarks.md,
         # session 10), and a drop is not shown to be safe from the same race
         await _gather(m.leader.resume.remote() for m in members)
+        _pause_ended(members)
         phases.mark("resume")
         self._abort_released(exported, {rid: leader for rid in exported})
 
@@ -252,6 +255,7 @@ class Transitions:
                 record.state = InstanceState.PIPELINED
                 raise
             paused = time.monotonic()
+            _pause_began(members)  # the leader parks, and with it the group's pipeline
             seq = await leader.leader.pause.remote()
             phases.mark("pause")
             try:
@@ -261,6 +265,7 @@ class Transitions:
                 self._set_state(members, InstanceState.PIPELINED)
                 record.state = InstanceState.PIPELINED
                 await leader.leader.resume.remote()
+                _pause_ended(members)
                 raise
             phases.mark("plan")
             await self._execute_restore(members, record, plan, seq, phases)
@@ -361,6 +366,7 @@ class Transitions:
             m.info = dataclasses.replace(m.info, layer_range=(0, self.num_layers))
         self._set_state(members, InstanceState.NORMAL)
         await _gather(m.leader.resume.remote() for m in members)  # once all have executed
+        _pause_ended(members)
         phases.mark("resume")
         self._abort_released(list(homes), homes)
 
@@ -412,6 +418,19 @@ class Transitions:
         """Runs every worker's block-pool check (``Worker.check_integrity``); raises what a
         failing check raised. Meant for an idle server."""
         await _gather(i.workers[0].check_integrity.remote() for i in self.core.instances)
+
+
+def _pause_began(members: Sequence[Instance]) -> None:
+    """Marks when a transition asks ``members`` to park (``Instance.last_pause``)."""
+    for m in members:
+        m.last_pause = (time.time(), 0.0)
+
+
+def _pause_ended(members: Sequence[Instance]) -> None:
+    """Marks when a transition has resumed every one of ``members``."""
+    now = time.time()
+    for m in members:
+        m.last_pause = (m.last_pause[0], now)
 
 
 async def _gather(refs: Any) -> list:

@@ -297,22 +297,26 @@ def transition_gaps(
     """The token gaps of the requests that decode across each state change the samples saw.
 
     A state change is a pair of consecutive samples at ``t_a`` and ``t_b`` between which some
-    instance's state changed (``normal -> dropping``, ``pipelined -> restoring``, ...); its
-    window is ``[t_a, t_b + margin_s]`` (the first steps after a transition belong to it).
-    A request decodes across it when it received a delta before ``t_a`` and one after. Its
-    gap there is its largest gap between deltas that overlaps the window; its TBT the median
-    of its gaps that ended before ``t_a`` (at least ``min_gaps`` of them, else it is not
-    counted). This is the drop bench's "largest token gap of a pre-drop request vs its
-    normal TBT" (issue #5), measured under the replayed load rather than on an idle server.
-    Under load the gap also holds the step in flight when the transition began (a transition
-    parks the engines between steps), so ``max_gap_before_ms`` gives the largest gap the same
-    requests saw before ``t_a``.
+    instance's state changed (``normal -> dropping``, ``pipelined -> restoring``, ...). Its
+    window is the time the transition parked those instances, when sample ``b`` reports it
+    whole (``InstanceInfo.last_pause_unix_s``, begun after ``t_a``: the coordinator's ask
+    to park to its last resume, mapped onto the replay clock through the samples' Unix
+    times); else ``[t_a, t_b + margin_s]`` (the first steps after a transition belong to
+    it), which also holds the normal steps around the transition.
+    A request decodes across it when it received a delta before the window and one after.
+    Its gap there is its largest gap between deltas that overlaps the window; its TBT the
+    median of its gaps that ended before the window (at least ``min_gaps`` of them, else it
+    is not counted). This is the drop bench's "largest token gap of a pre-drop request vs
+    its normal TBT" (issue #5), measured under the replayed load rather than on an idle
+    server. Under load the gap also holds the step in flight when the transition asked the
+    engines to park (they park between steps), so ``max_gap_before_ms`` gives the largest
+    gap the same requests saw before the window.
 
     Returns one dict per state change, in time order: ``t_s`` ([t_a, t_b]), ``changes``
-    ({instance id: "old->new"}), ``num_requests`` (counted), ``max_gap_ms``,
-    ``max_gap_x_tbt`` (the largest ratio of a request's gap to its own TBT),
-    ``median_gap_x_tbt`` and ``max_gap_before_ms``; the gap fields are None when no request
-    was counted.
+    ({instance id: "old->new"}), ``paused_ms`` (the parked window's length; None where the
+    sample window was used), ``num_requests`` (counted), ``max_gap_ms``, ``max_gap_x_tbt``
+    (the largest ratio of a request's gap to its own TBT), ``median_gap_x_tbt`` and
+    ``max_gap_before_ms``; the gap fields are None when no request was counted.
     """
     out = []
     for a, b in zip(samples[:-1], samples[1:], strict=True):
@@ -324,7 +328,8 @@ def transition_gaps(
         }
         if not changes:
             continue
-        lo, hi = a.t_s, b.t_s + margin_s
+        paused = _paused_window(a, b, set(changes))
+        lo, hi = paused or (a.t_s, b.t_s + margin_s)
         gaps, ratios, before = [], [], []
         for r in records:
             if r.start_s is None or len(r.chunk_times_s) < 2:
@@ -344,6 +349,7 @@ def transition_gaps(
             {
                 "t_s": [a.t_s, b.t_s],
                 "changes": {str(k): v for k, v in sorted(changes.items())},
+                "paused_ms": None if paused is None else 1e3 * (paused[1] - paused[0]),
                 "num_requests": len(gaps),
                 "max_gap_ms": 1e3 * max(gaps) if gaps else None,
                 "max_gap_x_tbt": max(ratios) if ratios else None,
@@ -352,3 +358,24 @@ def transition_gaps(
             }
         )
     return out
+
+
+SAMPLE_ANSWER_S = 1.0
+"""Longest a GetServerInfo poll takes to be answered (seconds): a transition that ended
+after ``b`` was asked for may still show in its answer."""
+
+
+def _paused_window(
+    a: ServerSample, b: ServerSample, changed: set[int]
+) -> tuple[float, float] | None:
+    """On the replay clock, from the first ask to park to the last resume of the changed
+    instances' last parking transition as sample ``b`` reports it; None when ``b`` reports
+    none begun after sample ``a`` was asked for and ended (by when ``b`` was answered: at
+    most ``SAMPLE_ANSWER_S`` after it was asked for), or a sample has no Unix time."""
+    if not a.unix_s or not b.unix_s:
+        return None
+    pauses = [i.last_pause_unix_s for i in b.instances if i.instance_id in changed]
+    if not pauses or any(not (a.unix_s <= s < e < b.unix_s + SAMPLE_ANSWER_S) for s, e in pauses):
+        return None
+    start, end = min(s for s, _ in pauses), max(e for _, e in pauses)
+    return b.t_s - (b.unix_s - start), b.t_s - (b.unix_s - end)

@@ -111,3 +111,6 @@ class ServerSample:
 
     t_s: float
     instances: tuple[InstanceInfo, ...]
+    unix_s: float = 0.0
+    """The Unix time at `t_s` (maps the server's Unix times onto the replay clock; 0.0:
+    unknown)."""

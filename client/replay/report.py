@@ -214,7 +214,9 @@ def format_table(result: ReplayResult) -> str:
         lines.append(f"{'Transitions (token gaps across)':-^50}")
     for c in changes:
         what = ", ".join(f"{i}: {v}" for i, v in c["changes"].items())
-        lines.append(f"{c['t_s'][0]:.1f}-{c['t_s'][1]:.1f} s  {what}")
+        paused = c.get("paused_ms")
+        where = "" if paused is None else f"  (parked {paused:.1f} ms)"
+        lines.append(f"{c['t_s'][0]:.1f}-{c['t_s'][1]:.1f} s  {what}{where}")
         if c["num_requests"]:
             lines.append(
                 f"  {c['num_requests']} decoding: largest gap {c['max_gap_ms']:.1f} ms, "

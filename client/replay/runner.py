@@ -314,10 +314,10 @@ class _Session:
         """Polls GetServerInfo every sample_interval_s, on a fixed grid from t = 0."""
         period, k = self.config.sample_interval_s, 0
         while True:
-            t = self.now()
+            t, unix = self.now(), time.time()
             try:
                 info = await self.client.server_info(timeout=max(period, 1.0))
-                self.samples.append(ServerSample(t, info.instances))
+                self.samples.append(ServerSample(t, info.instances, unix))
             except KunserveError:
                 self.num_sample_errors += 1
             k += 1

@@ -206,3 +206,36 @@ def test_transition_gaps_compare_each_requests_gap_across_a_state_change_with_it
     assert change["median_gap_x_tbt"] == pytest.approx(4.0)
     assert change["max_gap_before_ms"] == pytest.approx(20.0)
     assert transition_gaps(records, samples[:2]) == []  # no state change
+
+
+def test_transition_gaps_use_the_parked_window_the_server_reports() -> None:
+    """r0 decodes every 10 ms from 0.2 s, with a 100 ms normal prefill step at 1.1 s and a
+    30 ms gap at 1.4 s, where the server reports its drop parked the instances (1.395-1.425 s
+    on the replay clock, sent as Unix times 1000 s ahead). The window is the parked one: the
+    gap across is 30 ms, not the 100 ms step that the [1.0, 1.75] sample window also holds.
+    A pause not yet ended, or begun before the first sample, leaves the sample window."""
+    times, t = [], 0.2
+    while t < 2.0:
+        times.append(t)
+        t += 0.100 if abs(t - 1.1) < 0.005 else 0.030 if abs(t - 1.4) < 0.005 else 0.010
+    r = RequestRecord(0, "r0", 0.2, 10, 8)
+    r.mark_sent(0.15)
+    for t in times:
+        r.add_chunk(t, 1, "x")
+    r.mark_finished(2.0, Finished("length", Usage(10, len(times)), ServerTiming()))
+
+    def samples(pause: tuple[float, float]) -> list[ServerSample]:
+        def one(t: float, state: str, paused: tuple[float, float]) -> ServerSample:
+            inst = InstanceInfo(0, state, (0,), 2, 0, 10, 5, 0, 0, 0, "cpu", (), paused)
+            return ServerSample(t, (inst,), 1000.0 + t)
+
+        return [one(1.0, "normal", (0.0, 0.0)), one(1.5, "pipelined", pause)]
+
+    (change,) = transition_gaps([r], samples((1001.395, 1001.425)))
+    assert change["paused_ms"] == pytest.approx(30.0)
+    assert change["max_gap_ms"] == pytest.approx(30.0)
+    assert change["max_gap_x_tbt"] == pytest.approx(3.0)
+    assert change["max_gap_before_ms"] == pytest.approx(100.0)
+    for pause in ((1001.395, 0.0), (1000.9, 1001.425)):  # still parked; an older pause
+        (change,) = transition_gaps([r], samples(pause))
+        assert change["paused_ms"] is None and change["max_gap_ms"] == pytest.approx(100.0)

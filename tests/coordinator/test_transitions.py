@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
@@ -113,7 +114,12 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
         w1.answers.update(drop_prepare=prepare1, drop_execute=execute1)
         out = RequestOutput("b", [7])
         asyncio.get_running_loop().call_later(0.05, core.on_step, step(1, 1, [out]))
+        asked = time.time()
         record = await tr.drop([0, 1])
+        for inst in core.instances:  # parked from the ask to the last resume, after staging
+            start, end = inst.last_pause
+            assert asked <= start <= end <= time.time()
+            assert end - start == pytest.approx(record.paused_s, abs=0.01)
         assert (record.kv_blocks_before, record.kv_blocks_after) == (200, 150)
         assert record.stage_blocks == (140, 150) and record.spec.ranges == ((0, 3), (3, 5))
         assert [i.state for i in core.instances] == [InstanceState.PIPELINED] * 2
@@ -135,8 +141,12 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
         # the leader gathers live: 2 requests left, then 1, then none
         left = iter([2, 2, 1, 0])
         w0.stats = _Method(lambda: _async(make_stats_gathering(next(left))))
+        dropped = core.instances[0].last_pause
         back = await tr.restore()
         assert len(w0.stats.calls) == 4  # the split waited for the gather
+        for inst in core.instances:  # the split's parked window, after the live gather
+            assert dropped[1] < inst.last_pause[0] <= inst.last_pause[1]
+            assert inst.last_pause[1] - inst.last_pause[0] == pytest.approx(back.paused_s, abs=0.01)
         assert back.state is InstanceState.NORMAL and not tr.groups
         assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
         assert [i.group for i in core.instances] == [None, None]

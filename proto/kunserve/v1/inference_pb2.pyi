@@ -218,7 +218,7 @@ class GetModelInfoResponse(_message.Message):
     def __init__(self, served_model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., tokenizer_json: _Optional[str] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "state", "worker_ranks", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "kv_bytes_total", "kv_bytes_used", "num_preemptions", "device", "layer_range")
+    __slots__ = ("instance_id", "state", "worker_ranks", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "kv_bytes_total", "kv_bytes_used", "num_preemptions", "device", "layer_range", "last_pause_start_unix_s", "last_pause_end_unix_s")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     WORKER_RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,8 @@ class InstanceInfo(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LAYER_RANGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_PAUSE_START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_PAUSE_END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     instance_id: int
     state: InstanceState
     worker_ranks: _containers.RepeatedScalarFieldContainer[int]
@@ -243,7 +245,9 @@ class InstanceInfo(_message.Message):
     num_preemptions: int
     device: str
     layer_range: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, instance_id: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., worker_ranks: _Optional[_Iterable[int]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., device: _Optional[str] = ..., layer_range: _Optional[_Iterable[int]] = ...) -> None: ...
+    last_pause_start_unix_s: float
+    last_pause_end_unix_s: float
+    def __init__(self, instance_id: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., worker_ranks: _Optional[_Iterable[int]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_bytes_total: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., device: _Optional[str] = ..., layer_range: _Optional[_Iterable[int]] = ..., last_pause_start_unix_s: _Optional[float] = ..., last_pause_end_unix_s: _Optional[float] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

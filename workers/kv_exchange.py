@@ -25,6 +25,7 @@ import torch
 from attention.metadata import host_tensor
 from attention.transport import StageTransport
 from kernels.block_copy import copy_block_slices, scatter_block_slices
+from workers.stalls import PhaseClock
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ def move(
     dst_view: torch.Tensor,  # [num_blocks, layers, 2, bs, H, D] where they go (same memory)
     transport: StageTransport | None,
     chunk_bytes: int = MOVE_CHUNK_BYTES,
+    clock: PhaseClock | None = None,
 ) -> int:
     """Runs ``plan`` in place, for plans whose destinations alias none of their sources (the
     live exchange and a live restore's gather: workers/remote_attention.py gives them
@@ -148,8 +150,13 @@ def move(
     chunks are written, and on CUDA the local copies run on a side stream, beside the link
     (tools/device/exchange_probe.py times this against one NCCL batch of the same bytes).
 
+    ``clock``: adds this call's host time to its phases ``local`` (queueing the local
+    copies), ``gather`` (the sent chunks' gathers and the receive buffers), ``post`` (posting
+    the rounds) and ``write`` (waiting for them and queueing their writes).
+
     Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
     workers and ``transport`` is None."""
+    clock = clock or PhaseClock()
     pairs: dict[tuple[int, int], list[tuple[SliceCopy, int, int]]] = {}
     for c in plan:
         if me not in (c.src_rank, c.dst_rank):
@@ -160,28 +167,33 @@ def move(
         chunks += [
             (c, lo, min(lo + step, len(c.src_blocks))) for lo in range(0, len(c.src_blocks), step)
         ]
-    side = _copy_local(pairs.pop((me, me), []), src_view, dst_view)
+    with clock.phase("local"):
+        side = _copy_local(pairs.pop((me, me), []), src_view, dst_view)
     if pairs:
         transport = _require(transport)
     in_flight = None  # the round posted last: (its wait, its receive buffers)
     for k in range(max((len(v) for v in pairs.values()), default=0)):
         sends, recvs = [], []
-        for (src, dst), chunks in sorted(pairs.items()):
-            if k >= len(chunks):
-                continue
-            c, lo, hi = chunks[k]
-            if src == me:
-                sends.append((dst, _gather(c, lo, hi, src_view)))
-            else:
-                shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
-                buf = torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device)
-                recvs.append((src, buf, c, lo, hi))
-        wait = transport.post_exchange(sends, [(src, buf) for src, buf, *_ in recvs])
+        with clock.phase("gather"):
+            for (src, dst), chunks in sorted(pairs.items()):
+                if k >= len(chunks):
+                    continue
+                c, lo, hi = chunks[k]
+                if src == me:
+                    sends.append((dst, _gather(c, lo, hi, src_view)))
+                else:
+                    shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
+                    buf = torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device)
+                    recvs.append((src, buf, c, lo, hi))
+        with clock.phase("post"):
+            wait = transport.post_exchange(sends, [(src, buf) for src, buf, *_ in recvs])
         if in_flight is not None:
-            _write_round(*in_flight, dst_view)
+            with clock.phase("write"):
+                _write_round(*in_flight, dst_view)
         in_flight = (wait, recvs)
     if in_flight is not None:
-        _write_round(*in_flight, dst_view)
+        with clock.phase("write"):
+            _write_round(*in_flight, dst_view)
     if side is not None:  # the step's compute, queued next, sees the local copies
         torch.cuda.current_stream(dst_view.device).wait_stream(side)
     return sum(1 for c in plan if me in (c.src_rank, c.dst_rank))

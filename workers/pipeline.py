@@ -269,23 +269,29 @@ class _Stage:
     def me(self) -> int:
         return self.layout.ranks[self.stage]
 
-    def exchange(self, plan: StepPlan) -> None:
+    def exchange(self, plan: StepPlan) -> PhaseClock:
         """Runs the plan's KV moves: L-layer slices out of this worker's legacy view into
         this stage's view (the live KV exchange), then a restore's gathers the other way
         (workers/remote_attention.py), each in chunks (:func:`~workers.kv_exchange.move`:
         no copy of a step writes bytes another reads). Then the step's weight copies of a
-        live restore (workers/weight_exchange.py)."""
+        live restore (workers/weight_exchange.py). Returns the moves' host time by part
+        (``kv_exchange.move``'s phases), for the first steps' logs."""
+        parts = PhaseClock()
         if plan.moves or plan.gathers:
             stage_view, legacy_view = self.runner.kv_cache, self._legacy_view()
-            moved = kv_exchange.move(plan.moves, self.me, legacy_view, stage_view, self.transport)
+            me, transport = self.me, self.transport
+            moved = kv_exchange.move(
+                plan.moves, me, legacy_view, stage_view, transport, clock=parts
+            )
             moved += kv_exchange.move(
-                plan.gathers, self.me, stage_view, legacy_view, self.transport
+                plan.gathers, me, stage_view, legacy_view, transport, clock=parts
             )
             self.counters["moved"] += moved
         if plan.weights:
             if self.refill is None:
                 raise RuntimeError("a step plan refills weights but this stage cannot")
             self.counters["weight_bytes"] += self.refill(plan.weights)
+        return parts
 
     def compute(
         self,
@@ -351,6 +357,7 @@ class _Launched:
     plan: StepPlan | None
     launched: float  # time.perf_counter() at launch
     clock: PhaseClock  # its phases, launch and collect
+    exchange: PhaseClock | None = None  # its KV moves' host time by part, if it moved any
 
 
 class PipelineRunner(_Stage):
@@ -480,11 +487,12 @@ class PipelineRunner(_Stage):
             requests = [s.request for s in out.scheduled]
             x = self.graphs.sent_inputs(size, len(requests))
         clock.mark("inputs")
+        parts = None
         with self.transport.deferred_sends() as sends:
             self._announce(x.header(), plan)
             clock.mark("announce")
             if plan is not None:
-                self.exchange(plan)
+                parts = self.exchange(plan)
                 clock.mark("exchange")
             router = self.router(plan)
             if size is None:
@@ -498,7 +506,7 @@ class PipelineRunner(_Stage):
             self.serve(router, range(1, len(self.ranks)))
             clock.mark("send and serve")
         self._launches += 1
-        self._launched.append(_Launched(out, requests, sends, plan, t0, clock))
+        self._launched.append(_Launched(out, requests, sends, plan, t0, clock, parts))
         self.peak_in_flight = max(self.peak_in_flight, len(self._launched))
 
     def _weights_step(self) -> list[WeightCopy]:
@@ -540,7 +548,7 @@ class PipelineRunner(_Stage):
         if self.steps <= _LOGGED_STEPS:  # the first steps after a drop carry its token gap
             logger.info(
                 "pipeline step %d: %.2f ms, %d sequences, %d pre-drop, %d KV slices moved, "
-                "%d in flight (%s)",
+                "%d in flight (%s)%s",
                 self.steps,
                 1e3 * (time.perf_counter() - step.launched),
                 len(out.scheduled),
@@ -548,6 +556,7 @@ class PipelineRunner(_Stage):
                 0 if step.plan is None else len(step.plan.moves),
                 len(self._launched) + 1,
                 clock,
+                _parts(step.exchange),
             )
         ids = [q.request_id for q in requests]
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
@@ -609,12 +618,12 @@ class StageLoop(_Stage):
             self.profiler.step(steps)
             clock = _step_clock(self.runner.device, steps)
             start = time.perf_counter()
-            plan = None
+            plan = parts = None
             if h.plan_bytes:
                 raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
                 plan = StepPlan.decode(raw)
                 clock.mark("plan")
-                self.exchange(plan)
+                parts = self.exchange(plan)
                 clock.mark("exchange")
             if h.num_seqs == 0:
                 continue
@@ -629,13 +638,14 @@ class StageLoop(_Stage):
             if steps <= _LOGGED_STEPS:
                 logger.info(
                     "stage %d, pipeline step %d: %.2f ms from its header, %d tokens, %s "
-                    "pre-drop (%s)",
+                    "pre-drop (%s)%s",
                     self.stage,
                     steps,
                     1e3 * (time.perf_counter() - start),
                     h.num_tokens,
                     0 if plan is None else len(plan.legacy),
                     clock,
+                    _parts(parts),
                 )
             elif time.perf_counter() - start > SLOW_STEP_S:  # host time: the wait is the header
                 logger.warning(
@@ -675,6 +685,11 @@ class StageLoop(_Stage):
 
 
 # --- restore: weights back from the stages that kept them ---------------------------------
+
+
+def _parts(exchange: PhaseClock | None) -> str:
+    """A step log's suffix: its KV moves' host time by part, if it moved any."""
+    return f"; exchange host time: {exchange}" if exchange and exchange.phases else ""
 
 
 def _units(num_layers: int) -> list[tuple[str, int]]:

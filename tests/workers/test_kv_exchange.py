@@ -10,6 +10,7 @@ import torch
 from tests.workers.pipeline_helpers import LoopbackTransport
 from workers import kv_exchange
 from workers.kv_exchange import SliceCopy
+from workers.stalls import PhaseClock
 
 BLOCKS, LAYERS, BS, H, D = 12, 4, 2, 2, 3
 
@@ -47,10 +48,12 @@ def test_move_in_chunks_writes_every_slice_where_the_plan_says() -> None:
     transports = {rank: CountingTransport(rank, links) for rank in (0, 1)}
     block_bytes = 2 * 2 * BS * H * D * 4  # two layers of one block, float32
     moved: dict[int, int] = {}
+    clocks = {rank: PhaseClock() for rank in (0, 1)}
 
     def run(rank: int) -> None:
         src, dst = views[rank]
-        moved[rank] = kv_exchange.move(PLAN, rank, src, dst, transports[rank], 2 * block_bytes)
+        transport, clock = transports[rank], clocks[rank]
+        moved[rank] = kv_exchange.move(PLAN, rank, src, dst, transport, 2 * block_bytes, clock)
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
     for t in threads:
@@ -71,6 +74,9 @@ def test_move_in_chunks_writes_every_slice_where_the_plan_says() -> None:
     # chunks of two blocks: five blocks go in three messages, three in two
     assert transports[0].messages == 3
     assert transports[1].messages == 2
+    # the host time by part: each rank copies locally, gathers, posts and writes
+    for clock in clocks.values():
+        assert list(clock.phases) == ["local", "gather", "post", "write"]
 
 
 def test_move_across_workers_needs_a_transport() -> None:

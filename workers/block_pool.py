@@ -16,6 +16,31 @@ import numpy as np
 from workers.request import Request
 
 
+def _warm_up_numpy() -> None:
+    """numpy sets up each form of ``unique`` at its first call (~10 ms): done at import, not
+    in a parked drop (workers/remote_attention.py uses the first form)."""
+    for kwargs in ({}, {"return_counts": True}, {"return_index": True}):
+        np.unique(np.zeros(2, dtype=np.int64), **kwargs)
+
+
+_warm_up_numpy()
+
+
+def _counted(ids: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``ids`` (ascending) and how often each occurs: by counting over the
+    pool when the ids are many (no sort), else by ``np.unique``."""
+    if 8 * len(ids) < num_blocks:
+        return np.unique(ids, return_counts=True)
+    counts = np.bincount(ids, minlength=num_blocks)
+    u = np.flatnonzero(counts)
+    return u, counts[u]
+
+
+BULK_IDS = 64
+"""From this many ids on, ``allocate`` and ``free`` work at C speed (numpy) instead of one id
+at a time (cheaper for the one or two ids of a decode step)."""
+
+
 class BlockPool:
     """Hands out block ids ``0 .. num_blocks-1`` first-in first-out.
 
@@ -81,16 +106,41 @@ class BlockPool:
             raise ValueError(f"cannot allocate {n} blocks")
         if n > self._num_free:
             return None
-        ids = [self._pop() for _ in range(n)]
-        rc = self._ref_counts
-        for i in ids:
-            rc[i] = 1
+        if n < BULK_IDS:
+            ids = [self._pop() for _ in range(n)]
+            rc = self._ref_counts
+            for i in ids:
+                rc[i] = 1
+        else:
+            ids = self._take_fresh(n)
+            ids += [self._pop() for _ in range(n - len(ids))]
+            np.frombuffer(self._ref_counts, dtype=np.int64)[ids] = 1
         self._num_free -= n
         return ids
 
+    def _take_fresh(self, n: int) -> list[int]:
+        """Up to ``n`` free ids from the front of the fresh range, as ``_pop`` would take
+        them, found at C speed: a group pool's fresh range starts with the reservations of
+        pre-drop requests (their entries stale), and a drop allocates for all of them at once
+        (100k ids: ~70 ms in ``_pop``'s loop, workers/remote_attention.py)."""
+        rc, found, at = np.frombuffer(self._ref_counts, dtype=np.int64), [], self._next
+        while at < self._fresh_end and len(found) < n:  # windows of a few times what is left
+            hi = min(self._fresh_end, at + 4 * (n - len(found)) + 1024)
+            free = np.flatnonzero(rc[at:hi] == 0)[: n - len(found)]
+            found += (free + at).tolist()
+            at = found[-1] + 1 if len(found) == n else hi
+        self._queued[self._next : at] = bytes(at - self._next)  # their entries are popped
+        self._next = at
+        return found
+
     def free(self, ids: list[int]) -> None:
         """Drops one reference to each id; ids reaching zero go to the back of the free list
-        (or stay where their stale entry is: see the class docstring)."""
+        (or stay where their stale entry is: see the class docstring), in the order they
+        reach zero. Raises ValueError for an id freed more often than it is held (a long list
+        changes nothing then; a short one has freed the ids before it)."""
+        if len(ids) >= BULK_IDS:
+            self._free_bulk(ids)
+            return
         rc, queued = self._ref_counts, self._queued
         for i in ids:
             if rc[i] <= 0:
@@ -102,6 +152,33 @@ class BlockPool:
                     queued[i] = 1
                     self._freed.append(i)
 
+    def _free_bulk(self, ids: list[int]) -> None:
+        """:meth:`free` at C speed (a pipeline group gives back a pre-drop request's
+        reservations, hundreds of ids, in one call)."""
+        a = np.asarray(ids, dtype=np.int64)
+        if a.min() < 0 or a.max() >= self.num_blocks:
+            bad = a[(a < 0) | (a >= self.num_blocks)][0]
+            raise ValueError(f"block {bad} freed while not allocated")
+        u, counts = _counted(a, self.num_blocks)
+        rc = np.frombuffer(self._ref_counts, dtype=np.int64)
+        over = rc[u] < counts
+        if over.any():
+            raise ValueError(f"block {u[over][0]} freed while not allocated")
+        rc[u] -= counts
+        zero = rc[u] == 0
+        self._num_free += int(np.count_nonzero(zero))
+        queued = np.frombuffer(self._queued, dtype=np.uint8)
+        joins = zero & (queued[u] == 0)  # they go to the back of the free list
+        if len(u) == len(a):  # distinct: in the order given
+            flag = np.zeros(self.num_blocks, dtype=bool)
+            flag[u[joins]] = True
+            order = a[flag[a]]
+        else:  # each reaches zero at its last occurrence in ``ids``
+            last = len(a) - 1 - np.unique(a[::-1], return_index=True)[1]
+            order = u[joins][np.argsort(last[joins], kind="stable")]
+        queued[order] = 1
+        self._freed.extend(order.tolist())
+
     def ref_counts(self) -> list[int]:
         """Each id's reference count (a copy), indexed by id."""
         return self._ref_counts.tolist()
@@ -110,19 +187,23 @@ class BlockPool:
         """Each id's reference count as int64 [num_blocks] (a copy, made at C speed)."""
         return np.frombuffer(self._ref_counts, dtype=np.int64).copy()
 
-    def reserve(self, ids: list[int]) -> None:
+    def reserve(self, ids: list[int] | np.ndarray) -> None:
         """Takes one reference to each of ``ids``, free or not (a pipeline group reserves the
         ids that alias a pre-drop request's L-layer blocks, workers/remote_attention.py);
-        ``free`` gives them back. O(len(ids)): a free id's entry stays in the free list,
-        stale. Raises ValueError, taking nothing, for an id outside the pool."""
-        bad = [i for i in ids if not 0 <= i < self.num_blocks]
-        if bad:
-            raise ValueError(f"cannot reserve ids {bad[:4]}: the pool has {self.num_blocks}")
-        rc = self._ref_counts
-        for i in ids:
-            if rc[i] == 0:
-                self._num_free -= 1
-            rc[i] += 1
+        ``free`` gives them back. O(len(ids)), at C speed: a free id's entry stays in the
+        free list, stale. Raises ValueError, taking nothing, for an id outside the pool."""
+        if len(ids) == 0:
+            return
+        a = np.asarray(ids, dtype=np.int64)
+        bad = a[(a < 0) | (a >= self.num_blocks)]
+        if bad.size:
+            raise ValueError(
+                f"cannot reserve ids {bad[:4].tolist()}: the pool has {self.num_blocks}"
+            )
+        u, counts = _counted(a, self.num_blocks)
+        rc = np.frombuffer(self._ref_counts, dtype=np.int64)
+        self._num_free -= int(np.count_nonzero(rc[u] == 0))
+        rc[u] += counts
 
     # Capacity changes, driven by the KV pool when its mapped memory grows or shrinks
     # (workers/kv_pool.py). Ids are positions in the KV tensor, so capacity only changes at

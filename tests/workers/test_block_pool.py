@@ -198,6 +198,57 @@ def test_random_operations_keep_the_pool_consistent_with_a_model() -> None:
         pool.check_integrity()
 
 
+def _bulk_trace(seed: int) -> list:
+    """What a pool hands out and holds through a random run of large allocations, frees
+    with ids repeated in one call (reserved twice), reservations and grows."""
+    rng = random.Random(seed)
+    pool, held, trace = BlockPool(300), [], []
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.3:
+            ids = pool.allocate(rng.choice([1, 3, 70, 150]))
+            held += ids or []
+            trace.append(ids)
+        elif op < 0.6 and held:
+            rng.shuffle(held)
+            n = rng.randint(1, len(held))
+            gone, held = held[:n], held[n:]
+            pool.free(gone)
+        elif op < 0.9:
+            ids = rng.sample(range(pool.num_blocks), rng.randint(0, 90))
+            ids += ids[: rng.randint(0, 5)]  # some twice
+            pool.reserve(ids)
+            held += ids
+        else:
+            pool.grow(rng.randint(0, 20))
+        pool.check_integrity()
+        trace.append((pool.ref_counts(), pool.num_free, list(pool._entries())))
+    return trace
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_bulk_allocate_and_free_do_what_the_id_by_id_loops_do(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long id lists go through numpy (a drop frees and allocates 100k ids at once); the
+    free list, its order, the counts and every id handed out are those of the loops."""
+    monkeypatch.setattr("workers.block_pool.BULK_IDS", 10**9)
+    loops = _bulk_trace(seed)
+    monkeypatch.setattr("workers.block_pool.BULK_IDS", 1)
+    assert _bulk_trace(seed) == loops
+
+
+def test_a_bulk_free_of_an_id_not_held_changes_nothing() -> None:
+    pool = BlockPool(200)
+    ids = pool.allocate(100)
+    before = (pool.ref_counts(), pool.num_free, list(pool._entries()))
+    with pytest.raises(ValueError, match="block 150 freed while not allocated"):
+        pool.free(ids[:80] + [150])
+    with pytest.raises(ValueError, match="block 5 freed while not allocated"):
+        pool.free(ids[:80] + [5])  # held once, freed twice
+    assert (pool.ref_counts(), pool.num_free, list(pool._entries())) == before
+
+
 @pytest.mark.parametrize(
     ("num_tokens", "expected_ids"),
     [(1, [0]), (4, [0]), (5, [0, 1]), (8, [0, 1]), (9, [0, 1, 2]), (16, [0, 1, 2, 3])],

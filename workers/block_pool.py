@@ -36,6 +36,16 @@ def _counted(ids: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     return u, counts[u]
 
 
+def _member(ids: np.ndarray, of: np.ndarray, num_blocks: int) -> np.ndarray:
+    """Whether each of ``ids`` is in ``of`` (both distinct): through a pool-sized mask when
+    the ids are many, else by ``np.isin``."""
+    if 8 * len(ids) < num_blocks:
+        return np.isin(ids, of, assume_unique=True)
+    mask = np.zeros(num_blocks, dtype=bool)
+    mask[of] = True
+    return mask[ids]
+
+
 BULK_IDS = 64
 """From this many ids on, ``allocate`` and ``free`` work at C speed (numpy) instead of one id
 at a time (cheaper for the one or two ids of a decode step)."""
@@ -170,9 +180,7 @@ class BlockPool:
         queued = np.frombuffer(self._queued, dtype=np.uint8)
         joins = zero & (queued[u] == 0)  # they go to the back of the free list
         if len(u) == len(a):  # distinct: in the order given
-            flag = np.zeros(self.num_blocks, dtype=bool)
-            flag[u[joins]] = True
-            order = a[flag[a]]
+            order = a[_member(a, u[joins], self.num_blocks)]
         else:  # each reaches zero at its last occurrence in ``ids``
             last = len(a) - 1 - np.unique(a[::-1], return_index=True)[1]
             order = u[joins][np.argsort(last[joins], kind="stable")]
@@ -190,8 +198,9 @@ class BlockPool:
     def reserve(self, ids: list[int] | np.ndarray) -> None:
         """Takes one reference to each of ``ids``, free or not (a pipeline group reserves the
         ids that alias a pre-drop request's L-layer blocks, workers/remote_attention.py);
-        ``free`` gives them back. O(len(ids)), at C speed: a free id's entry stays in the
-        free list, stale. Raises ValueError, taking nothing, for an id outside the pool."""
+        ``free`` gives them back. At C speed, and without touching the free list: a free
+        id's entry stays in it, stale. Raises ValueError, taking nothing, for an id outside
+        the pool."""
         if len(ids) == 0:
             return
         a = np.asarray(ids, dtype=np.int64)

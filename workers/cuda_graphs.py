@@ -41,10 +41,12 @@ attention eager between captured pieces), larger ones eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -274,16 +276,41 @@ def record(
     ``pool``. Returns (graph, what the captured call returned: tensors each replay rewrites).
     ``error_mode``: ``torch.cuda.graph``'s ``capture_error_mode`` (``thread_local`` keeps
     other threads' CUDA calls, NCCL's, legal during the capture). Raises RuntimeError from
-    CUDA when an operation cannot be captured."""
+    CUDA when an operation cannot be captured.
+
+    Python's cyclic garbage collector is paused for the capture (:func:`gc_paused`)."""
     device = stream.device
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         forward()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=error_mode):
+    with (
+        gc_paused(),
+        torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=error_mode),
+    ):
         out = forward()
     return graph, out
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (restored after it, also on error).
+
+    A collection inside a capture may free a dead CUDA graph held in a reference cycle (an
+    engine torn down without ``close``, say). Its destructor (``CUDAGraph::reset``) is not
+    permitted while a stream captures, and it invalidates the capture: CUDA then fails the
+    next launch with "operation failed due to a previous error during capture". On 2x H200
+    a GPU test run failed so at its second engine's capture (dead graphs' resets logged in
+    it), and every later test of the process with it. A stage's graphs are captured while
+    the group serves, where the same would fail a serving step."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def graph_key(model: torch.nn.Module, kv_cache: torch.Tensor) -> tuple:

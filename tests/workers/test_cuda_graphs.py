@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from workers.cuda_graphs import (
     graph_blocker,
     graph_key,
     padded_batch_size,
+    record,
     replay_size,
 )
 from workers.decode_inputs import StaticDecodeInputs
@@ -519,6 +521,41 @@ def generate_with_logprobs(engine: Engine) -> tuple[dict[str, list[int]], dict[s
                 logprobs.setdefault(o.request_id, []).extend(o.logprobs)
     assert engine.pool.num_used == 0
     return tokens, logprobs
+
+
+@gpu
+def test_a_dead_graph_collected_during_a_capture_does_not_invalidate_it() -> None:
+    """A graph in a reference cycle is freed when the cyclic collector next runs, and its
+    destructor is not permitted while a stream captures. Collections made as frequent as
+    they go inside a capture must leave it valid, replaying correctly."""
+    pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(CUDA)
+    x = torch.arange(8.0, device=CUDA)
+    thresholds = gc.get_threshold()
+    calls = []
+
+    def forward() -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:  # the capture (the first call is record's warm-up)
+            gc.set_threshold(1, 1, 1)
+            junk = [[i] for i in range(1000)]  # each new list may start a collection
+            assert junk
+        return x + 1
+
+    try:
+        for _ in range(4):  # dead graphs, each reachable only from its own cycle
+            dead, _ = record(lambda: x * 2, pool, stream)
+            cycle: list = [dead]
+            cycle.append(cycle)
+        gc.set_threshold(10**6, 10**3, 10**3)  # none collected before the capture
+        del dead, cycle
+        graph, out = record(forward, pool, stream)
+    finally:
+        gc.set_threshold(*thresholds)
+    assert gc.isenabled()
+    x.fill_(5.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out.tolist() == [6.0] * 8
 
 
 @gpu

@@ -147,12 +147,15 @@ def move(
     from the same plan, so sends and receives match.
 
     The rounds are pipelined: round ``k + 1`` is gathered and posted before round ``k``'s
-    chunks are written, and on CUDA the local copies run on a side stream, beside the link
-    (tools/device/exchange_probe.py times this against one NCCL batch of the same bytes).
+    chunks are written. The first round is posted before the local copies are queued, so the
+    link starts as early as the peer allows, and on CUDA the local copies run on a side
+    stream, beside it (tools/device/exchange_probe.py times this against one NCCL batch of
+    the same bytes). Every block id the call indexes with reaches the device in one copy.
 
-    ``clock``: adds this call's host time to its phases ``local`` (queueing the local
-    copies), ``gather`` (the sent chunks' gathers and the receive buffers), ``post`` (posting
-    the rounds) and ``write`` (waiting for them and queueing their writes).
+    ``clock``: adds this call's host time to its phases ``ids`` (the block ids' copy),
+    ``gather`` (the sent chunks' gathers and the receive buffers), ``post`` (posting the
+    rounds), ``local`` (queueing the local copies) and ``write`` (waiting for the rounds and
+    queueing their writes).
 
     Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
     workers and ``transport`` is None."""
@@ -167,11 +170,13 @@ def move(
         chunks += [
             (c, lo, min(lo + step, len(c.src_blocks))) for lo in range(0, len(c.src_blocks), step)
         ]
-    with clock.phase("local"):
-        side = _copy_local(pairs.pop((me, me), []), src_view, dst_view)
+    local = pairs.pop((me, me), [])
+    with clock.phase("ids"):
+        ids = _ChunkIds(me, local, pairs, dst_view.device)
     if pairs:
         transport = _require(transport)
     in_flight = None  # the round posted last: (its wait, its receive buffers)
+    side = None
     for k in range(max((len(v) for v in pairs.values()), default=0)):
         sends, recvs = [], []
         with clock.phase("gather"):
@@ -180,37 +185,84 @@ def move(
                     continue
                 c, lo, hi = chunks[k]
                 if src == me:
-                    sends.append((dst, _gather(c, lo, hi, src_view)))
+                    sends.append((dst, _gather(c, lo, hi, src_view, ids.src(c, lo))))
                 else:
                     shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
                     buf = torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device)
                     recvs.append((src, buf, c, lo, hi))
         with clock.phase("post"):
             wait = transport.post_exchange(sends, [(src, buf) for src, buf, *_ in recvs])
+        if k == 0:
+            with clock.phase("local"):
+                side = _copy_local(local, src_view, dst_view, ids)
         if in_flight is not None:
             with clock.phase("write"):
-                _write_round(*in_flight, dst_view)
+                _write_round(*in_flight, dst_view, ids)
         in_flight = (wait, recvs)
     if in_flight is not None:
         with clock.phase("write"):
-            _write_round(*in_flight, dst_view)
+            _write_round(*in_flight, dst_view, ids)
+    else:  # no round: local copies only
+        with clock.phase("local"):
+            side = _copy_local(local, src_view, dst_view, ids)
     if side is not None:  # the step's compute, queued next, sees the local copies
         torch.cuda.current_stream(dst_view.device).wait_stream(side)
     return sum(1 for c in plan if me in (c.src_rank, c.dst_rank))
+
+
+class _ChunkIds:
+    """The block ids of every chunk a :func:`move` call gathers from or writes to, on the
+    device through one copy (:func:`~attention.metadata.host_tensor`), instead of a copy per
+    chunk and side."""
+
+    def __init__(
+        self,
+        me: int,
+        local: list[tuple[SliceCopy, int, int]],
+        pairs: dict[tuple[int, int], list[tuple[SliceCopy, int, int]]],
+        device: torch.device,
+    ) -> None:
+        flat: list[int] = []
+        self._at: dict[tuple[int, int, bool], tuple[int, int]] = {}
+
+        def add(c: SliceCopy, lo: int, hi: int, src: bool) -> None:
+            blocks = (c.src_blocks if src else c.dst_blocks)[lo:hi]
+            self._at[(id(c), lo, src)] = (len(flat), len(flat) + len(blocks))
+            flat.extend(blocks)
+
+        for c, lo, hi in local:
+            add(c, lo, hi, True)
+            add(c, lo, hi, False)
+        for chunks in pairs.values():
+            for c, lo, hi in chunks:
+                add(c, lo, hi, c.src_rank == me)
+        self._flat = host_tensor(flat, torch.int64, device) if flat else None
+
+    def src(self, c: SliceCopy, lo: int) -> torch.Tensor:
+        a, b = self._at[(id(c), lo, True)]
+        return self._flat[a:b]
+
+    def dst(self, c: SliceCopy, lo: int) -> torch.Tensor:
+        a, b = self._at[(id(c), lo, False)]
+        return self._flat[a:b]
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _copy_local(
-    chunks: list[tuple[SliceCopy, int, int]], src_view: torch.Tensor, dst_view: torch.Tensor
+    chunks: list[tuple[SliceCopy, int, int]],
+    src_view: torch.Tensor,
+    dst_view: torch.Tensor,
+    ids: _ChunkIds,
 ) -> torch.cuda.Stream | None:
     """Runs the local copies: on CUDA queued on a side stream (after the current stream's
     work so far), so they overlap the link; returns that stream for the caller to join, or
     None when they ran on the current stream (CPU, or no copy)."""
     if not chunks or dst_view.device.type != "cuda":
         for c, lo, hi in chunks:
-            _write(c, lo, hi, _gather(c, lo, hi, src_view), dst_view)
+            data = _gather(c, lo, hi, src_view, ids.src(c, lo))
+            _write(c, lo, hi, data, dst_view, ids.dst(c, lo))
         return None
     device = dst_view.device
     side = _SIDE_STREAMS.get(device)
@@ -218,33 +270,47 @@ def _copy_local(
         side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # view to view, no scratch (kernels/block_copy.py)
-        for c, lo, hi in chunks:
-            src = host_tensor(c.src_blocks[lo:hi], torch.int64, device)
-            dst = host_tensor(c.dst_blocks[lo:hi], torch.int64, device)
+        for c, lo, _ in chunks:
+            src, dst = ids.src(c, lo), ids.dst(c, lo)
             copy_block_slices(src_view, src, c.src_layers, dst_view, dst, c.dst_layers)
     return side
 
 
-def _write_round(wait: Callable[[], None], recvs: list, dst_view: torch.Tensor) -> None:
+def _write_round(
+    wait: Callable[[], None], recvs: list, dst_view: torch.Tensor, ids: _ChunkIds
+) -> None:
     """Waits for a posted round and writes what it received."""
     wait()
     for _, buf, c, lo, hi in recvs:
-        _write(c, lo, hi, buf, dst_view)
+        _write(c, lo, hi, buf, dst_view, ids.dst(c, lo))
 
 
-def _gather(c: SliceCopy, lo: int, hi: int, view: torch.Tensor) -> torch.Tensor:
-    """Source blocks ``[lo, hi)`` of ``c``, its layers only: [hi - lo, layers, 2, bs, H, D]."""
+def _gather(
+    c: SliceCopy, lo: int, hi: int, view: torch.Tensor, idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Source blocks ``[lo, hi)`` of ``c``, its layers only: [hi - lo, layers, 2, bs, H, D].
+    ``idx``: those block ids on ``view``'s device, if already there."""
     a, b = c.src_layers
-    idx = host_tensor(c.src_blocks[lo:hi], torch.int64, view.device)
+    if idx is None:
+        idx = host_tensor(c.src_blocks[lo:hi], torch.int64, view.device)
     return view[:, a:b].index_select(0, idx)
 
 
-def _write(c: SliceCopy, lo: int, hi: int, data: torch.Tensor, view: torch.Tensor) -> None:
+def _write(
+    c: SliceCopy,
+    lo: int,
+    hi: int,
+    data: torch.Tensor,
+    view: torch.Tensor,
+    ids: torch.Tensor | None = None,
+) -> None:
     """``data`` ([hi - lo, layers, 2, bs, H, D]) into destination blocks ``[lo, hi)`` of
-    ``c``: on CUDA one contiguous run per block (kernels/block_copy.py: index assignment
-    reached only ~0.75 TB/s of read and write on an H200), elsewhere index assignment."""
+    ``c`` (``ids``: those block ids on ``view``'s device, if already there): on CUDA one
+    contiguous run per block (kernels/block_copy.py: index assignment reached only
+    ~0.75 TB/s of read and write on an H200), elsewhere index assignment."""
     a, b = c.dst_layers
-    ids = host_tensor(c.dst_blocks[lo:hi], torch.int64, view.device)
+    if ids is None:
+        ids = host_tensor(c.dst_blocks[lo:hi], torch.int64, view.device)
     if view.device.type != "cuda":  # gloo workers: no Triton (its CPU interpreter is slow
         view[ids, a:b] = data  # and not thread-safe)
         return

@@ -74,9 +74,21 @@ def test_move_in_chunks_writes_every_slice_where_the_plan_says() -> None:
     # chunks of two blocks: five blocks go in three messages, three in two
     assert transports[0].messages == 3
     assert transports[1].messages == 2
-    # the host time by part: each rank copies locally, gathers, posts and writes
+    # the host time by part: the ids' one copy, then the first round posted before the
+    # local copies are queued, then the writes
     for clock in clocks.values():
-        assert list(clock.phases) == ["local", "gather", "post", "write"]
+        assert list(clock.phases) == ["ids", "gather", "post", "local", "write"]
+
+
+def test_move_of_local_slices_only_needs_no_transport() -> None:
+    src, dst = _views(3)
+    local = [c for c in PLAN if c.src_rank == c.dst_rank == 0]
+    assert kv_exchange.move(local, 0, src, dst, None, chunk_bytes=1) == 1
+    (a, b), (x, y) = local[0].src_layers, local[0].dst_layers
+    for s, d in zip(local[0].src_blocks, local[0].dst_blocks, strict=True):
+        assert torch.equal(dst[d, x:y], src[s, a:b])
+    written = set(local[0].dst_blocks)
+    assert not dst[[i for i in range(BLOCKS) if i not in written]].any()
 
 
 def test_move_across_workers_needs_a_transport() -> None:

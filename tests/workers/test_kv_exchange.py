@@ -134,3 +134,19 @@ def test_move_over_gloo_with_rounds_in_flight(tmp_path) -> None:
     for rank in (0, 1):
         untouched = [b for b in range(BLOCKS) if (rank, b) not in written]
         assert not dst[rank][untouched].any()
+
+
+def test_every_chunks_ids_start_16_bytes_aligned() -> None:
+    """Triton specializes on 16-byte pointer alignment: unaligned ids would compile the
+    block copy anew while serving."""
+    chunks = [(c, lo, min(lo + 1, len(c.src_blocks))) for c in PLAN for lo in (0, 1, 2)]
+    chunks = [x for x in chunks if x[1] < len(x[0].src_blocks)]
+    ids = kv_exchange._ChunkIds(0, chunks, {}, torch.device("cpu"))
+    views = [ids.src(c, lo) for c, lo, _ in chunks] + [ids.dst(c, lo) for c, lo, _ in chunks]
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+    assert [ids.src(c, lo).tolist() for c, lo, hi in chunks] == [
+        list(c.src_blocks[lo:hi]) for c, lo, hi in chunks
+    ]
+    assert [ids.dst(c, lo).tolist() for c, lo, hi in chunks] == [
+        list(c.dst_blocks[lo:hi]) for c, lo, hi in chunks
+    ]

@@ -71,9 +71,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         )
                     yield pb.GenerateResponse(request_id=rid, finished=_finished_pb(event))
                     return
-        except asyncio.CancelledError:
-            self.core.abort([rid])
-            raise
+        finally:
+            # The stream ended before the request did: a client cancel. grpc-aio cancels the
+            # handler where it waits, so this is a CancelledError at the queue, or, when it
+            # waited writing a response, a GeneratorExit at the ``yield`` once the generator
+            # is closed; either way the request must not run on (on 2x H200 a bench's
+            # cancelled requests decoded to their max tokens, holding KV and demand).
+            if self.core.requests.get(rid) is state:
+                self.core.abort([rid])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(aborted_request_ids=self.core.abort(list(request.request_ids)))

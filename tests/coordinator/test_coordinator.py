@@ -241,3 +241,58 @@ def test_output_that_fails_to_process_ends_only_its_request() -> None:
         assert core.applied_seq(rank) == 2
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("ended_at", ["write", "queue"])
+def test_a_stream_ended_by_the_client_aborts_its_request(ended_at: str) -> None:
+    """grpc-aio ends a cancelled stream where its handler waits: at the queue (CancelledError
+    inside the generator) or writing a response (the generator, suspended at its ``yield``,
+    is closed: GeneratorExit). Both must abort the request here and on its worker."""
+    from coordinator.frontend import InferenceServicer
+    from proto.kunserve.v1 import inference_pb2 as pb
+
+    async def main() -> None:
+        core, workers = make_coordinator()
+        servicer = InferenceServicer(core, None, None)
+        req = pb.GenerateRequest(request_id="c", token_ids=pb.TokenIds(ids=[1, 300, 300]))
+        stream = servicer.Generate(req, None)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        assert "c" in core.requests
+        core.on_step(step(0, 1, [RequestOutput("c", [300])]))
+        assert (await first).delta.token_ids == [300]  # suspended at its yield
+        if ended_at == "write":
+            await stream.aclose()
+        else:
+            pending = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)  # now waiting at the queue
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+        assert "c" not in core.requests
+        assert core.instances[0].live == set()
+        assert workers[0].abort.calls == [(["c"],)]
+
+    asyncio.run(main())
+
+
+def test_a_stream_that_finished_aborts_nothing() -> None:
+    from coordinator.frontend import InferenceServicer
+    from proto.kunserve.v1 import inference_pb2 as pb
+
+    async def main() -> None:
+        core, workers = make_coordinator()
+        servicer = InferenceServicer(core, None, None)
+        sampling = pb.SamplingParams(max_tokens=1)
+        req = pb.GenerateRequest(
+            request_id="f", token_ids=pb.TokenIds(ids=[1, 300]), sampling_params=sampling
+        )
+        stream = servicer.Generate(req, None)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        core.on_step(step(0, 1, [RequestOutput("f", [300], FinishReason.LENGTH)]))
+        responses = [await first] + [r async for r in stream]
+        assert responses[-1].HasField("finished")
+        assert workers[0].abort.calls == []
+
+    asyncio.run(main())

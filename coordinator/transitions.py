@@ -205,29 +205,24 @@ class Transitions:
         record.kv_blocks_before = sum(r.normal_blocks for r in reports)
         record.kv_blocks_after = min(r.stage_blocks for r in reports)
         blocks = record.kv_blocks_after
-        try:  # the leader merges the reports first
+        try:  # the leader merges the reports first; each member resumes once it has executed
             stage_blocks = await _gather(
-                m.leader.transition.remote("drop_execute", spec, blocks, reports)
+                m.leader.finish_parked.remote("drop_execute", spec, blocks, reports)
                 if m is leader
-                else m.leader.transition.remote("drop_execute", spec, blocks)
+                else m.leader.finish_parked.remote("drop_execute", spec, blocks)
                 for m in members
             )
         except BaseException:
             self._fail(members, "drop failed")
             raise
-        phases.mark("execute")
+        _pause_ended(members)
+        phases.mark("execute and resume")
         record.stage_blocks = tuple(stage_blocks)
         record.num_moved = len(moved)
         record.state = InstanceState.PIPELINED
         for m, layers in zip(members, spec.ranges, strict=True):
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
-        # every member resumes only once all have executed: members that resumed as each
-        # finished its restore_execute left one engine hung (2x H200: docs/benchmarks.md,
-        # session 10), and a drop is not shown to be safe from the same race
-        await _gather(m.leader.resume.remote() for m in members)
-        _pause_ended(members)
-        phases.mark("resume")
         self._abort_released(exported, {rid: leader for rid in exported})
 
     # --- restore ------------------------------------------------------------------------
@@ -353,8 +348,10 @@ class Transitions:
             homes = {rid: by_rank[rank] for rid, rank in plan.homes.items()}
             for m in members:
                 self.core.move_requests([r for r, h in homes.items() if h is m], m)
-            await _gather(m.leader.transition.remote("restore_execute", plan) for m in members)
-            phases.mark("execute")
+            # each member serves again as soon as it has executed
+            await _gather(m.leader.finish_parked.remote("restore_execute", plan) for m in members)
+            _pause_ended(members)
+            phases.mark("execute and resume")
         except BaseException:
             self._fail(members, "restore failed")
             raise
@@ -365,9 +362,6 @@ class Transitions:
             m.group = None
             m.info = dataclasses.replace(m.info, layer_range=(0, self.num_layers))
         self._set_state(members, InstanceState.NORMAL)
-        await _gather(m.leader.resume.remote() for m in members)  # once all have executed
-        _pause_ended(members)
-        phases.mark("resume")
         self._abort_released(list(homes), homes)
 
     # --- shared -------------------------------------------------------------------------

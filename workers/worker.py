@@ -231,6 +231,14 @@ class Worker:
         seq = self.pause()
         return seq, self.transition(step, *args)
 
+    def finish_parked(self, step: str, *args: Any) -> Any:
+        """:meth:`transition` ``step`` while parked, then :meth:`resume` once it returns (one
+        coordinator round fewer while requests wait: a transition's last step). Raises what
+        the step raised, leaving the engine parked (the coordinator fails the group)."""
+        result = self.transition(step, *args)
+        self.resume()
+        return result
+
     def run_parked(self, step: str, *args: Any) -> Any:
         """:meth:`pause`, :meth:`transition` ``step`` and :meth:`resume` in one call (one
         coordinator round trip, not three, while requests wait); resumes whether the step

@@ -40,6 +40,7 @@ class GroupWorker(FakeWorker):
         self.resume = _Method(self._resume)
         self.transition = _Method(self._transition)
         self.run_parked = _Method(self._run_parked)
+        self.finish_parked = _Method(self._finish_parked)
         self.ready = False
         """What ``wait_restore_ready`` answers (the engine parked itself after a restore's
         live part)."""
@@ -64,6 +65,11 @@ class GroupWorker(FakeWorker):
             return await self._transition(name, *args)
         finally:
             await self.resume.remote()
+
+    async def _finish_parked(self, name: str, *args):
+        result = await self._transition(name, *args)
+        await self.resume.remote()
+        return result
 
     async def _transition(self, name: str, *args):
         self.steps.append(name)
@@ -335,5 +341,27 @@ def test_requests_arriving_during_a_drop_wait_on_the_leader_and_none_is_refused(
             await tr2.drop([0, 1])
         assert [i.group for i in core2.instances] == [None, None]
         assert [core2.submit(r, parsed(16)).instance_id for r in "xy"] == [0, 1]
+
+    asyncio.run(body())
+
+
+def test_a_failed_execute_fails_the_group_and_leaves_that_member_parked() -> None:
+    """Each member resumes as soon as its own last step returns; one whose step raised stays
+    parked, and the group's requests end."""
+
+    async def body():
+        core, (w0, w1), tr = _setup({}, {})
+        core.submit("a", parsed(16))
+
+        def execute1(spec, blocks):
+            raise RuntimeError("cuMemMap failed")
+
+        w0.answers.update(drop_prepare=lambda spec: _report(0, ["a"]), drop_execute=140)
+        w1.answers.update(drop_prepare=lambda spec: _report(1, []), drop_execute=execute1)
+        with pytest.raises(RuntimeError, match="cuMemMap"):
+            await tr.drop([0, 1])
+        assert [i.state for i in core.instances] == [InstanceState.FAILED] * 2
+        assert "a" not in core.requests and not tr.groups
+        assert (len(w0.resume.calls), len(w1.resume.calls)) == (1, 0)
 
     asyncio.run(body())

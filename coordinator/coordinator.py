@@ -162,13 +162,30 @@ class Coordinator:
     # --- worker outputs -------------------------------------------------------------------
 
     def on_step(self, result: StepResult) -> None:
-        """Takes one worker push; applies pushes of each worker in step order."""
-        held = self._held[result.rank]
-        held[result.seq] = result
-        while self._next_seq[result.rank] in held:
-            step = held.pop(self._next_seq[result.rank])
-            self._next_seq[result.rank] += 1  # first: a fault below must not hold back the rest
+        """Takes one worker push; applies pushes of each worker in step order, each only once
+        the pushes it comes after (``StepResult.after``) are applied."""
+        self._held[result.rank][result.seq] = result
+        self._drain(result.rank)
+
+    def _drain(self, rank: int) -> None:
+        held, progressed = self._held[rank], False
+        while (step := held.get(self._next_seq[rank])) is not None and self._due(step):
+            del held[self._next_seq[rank]]
+            self._next_seq[rank] += 1  # first: a fault below must not hold back the rest
             self._apply(step)
+            progressed = True
+        if progressed:  # pushes of other workers may have waited for these
+            for other, waiting in self._held.items():
+                if other != rank and waiting:
+                    self._drain(other)
+
+    def _due(self, step: StepResult) -> bool:
+        """Whether every push ``step`` comes after is applied (or its worker failed)."""
+        return all(
+            self.applied_seq(rank) >= seq
+            or self._rank_to_instance[rank].state is InstanceState.FAILED
+            for rank, seq in (step.after or {}).items()
+        )
 
     def _apply(self, result: StepResult) -> None:
         if result.pushed_at:
@@ -271,6 +288,9 @@ class Coordinator:
             fin.error = error
             state.queue.put_nowait(fin)
             self._release(state, fin, notify_worker=False)
+        for rank, waiting in self._held.items():  # pushes that came after this worker's
+            if waiting:
+                self._drain(rank)
 
 
 async def _awaitable(ref: Any) -> Any:

@@ -10,9 +10,14 @@ Transitions are forced by the admin RPCs (coordinator/admin.py) or started by th
 decisions (coordinator/overload.py), both through :meth:`Transitions.drop` and
 :meth:`Transitions.restore` (the planner's hook is :meth:`Transitions.apply`).
 
+A drop's parked part is one call per member (``drop_switch``): the members trade their
+reports among themselves, and each serves again as soon as its part is done.
+
 Ordering: a worker's pushes are applied in step order, but pushes of different workers are not
-ordered. Before requests change workers, each paused worker's last pushed step is waited for
-(``Coordinator.wait_applied``), so a request's tokens never arrive out of order.
+ordered. Before a restore's requests change workers, each paused worker's last pushed step is
+waited for (``Coordinator.wait_applied``); after a drop, the leader's first push names the
+other members' last pushed steps (``StepResult.after``) and waits for them at the
+coordinator. Either way a request's tokens never arrive out of order.
 """
 
 from __future__ import annotations
@@ -133,16 +138,7 @@ class Transitions:
             for m in members:  # the leader routes new requests from now (they wait its inbox)
                 m.group = spec.ranks
             self._set_state(members, InstanceState.DROPPING)
-            try:
-                reports = await self._prepare_drop(members, spec, phases)
-            except BaseException:
-                for m in members:
-                    m.group = None
-                self._set_state(members, InstanceState.NORMAL)
-                await _gather(m.leader.resume.remote() for m in members)
-                _pause_ended(members)
-                raise
-            await self._execute_drop(members, record, reports, phases)
+            await self._switch(members, record, phases)
             record.transition_s = time.monotonic() - start
             record.paused_s = time.monotonic() - parked
             self.groups[spec.group_id] = record
@@ -176,54 +172,44 @@ class Transitions:
             raise TransitionError(f"instances {busy} are not NORMAL")
         return [insts[i] for i in ids]
 
-    async def _prepare_drop(
-        self, members: list[Instance], spec: GroupSpec, phases: PhaseClock
-    ) -> list:
-        """Pauses the members and collects their reports (one call each), and waits until
-        every step they pushed before parking is applied; the last step that may still fail
-        without changing anything (the leader merges the reports in its ``drop_execute``)."""
-        # every call returns before any error is raised: a member still pausing when another's
-        # prepare fails would otherwise park after the resume that undoes the drop
-        calls = (m.leader.pause_for.remote("drop_prepare", spec) for m in members)
-        paused = await asyncio.gather(*calls, return_exceptions=True)
-        for outcome in paused:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        for m, (seq, _) in zip(members, paused, strict=True):
-            await self.core.wait_applied(m.info.rank, seq)
-        phases.mark("pause and prepare")
-        return [report for _, report in paused]
-
-    async def _execute_drop(
-        self, members: list[Instance], record: GroupRecord, reports: list, phases: PhaseClock
+    async def _switch(
+        self, members: list[Instance], record: GroupRecord, phases: PhaseClock
     ) -> None:
+        """The parked part of a drop, one call per member (``Worker.switch``, step
+        ``drop_switch``, workers/transition.py): each member parks after its step in flight,
+        the members trade their reports among themselves, drop, and serve again as a pipeline.
+        Then the requests point at the leader. Their tokens stay in order without waiting
+        here: the leader's first push is applied only after every other member's last one
+        (``StepResult.after``). An abort that reached a member after it gave its requests
+        away is sent again to the leader."""
         spec, leader = record.spec, members[0]
-        exported = [t.request.request_id for r in reports for t in r.transfers]
-        live = [rid for m in members[1:] for rid in m.live]
-        moved = self.core.move_requests(dict.fromkeys(exported + live), leader)
-        logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
-        record.kv_blocks_before = sum(r.normal_blocks for r in reports)
-        record.kv_blocks_after = min(r.stage_blocks for r in reports)
-        blocks = record.kv_blocks_after
-        try:  # the leader merges the reports first; each member resumes once it has executed
-            stage_blocks = await _gather(
-                m.leader.finish_parked.remote("drop_execute", spec, blocks, reports)
-                if m is leader
-                else m.leader.finish_parked.remote("drop_execute", spec, blocks)
-                for m in members
-            )
-        except BaseException:
-            self._fail(members, "drop failed")
-            raise
+        calls = (m.leader.switch.remote("drop_switch", spec) for m in members)
+        # every call returns before any error is raised: all members decide together
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
         _pause_ended(members)
-        phases.mark("execute and resume")
-        record.stage_blocks = tuple(stage_blocks)
+        phases.mark("switch")
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            if all(isinstance(e, TransitionError) for e in errors):  # nothing changed
+                for m in members:  # and every member resumed itself
+                    m.group = None
+                self._set_state(members, InstanceState.NORMAL)
+            else:
+                self._fail(members, "drop failed")
+            raise errors[0]
+        lead = outcomes[0]
+        live = [rid for m in members[1:] for rid in m.live]
+        moved = self.core.move_requests(dict.fromkeys(lead.exported + live), leader)
+        logger.debug("drop: requests %s now on instance %d", moved, leader.instance_id)
+        record.kv_blocks_before = lead.normal_blocks
+        record.kv_blocks_after = lead.group_blocks
+        record.stage_blocks = tuple(o.stage_blocks for o in outcomes)
         record.num_moved = len(moved)
         record.state = InstanceState.PIPELINED
         for m, layers in zip(members, spec.ranges, strict=True):
             m.info = dataclasses.replace(m.info, layer_range=layers)
         self._set_state(members, InstanceState.PIPELINED)
-        self._abort_released(exported, {rid: leader for rid in exported})
+        self._abort_released(lead.exported, {rid: leader for rid in lead.exported})
 
     # --- restore ------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import time
 from collections import deque
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from attention.transport import StageTransport
 from workers import kv_exchange, weight_exchange
@@ -125,6 +127,24 @@ class DropReport:
     """Its requests, running then waiting (members other than the leader)."""
     refills_in_place: bool = False
     """Its memory can refill dropped weights while the group serves (``StageMemory``)."""
+    last_seq: int = 0
+    """The worker's last pushed step (``Worker.last_seq``): the leader's first push after a
+    :meth:`GroupController.drop_switch` is applied only after it (``StepResult.after``)."""
+
+
+@dataclass
+class DropOutcome:
+    """What :meth:`GroupController.drop_switch` tells the coordinator, from every member."""
+
+    rank: int
+    stage_blocks: int
+    """This stage's capacity in its own blocks after the drop."""
+    group_blocks: int = 0
+    """Leader: the group pool's blocks (min over the stages)."""
+    normal_blocks: int = 0
+    """Leader: the members' L-layer blocks before the drop, summed."""
+    exported: list[str] = field(default_factory=list)
+    """Leader: the requests the other members handed it, running then waiting."""
 
 
 @dataclass
@@ -160,6 +180,7 @@ class GroupController:
 
     STEPS = (
         "drop_stage",
+        "drop_switch",
         "drop_prepare",
         "drop_execute",
         "restore_begin",
@@ -269,6 +290,51 @@ class GroupController:
             pool.num_used,
             transfers,
             self.memory.refills_in_place,
+            getattr(self.worker, "last_seq", 0),
+        )
+
+    def drop_switch(self, spec: GroupSpec) -> DropOutcome:
+        """Every member, parked, all at once: the drop's prepare and execute in one coordinator
+        call, the members trading their reports among themselves (the default process group,
+        point to point) instead of through the coordinator. Each member other than the leader
+        sends its :meth:`drop_prepare` report to the leader and waits for the group pool's
+        size; the leader gathers the reports (stage order), answers each, and runs
+        :meth:`drop_execute` with them; every member then runs its own ``drop_execute``.
+
+        The leader's first push after it carries every other member's last pushed step
+        (``Worker.push_after``), so the coordinator, which moves the requests only after this
+        call, still applies each request's tokens in order.
+
+        Raises TransitionError, with nothing changed on any member, when some member's
+        prepare fails (every member learns it through the same exchange); anything raised
+        after that leaves the group half dropped (the coordinator fails it)."""
+        leader = spec.ranks[0]
+        try:
+            report: DropReport | str = self.drop_prepare(spec)
+        except Exception as e:  # told to the others: none may wait for this member
+            report = f"worker {self.rank}: {type(e).__name__}: {e}"
+        device = self.engine.runner.device
+        if self.rank != leader:
+            _send_object(report, leader, device)
+            group_blocks = _recv_object(leader, device)
+            if isinstance(report, str) or group_blocks is None:
+                raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
+            return DropOutcome(self.rank, self.drop_execute(spec, group_blocks))
+        reports = [report] + [_recv_object(rank, device) for rank in spec.ranks[1:]]
+        failed = [r for r in reports if isinstance(r, str)]
+        group_blocks = None if failed else min(r.stage_blocks for r in reports)
+        for rank in spec.ranks[1:]:
+            _send_object(group_blocks, rank, device)
+        if failed:
+            raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
+        stage_blocks = self.drop_execute(spec, group_blocks, reports)
+        self.worker.push_after = {r.rank: r.last_seq for r in reports[1:]}
+        return DropOutcome(
+            self.rank,
+            stage_blocks,
+            group_blocks,
+            sum(r.normal_blocks for r in reports),
+            [t.request.request_id for r in reports for t in r.transfers],
         )
 
     def _export(self, origin: int | None) -> list[RequestTransfer]:
@@ -621,6 +687,24 @@ class GroupController:
 
 def _requests(engine: Any) -> list[Request]:
     return [*engine.scheduler.running, *engine.scheduler.waiting]
+
+
+def _send_object(obj: Any, dst: int, device: torch.device) -> None:
+    """Pickles ``obj`` to rank ``dst`` on the default process group: its length, then its
+    bytes (:func:`_recv_object` on ``dst``)."""
+    raw = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    dist.send(torch.tensor([data.numel()], dtype=torch.int64).to(device), dst)
+    dist.send(data.to(device), dst)
+
+
+def _recv_object(src: int, device: torch.device) -> Any:
+    """What :func:`_send_object` sent from rank ``src``."""
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(size, src)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.recv(data, src)
+    return pickle.loads(data.cpu().numpy().tobytes())
 
 
 def _detached(r: Request, block_ids: list[int] | None = None) -> Request:

@@ -29,7 +29,7 @@ from workers.stalls import (
     freeze_startup_heap,
     install_gc_monitor,
 )
-from workers.transition import GroupController, check_block_ownership
+from workers.transition import GroupController, TransitionError, check_block_ownership
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class StepResult:
     pushed_at: float = 0.0
     """Wall clock (``time.time()``) when the worker pushed it: the coordinator warns when a
     push reaches it late (workers/stalls.py). 0: unknown."""
+    after: dict[int, int] | None = None
+    """Apply this step only once each rank's pushes up to its seq here are applied: a drop's
+    leader sets it on its first push after taking the other members' requests
+    (``GroupController.drop_switch``), so no request's tokens arrive out of order."""
 
 
 PROFILE_BATCHES = (1, 8, 32, 128)
@@ -111,6 +115,8 @@ class Worker:
         self._parked = False
         self._parked_ready = False
         """The engine parked itself after a restore's live part (until the next resume)."""
+        self.push_after: dict[int, int] | None = None
+        """Set by a drop's leader: attached to the next push (``StepResult.after``)."""
         self.return_group = None
         self.link_bandwidth: float | None = None
         """A second process group of every rank, for pipeline logits (StageTransport)."""
@@ -230,6 +236,25 @@ class Worker:
         engine stays parked, also when the step raises."""
         seq = self.pause()
         return seq, self.transition(step, *args)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of this worker's last pushed step."""
+        return self._seq
+
+    def switch(self, step: str, *args: Any) -> Any:
+        """:meth:`pause`, :meth:`transition` ``step`` and :meth:`resume` in one call: a
+        transition whose members coordinate among themselves (``drop_switch``). Resumes also
+        when the step raises TransitionError (it changed nothing); anything else leaves the
+        engine parked (the coordinator fails the group)."""
+        self.pause()
+        try:
+            result = self.transition(step, *args)
+        except TransitionError:
+            self.resume()
+            raise
+        self.resume()
+        return result
 
     def finish_parked(self, step: str, *args: Any) -> Any:
         """:meth:`transition` ``step`` while parked, then :meth:`resume` once it returns (one
@@ -358,6 +383,7 @@ class Worker:
     def _push(self, outputs: list[RequestOutput]) -> None:
         self._seq += 1
         result = StepResult(self.rank, self._seq, outputs, self.engine.stats(), time.time())
+        result.after, self.push_after = self.push_after, None
         self.coordinator.push_outputs.remote(result)
 
 

@@ -296,3 +296,29 @@ def test_a_stream_that_finished_aborts_nothing() -> None:
         assert workers[0].abort.calls == []
 
     asyncio.run(main())
+
+
+def test_a_push_that_comes_after_another_workers_waits_for_it() -> None:
+    """After a drop the leader's first push names the other members' last pushed steps
+    (``StepResult.after``): it is applied only after them, so a moved request's tokens stay
+    in order; a failed worker holds nothing back."""
+    core, _ = make_coordinator()
+    moved = core.submit("m", parsed(4))  # on instance 0, then moved to instance 1
+    core.move_requests(["m"], core.instances[1])
+    first = step(1, 1, [RequestOutput("m", [301])])
+    first.after = {0: 1}
+    core.on_step(first)
+    core.on_step(step(1, 2, [RequestOutput("m", [302])]))
+    assert drain(moved) == [] and core.applied_seq(1) == 0  # held, and what follows it
+    core.on_step(step(0, 1, [RequestOutput("m", [300])]))  # worker 0's last push, late
+    assert [e.token_ids for e in drain(moved)] == [[300], [301], [302]]
+    assert core.applied_seq(1) == 2
+
+    other = core.submit("o", parsed(4))
+    core.move_requests(["o"], core.instances[1])
+    held = step(1, 3, [RequestOutput("o", [303])])
+    held.after = {0: 5}  # never pushed: worker 0 dies
+    core.on_step(held)
+    assert drain(other) == []
+    core.fail_instance(core.instances[0], "worker 0 died")
+    assert [e.token_ids for e in drain(other)] == [[303]]

@@ -21,7 +21,13 @@ from tests.coordinator.test_coordinator import (
 )
 from workers.request import Request, RequestStatus, SamplingParams
 from workers.scheduler import RequestOutput
-from workers.transition import DropReport, RequestTransfer, RestorePlan, TransitionError
+from workers.transition import (
+    DropOutcome,
+    DropReport,
+    RequestTransfer,
+    RestorePlan,
+    TransitionError,
+)
 
 
 class GroupWorker(FakeWorker):
@@ -41,6 +47,9 @@ class GroupWorker(FakeWorker):
         self.transition = _Method(self._transition)
         self.run_parked = _Method(self._run_parked)
         self.finish_parked = _Method(self._finish_parked)
+        self.switch = _Method(self._switch)
+        self.peers: dict = {}
+        """Shared by the members of a drop: their reports by spec (``drop_switch``)."""
         self.ready = False
         """What ``wait_restore_ready`` answers (the engine parked itself after a restore's
         live part)."""
@@ -65,6 +74,41 @@ class GroupWorker(FakeWorker):
             return await self._transition(name, *args)
         finally:
             await self.resume.remote()
+
+    async def _switch(self, name: str, spec):
+        """``Worker.switch`` of ``drop_switch``: this member's prepare answer, the members'
+        reports traded (``peers``), then its execute answer, as GroupController does."""
+        assert name == "drop_switch"
+        await self._pause()
+        try:
+            result = await self._drop_switch(spec)
+        except TransitionError:
+            await self.resume.remote()
+            raise
+        await self.resume.remote()
+        return result
+
+    async def _drop_switch(self, spec):
+        self.steps.append("drop_switch")
+        try:
+            report = await self._transition("drop_prepare", spec)
+        except Exception as e:
+            report = f"worker {self.rank}: {e}"
+        reports = self.peers.setdefault(id(spec), {})
+        reports[self.rank] = report
+        while len(reports) < len(spec.ranks):
+            await asyncio.sleep(0)
+        ordered = [reports[rank] for rank in spec.ranks]
+        failed = [r for r in ordered if isinstance(r, str)]
+        if failed:
+            raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
+        blocks = min(r.stage_blocks for r in ordered)
+        if self.rank != spec.ranks[0]:
+            return DropOutcome(self.rank, await self._transition("drop_execute", spec, blocks))
+        stage_blocks = await self._transition("drop_execute", spec, blocks, ordered)
+        exported = [t.request.request_id for r in ordered[1:] for t in r.transfers]
+        normal = sum(r.normal_blocks for r in ordered)
+        return DropOutcome(self.rank, stage_blocks, blocks, normal, exported)
 
     async def _finish_parked(self, name: str, *args):
         result = await self._transition(name, *args)
@@ -91,6 +135,7 @@ def _report(rank: int, holding: list[str]) -> DropReport:
 def _setup(answers0: dict, answers1: dict):
     core, _ = make_coordinator()
     workers = [GroupWorker(0, answers0), GroupWorker(1, answers1)]
+    workers[1].peers = workers[0].peers
     for inst, w in zip(core.instances, workers, strict=True):
         inst.workers = [w]
     return core, workers, Transitions(core, 5, "drop")
@@ -108,7 +153,6 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
             return _report(1, ["b"])
 
         def execute0(spec, blocks, reports):
-            assert core.applied_seq(1) == 1  # the drop waited for it before moving requests
             assert [r.rank for r in reports] == [0, 1] and blocks == 150  # merged here
             return 140
 
@@ -158,13 +202,14 @@ def test_drop_then_restore_moves_requests_states_and_routing() -> None:
         assert [i.group for i in core.instances] == [None, None]
         assert [i.info.layer_range for i in core.instances] == [(0, 5), (0, 5)]
         assert (core.requests["c"].instance_id, core.instances[1].live) == (1, {"c"})
-        assert w0.steps == ["drop_stage", "drop_prepare", "drop_execute"] + [
+        assert w0.steps == ["drop_stage", "drop_switch", "drop_prepare", "drop_execute"] + [
             "restore_begin",
             "restore_plan",
             "stop_pipeline",
             "restore_execute",
         ]
-        assert w1.steps == ["drop_stage", "drop_prepare", "drop_execute", "restore_execute"]
+        assert w1.steps[:4] == ["drop_stage", "drop_switch", "drop_prepare", "drop_execute"]
+        assert w1.steps[4:] == ["restore_execute"]
         assert len(w0.resume.calls) == 3 and len(w1.resume.calls) == 2
 
     asyncio.run(body())
@@ -271,7 +316,7 @@ def test_refused_drop_changes_nothing() -> None:
         assert [i.state for i in core.instances] == [InstanceState.NORMAL] * 2
         assert [i.group for i in core.instances] == [None, None]
         assert w0.steps[-1] == w1.steps[-1] == "drop_stage"
-        assert len(w0.pause_for.calls) == len(w1.pause_for.calls) == 1  # the first drop's
+        assert len(w0.switch.calls) == len(w1.switch.calls) == 1  # the first drop's
         with pytest.raises(ValueError, match="no pipeline group"):
             await tr.restore(0)
         with pytest.raises(ValueError, match=">= 2 distinct"):
@@ -283,9 +328,10 @@ def test_refused_drop_changes_nothing() -> None:
 
 
 def test_a_failed_prepare_resumes_a_member_only_after_it_has_parked() -> None:
-    """Each member pauses and prepares in one call: when one member's prepare fails while
-    another is still waiting out its step, the drop waits for that pause to return before it
-    resumes everyone (a resume first would leave that member parked)."""
+    """Each member pauses, trades reports and resumes in one call: when one member's prepare
+    fails while another is still waiting out its step, that member resumes only after its
+    pause returned (a resume first would leave it parked), and the drop raises once every
+    member has answered."""
 
     async def body():
         core, (w0, w1), tr = _setup({}, {})

@@ -20,7 +20,12 @@ from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
 from workers.pipeline import build_stage_model, run_stage
 from workers.request import SamplingParams
-from workers.transition import GroupController, GroupSpec, check_block_ownership
+from workers.transition import (
+    GroupController,
+    GroupSpec,
+    TransitionError,
+    check_block_ownership,
+)
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
@@ -166,6 +171,7 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
         bodies = {
             "transport_step": _transport_step,
             "drop_restore": _drop_restore,
+            "drop_switch_refused": _drop_switch_refused,
             "drop_restore_vmm": functools.partial(_drop_restore, memory_backend="vmm"),
             # one pipelined step, then a restore: the restore finishes the KV exchange
             "drop_then_restore_at_once": functools.partial(_drop_restore, pipelined=(1, 0)),
@@ -242,6 +248,30 @@ class _StubWorker:
         pass
 
 
+def _drop_switch_refused(rank: int, world: int, model_dir: str) -> dict:
+    """A drop whose last member refuses at its prepare (it is in a group already): every
+    member raises TransitionError from ``drop_switch`` and still serves, unchanged."""
+    engine = Engine(engine_config(model_dir), CPU)
+    for rid in requests_for(world):
+        if rid.startswith("abc"[rank]):
+            engine.add_request(spec_of(rid))
+    tokens: dict[str, list[int]] = defaultdict(list)
+    _steps(engine, tokens, 2)
+    ctl = GroupController(_StubWorker(rank, engine))
+    spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
+    if rank == world - 1:
+        ctl.spec = GroupSpec(7, tuple(range(world)), spec.ranges)
+    try:
+        ctl.drop_switch(spec)
+        raised = None
+    except TransitionError as e:
+        raised = str(e)
+    ctl.spec = None
+    running = len(engine.scheduler.running)
+    _steps(engine, tokens, 2)
+    return {"raised": raised, "describe": ctl.describe(), "running": running, "tokens": tokens}
+
+
 def _drop_restore(
     rank: int,
     world: int,
@@ -287,9 +317,15 @@ def _drop_restore(
     }
     spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
     ctl.drop_stage(spec)  # as the coordinator does, while the engines still serve
-    reports = _all_gather(ctl.drop_prepare(spec))
-    group_blocks = min(r.stage_blocks for r in reports)
-    stage_blocks = ctl.drop_execute(spec, group_blocks, *([reports] if rank == 0 else []))
+    reports = _all_gather(ctl.drop_prepare(spec))  # each member's report, for the checks
+    outcome = ctl.drop_switch(spec)  # the members trade their reports themselves
+    stage_blocks = outcome.stage_blocks
+    if rank == 0:
+        assert outcome.group_blocks == min(r.stage_blocks for r in reports)
+        assert outcome.normal_blocks == sum(r.normal_blocks for r in reports)
+        exported = [t.request.request_id for r in reports[1:] for t in r.transfers]
+        assert outcome.exported == exported
+        assert ctl.worker.push_after == {r.rank: 0 for r in reports[1:]}
     if memory is not None:
         memory.check_integrity()
         # the lent tail holds no KV yet: wipe the dropped weights' stale bytes there, so only a

@@ -539,3 +539,16 @@ def test_profile_prefill_times_one_prompt_of_the_whole_model(stories_dir: Path) 
     assert runner.kv_cache[:8].abs().sum() > 0 and runner.kv_cache[8:].abs().sum() == 0
     with pytest.raises(ValueError, match="num_tokens must be in"):
         runner.profile_prefill(64 * runner.block_size + 1)
+
+
+def test_gloo_drop_switch_refused_by_one_member_changes_nothing_anywhere(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    """The members trade their reports themselves (``drop_switch``): one member's refusal
+    reaches every member, none waits for another, and each serves on as before."""
+    results = spawn_gloo("drop_switch_refused", stories_dir, tmp_path)
+    assert "drop cancelled" in results[0]["raised"] and "in group 7" in results[0]["raised"]
+    assert "drop cancelled on worker 1" in results[1]["raised"]
+    for r in results:
+        assert r["describe"]["layer_range"] == [0, 5] and not r["describe"]["stage_loop"]
+        assert r["running"] > 0 and all(r["tokens"].values())

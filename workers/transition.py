@@ -319,15 +319,20 @@ class GroupController:
             group_blocks = _recv_object(leader, device)
             if isinstance(report, str) or group_blocks is None:
                 raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
-            return DropOutcome(self.rank, self.drop_execute(spec, group_blocks))
-        reports = [report] + [_recv_object(rank, device) for rank in spec.ranks[1:]]
+            return DropOutcome(self.rank, self._execute_begun(spec, group_blocks))
+        reports: list[DropReport | str] = [report]
+        for rank in spec.ranks[1:]:  # every member hears back, whatever arrives
+            try:
+                reports.append(_recv_object(rank, device))
+            except Exception as e:
+                reports.append(f"worker {rank}: its report could not be read: {e}")
         failed = [r for r in reports if isinstance(r, str)]
         group_blocks = None if failed else min(r.stage_blocks for r in reports)
         for rank in spec.ranks[1:]:
             _send_object(group_blocks, rank, device)
         if failed:
             raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
-        stage_blocks = self.drop_execute(spec, group_blocks, reports)
+        stage_blocks = self._execute_begun(spec, group_blocks, reports)
         self.worker.push_after = {r.rank: r.last_seq for r in reports[1:]}
         return DropOutcome(
             self.rank,
@@ -336,6 +341,16 @@ class GroupController:
             sum(r.normal_blocks for r in reports),
             [t.request.request_id for r in reports for t in r.transfers],
         )
+
+    def _execute_begun(
+        self, spec: GroupSpec, group_blocks: int, reports: list[DropReport] | None = None
+    ) -> int:
+        """:meth:`drop_execute` within :meth:`drop_switch`: once it begins, nothing it raises
+        is a TransitionError (which promises that nothing changed)."""
+        try:
+            return self.drop_execute(spec, group_blocks, reports)
+        except TransitionError as e:
+            raise RuntimeError(f"drop failed on worker {self.rank} once begun: {e}") from e
 
     def _export(self, origin: int | None) -> list[RequestTransfer]:
         sched, sampler = self.engine.scheduler, self.engine.runner.sampler

@@ -230,13 +230,6 @@ class Worker:
         ``drop_stage`` runs while the engine serves."""
         return self.group.call(step, *args)
 
-    def pause_for(self, step: str, *args: Any) -> tuple[int, Any]:
-        """:meth:`pause`, then :meth:`transition` ``step``, in one call (one coordinator round
-        trip fewer while requests wait). Returns the pause's seq and the step's result; the
-        engine stays parked, also when the step raises."""
-        seq = self.pause()
-        return seq, self.transition(step, *args)
-
     @property
     def last_seq(self) -> int:
         """The seq of this worker's last pushed step."""

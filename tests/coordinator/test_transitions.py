@@ -42,7 +42,6 @@ class GroupWorker(FakeWorker):
         answers.setdefault("drop_stage", 0.001)  # staged while serving, host seconds
         self.steps: list[str] = []
         self.pause = _Method(self._pause)
-        self.pause_for = _Method(self._pause_for)
         self.resume = _Method(self._resume)
         self.transition = _Method(self._transition)
         self.run_parked = _Method(self._run_parked)
@@ -61,9 +60,6 @@ class GroupWorker(FakeWorker):
 
     async def _pause(self) -> int:
         return self.seq
-
-    async def _pause_for(self, name: str, *args):
-        return await self._pause(), await self._transition(name, *args)
 
     async def _resume(self) -> None:
         return None

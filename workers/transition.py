@@ -2,14 +2,18 @@
 
 KunServe §3(a), §3(c), §3(d) (reference/kunserve.md); DESIGN.md §6. The coordinator
 (coordinator/transitions.py) pauses every member of a group between engine steps, then calls
-these steps on them through ``Worker.transition``, all members at once where it says "every":
+these steps on them through ``Worker.transition``, all members at once where it says "every".
+A drop's steps 1 and 2 run inside one call per member, ``drop_switch`` (``Worker.switch``:
+pause, both steps, resume), the members trading their reports among themselves:
 
 drop
   0. ``drop_stage`` (every), while the engines still serve: the stage model and, on VMM
      memory, the KV range's new mappings (:meth:`StageMemory.stage_drop`), so that the
      parked steps below change only what must change at once.
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
-     on members other than the leader, export their requests (pickled, no tensors).
+     on members other than the leader, export their requests (pickled, no tensors); the
+     reports go to the leader point to point, and the leader answers with the group pool's
+     size (or a refusal, when some member's prepare failed: then nothing changes anywhere).
   2. ``drop_execute`` (every): the leader first merges the reports (:meth:`GroupController
      .drop_merge`: one group block pool of min-over-stages blocks and the merged request
      queues; no KV is copied, running requests keep their KV home). Every member then drops

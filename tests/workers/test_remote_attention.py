@@ -4,6 +4,7 @@ attention equal to local attention (workers/remote_attention.py)."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 
 import pytest
@@ -121,6 +122,44 @@ def test_adopting_all_at_once_reserves_what_adopting_one_by_one_does() -> None:
         _request("d", 0, []), BS
     )
     at_once.pool.check_integrity()
+
+
+def _reserved_reference(layout: GroupLayout, home: int, blocks: list[int], size: int) -> list:
+    """The ids aliasing L-layer ``blocks`` in ``home``'s stage view, id by id."""
+    L, lh = layout.num_layers, layout.stage_layers(home)
+    ids = {i for b in blocks for i in range(b * L // lh, -(-(b + 1) * L // lh)) if i < size}
+    return sorted(ids)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, EVEN, GroupLayout((0, 1, 2), ((0, 2), (2, 4), (4, 7)))])
+def test_adopting_many_requests_reserves_each_ones_ids_ascending_on_random_blocks(
+    layout: GroupLayout,
+) -> None:
+    """The drop's adoption finds every request's ids in one pass (ascending blocks skip the
+    sort); on random blocks, ascending or not, each request's ids and the pool's reference
+    counts equal an id-by-id reference."""
+    rng = random.Random(len(layout.ranks))
+    for trial in range(30):
+        size = rng.randrange(1, 120)
+        kv = _manager(layout, blocks=size)
+        requests, counts = [], [0] * size
+        for i in range(rng.randrange(1, 9)):
+            blocks = rng.sample(range(60), rng.randrange(0, 12))
+            if trial % 2:
+                blocks.sort()  # a fresh pool's blocks: ascending
+            home = rng.choice(layout.ranks)
+            requests.append((_request(f"r{i}", 4 * len(blocks), blocks), home))
+        expected = {}
+        for r, home in requests:
+            ids = _reserved_reference(layout, home, r.block_ids, size)
+            expected[r.request_id] = (tuple(r.block_ids), ids)
+            for i in ids:
+                counts[i] += 1
+        kv.adopt_all(requests)
+        got = {rid: (lg.blocks, lg.reserved) for rid, lg in kv.legacy.items()}
+        assert got == expected
+        assert kv.pool.ref_counts() == counts
+        kv.pool.check_integrity()
 
 
 def _pipeline_request(kv: GroupKVManager, rid: str, computed: int) -> Request:

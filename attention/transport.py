@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -251,6 +253,38 @@ class StageTransport:
         if not out.is_contiguous():
             raise ValueError("recv_into needs a contiguous tensor")
         dist.recv(out, src, group=group)
+
+
+def pickled(obj: Any, device: torch.device) -> torch.Tensor:
+    """``obj`` pickled, as uint8 [n] on ``device``; on CUDA through pinned memory, without
+    waiting for the stream (as :meth:`StepHeader.encode`)."""
+    raw = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def unpickled(t: torch.Tensor) -> Any:
+    """The object :func:`pickled` made ``t`` of."""
+    return pickle.loads(t.cpu().numpy().tobytes())
+
+
+def send_object(dst: int, obj: Any, device: torch.device) -> None:
+    """Pickles ``obj`` to rank ``dst`` on the default process group, tensors made on
+    ``device``: its length, then its bytes (:func:`recv_object` on ``dst``)."""
+    data = pickled(obj, device)
+    dist.send(host_tensor([data.numel()], torch.int64, device), dst)
+    dist.send(data, dst)
+
+
+def recv_object(src: int, device: torch.device) -> Any:
+    """What :func:`send_object` sent from rank ``src``."""
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(size, src)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.recv(data, src)
+    return unpickled(data)
 
 
 def wait_sends(sends: list[tuple[dist.Work, torch.Tensor]]) -> None:

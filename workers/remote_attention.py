@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import pickle
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ import torch
 
 from attention.backends import AttentionBackend
 from attention.metadata import AttentionMetadata, host_tensor
-from attention.transport import StageTransport
+from attention.transport import StageTransport, pickled, unpickled
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.kv_exchange import SliceCopy
 from workers.request import Request
@@ -112,15 +111,11 @@ class StepPlan:
 
     def encode(self, device: torch.device) -> torch.Tensor:
         """The plan as a uint8 tensor on ``device`` (sent after the step header)."""
-        raw = pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if device.type == "cuda":  # pinned, without waiting for the stream (StepHeader.encode)
-            return t.pin_memory().to(device, non_blocking=True)
-        return t
+        return pickled(self, device)
 
     @classmethod
     def decode(cls, t: torch.Tensor) -> StepPlan:
-        plan = pickle.loads(t.cpu().numpy().tobytes())
+        plan = unpickled(t)
         if not isinstance(plan, cls):
             raise TypeError(f"expected a StepPlan, got {type(plan).__name__}")
         return plan

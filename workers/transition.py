@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,9 +58,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from attention.transport import StageTransport
+from attention.transport import StageTransport, recv_object, send_object
 from workers import kv_exchange, weight_exchange
 from workers.block_pool import BlockPool, KVCacheManager
 from workers.config import exchange_bytes_per_step
@@ -319,21 +317,21 @@ class GroupController:
             report = f"worker {self.rank}: {type(e).__name__}: {e}"
         device = self.engine.runner.device
         if self.rank != leader:
-            _send_object(report, leader, device)
-            group_blocks = _recv_object(leader, device)
+            send_object(leader, report, device)
+            group_blocks = recv_object(leader, device)
             if isinstance(report, str) or group_blocks is None:
                 raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
             return DropOutcome(self.rank, self._execute_begun(spec, group_blocks))
         reports: list[DropReport | str] = [report]
         for rank in spec.ranks[1:]:  # every member hears back, whatever arrives
             try:
-                reports.append(_recv_object(rank, device))
+                reports.append(recv_object(rank, device))
             except Exception as e:
                 reports.append(f"worker {rank}: its report could not be read: {e}")
         failed = [r for r in reports if isinstance(r, str)]
         group_blocks = None if failed else min(r.stage_blocks for r in reports)
         for rank in spec.ranks[1:]:
-            _send_object(group_blocks, rank, device)
+            send_object(rank, group_blocks, device)
         if failed:
             raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
         stage_blocks = self._execute_begun(spec, group_blocks, reports)
@@ -706,24 +704,6 @@ class GroupController:
 
 def _requests(engine: Any) -> list[Request]:
     return [*engine.scheduler.running, *engine.scheduler.waiting]
-
-
-def _send_object(obj: Any, dst: int, device: torch.device) -> None:
-    """Pickles ``obj`` to rank ``dst`` on the default process group: its length, then its
-    bytes (:func:`_recv_object` on ``dst``)."""
-    raw = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    dist.send(torch.tensor([data.numel()], dtype=torch.int64).to(device), dst)
-    dist.send(data.to(device), dst)
-
-
-def _recv_object(src: int, device: torch.device) -> Any:
-    """What :func:`_send_object` sent from rank ``src``."""
-    size = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(size, src)
-    data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.recv(data, src)
-    return pickle.loads(data.cpu().numpy().tobytes())
 
 
 def _detached(r: Request, block_ids: list[int] | None = None) -> Request:

@@ -18,7 +18,7 @@ from workers.request import Request
 
 def _warm_up_numpy() -> None:
     """numpy sets up each form of ``unique`` at its first call (~10 ms): done at import, not
-    in a parked drop (workers/remote_attention.py uses the first form)."""
+    in a parked drop (the forms of ``check_integrity``, ``_counted`` and ``_last_index``)."""
     for kwargs in ({}, {"return_counts": True}, {"return_index": True}):
         np.unique(np.zeros(2, dtype=np.int64), **kwargs)
 
@@ -26,10 +26,16 @@ def _warm_up_numpy() -> None:
 _warm_up_numpy()
 
 
+def _many(ids: np.ndarray, num_blocks: int) -> bool:
+    """Whether ``ids`` are many enough (an eighth of the pool) that a pool-sized array
+    beats a sort or a hash of them."""
+    return 8 * len(ids) >= num_blocks
+
+
 def _counted(ids: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``ids`` (ascending) and how often each occurs: by counting over the
     pool when the ids are many (no sort), else by ``np.unique``."""
-    if 8 * len(ids) < num_blocks:
+    if not _many(ids, num_blocks):
         return np.unique(ids, return_counts=True)
     counts = np.bincount(ids, minlength=num_blocks)
     u = np.flatnonzero(counts)
@@ -39,7 +45,7 @@ def _counted(ids: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
 def _member(ids: np.ndarray, of: np.ndarray, num_blocks: int) -> np.ndarray:
     """Whether each of ``ids`` is in ``of`` (both distinct): through a pool-sized mask when
     the ids are many, else by ``np.isin``."""
-    if 8 * len(ids) < num_blocks:
+    if not _many(ids, num_blocks):
         return np.isin(ids, of, assume_unique=True)
     mask = np.zeros(num_blocks, dtype=bool)
     mask[of] = True
@@ -51,7 +57,7 @@ def _last_index(ids: np.ndarray, distinct: np.ndarray, num_blocks: int) -> np.nd
     last occurrence in ``ids``: through a pool-sized array when the ids are many (2.4 ms
     for 200k ids twice each, where ``np.unique``'s index form took 26 ms), else by
     ``np.unique``."""
-    if 8 * len(ids) < num_blocks:
+    if not _many(ids, num_blocks):
         return len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
     last = np.full(num_blocks, -1, dtype=np.int64)
     np.maximum.at(last, ids, np.arange(len(ids)))

@@ -178,11 +178,7 @@ class GroupKVManager(KVCacheManager):
         """Group-pool ids that alias L-layer ``blocks`` in the stage view of ``home``,
         ascending (at C speed: a drop reserves every running request's blocks while the
         engines are parked, 100k blocks when the KV cache is full)."""
-        return self._reserved(home, blocks).tolist()
-
-    def _reserved(self, home: int, blocks: Sequence[int]) -> np.ndarray:
-        """:meth:`reserved_ids` as int64 [n]."""
-        return self._reserved_many([home], [blocks])[0]
+        return self._reserved_many([home], [blocks])[0].tolist()
 
     def _reserved_many(
         self, homes: Sequence[int], block_lists: Sequence[Sequence[int]]
@@ -201,17 +197,17 @@ class GroupKVManager(KVCacheManager):
         counts = hi - lo
         ids = np.arange(int(counts.sum())) + np.repeat(lo - (np.cumsum(counts) - counts), counts)
         owner = np.repeat(np.repeat(np.arange(n, dtype=np.int64), lens), counts)
-        keep = ids < size
-        key = owner[keep] * max(1, size) + ids[keep]
+        keep, scale = ids < size, max(1, size)
+        key = owner[keep] * scale + ids[keep]
         # by list, then id: each list's ids ascending, each once (uneven stages share ids).
         # Ascending blocks give ascending keys, checked first: a sort costs ~10 ms at 200k
         # ids, and np.unique (hashing, numpy 2.4) ~100 ms
         if key.size > 1 and not (key[1:] > key[:-1]).all():
             key = np.sort(key)
             key = key[np.concatenate(([True], key[1:] != key[:-1]))]
-        owner = key // max(1, size)
+        owner = key // scale
         bounds = np.searchsorted(owner, np.arange(n + 1)).tolist()
-        return key - owner * size, bounds
+        return key - owner * scale, bounds
 
     def adopt_legacy(self, request: Request, home: int) -> None:
         """Takes a running request whose ``block_ids`` are L-layer blocks on ``home``: they

@@ -242,12 +242,10 @@ class Worker:
         engine parked (the coordinator fails the group)."""
         self.pause()
         try:
-            result = self.transition(step, *args)
+            return self.finish_parked(step, *args)
         except TransitionError:
             self.resume()
             raise
-        self.resume()
-        return result
 
     def finish_parked(self, step: str, *args: Any) -> Any:
         """:meth:`transition` ``step`` while parked, then :meth:`resume` once it returns (one

@@ -182,9 +182,11 @@ class CacheConfig:
     kv_exchange_bytes_per_step: int | None = None
     """Bytes a pipeline step moves between a group's workers while requests keep decoding:
     after a drop, pre-drop requests' KV to the stages that own their layers (at least one layer
-    of one request a step; DESIGN.md §6.5); during a restore, running requests' KV onto one
-    home, and on VMM memory the dropped weights back (per link). None: what the link measured
-    at start-up moves in :data:`EXCHANGE_STEP_S` (:func:`exchange_bytes_per_step`)."""
+    of one request a step; DESIGN.md §6.5), counted per worker and direction of its link
+    (copies within a worker are not counted); during a restore, running requests' KV onto one
+    home (every byte counted), and on VMM memory the dropped weights back (per link). None:
+    what the link measured at start-up moves in :data:`EXCHANGE_STEP_S`
+    (:func:`exchange_bytes_per_step`)."""
 
     def __post_init__(self) -> None:
         if self.kv_exchange_bytes_per_step is not None and self.kv_exchange_bytes_per_step < 0:

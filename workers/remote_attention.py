@@ -145,8 +145,9 @@ class GroupKVManager(KVCacheManager):
     pre-drop requests' L-layer blocks until their KV has moved (module docstring).
 
     ``layer_block_bytes`` is the bytes of one layer of one block (K and V);
-    ``exchange_bytes_per_step`` bounds the KV the exchange moves per step (at least one layer
-    of one request moves each step while any is left).
+    ``exchange_bytes_per_step`` bounds the KV the exchange moves per step over each
+    worker's link, each way (:class:`_LinkBudget`; at least one layer of one request moves
+    each step while any is left).
     """
 
     def __init__(
@@ -311,8 +312,9 @@ class GroupKVManager(KVCacheManager):
         self, out: SchedulerOutput | None, everything: bool = False
     ) -> list[SliceCopy]:
         """This step's KV moves, decided after scheduling ``out``: first every remaining layer
-        of the requests that would write past their L-layer blocks, then, within the byte
-        budget (``everything``: no budget), further layers of the others in admission order.
+        of the requests that would write past their L-layer blocks, then, within the link's
+        byte budget (:class:`_LinkBudget`; ``everything``: no budget), further layers of the
+        others in admission order.
         Allocates pipeline blocks for requests whose first layer moves (skipping those the pool
         cannot hold), advances ``moved_upto``, and gives back the L-layer blocks of requests
         that have fully moved (their copies run this step, before any later allocation).
@@ -327,7 +329,8 @@ class GroupKVManager(KVCacheManager):
         if not self.legacy:
             return []
         scheduled = {} if out is None else {s.request.request_id: s for s in out.scheduled}
-        L, budget = self.layout.num_layers, self.exchange_bytes_per_step
+        L = self.layout.num_layers
+        link = _LinkBudget(self.layout, self.exchange_bytes_per_step)
         moves: list[tuple[Request, int, int, int]] = []  # request, first, end layer, blocks
         order = sorted(
             self.legacy.values(), key=lambda lg: lg.request.request_id not in self._must_move
@@ -338,11 +341,11 @@ class GroupKVManager(KVCacheManager):
             must = r.request_id in self._must_move
             if (everything and lg.moved_upto == 0 and not must) or (gathering and not must):
                 continue
+            per_layer = max(1, n) * self.layer_block_bytes
             if everything or must:
                 layers = L - lg.moved_upto
             else:
-                per_layer = max(1, n) * self.layer_block_bytes
-                layers = min(L - lg.moved_upto, max(0, budget) // per_layer)
+                layers = link.layers_within(lg.home, lg.moved_upto, per_layer)
                 if layers == 0 and not moves:
                     layers = 1  # at least one layer a step
             if layers == 0:
@@ -356,7 +359,7 @@ class GroupKVManager(KVCacheManager):
                         raise RuntimeError(f"{r.request_id}: no group blocks to move its KV into")
                     continue
                 r.block_ids.extend(ids)
-            budget -= layers * max(1, n) * self.layer_block_bytes
+            link.spend(lg.home, lg.moved_upto, lg.moved_upto + layers, per_layer)
             moves.append((r, lg.moved_upto, lg.moved_upto + layers, n))
         done = []
         for r, a, b, _ in moves:
@@ -580,6 +583,51 @@ class GroupKVManager(KVCacheManager):
         q = tuple(s.num_new_tokens for s in out.scheduled)
         c = tuple(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
         return StepPlan(tuple(moves), tuple(legacy), q, c, tuple(gathers), tuple(weights))
+
+
+class _LinkBudget:
+    """One live step's exchange budget, per direction of each worker's link: the bytes each
+    worker sends, and each receives, may not pass ``budget``. A request's layers that its
+    own home's stage keeps are copied within that worker, at memory speed beside the link
+    (a side stream, workers/kv_exchange.py), and are not counted: on 2 H200s the link moves
+    ~1 GiB in ~4 ms, where a local copy of as much takes ~0.5 ms. Counting them had halved
+    the budget: a drop bench whose pre-drop KV (about 3.4 GiB, half of it local) passed the
+    measured budget (3.2 GiB) left two requests on remote attention, a 37 ms first step."""
+
+    def __init__(self, layout: GroupLayout, budget: int) -> None:
+        self.layout, self.budget = layout, max(0, budget)
+        self.sent: Counter = Counter()
+        self.received: Counter = Counter()
+
+    def _crossing(self, home: int, a: int, b: int) -> list[tuple[int, int]]:
+        """(owner rank, layer count) of layers ``[a, b)`` of a request homed on ``home`` that
+        other stages own: what crosses the link if they move."""
+        out = []
+        for rank, (start, end) in zip(self.layout.ranks, self.layout.ranges, strict=True):
+            k = min(b, end) - max(a, start)
+            if rank != home and k > 0:
+                out.append((rank, k))
+        return out
+
+    def _fits(self, home: int, a: int, b: int, per_layer: int) -> bool:
+        crossing = self._crossing(home, a, b)
+        if self.sent[home] + per_layer * sum(k for _, k in crossing) > self.budget:
+            return False
+        return all(self.received[d] + per_layer * k <= self.budget for d, k in crossing)
+
+    def layers_within(self, home: int, first: int, per_layer: int) -> int:
+        """The most layers from ``first`` on that a request homed on ``home`` may move
+        (``per_layer`` bytes each) within what is left of the budget; 0 when none."""
+        for end in range(self.layout.num_layers, first, -1):
+            if self._fits(home, first, end, per_layer):
+                return end - first
+        return 0
+
+    def spend(self, home: int, a: int, b: int, per_layer: int) -> None:
+        """Counts layers ``[a, b)`` of a request homed on ``home`` as moved this step."""
+        for rank, k in self._crossing(home, a, b):
+            self.sent[home] += per_layer * k
+            self.received[rank] += per_layer * k
 
 
 def _merged(copies: list[SliceCopy]) -> list[SliceCopy]:

@@ -60,42 +60,66 @@ def test_adopt_reserves_then_exchange_moves_layer_by_layer_and_frees() -> None:
     assert a.block_ids == [] and kv.pool.num_used == 4  # ids 0..3 alias a's bytes
     out = SchedulerOutput([ScheduledRequest(a, 1)])
     assert kv.allocate_slots(a, 1) == []  # 7 tokens fit its 8 L-layer slots: nothing new
-    copies = kv.plan_exchange(out)  # budget 0: one layer a step
+    # budget 0: nothing over the link, so only the layers its home's stage keeps move (a
+    # copy within worker 0, not counted against the link)
+    copies = kv.plan_exchange(out)
     assert [(c.src_rank, c.dst_rank, c.src_layers, c.dst_layers) for c in copies] == [
-        (0, 0, (0, 1), (0, 1))
+        (0, 0, (0, 3), (0, 3))
     ]
-    assert a.block_ids == [4, 5] and kv.legacy["a"].moved_upto == 1  # pipeline blocks now
+    assert a.block_ids == [4, 5] and kv.legacy["a"].moved_upto == 3  # pipeline blocks now
     assert copies[0].src_blocks == (0, 1) and copies[0].dst_blocks == (4, 5)
     plan = kv.step_plan(out, copies)
-    assert plan.legacy == (LegacySeq(0, 0, 1, (0, 1)),) and plan.seq_lens == (7,)
+    assert plan.legacy == (LegacySeq(0, 0, 3, (0, 1)),) and plan.seq_lens == (7,)
+    copies = kv.plan_exchange(out)  # still one layer a step, over the budget
+    assert [(c.dst_rank, c.src_layers, c.dst_layers) for c in copies] == [(1, (3, 4), (0, 1))]
+    assert kv.legacy["a"].moved_upto == 4
     # the next token would pass its L-layer blocks: every remaining layer moves this step
     a.num_computed_tokens = 8
     assert kv.allocate_slots(a, 1) == [6]
     copies = kv.plan_exchange(SchedulerOutput([ScheduledRequest(a, 1)]))
-    assert [(c.dst_rank, c.src_layers, c.dst_layers) for c in copies] == [
-        (0, (1, 3), (1, 3)),
-        (1, (3, 5), (0, 2)),
-    ]
+    assert [(c.dst_rank, c.src_layers, c.dst_layers) for c in copies] == [(1, (4, 5), (1, 2))]
     assert "a" not in kv.legacy and kv.pool.num_used == 3  # reservation given back
     kv.free(a)
     assert kv.pool.num_used == 0
     kv.pool.check_integrity()
 
 
-def test_budget_moves_several_layers_and_free_releases_a_legacy_request() -> None:
-    kv = _manager(EVEN, budget=400)  # 4 layer-blocks of 100 bytes a step
-    a, b = _request("a", 4, [0]), _request("b", 4, [1])
+def test_budget_counts_the_bytes_each_worker_sends_and_receives_not_local_copies() -> None:
+    kv = _manager(EVEN, budget=200)  # 2 layer-blocks of 100 bytes each way a step
+    a, b, c = _request("a", 4, [0]), _request("b", 4, [1]), _request("c", 4, [2])
     kv.adopt_legacy(a, home=0)
     kv.adopt_legacy(b, home=1)
-    assert kv.pool.num_used == 4  # ids 0, 1 alias a on home 0; ids 2, 3 alias b on home 1
+    kv.adopt_legacy(c, home=0)
+    assert kv.pool.num_used == 6  # ids 0, 1 alias a on home 0; 2, 3 b on home 1; 4, 5 c
     kv.pool.check_integrity()
     copies = kv.plan_exchange(None)
-    assert "a" not in kv.legacy and kv.legacy["b"].moved_upto == 0  # a: all 4 layers moved
-    assert {c.src_rank for c in copies} == {0}
-    kv.free(b)  # preempted or aborted before its KV moved: its reservation goes too
-    assert kv.pool.num_used == 1 and not kv.legacy  # only a's pipeline block is held
+    # a sends 2 layer-blocks 0 -> 1, b 2 the other way: both whole, each within its direction
+    # (and their local halves free); c's layers for stage 1 would pass worker 0's sends, so
+    # only its local layers move
+    assert "a" not in kv.legacy and "b" not in kv.legacy and kv.legacy["c"].moved_upto == 2
+    assert sorted((c.src_rank, c.dst_rank, c.src_layers) for c in copies) == [
+        (0, 0, (0, 2)),
+        (0, 1, (2, 4)),
+        (1, 0, (0, 2)),
+        (1, 1, (2, 4)),
+    ]
+    assert next(x for x in copies if x.src_rank == 0 and x.dst_rank == 0).request_ids == ("a", "c")
+    kv.free(c)  # preempted or aborted before its KV moved: its reservation goes too
+    assert kv.pool.num_used == 2 and not kv.legacy  # only a's and b's pipeline blocks are held
     with pytest.raises(ValueError, match="cannot reserve"):
         kv.pool.reserve([99])
+
+
+def test_budget_bounds_what_a_worker_receives_from_several_homes() -> None:
+    three = GroupLayout((0, 1, 2), ((0, 1), (1, 2), (2, 3)))
+    kv = _manager(three, budget=100)
+    a, b = _request("a", 4, [0]), _request("b", 4, [1])
+    kv.adopt_legacy(a, home=1)
+    kv.adopt_legacy(b, home=2)
+    kv.plan_exchange(None)
+    # a: layers 0 (to worker 0) and 2 (to worker 2) would send 200 from worker 1; layer 0
+    # and its own layer 1 fit. b's layer 0 would be a second 100 into worker 0: it waits
+    assert kv.legacy["a"].moved_upto == 2 and kv.legacy["b"].moved_upto == 0
 
 
 def test_adopting_all_at_once_reserves_what_adopting_one_by_one_does() -> None:

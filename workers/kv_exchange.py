@@ -141,7 +141,8 @@ def move(
     """Runs ``plan`` in place, for plans whose destinations alias none of their sources (the
     live exchange and a live restore's gather: workers/remote_attention.py gives them
     blocks no other copy of the step reads): each copy is cut into chunks of at most
-    ``chunk_bytes`` (at least one block); round ``k`` posts the ``k``-th chunk of every
+    ``chunk_bytes`` (at least one block; on CUDA a local copy is one chunk, copied view to
+    view with no scratch); round ``k`` posts the ``k``-th chunk of every
     (source, destination) pair as one batch (:meth:`~attention.transport.StageTransport
     .post_exchange`: both directions of a link at once). Every worker derives the same rounds
     from the same plan, so sends and receives match.
@@ -166,6 +167,8 @@ def move(
             continue
         per_block = c.num_layers * src_view[0, 0].numel() * src_view.element_size()
         step = max(1, chunk_bytes // max(1, per_block))
+        if c.src_rank == c.dst_rank and dst_view.device.type == "cuda":
+            step = max(1, len(c.src_blocks))  # view to view, no scratch: one launch
         chunks = pairs.setdefault((c.src_rank, c.dst_rank), [])
         chunks += [
             (c, lo, min(lo + step, len(c.src_blocks))) for lo in range(0, len(c.src_blocks), step)

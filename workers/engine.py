@@ -73,11 +73,6 @@ class EngineStats:
 FILL_WEIGHT = 0.2
 """Weight of the latest step in ``EngineStats.step_token_fill`` (about the last 5 steps)."""
 
-HELD_STEP_TOKENS = 256
-"""Most tokens of a step with no decode while prompts are held (``Engine.hold_prompts``): a
-short step, so that a member with only prompts to run does not keep the others' decoders
-waiting at the drop's park, nor sit idle."""
-
 
 class Engine:
     def __init__(
@@ -98,7 +93,11 @@ class Engine:
         self.clock = PhaseClock()
         """Phases of the current iteration (the worker reports a slow one, workers/stalls.py)."""
         self.hold_until = 0.0
-        """``time.monotonic()`` until which steps stay short (:meth:`hold_prompts`)."""
+        """``time.monotonic()`` until which a step that can decode only decodes
+        (:meth:`hold_prompts`)."""
+        self.step_prefills = False
+        """Whether the step running now computes prompt tokens (set as it is scheduled; the
+        worker clears it once the step has ended)."""
 
     def _init_kv_cache(self) -> None:
         """Sizes and allocates the KV cache and captures the CUDA graphs. Where the KV cache
@@ -206,15 +205,14 @@ class Engine:
         outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
         with self.clock.phase("schedule"):
-            budget, decodes_only = self._token_budget(), False
-            if self.hold_until and time.monotonic() < self.hold_until:  # hold_prompts
-                decodes_only = any(r.num_pending_tokens == 1 for r in self.scheduler.running)
-                budget = min(budget, HELD_STEP_TOKENS)
             out = self.scheduler.schedule(
-                token_budget=budget, admit=self._admits(), decodes_only=decodes_only
+                token_budget=self._token_budget(),
+                admit=self._admits(),
+                decodes_only=self._holding(),
             )
         if out.is_empty:
             return outputs
+        self.step_prefills = any(s.num_new_tokens > 1 for s in out.scheduled)
         with self.clock.phase("execute"):
             sampled, logprobs = self.runner.execute(out)
         with self.clock.phase("update"):
@@ -238,14 +236,20 @@ class Engine:
         return sched.pipeline_token_budget
 
     def hold_prompts(self, seconds: float) -> None:
-        """For the next ``seconds`` (0: from now on no more), steps stay short: one where some
-        running request decodes runs only the decodes (no prompt chunk, no new request),
-        another at most :data:`HELD_STEP_TOKENS` prompt tokens. A drop is about to park this
-        engine (``GroupController.drop_stage``): every member then parks after a short step,
-        and none waits out another's long prompt step while its own requests wait for a
-        token (a mixed step of the code burst ran 30-160 ms on 2 H200s). The prompts go on
-        once the group serves, with the KV the drop frees."""
+        """For the next ``seconds`` (0: from now on no more), each step that can decode runs
+        only the running requests' decodes: no prompt chunk, no new request. A drop is about
+        to park this engine (``GroupController.drop_stage``): its requests' last token before
+        it then comes from a short step, and no member waits out another's long prompt step
+        while its own requests wait (a mixed step of the code burst ran 30-160 ms on 2 H200s).
+        The prompts go on once the group serves, with the KV the drop frees."""
         self.hold_until = time.monotonic() + seconds if seconds > 0 else 0.0
+
+    def _holding(self) -> bool:
+        """Whether the next step runs decodes only (:meth:`hold_prompts`): while the hold
+        lasts and some running request decodes (a step of prompts alone delays no token)."""
+        if self.hold_until == 0.0 or time.monotonic() >= self.hold_until:
+            return False
+        return any(r.num_pending_tokens == 1 for r in self.scheduler.running)
 
     def _admits(self) -> bool:
         """Whether the next step may start waiting requests: not a pipeline group's first

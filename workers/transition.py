@@ -10,10 +10,9 @@ drop
   0. ``drop_stage`` (every), while the engines still serve: the stage model and, on VMM
      memory, the KV range's new mappings (:meth:`StageMemory.stage_drop`), so that the
      parked steps below change only what must change at once. From its start the engine's
-     steps stay short (``Engine.hold_prompts``: decodes only, or a few prompt tokens where
-     none decodes), and it returns once the step then in flight has ended: every member
-     then parks after a short step, and none waits out another's long prompt step while
-     its own requests wait for a token.
+     steps decode only (``Engine.hold_prompts``), and it returns once a step with prompt
+     tokens in flight has ended: every member then parks after a short step, and none
+     waits out another's long prompt step while its own requests wait for a token.
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
      on members other than the leader, export their requests (pickled, no tensors); the
      reports go to the leader point to point, and the leader answers with the group pool's
@@ -253,16 +252,15 @@ class GroupController:
         """Runs while the engine serves (an actor thread beside the engine thread): stages
         this worker's part of ``spec``'s drop (:meth:`StageMemory.stage_drop`), changing
         nothing the engine reads, so that ``drop_execute`` makes no driver call and builds no
-        model while requests wait. From its start the engine's steps stay short
+        model while requests wait. Meanwhile the engine's steps decode only
         (``Engine.hold_prompts``, for at most :data:`PROMPT_HOLD_S`, ended by the drop), and
-        this returns once the step in flight then has ended (waiting at most half that): the
-        switch then parks every member after a short step. Returns its host time
+        this returns once a step with prompt tokens in flight has ended (at most half that):
+        the switch then parks every member after a short step. Returns its host time
         (seconds). Raises TransitionError when the worker is in a group, ValueError when the
         drop is impossible (nothing changed)."""
         if self.spec is not None:
             raise TransitionError(f"worker {self.rank} is already in group {self.spec.group_id}")
         start, runner = time.perf_counter(), self.engine.runner
-        mark = self.worker.iteration() if hasattr(self.worker, "iteration") else None
         self.engine.hold_prompts(PROMPT_HOLD_S)
         try:
             if self.memory is None:
@@ -275,10 +273,10 @@ class GroupController:
             self.engine.hold_prompts(0)
             raise
         seconds = time.perf_counter() - start
-        ended = mark is None or self.worker.wait_iteration(mark, PROMPT_HOLD_S / 2)
+        wait = getattr(self.worker, "wait_prompt_step", None)
+        ended = wait is None or wait(PROMPT_HOLD_S / 2)
         logger.debug(
-            "drop staged on %d in %.1f ms (%d chunks mapped); the step in flight ended: %s "
-            "after %.1f ms",
+            "drop staged on %d in %.1f ms (%d chunks mapped); prompt step ended: %s after %.1f ms",
             self.rank,
             1e3 * seconds,
             self._staged.premapped,

@@ -277,8 +277,8 @@ def test_an_engine_whose_runner_holds_prompts_starts_no_waiting_request(
 def test_a_staged_drop_waits_out_the_prompt_step_in_flight_then_steps_decode_only(
     stories_dir: Path,
 ) -> None:
-    """``drop_stage`` on a serving worker: it returns only once the step in flight (one with
-    prompt tokens) has ended, and from then on the engine's steps decode only (the running
+    """``drop_stage`` on a serving worker: it returns only once the step with prompt tokens
+    in flight has ended, and from then on the engine's steps decode only (the running
     request keeps its tokens coming, the prompt mid-prefill waits), until the hold ends."""
     import time
 
@@ -295,13 +295,11 @@ def test_a_staged_drop_waits_out_the_prompt_step_in_flight_then_steps_decode_onl
     torch.set_num_threads(threads)
     engine = worker.engine = Engine(worker.config, CPU)
     ended: list[float] = []  # when each step with prompt tokens ended
-    running: list[bool] = []  # one entry per step with prompt tokens begun
     execute = engine.runner.execute
 
     def slow_prompts(out):  # prompt steps long enough for the stage to land inside one
         result = execute(out)
         if any(s.num_new_tokens > 1 for s in out.scheduled):
-            running.append(True)
             time.sleep(0.05)
             ended.append(time.monotonic())
         return result
@@ -316,10 +314,10 @@ def test_a_staged_drop_waits_out_the_prompt_step_in_flight_then_steps_decode_onl
         ids, sampling = PROMPTS["b1"]  # 11 prompt tokens: 3 a step beside a's decode
         worker.add_requests([RequestSpec("b", ids, sampling, 8)])
         b = _wait_for(lambda: len(engine.scheduler.running) == 2 and engine.scheduler.running[1])
-        _wait_for(lambda: len(running) > len(ended))  # a step of b's prompt is in flight
+        _wait_for(lambda: engine.step_prefills)  # b's first chunk is in flight
         before = len(ended)
         worker.group.drop_stage(GroupSpec(0, (0, 1), RANGES))
-        assert len(ended) > before  # that step had ended
+        assert len(ended) > before and not engine.step_prefills  # that step had ended
         computed, decoded = b.num_computed_tokens, a.num_output_tokens
         assert 0 < computed < b.num_prompt_tokens
         _wait_for(lambda: a.num_output_tokens >= decoded + 3)

@@ -92,12 +92,6 @@ class Engine:
         time each was launched."""
         self.clock = PhaseClock()
         """Phases of the current iteration (the worker reports a slow one, workers/stalls.py)."""
-        self.hold_until = 0.0
-        """``time.monotonic()`` until which a step that can decode only decodes
-        (:meth:`hold_prompts`)."""
-        self.step_prefills = False
-        """Whether the step running now computes prompt tokens (set as it is scheduled; the
-        worker clears it once the step has ended)."""
 
     def _init_kv_cache(self) -> None:
         """Sizes and allocates the KV cache and captures the CUDA graphs. Where the KV cache
@@ -205,14 +199,9 @@ class Engine:
         outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
         with self.clock.phase("schedule"):
-            out = self.scheduler.schedule(
-                token_budget=self._token_budget(),
-                admit=self._admits(),
-                decodes_only=self._holding(),
-            )
+            out = self.scheduler.schedule(token_budget=self._token_budget(), admit=self._admits())
         if out.is_empty:
             return outputs
-        self.step_prefills = any(s.num_new_tokens > 1 for s in out.scheduled)
         with self.clock.phase("execute"):
             sampled, logprobs = self.runner.execute(out)
         with self.clock.phase("update"):
@@ -234,22 +223,6 @@ class Engine:
         if getattr(self.runner, "overlap_depth", None) is None:
             return sched.max_num_batched_tokens
         return sched.pipeline_token_budget
-
-    def hold_prompts(self, seconds: float) -> None:
-        """For the next ``seconds`` (0: from now on no more), each step that can decode runs
-        only the running requests' decodes: no prompt chunk, no new request. A drop is about
-        to park this engine (``GroupController.drop_stage``): its requests' last token before
-        it then comes from a short step, and no member waits out another's long prompt step
-        while its own requests wait (a mixed step of the code burst ran 30-160 ms on 2 H200s).
-        The prompts go on once the group serves, with the KV the drop frees."""
-        self.hold_until = time.monotonic() + seconds if seconds > 0 else 0.0
-
-    def _holding(self) -> bool:
-        """Whether the next step runs decodes only (:meth:`hold_prompts`): while the hold
-        lasts and some running request decodes (a step of prompts alone delays no token)."""
-        if self.hold_until == 0.0 or time.monotonic() >= self.hold_until:
-            return False
-        return any(r.num_pending_tokens == 1 for r in self.scheduler.running)
 
     def _admits(self) -> bool:
         """Whether the next step may start waiting requests: not a pipeline group's first

@@ -225,12 +225,6 @@ class Worker:
             )
             return self._parked_ready and self._parked
 
-    def wait_prompt_step(self, timeout_s: float) -> bool:
-        """Blocks until the engine thread runs no step that computes prompt tokens (the one
-        running has ended), or ``timeout_s`` passes; returns whether it runs none."""
-        with self._cv:
-            return self._cv.wait_for(lambda: not self.engine.step_prefills or self._stop, timeout_s)
-
     def transition(self, step: str, *args: Any) -> Any:
         """Runs one step of a drop or restore (``GroupController.STEPS``) while parked;
         ``drop_stage`` runs while the engine serves."""
@@ -320,10 +314,6 @@ class Worker:
                 outputs = self._apply(inbox)
             if self.engine.has_work:
                 outputs += self._step()
-            if self.engine.step_prefills:  # it has ended (wait_prompt_step)
-                with self._cv:
-                    self.engine.step_prefills = False
-                    self._cv.notify_all()
             if outputs:
                 with self.engine.clock.phase("push"):
                     self._push(outputs)

@@ -93,17 +93,20 @@ class Scheduler:
         max_running: int | None = None,
         token_budget: int | None = None,
         admit: bool = True,
+        decodes_only: bool = False,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
         (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
         running requests this batch takes (pipeline mode spreads them over micro-batches);
         waiting requests it admits do not count. ``token_budget``: most tokens in the batch
         (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
-        request. The batch lists its one-token queries first."""
+        request. ``decodes_only``: it takes only running requests with one token to compute
+        and starts none (a short step: a drop is about to park the engine). The batch lists
+        its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget, busy, max_running)
-        if not out.preempted and admit:
+        budget = self._schedule_running(out, budget, busy, max_running, decodes_only)
+        if not out.preempted and admit and not decodes_only:
             self._schedule_waiting(out, budget)
         # single-token queries first: a mixed step runs their attention with the decode
         # kernel (attention/metadata.py, ``num_decodes``), as vLLM reorders its batches
@@ -111,12 +114,17 @@ class Scheduler:
         return out
 
     def _schedule_running(
-        self, out: SchedulerOutput, budget: int, busy: Collection[str], max_running: int | None
+        self,
+        out: SchedulerOutput,
+        budget: int,
+        busy: Collection[str],
+        max_running: int | None,
+        decodes_only: bool = False,
     ) -> int:
         i, limit = 0, len(self.running) if max_running is None else max_running
         while i < len(self.running) and budget > 0 and len(out.scheduled) < limit:
             req = self.running[i]
-            if req.request_id in busy:
+            if req.request_id in busy or (decodes_only and req.num_pending_tokens > 1):
                 i += 1
                 continue
             n = min(req.num_pending_tokens, budget)

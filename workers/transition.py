@@ -9,7 +9,11 @@ pause, both steps, resume), the members trading their reports among themselves:
 drop
   0. ``drop_stage`` (every), while the engines still serve: the stage model and, on VMM
      memory, the KV range's new mappings (:meth:`StageMemory.stage_drop`), so that the
-     parked steps below change only what must change at once.
+     parked steps below change only what must change at once. From its start the engine's
+     steps stay short (``Engine.hold_prompts``: decodes only, or a few prompt tokens where
+     none decodes), and it returns once the step then in flight has ended: every member
+     then parks after a short step, and none waits out another's long prompt step while
+     its own requests wait for a token.
   1. ``drop_prepare`` (every): apply the inbox, report the stage's capacity after the drop and,
      on members other than the leader, export their requests (pickled, no tensors); the
      reports go to the leader point to point, and the leader answers with the group pool's
@@ -73,6 +77,10 @@ from workers.stalls import PhaseClock
 from workers.weight_exchange import WeightCopy, WeightPrefetch
 
 logger = logging.getLogger(__name__)
+
+PROMPT_HOLD_S = 1.0
+"""Longest a member's steps decode only once its drop is staged (``drop_stage``): the drop
+ends the hold; this bounds it where the drop never comes (another member refused it)."""
 
 
 class TransitionError(RuntimeError):
@@ -245,22 +253,37 @@ class GroupController:
         """Runs while the engine serves (an actor thread beside the engine thread): stages
         this worker's part of ``spec``'s drop (:meth:`StageMemory.stage_drop`), changing
         nothing the engine reads, so that ``drop_execute`` makes no driver call and builds no
-        model while requests wait. Returns its host time (seconds). Raises TransitionError
-        when the worker is in a group, ValueError when the drop is impossible (nothing
-        changed)."""
+        model while requests wait. From its start the engine's steps stay short
+        (``Engine.hold_prompts``, for at most :data:`PROMPT_HOLD_S`, ended by the drop), and
+        this returns once the step in flight then has ended (waiting at most half that): the
+        switch then parks every member after a short step. Returns its host time
+        (seconds). Raises TransitionError when the worker is in a group, ValueError when the
+        drop is impossible (nothing changed)."""
         if self.spec is not None:
             raise TransitionError(f"worker {self.rank} is already in group {self.spec.group_id}")
         start, runner = time.perf_counter(), self.engine.runner
-        if self.memory is None:
-            self.memory = stage_memory_for(runner)
-        self._staged = None
-        self._staged = self.memory.stage_drop(runner.model, spec.ranges[spec.stage_of(self.rank)])
+        mark = self.worker.iteration() if hasattr(self.worker, "iteration") else None
+        self.engine.hold_prompts(PROMPT_HOLD_S)
+        try:
+            if self.memory is None:
+                self.memory = stage_memory_for(runner)
+            self._staged = None
+            self._staged = self.memory.stage_drop(
+                runner.model, spec.ranges[spec.stage_of(self.rank)]
+            )
+        except BaseException:
+            self.engine.hold_prompts(0)
+            raise
         seconds = time.perf_counter() - start
+        ended = mark is None or self.worker.wait_iteration(mark, PROMPT_HOLD_S / 2)
         logger.debug(
-            "drop staged on %d in %.1f ms (%d chunks mapped)",
+            "drop staged on %d in %.1f ms (%d chunks mapped); the step in flight ended: %s "
+            "after %.1f ms",
             self.rank,
             1e3 * seconds,
             self._staged.premapped,
+            ended,
+            1e3 * (time.perf_counter() - start),
         )
         return seconds
 
@@ -320,6 +343,7 @@ class GroupController:
             send_object(leader, report, device)
             group_blocks = recv_object(leader, device)
             if isinstance(report, str) or group_blocks is None:
+                self.engine.hold_prompts(0)
                 raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
             return DropOutcome(self.rank, self._execute_begun(spec, group_blocks))
         reports: list[DropReport | str] = [report]
@@ -333,6 +357,7 @@ class GroupController:
         for rank in spec.ranks[1:]:
             send_object(rank, group_blocks, device)
         if failed:
+            self.engine.hold_prompts(0)
             raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
         stage_blocks = self._execute_begun(spec, group_blocks, reports)
         self.worker.push_after = {r.rank: r.last_seq for r in reports[1:]}
@@ -420,6 +445,7 @@ class GroupController:
         stage = spec.stage_of(self.rank)
         if (stage == 0) != (reports is not None):
             raise ValueError("drop_execute takes the members' reports on the leader only")
+        engine.hold_prompts(0)  # the group's steps admit prompts as a pipeline does
         clock = PhaseClock(_device_sync(runner.device))
         if stage == 0:
             self.drop_merge(spec, reports)

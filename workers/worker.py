@@ -107,6 +107,10 @@ class Worker:
         self._cv = threading.Condition()
         self._stop = False
         self._seq = 0
+        self._iterations = 0
+        """Engine iterations ended so far (``wait_iteration``)."""
+        self._busy = False
+        """Whether the engine thread runs an iteration now (else it waits for work)."""
         self._thread: threading.Thread | None = None
         # Drop and restore (workers/transition.py): a transition parks the engine thread
         # between steps (pause/resume) and drives the group controller from an actor thread.
@@ -225,6 +229,19 @@ class Worker:
             )
             return self._parked_ready and self._parked
 
+    def iteration(self) -> int:
+        """A mark for :meth:`wait_iteration`: the engine iteration running now (or next)."""
+        with self._cv:
+            return self._iterations
+
+    def wait_iteration(self, mark: int, timeout_s: float) -> bool:
+        """Blocks until the engine iteration that was running at ``mark`` (if any) has ended,
+        or ``timeout_s`` passes; returns whether it has."""
+        with self._cv:
+            return self._cv.wait_for(
+                lambda: self._iterations > mark or not self._busy or self._stop, timeout_s
+            )
+
     def transition(self, step: str, *args: Any) -> Any:
         """Runs one step of a drop or restore (``GroupController.STEPS``) while parked;
         ``drop_stage`` runs while the engine serves."""
@@ -292,10 +309,12 @@ class Worker:
 
     def _take_inbox(self) -> _Inbox | None:
         with self._cv:
+            self._busy = False
             while not self._stop and not self._ready():
                 self._cv.wait()
             if self._stop:
                 return None
+            self._busy = True
             if self.group.stage_loop is not None:  # requests wait until the pipeline stops
                 return _Inbox()
             inbox, self._inbox = self._inbox, _Inbox()
@@ -314,6 +333,9 @@ class Worker:
                 outputs = self._apply(inbox)
             if self.engine.has_work:
                 outputs += self._step()
+            with self._cv:  # wait_iteration
+                self._iterations += 1
+                self._cv.notify_all()
             if outputs:
                 with self.engine.clock.phase("push"):
                     self._push(outputs)

@@ -18,6 +18,7 @@ from tests.workers.pipeline_helpers import (
     CPU,
     GREEDY,
     PHASES,
+    PROMPTS,
     RANGES,
     LoopbackTransport,
     engine_config,
@@ -271,6 +272,73 @@ def test_an_engine_whose_runner_holds_prompts_starts_no_waiting_request(
     assert [r.request_id for r in engine.scheduler.waiting] == ["b0"]
     engine.runner.holds_prompts = False
     assert sorted(o.request_id for o in engine.step()) == ["a0", "b0"]
+
+
+def test_a_staged_drop_waits_out_the_prompt_step_in_flight_then_steps_decode_only(
+    stories_dir: Path,
+) -> None:
+    """``drop_stage`` on a serving worker: it returns only once the step in flight (one with
+    prompt tokens) has ended, and from then on the engine's steps decode only (the running
+    request keeps its tokens coming, the prompt mid-prefill waits), until the hold ends."""
+    import time
+
+    from workers.worker import Worker
+
+    class Coordinator:  # what the worker loop pushes to
+        class push_outputs:  # noqa: N801 (a Ray actor method's shape)
+            @staticmethod
+            def remote(result) -> None:
+                pass
+
+    threads = torch.get_num_threads()
+    worker = Worker(0, engine_config(stories_dir, budget=4), Coordinator(), use_gpu=False)
+    torch.set_num_threads(threads)
+    engine = worker.engine = Engine(worker.config, CPU)
+    ended: list[float] = []  # when each step with prompt tokens ended
+    running: list[bool] = []  # one entry per step with prompt tokens begun
+    execute = engine.runner.execute
+
+    def slow_prompts(out):  # prompt steps long enough for the stage to land inside one
+        result = execute(out)
+        if any(s.num_new_tokens > 1 for s in out.scheduled):
+            running.append(True)
+            time.sleep(0.05)
+            ended.append(time.monotonic())
+        return result
+
+    engine.runner.execute = slow_prompts
+    ids, sampling = PROMPTS["b0"]
+    worker.add_requests([RequestSpec("a", ids, sampling, 80)])
+    worker.start()
+    try:
+        a = _wait_for(lambda: engine.scheduler.running and engine.scheduler.running[0])
+        _wait_for(lambda: a.num_output_tokens >= 2)
+        ids, sampling = PROMPTS["b1"]  # 11 prompt tokens: 3 a step beside a's decode
+        worker.add_requests([RequestSpec("b", ids, sampling, 8)])
+        b = _wait_for(lambda: len(engine.scheduler.running) == 2 and engine.scheduler.running[1])
+        _wait_for(lambda: len(running) > len(ended))  # a step of b's prompt is in flight
+        before = len(ended)
+        worker.group.drop_stage(GroupSpec(0, (0, 1), RANGES))
+        assert len(ended) > before  # that step had ended
+        computed, decoded = b.num_computed_tokens, a.num_output_tokens
+        assert 0 < computed < b.num_prompt_tokens
+        _wait_for(lambda: a.num_output_tokens >= decoded + 3)
+        assert b.num_computed_tokens == computed  # held: only a's decodes ran
+        engine.hold_prompts(0)  # the drop's execute ends the hold
+        _wait_for(lambda: b.num_output_tokens >= 1)
+    finally:
+        worker.shutdown()
+
+
+def _wait_for(predicate, timeout_s: float = 10.0):
+    """Polls ``predicate`` until it is truthy; returns its value."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+    return value
 
 
 def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Path) -> None:

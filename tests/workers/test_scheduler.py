@@ -387,3 +387,17 @@ def test_a_step_that_admits_nothing_still_runs_decodes_and_prefill_chunks(make_r
     sched.add(make_request("c", prompt=4))
     assert plan(sched.schedule(admit=False)) == [("a", 1, True), ("b", 7, False)]
     assert [r.request_id for r in sched.waiting] == ["c"]
+
+
+def test_a_decodes_only_step_skips_prefill_chunks_and_starts_no_request(make_request) -> None:
+    """``decodes_only`` (a drop is about to park the engine): only running requests with one
+    token to compute run; a prompt mid-prefill and a waiting one wait for the next step."""
+    sched = make_scheduler(budget=8)
+    sched.add(make_request("a", prompt=4))
+    sched.add(make_request("b", prompt=12))
+    step(sched)  # a: 4 (prefilled), b: 4 of 12
+    sched.add(make_request("c", prompt=4))
+    sched.add(make_request("d", prompt=1))  # waiting, even with one token to compute
+    assert plan(sched.schedule(decodes_only=True)) == [("a", 1, True)]
+    assert [r.request_id for r in sched.waiting] == ["c", "d"]
+    assert plan(sched.schedule()) == [("a", 1, True), ("b", 7, False)]

@@ -79,8 +79,9 @@ from workers.weight_exchange import WeightCopy, WeightPrefetch
 logger = logging.getLogger(__name__)
 
 PROMPT_HOLD_S = 1.0
-"""Longest a member's steps decode only once its drop is staged (``drop_stage``): the drop
-ends the hold; this bounds it where the drop never comes (another member refused it)."""
+"""Longest a member's steps stay short once its drop is staged (``drop_stage``,
+``Engine.hold_prompts``): the drop or a refusal ends the hold; this bounds it where neither
+comes (another member's stage failed)."""
 
 
 class TransitionError(RuntimeError):

@@ -382,9 +382,12 @@ def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: P
         [267, 2 * LAYER_BYTES + EMBED_BYTES + 256, 64],
         [490, 3 * LAYER_BYTES + EMBED_BYTES, 64],
     ]
-    # pre-drop requests kept decoding through remote attention while their KV moved
+    # pre-drop requests kept decoding through remote attention while their KV moved; a home
+    # attends over its L-layer view only for its own stage's layers still there (stage 1's:
+    # stage 0's own layers move at once, no link bytes to wait for)
     for r in (r0, r1):
-        assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served", "home")) > 0
+        assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served")) > 0
+    assert r1["counters"].get("home", 0) > 0
     assert r0["pipelined"]["kv_blocks"] == 267 and r1["pipelined"]["kv_blocks"] == 490
     assert r0["pipelined"]["pool_blocks"] == r1["pipelined"]["pool_blocks"] == 267
     for r in (r0, r1):

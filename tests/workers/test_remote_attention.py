@@ -320,3 +320,15 @@ def test_fence_waits_for_the_tail_to_be_free_then_keeps_pipeline_blocks_out_of_i
     kv.unfence()
     assert kv.fenced == [] and kv.pool.num_used == 5  # b's and d's blocks
     kv.pool.check_integrity()
+
+
+def test_link_budget_lets_a_home_copy_its_own_layers_after_its_sends_are_spent() -> None:
+    """A span that crosses no link is free even once its home has sent past the budget (one
+    forced layer a step can overspend it): the home's own layers still move."""
+    from workers.remote_attention import _LinkBudget
+
+    link = _LinkBudget(EVEN, budget=0)
+    link.spend(1, 0, 1, per_layer=100)  # the step's forced layer: home 1 sends 100 to 0
+    assert link.layers_within(1, 2, 100) == 2  # home 1's own layers 2, 3: no link bytes
+    assert link.layers_within(1, 1, 100) == 0  # layer 1 would cross: nothing
+    assert link.layers_within(0, 0, 100) == 2  # home 0: its own 0, 1; 2 would cross

@@ -294,7 +294,8 @@ def test_gloo_engines_on_vmm_memory_drop_and_restore_keeping_every_token(
     assert results[0]["reports"] == expected
     if world == 2:  # pre-drop requests read their KV through the L-layer view of VMM bytes
         for r in results:
-            assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served", "home")) > 0
+            assert min(r["counters"].get(k, 0) for k in ("moved", "sent", "served")) > 0
+        assert results[1]["counters"].get("home", 0) > 0  # stage 1's own layers, at home
     for r, (stage_blocks, _, _) in zip(results, expected, strict=True):
         assert r["pipelined"]["kv_blocks"] == stage_blocks
         assert r["pipelined"]["pool_blocks"] == min(e[0] for e in expected)

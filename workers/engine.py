@@ -209,7 +209,8 @@ class Engine:
             budget, decodes_only = self._token_budget(), False
             if self.hold_until and time.monotonic() < self.hold_until:  # hold_prompts
                 decodes_only = any(r.num_pending_tokens == 1 for r in self.scheduler.running)
-                budget = min(budget, HELD_STEP_TOKENS)
+                if not decodes_only:  # prompts alone: a few of their tokens
+                    budget = min(budget, HELD_STEP_TOKENS)
             out = self.scheduler.schedule(
                 token_budget=budget, admit=self._admits(), decodes_only=decodes_only
             )

@@ -80,8 +80,8 @@ logger = logging.getLogger(__name__)
 
 PROMPT_HOLD_S = 1.0
 """Longest a member's steps stay short once its drop is staged (``drop_stage``,
-``Engine.hold_prompts``): the drop or a refusal ends the hold; this bounds it where neither
-comes (another member's stage failed)."""
+``Engine.hold_prompts``): the switch ends the hold once the member is parked; this bounds it
+where no switch comes (another member's stage failed)."""
 
 
 class TransitionError(RuntimeError):
@@ -255,7 +255,7 @@ class GroupController:
         this worker's part of ``spec``'s drop (:meth:`StageMemory.stage_drop`), changing
         nothing the engine reads, so that ``drop_execute`` makes no driver call and builds no
         model while requests wait. From its start the engine's steps stay short
-        (``Engine.hold_prompts``, for at most :data:`PROMPT_HOLD_S`, ended by the drop), and
+        (``Engine.hold_prompts``, for at most :data:`PROMPT_HOLD_S`, ended by the switch), and
         this returns once the step in flight then has ended (waiting at most half that): the
         switch then parks every member after a short step. Returns its host time
         (seconds). Raises TransitionError when the worker is in a group, ValueError when the
@@ -263,7 +263,7 @@ class GroupController:
         if self.spec is not None:
             raise TransitionError(f"worker {self.rank} is already in group {self.spec.group_id}")
         start, runner = time.perf_counter(), self.engine.runner
-        mark = self.worker.iteration() if hasattr(self.worker, "iteration") else None
+        mark = self.worker.iteration()
         self.engine.hold_prompts(PROMPT_HOLD_S)
         try:
             if self.memory is None:
@@ -276,7 +276,7 @@ class GroupController:
             self.engine.hold_prompts(0)
             raise
         seconds = time.perf_counter() - start
-        ended = mark is None or self.worker.wait_iteration(mark, PROMPT_HOLD_S / 2)
+        ended = self.worker.wait_iteration(mark, PROMPT_HOLD_S / 2)
         logger.debug(
             "drop staged on %d in %.1f ms (%d chunks mapped); the step in flight ended: %s "
             "after %.1f ms",
@@ -316,7 +316,7 @@ class GroupController:
             pool.num_used,
             transfers,
             self.memory.refills_in_place,
-            getattr(self.worker, "last_seq", 0),
+            self.worker.last_seq,
         )
 
     def drop_switch(self, spec: GroupSpec) -> DropOutcome:
@@ -335,6 +335,7 @@ class GroupController:
         prepare fails (every member learns it through the same exchange); anything raised
         after that leaves the group half dropped (the coordinator fails it)."""
         leader = spec.ranks[0]
+        self.engine.hold_prompts(0)  # parked now: whether or not the drop goes on
         try:
             report: DropReport | str = self.drop_prepare(spec)
         except Exception as e:  # told to the others: none may wait for this member
@@ -344,7 +345,6 @@ class GroupController:
             send_object(leader, report, device)
             group_blocks = recv_object(leader, device)
             if isinstance(report, str) or group_blocks is None:
-                self.engine.hold_prompts(0)
                 raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
             return DropOutcome(self.rank, self._execute_begun(spec, group_blocks))
         reports: list[DropReport | str] = [report]
@@ -358,7 +358,6 @@ class GroupController:
         for rank in spec.ranks[1:]:
             send_object(rank, group_blocks, device)
         if failed:
-            self.engine.hold_prompts(0)
             raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
         stage_blocks = self._execute_begun(spec, group_blocks, reports)
         self.worker.push_after = {r.rank: r.last_seq for r in reports[1:]}
@@ -446,7 +445,6 @@ class GroupController:
         stage = spec.stage_of(self.rank)
         if (stage == 0) != (reports is not None):
             raise ValueError("drop_execute takes the members' reports on the leader only")
-        engine.hold_prompts(0)  # the group's steps admit prompts as a pipeline does
         clock = PhaseClock(_device_sync(runner.device))
         if stage == 0:
             self.drop_merge(spec, reports)

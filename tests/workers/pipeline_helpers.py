@@ -236,16 +236,23 @@ def _first(inputs) -> dict:
     return {"input_ids": inputs.input_ids, "positions": inputs.positions, "meta": inputs.meta}
 
 
-class _StubWorker:
+class StubWorker:
     """What GroupController needs of a Worker."""
 
     def __init__(self, rank: int, engine: Engine, return_group=None) -> None:
         self.rank = rank
         self.engine = engine
         self.return_group = return_group
+        self.last_seq = 0  # no pushes: the test collects the tokens itself
 
     def drain_inbox(self) -> None:
         pass
+
+    def iteration(self) -> int:
+        return 0
+
+    def wait_iteration(self, mark: int, timeout_s: float) -> bool:
+        return True  # the test's own thread runs the steps: none is in flight
 
 
 def _drop_switch_refused(rank: int, world: int, model_dir: str) -> dict:
@@ -257,7 +264,7 @@ def _drop_switch_refused(rank: int, world: int, model_dir: str) -> dict:
             engine.add_request(spec_of(rid))
     tokens: dict[str, list[int]] = defaultdict(list)
     _steps(engine, tokens, 2)
-    ctl = GroupController(_StubWorker(rank, engine))
+    ctl = GroupController(StubWorker(rank, engine))
     spec = GroupSpec(0, tuple(range(world)), tuple(stage_layer_ranges(5, world)))
     if rank == world - 1:
         ctl.spec = GroupSpec(7, tuple(range(world)), spec.ranges)
@@ -304,7 +311,7 @@ def _drop_restore(
     )
     engine = Engine(config, device)
     memory = engine.runner.memory
-    ctl = GroupController(_StubWorker(rank, engine, return_group))
+    ctl = GroupController(StubWorker(rank, engine, return_group))
     tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
     for rid in requests_for(world):
         if rid.startswith("abc"[rank]):

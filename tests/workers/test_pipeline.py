@@ -21,6 +21,7 @@ from tests.workers.pipeline_helpers import (
     PROMPTS,
     RANGES,
     LoopbackTransport,
+    StubWorker,
     engine_config,
     nccl_main,
     requests_for,
@@ -107,14 +108,6 @@ def test_build_stage_model_moves_modules_and_counts_freed_bytes(stories_dir: Pat
     assert freed0 == 2 * LAYER_BYTES + EMBED_BYTES + 64 * 4  # layers 3-4, LM head, final norm
 
 
-class _Stub:
-    def __init__(self, rank: int, engine: Engine) -> None:
-        self.rank, self.engine = rank, engine
-
-    def drain_inbox(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize(("rank", "blocks"), [(0, 267), (1, 490)])
 def test_drop_capacity_is_old_plus_freed_bytes_in_stage_blocks(
     stories_dir: Path, rank: int, blocks: int
@@ -123,7 +116,7 @@ def test_drop_capacity_is_old_plus_freed_bytes_in_stage_blocks(
     from workers.transition import GroupController
 
     engine = Engine(engine_config(stories_dir, blocks=64), CPU)
-    report = GroupController(_Stub(rank, engine)).drop_prepare(GroupSpec(0, (0, 1), RANGES))
+    report = GroupController(StubWorker(rank, engine)).drop_prepare(GroupSpec(0, (0, 1), RANGES))
     start, end = RANGES[rank]
     freed = 2 * LAYER_BYTES + EMBED_BYTES + 256 if rank == 0 else 3 * LAYER_BYTES + EMBED_BYTES
     stage_block = FULL_BLOCK_BYTES * (end - start) // 5
@@ -147,7 +140,7 @@ def test_drop_merge_keeps_pre_drop_kv_in_place(stories_dir: Path) -> None:
 
     engine = _busy_engine(stories_dir)
     before = (engine.scheduler, [list(r.block_ids) for r in engine.scheduler.running])
-    ctl = GroupController(_Stub(0, engine))
+    ctl = GroupController(StubWorker(0, engine))
     reports = [DropReport(0, 5, 0, 64, 6), DropReport(1, 9, 0, 64, 0)]
     ctl.drop_merge(GroupSpec(0, (0, 1), RANGES), reports)
     assert before == (engine.scheduler, [list(r.block_ids) for r in engine.scheduler.running])
@@ -159,7 +152,7 @@ def test_restore_that_does_not_fit_changes_nothing(stories_dir: Path) -> None:
     from workers.transition import GroupController, TransitionError
 
     engine = _busy_engine(stories_dir)
-    ctl = GroupController(_Stub(0, engine))
+    ctl = GroupController(StubWorker(0, engine))
     ctl.spec, ctl.normal_blocks = GroupSpec(0, (0, 1), RANGES), {0: 3, 1: 3}
     with pytest.raises(TransitionError, match="a1 needs 4 blocks"):
         ctl.restore_plan()
@@ -324,7 +317,7 @@ def test_a_staged_drop_waits_out_the_prompt_step_in_flight_then_steps_decode_onl
         assert 0 < computed < b.num_prompt_tokens
         _wait_for(lambda: a.num_output_tokens >= decoded + 3)
         assert b.num_computed_tokens == computed  # held: only a's decodes ran
-        engine.hold_prompts(0)  # the drop's execute ends the hold
+        engine.hold_prompts(0)  # the switch ends the hold
         _wait_for(lambda: b.num_output_tokens >= 1)
     finally:
         worker.shutdown()

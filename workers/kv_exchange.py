@@ -126,7 +126,8 @@ def read(
 
 MOVE_CHUNK_BYTES = 128 * 2**20
 """Most bytes :func:`move` sends in one message. Two rounds are in flight at once, so its
-scratch is two chunks per peer and direction, however large the step's plan."""
+scratch is two chunks per peer and direction, however large the step's plan (a chunk received
+in place needs none)."""
 
 
 def move(
@@ -145,7 +146,9 @@ def move(
     view with no scratch); round ``k`` posts the ``k``-th chunk of every
     (source, destination) pair as one batch (:meth:`~attention.transport.StageTransport
     .post_exchange`: both directions of a link at once). Every worker derives the same rounds
-    from the same plan, so sends and receives match.
+    from the same plan, so sends and receives match. A chunk whose destination is every
+    layer of one ascending run of blocks is received in place, with no scratch and no write
+    (the live exchange's pipeline blocks are usually allocated in a row).
 
     The rounds are pipelined: round ``k + 1`` is gathered and posted before round ``k``'s
     chunks are written. The first round is posted before the local copies are queued, so the
@@ -156,7 +159,7 @@ def move(
     ``clock``: adds this call's host time to its phases ``ids`` (the block ids' copy),
     ``gather`` (the sent chunks' gathers and the receive buffers), ``post`` (posting the
     rounds), ``local`` (queueing the local copies) and ``write`` (waiting for the rounds and
-    queueing their writes).
+    queueing the writes of what was not received in place).
 
     Returns the copies this rank took part in. Raises RuntimeError when a copy crosses
     workers and ``transport`` is None."""
@@ -190,9 +193,8 @@ def move(
                 if src == me:
                     sends.append((dst, _gather(c, lo, hi, src_view, ids.src(c, lo))))
                 else:
-                    shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
-                    buf = torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device)
-                    recvs.append((src, buf, c, lo, hi))
+                    buf, in_place = _receive_buffer(c, lo, hi, dst_view)
+                    recvs.append((src, buf, c, lo, hi, in_place))
         with clock.phase("post"):
             wait = transport.post_exchange(sends, [(src, buf) for src, buf, *_ in recvs])
         if k == 0:
@@ -285,13 +287,31 @@ def _copy_local(
     return side
 
 
+def _receive_buffer(
+    c: SliceCopy, lo: int, hi: int, dst_view: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """Where destination blocks ``[lo, hi)`` of ``c`` are received, and whether that is in
+    place: the blocks themselves when they are one ascending run of ``dst_view``'s ids and
+    the slice is every layer of them (the live exchange's usual case: a stage's pipeline
+    blocks, allocated in a row), so the round needs no scratch and no write; else a new
+    buffer for :func:`_write`."""
+    dst = c.dst_blocks[lo:hi]
+    whole = c.dst_layers == (0, dst_view.shape[1]) and dst_view.is_contiguous()
+    if whole and all(b - a == 1 for a, b in zip(dst, dst[1:], strict=False)):
+        return dst_view[dst[0] : dst[-1] + 1], True
+    shape = (hi - lo, c.num_layers, *dst_view.shape[2:])
+    return torch.empty(shape, dtype=dst_view.dtype, device=dst_view.device), False
+
+
 def _write_round(
     wait: Callable[[], None], recvs: list, dst_view: torch.Tensor, ids: _ChunkIds
 ) -> None:
-    """Waits for a posted round and writes what it received."""
+    """Waits for a posted round and writes what it received into scratch (a chunk received
+    in place, :func:`_receive_buffer`, is already written)."""
     wait()
-    for _, buf, c, lo, hi in recvs:
-        _write(c, lo, hi, buf, dst_view, ids.dst(c, lo))
+    for _, buf, c, lo, hi, in_place in recvs:
+        if not in_place:
+            _write(c, lo, hi, buf, dst_view, ids.dst(c, lo))
 
 
 def _gather(

@@ -80,6 +80,46 @@ def test_move_in_chunks_writes_every_slice_where_the_plan_says() -> None:
         assert list(clock.phases) == ["ids", "gather", "post", "local", "write"]
 
 
+def test_a_chunk_bound_for_a_run_of_whole_blocks_is_received_in_place(monkeypatch) -> None:
+    """Rank 1 receives its slice (every layer of its blocks 7-11, one ascending run) straight
+    into its view, with no scratch and no write; rank 0's (blocks 0, 2, 4) still goes
+    through a buffer and a write."""
+    written: list[tuple[int, int]] = []
+    write = kv_exchange._write
+
+    def counting_write(c, lo, hi, data, view, ids=None):
+        written.append((c.src_rank, c.dst_rank))
+        write(c, lo, hi, data, view, ids)
+
+    monkeypatch.setattr(kv_exchange, "_write", counting_write)
+    views = {rank: _views(rank) for rank in (0, 1)}
+    links: dict = {}
+    remote = [c for c in PLAN if c.src_rank != c.dst_rank]
+    chunk = 3 * 2 * 2 * BS * H * D * 4  # three blocks of two layers, float32
+
+    def run(rank: int) -> None:
+        src, dst = views[rank]
+        kv_exchange.move(remote, rank, src, dst, LoopbackTransport(rank, links, 8), chunk)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert written == [(1, 0)]  # rank 1's chunks (7-9, 10-11) in place; rank 0's (0, 2, 4) not
+    for c in remote:
+        (a, b), (x, y) = c.src_layers, c.dst_layers
+        for s, d in zip(c.src_blocks, c.dst_blocks, strict=True):
+            assert torch.equal(views[c.dst_rank][1][d, x:y], views[c.src_rank][0][s, a:b])
+    # in place means the run exactly: rank 1's blocks 0-6 are untouched
+    assert not views[1][1][:7].any()
+    # a run of whole blocks, but of some layers only, goes through a buffer
+    _, dst = views[0]
+    partial = SliceCopy(1, 0, (0, 1), (0, 1), (0, 1), (5, 6))
+    _, in_place = kv_exchange._receive_buffer(partial, 0, 2, dst)
+    assert not in_place
+
+
 def test_move_of_local_slices_only_needs_no_transport() -> None:
     src, dst = _views(3)
     local = [c for c in PLAN if c.src_rank == c.dst_rank == 0]

@@ -8,7 +8,10 @@ shapes (Llama-3-8B KV, 16-token blocks, 4 GiB of KV per GPU, 8 requests of 69 bl
 worker):
 
 - ``move``'s first call in the process (what a server's first drop pays), then warm calls;
-- ``move`` with its default chunk (``MOVE_CHUNK_BYTES``) and other chunk sizes;
+- ``move`` with its default chunk (``MOVE_CHUNK_BYTES``) and other chunk sizes, and the host
+  time it takes to issue (to its return);
+- ``move`` with destination blocks in no run (every chunk through scratch and a write, as
+  before chunks were received in place);
 - the local copies alone, and the remote ones alone;
 - one NCCL batch of the same bytes between contiguous buffers (the link floor of the plan).
 
@@ -40,12 +43,15 @@ DST = 2400 if CUDA else 48
 REPEATS = 5
 
 
-def _plan() -> list[SliceCopy]:
+def _plan(in_a_row: bool = True) -> list[SliceCopy]:
     """The first step of a drop of 2 stages (layers [0, 16) and [16, 32)): each worker's
     legacy blocks 0..HELD-1 move, layer by layer range, into stage-view blocks from DST up
-    (past the legacy blocks' aliases, ids 0..2*HELD-1)."""
+    (past the legacy blocks' aliases, ids 0..2*HELD-1). ``in_a_row=False``: the destination
+    blocks in pairs swapped (no run of more than one block: every chunk through scratch)."""
     src = tuple(range(HELD))
     dst = tuple(range(DST, DST + HELD))
+    if not in_a_row:
+        dst = tuple(b ^ 1 for b in dst)
     half = L // 2
     return [
         SliceCopy(0, 0, (0, half), (0, half), src, dst),
@@ -55,14 +61,18 @@ def _plan() -> list[SliceCopy]:
     ]
 
 
-def _timed(fn, device) -> float:
+def _timed(fn, device, host: bool = False) -> float:
+    """Milliseconds of ``fn`` to the device's end (``host``: until it returns), the slower
+    worker's."""
     dist.barrier()
     sync = torch.cuda.synchronize if CUDA else (lambda d: None)
     sync(device)
     start = time.perf_counter()
     fn()
-    sync(device)
     ms = 1e3 * (time.perf_counter() - start)
+    sync(device)
+    if not host:
+        ms = 1e3 * (time.perf_counter() - start)
     t = torch.tensor([ms], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
@@ -90,10 +100,20 @@ def _worker(rank: int, tmp: str, out: str) -> None:
 
     result: dict = {"bytes_each_way": moved}
     result["move_cold_ms"] = _timed(move(plan), device)
+    scattered = _plan(in_a_row=False)
+    for name, p, chunk in (
+        ("move", plan, kv_exchange.MOVE_CHUNK_BYTES),
+        ("move_256MiB", plan, 256 << 20),
+        ("move_scattered_dst", scattered, kv_exchange.MOVE_CHUNK_BYTES),
+    ):  # host time to issue: what a drop's first step waits before its compute launches
+        runs = [_timed(move(p, chunk), device, host=True) for _ in range(REPEATS)]
+        result[name + "_host_ms"] = statistics.median(runs)
     variants = {
         "move": move(plan),
+        "move_scattered_dst": move(scattered),
         "move_64MiB": move(plan, 64 << 20),
         "move_256MiB": move(plan, 256 << 20),
+        "move_512MiB": move(plan, 512 << 20),
         "move_1GiB": move(plan, 1 << 30),
         "local_only": move(local),
         "remote_only": move(remote),

@@ -26,8 +26,11 @@ drop
      requests as pre-drop requests (their L-layer blocks reserved in the group pool,
      workers/remote_attention.py) and runs the group scheduler through
      :class:`~workers.pipeline.PipelineRunner`, the others a
-     :class:`~workers.pipeline.StageLoop`. Pre-drop requests keep decoding through remote
-     attention from the next step while the live exchange moves their KV.
+     :class:`~workers.pipeline.StageLoop`. The leader's last act is the live exchange's first
+     budget, posted on every stage before the engines resume
+     (:meth:`~workers.pipeline.PipelineRunner.exchange_at_drop`); pre-drop requests it did
+     not move keep decoding through remote attention from the next step while later steps
+     move their KV.
 
 restore
   0. ``restore_begin`` (leader), then the group serves on: each step gathers a budget of
@@ -507,6 +510,10 @@ class GroupController:
         )
         self._merge = None
         clock.mark("leader's runner")
+        parts = engine.runner.exchange_at_drop()
+        clock.mark("exchange")
+        if parts is not None:
+            logger.info("drop on worker %d: the exchange's host time: %s", self.rank, parts)
 
     def _become_stage(self, spec: GroupSpec, stage: int, group_blocks: int) -> None:
         engine = self.engine

@@ -339,16 +339,23 @@ def _drop_restore(
         # copy from the stage that kept them can bring them back (zeros are harmless as KV)
         memory.kv.prefix_bytes()[ctl.memory.normal_bytes :].zero_()
     info = {"reports": [(r.stage_blocks, r.freed_bytes, r.normal_blocks) for r in reports]}
+    if rank == 0:  # what the drop's own exchange moved, before any pipelined step
+        info["legacy_at_switch"] = sorted(engine.kv.legacy)
+        info["moved_at_switch"] = engine.runner.counters["moved"]
     info["at_drop"] = at_drop
     info["pipelined"] = ctl.describe()
     stage = engine.runner if rank == 0 else ctl.stage_loop
     info["stage_graphs_at_drop"] = 0 if stage.graphs is None else len(stage.graphs.graphs)
     plan = None
     if rank == 0:
-        held = [engine.runner.holds_prompts]  # pre-drop KV to move: its first step holds them
-        _steps(engine, tokens["pipelined"], 1)
-        info["held_prompts"] = [*held, engine.runner.holds_prompts]
-        _steps(engine, tokens["pipelined"], pipelined[0] - 1)
+        held = [engine.runner.holds_prompts]  # the first launches after a drop hold them
+        first = min(3, pipelined[0])
+        for _ in range(first):
+            _steps(engine, tokens["pipelined"], 1)
+            held.append(engine.runner.holds_prompts)
+        info["held_prompts"] = held
+        info["legacy_after_drop_steps"] = sorted(engine.kv.legacy)
+        _steps(engine, tokens["pipelined"], pipelined[0] - first)
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
         if gather:

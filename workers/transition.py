@@ -476,9 +476,13 @@ class GroupController:
             clock.mark("stage")
         check_block_ownership(engine, deep=_deep_checks())
         clock.mark("checks")
+        parts = None
+        if stage == 0:  # last, and timed on the host only: its device time runs on past the
+            with clock.phase("exchange (host)"):  # switch (a synced mark would wait for it)
+                parts = engine.runner.exchange_at_drop()
         logger.info(
             "drop on worker %d: %s; layers [%d, %d), %d stage blocks, %d in the group pool; "
-            "live steps move %.0f MiB",
+            "live steps move %.0f MiB%s",
             self.rank,
             clock,
             start,
@@ -486,6 +490,7 @@ class GroupController:
             stage_blocks,
             group_blocks,
             self.exchange_bytes() / 2**20,
+            f"; the exchange's host time: {parts}" if parts else "",
         )
         return stage_blocks
 
@@ -510,10 +515,6 @@ class GroupController:
         )
         self._merge = None
         clock.mark("leader's runner")
-        parts = engine.runner.exchange_at_drop()
-        clock.mark("exchange")
-        if parts is not None:
-            logger.info("drop on worker %d: the exchange's host time: %s", self.rank, parts)
 
     def _become_stage(self, spec: GroupSpec, stage: int, group_blocks: int) -> None:
         engine = self.engine

@@ -432,12 +432,13 @@ class PipelineRunner(_Stage):
 
     @property
     def holds_prompts(self) -> bool:
-        """Whether the next step must start no waiting request: one of the group's first
-        ``micro_batches`` launches after a drop that adopted running requests. They carry
-        every pre-drop request's first token since the drop (and what is left of the live
-        exchange), and a prompt's prefill beside them would add to each one's token gap at
-        the drop (2x H200, conversation burst: a 1,024-token chunk made the first step
-        32 ms). Later steps admit prompts as usual."""
+        """Whether the next step must start no waiting request (and, where some running
+        request decodes, take only the decodes: ``Engine._step_limits``): one of the group's
+        first ``micro_batches`` launches after a drop that adopted running requests. They
+        carry every pre-drop request's first token since the drop (and what is left of the
+        live exchange), and a prompt's prefill beside them would add to each one's token gap
+        at the drop (2x H200, conversation burst: a 1,024-token chunk made the first step
+        32-37 ms). Later steps admit prompts as usual."""
         return self._pre_drop and self._launches < self.micro_batches
 
     def overlap_depth(self) -> int:

@@ -349,11 +349,23 @@ def _drop_restore(
     plan = None
     if rank == 0:
         held = [engine.runner.holds_prompts]  # the first launches after a drop hold them
+        launched: list[list[tuple[str, int]]] = []  # what the first two scheduled
+        schedule = engine.scheduler.schedule
+
+        def recording(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            if not out.is_empty and len(launched) < 2:
+                launched.append([(x.request.request_id, x.num_new_tokens) for x in out.scheduled])
+            return out
+
+        engine.scheduler.schedule = recording
         first = min(3, pipelined[0])
         for _ in range(first):
             _steps(engine, tokens["pipelined"], 1)
             held.append(engine.runner.holds_prompts)
         info["held_prompts"] = held
+        info["first_launches"] = launched
+        engine.scheduler.schedule = schedule
         info["legacy_after_drop_steps"] = sorted(engine.kv.legacy)
         _steps(engine, tokens["pipelined"], pipelined[0] - first)
         engine.add_request(spec_of("late"))

@@ -482,6 +482,12 @@ def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
     request's tokens alone; the restore starts from a drained pipeline."""
     results = spawn_gloo("drop_restore_overlapped", stories_dir, tmp_path, world=world)
     assert results[0]["legacy_at_switch"] == [] and results[0]["moved_at_switch"] > 0
+    # the first two launches hold prompts: decodes only, not the request mid-prefill at the
+    # drop nor the one waiting then (Engine._step_limits in the overlapped path)
+    at_drop = results[0]["at_drop"]
+    for launch in results[0]["first_launches"]:
+        assert all(n == 1 for _, n in launch), launch
+        assert not {rid for rid, _ in launch} & {*at_drop["mid_prefill"], *at_drop["waiting"]}
     assert results[0]["max_in_flight"] == world
     assert not results[0]["legacy_at_restore"]
     rids = requests_for(world)

@@ -434,12 +434,15 @@ class PipelineRunner(_Stage):
     def holds_prompts(self) -> bool:
         """Whether the next step must start no waiting request (and, where some running
         request decodes, take only the decodes: ``Engine._step_limits``): one of the group's
-        first ``micro_batches`` launches after a drop that adopted running requests. They
-        carry every pre-drop request's first token since the drop (and what is left of the
-        live exchange), and a prompt's prefill beside them would add to each one's token gap
-        at the drop (2x H200, conversation burst: a 1,024-token chunk made the first step
-        32-37 ms). Later steps admit prompts as usual."""
-        return self._pre_drop and self._launches < self.micro_batches
+        first ``micro_batches + 1`` launches after a drop that adopted running requests. The
+        first ``micro_batches`` carry every pre-drop request's first token since the drop
+        (and what is left of the live exchange), and a prompt's prefill beside them would
+        add to each one's token gap at the drop (2x H200, conversation burst: a 1,024-token
+        chunk made the first step 32-37 ms). The one after them is held too: the engine
+        collects micro-batch ``k`` only after launching ``k + 1``, and an eager prefill
+        launch held the second micro-batch's tokens 14.6 ms there. Later steps admit prompts
+        as usual."""
+        return self._pre_drop and self._launches <= self.micro_batches
 
     def overlap_depth(self) -> int:
         """Micro-batches the engine may keep in flight now: 1 while pre-drop requests remain

@@ -349,12 +349,12 @@ def _drop_restore(
     plan = None
     if rank == 0:
         held = [engine.runner.holds_prompts]  # the first launches after a drop hold them
-        launched: list[list[tuple[str, int]]] = []  # what the first two scheduled
+        launched: list[list[tuple[str, int]]] = []  # what the first three scheduled
         schedule = engine.scheduler.schedule
 
         def recording(*args, **kwargs):
             out = schedule(*args, **kwargs)
-            if not out.is_empty and len(launched) < 2:
+            if not out.is_empty and len(launched) < 3:
                 launched.append([(x.request.request_id, x.num_new_tokens) for x in out.scheduled])
             return out
 
@@ -364,10 +364,9 @@ def _drop_restore(
             _steps(engine, tokens["pipelined"], 1)
             held.append(engine.runner.holds_prompts)
         info["held_prompts"] = held
+        _steps(engine, tokens["pipelined"], pipelined[0] - first)
         info["first_launches"] = launched
         engine.scheduler.schedule = schedule
-        info["legacy_after_drop_steps"] = sorted(engine.kv.legacy)
-        _steps(engine, tokens["pipelined"], pipelined[0] - first)
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
         if gather:

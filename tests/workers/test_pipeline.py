@@ -368,8 +368,9 @@ def test_gloo_drop_then_restore_keeps_every_token(stories_dir: Path, tmp_path: P
     assert all(r0["tokens"][p] for p in PHASES)  # every phase generated tokens
     assert r0["at_drop"] == {"mid_prefill": ["a1"], "waiting": ["a2"]}
     assert r1["at_drop"]["waiting"] == ["b2"]
-    # the first two launches (one per micro-batch in flight) hold prompts, then no more
-    assert r0["held_prompts"] == [True, True, False, False]
+    # the first three launches (one per micro-batch in flight, and the one before the second
+    # is collected) hold prompts, then no more
+    assert r0["held_prompts"] == [True, True, True, False]
     # the drop moved the first budget itself (the least: a layer a step, and the layers that
     # cross no link); the rest waits for later steps
     assert r0["moved_at_switch"] > 0 and r0["legacy_at_switch"]
@@ -482,9 +483,10 @@ def test_gloo_one_micro_batch_per_stage_in_flight_keeps_every_token(
     request's tokens alone; the restore starts from a drained pipeline."""
     results = spawn_gloo("drop_restore_overlapped", stories_dir, tmp_path, world=world)
     assert results[0]["legacy_at_switch"] == [] and results[0]["moved_at_switch"] > 0
-    # the first two launches hold prompts: decodes only, not the request mid-prefill at the
-    # drop nor the one waiting then (Engine._step_limits in the overlapped path)
+    # the first three launches hold prompts: decodes only, not the request mid-prefill at
+    # the drop nor the one waiting then (Engine._step_limits in the overlapped path)
     at_drop = results[0]["at_drop"]
+    assert len(results[0]["first_launches"]) == 3
     for launch in results[0]["first_launches"]:
         assert all(n == 1 for _, n in launch), launch
         assert not {rid for rid, _ in launch} & {*at_drop["mid_prefill"], *at_drop["waiting"]}

@@ -206,9 +206,13 @@ class Engine:
         outputs = self.drain()  # steps that run alone wait for those in flight
         start = time.perf_counter()
         with self.clock.phase("schedule"):
-            budget, admit, decodes_only = self._step_limits()
+            budget, decodes_only = self._token_budget(), False
+            if self.hold_until and time.monotonic() < self.hold_until:  # hold_prompts
+                decodes_only = any(r.num_pending_tokens == 1 for r in self.scheduler.running)
+                if not decodes_only:  # prompts alone: a few of their tokens
+                    budget = min(budget, HELD_STEP_TOKENS)
             out = self.scheduler.schedule(
-                token_budget=budget, admit=admit, decodes_only=decodes_only
+                token_budget=budget, admit=self._admits(), decodes_only=decodes_only
             )
         if out.is_empty:
             return outputs
@@ -244,22 +248,10 @@ class Engine:
         once the group serves, with the KV the drop frees."""
         self.hold_until = time.monotonic() + seconds if seconds > 0 else 0.0
 
-    def _step_limits(self) -> tuple[int, bool, bool]:
-        """The next step's (token budget, whether it may start waiting requests, whether it
-        takes decodes only). Two holds keep a step short: the engine's before a drop
-        (:meth:`hold_prompts`) and a pipeline group's first launches after one
-        (``PipelineRunner.holds_prompts``: they start no waiting request). Under either, a
-        step where some running request decodes takes only the decodes; under the first,
-        another takes at most :data:`HELD_STEP_TOKENS` prompt tokens."""
-        budget = self._token_budget()
-        held = bool(self.hold_until) and time.monotonic() < self.hold_until
-        after_drop = getattr(self.runner, "holds_prompts", False)
-        if not (held or after_drop):
-            return budget, True, False
-        decodes_only = any(r.num_pending_tokens == 1 for r in self.scheduler.running)
-        if held and not decodes_only:  # prompts alone: a few of their tokens
-            budget = min(budget, HELD_STEP_TOKENS)
-        return budget, not after_drop, decodes_only
+    def _admits(self) -> bool:
+        """Whether the next step may start waiting requests: not a pipeline group's first
+        step after a drop (``PipelineRunner.holds_prompts``)."""
+        return not getattr(self.runner, "holds_prompts", False)
 
     def _overlap_depth(self) -> int:
         """Micro-batches to keep in flight now: the runner's, when it can overlap them."""
@@ -271,9 +263,8 @@ class Engine:
             busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
             running = len(self.scheduler.running)
             with self.clock.phase("schedule"):
-                budget, admit, decodes_only = self._step_limits()
                 out = self.scheduler.schedule(
-                    busy, max(1, -(-running // depth)), budget, admit, decodes_only
+                    busy, max(1, -(-running // depth)), self._token_budget()
                 )
             if not out.is_empty:
                 with self.clock.phase("launch"):

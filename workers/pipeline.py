@@ -394,8 +394,6 @@ class PipelineRunner(_Stage):
         """A live restore's weight copies still to run while the group serves (set by the
         restore's begin, workers/transition.py)."""
         self.micro_batches = micro_batches or len(ranks)
-        self._pre_drop = kv is not None and bool(kv.legacy)
-        """Whether the group began with running requests (a drop adopted them)."""
         self._launched: collections.deque[_Launched] = collections.deque()
         self.peak_in_flight = 0
         """The most steps launched and not yet collected at once so far."""
@@ -432,17 +430,12 @@ class PipelineRunner(_Stage):
 
     @property
     def holds_prompts(self) -> bool:
-        """Whether the next step must start no waiting request (and, where some running
-        request decodes, take only the decodes: ``Engine._step_limits``): one of the group's
-        first ``micro_batches + 1`` launches after a drop that adopted running requests. The
-        first ``micro_batches`` carry every pre-drop request's first token since the drop
-        (and what is left of the live exchange), and a prompt's prefill beside them would
-        add to each one's token gap at the drop (2x H200, conversation burst: a 1,024-token
-        chunk made the first step 32-37 ms). The one after them is held too: the engine
-        collects micro-batch ``k`` only after launching ``k + 1``, and an eager prefill
-        launch held the second micro-batch's tokens 14.6 ms there. Later steps admit prompts
-        as usual."""
-        return self._pre_drop and self._launches <= self.micro_batches
+        """Whether the next step must start no waiting request: the group's first step after
+        a drop, while pre-drop KV is still to move. That step carries the live exchange, and
+        a prompt's prefill beside it would add to every pre-drop request's token gap at the
+        drop (2x H200, conversation burst: a 1,024-token chunk made the first step 32 ms).
+        Later steps admit prompts as usual."""
+        return self._launches == 0 and self.kv is not None and bool(self.kv.legacy)
 
     def overlap_depth(self) -> int:
         """Micro-batches the engine may keep in flight now: 1 while pre-drop requests remain
@@ -569,31 +562,6 @@ class PipelineRunner(_Stage):
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
     @torch.inference_mode()
-    def exchange_at_drop(self) -> PhaseClock | None:
-        """Runs the live exchange's first budget (:meth:`GroupKVManager.plan_exchange` of no
-        step) in an exchange-only step, from the leader's ``drop_execute``: every stage posts
-        its moves before the engines resume, so their device time runs beside the resume and
-        the first step's host work, which then waits only for what is left of it; and where
-        the budget moved every pre-drop request, the first step is a plain one (a decode
-        graph, micro-batches in flight). Returns the moves' host time by part (None when
-        nothing moves). Raises RuntimeError when steps are in flight."""
-        self._check_drained()
-        if self.kv is None or not self.kv.legacy:
-            return None
-        moves = self.kv.plan_exchange(None)
-        if not moves:
-            return None
-        plan = StepPlan(tuple(moves))
-        self._announce(StepHeader(StageOp.STEP), plan)
-        parts = self.exchange(plan)
-        logger.info(
-            "kv exchange: %d slices move with the drop; %d pre-drop requests left to later steps",
-            len(moves),
-            len(self.kv.legacy),
-        )
-        return parts
-
-    @torch.inference_mode()
     def finish_exchange(self) -> int:
         """Moves the remaining KV of every pre-drop request partly moved now, in one step with
         no compute (a restore takes each request's KV either whole from its home or from
@@ -658,14 +626,6 @@ class StageLoop(_Stage):
                 parts = self.exchange(plan)
                 clock.mark("exchange")
             if h.num_seqs == 0:
-                if plan is not None and steps < _LOGGED_STEPS:
-                    logger.info(
-                        "stage %d, exchange-only step: %.2f ms from its header (%s)%s",
-                        self.stage,
-                        1e3 * (time.perf_counter() - start),
-                        clock,
-                        _parts(parts),
-                    )
                 continue
             router = self.router(plan)
             self.serve(router, range(self.stage))

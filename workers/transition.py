@@ -26,11 +26,8 @@ drop
      requests as pre-drop requests (their L-layer blocks reserved in the group pool,
      workers/remote_attention.py) and runs the group scheduler through
      :class:`~workers.pipeline.PipelineRunner`, the others a
-     :class:`~workers.pipeline.StageLoop`. The leader's last act is the live exchange's first
-     budget, posted on every stage before the engines resume
-     (:meth:`~workers.pipeline.PipelineRunner.exchange_at_drop`); pre-drop requests it did
-     not move keep decoding through remote attention from the next step while later steps
-     move their KV.
+     :class:`~workers.pipeline.StageLoop`. Pre-drop requests keep decoding through remote
+     attention from the next step while the live exchange moves their KV.
 
 restore
   0. ``restore_begin`` (leader), then the group serves on: each step gathers a budget of
@@ -476,13 +473,9 @@ class GroupController:
             clock.mark("stage")
         check_block_ownership(engine, deep=_deep_checks())
         clock.mark("checks")
-        parts = None
-        if stage == 0:  # last, and timed on the host only: its device time runs on past the
-            with clock.phase("exchange (host)"):  # switch (a synced mark would wait for it)
-                parts = engine.runner.exchange_at_drop()
         logger.info(
             "drop on worker %d: %s; layers [%d, %d), %d stage blocks, %d in the group pool; "
-            "live steps move %.0f MiB%s",
+            "live steps move %.0f MiB",
             self.rank,
             clock,
             start,
@@ -490,7 +483,6 @@ class GroupController:
             stage_blocks,
             group_blocks,
             self.exchange_bytes() / 2**20,
-            f"; the exchange's host time: {parts}" if parts else "",
         )
         return stage_blocks
 

@@ -339,34 +339,16 @@ def _drop_restore(
         # copy from the stage that kept them can bring them back (zeros are harmless as KV)
         memory.kv.prefix_bytes()[ctl.memory.normal_bytes :].zero_()
     info = {"reports": [(r.stage_blocks, r.freed_bytes, r.normal_blocks) for r in reports]}
-    if rank == 0:  # what the drop's own exchange moved, before any pipelined step
-        info["legacy_at_switch"] = sorted(engine.kv.legacy)
-        info["moved_at_switch"] = engine.runner.counters["moved"]
     info["at_drop"] = at_drop
     info["pipelined"] = ctl.describe()
     stage = engine.runner if rank == 0 else ctl.stage_loop
     info["stage_graphs_at_drop"] = 0 if stage.graphs is None else len(stage.graphs.graphs)
     plan = None
     if rank == 0:
-        held = [engine.runner.holds_prompts]  # the first launches after a drop hold them
-        launched: list[list[tuple[str, int]]] = []  # what the first three scheduled
-        schedule = engine.scheduler.schedule
-
-        def recording(*args, **kwargs):
-            out = schedule(*args, **kwargs)
-            if not out.is_empty and len(launched) < 3:
-                launched.append([(x.request.request_id, x.num_new_tokens) for x in out.scheduled])
-            return out
-
-        engine.scheduler.schedule = recording
-        first = min(3, pipelined[0])
-        for _ in range(first):
-            _steps(engine, tokens["pipelined"], 1)
-            held.append(engine.runner.holds_prompts)
-        info["held_prompts"] = held
-        _steps(engine, tokens["pipelined"], pipelined[0] - first)
-        info["first_launches"] = launched
-        engine.scheduler.schedule = schedule
+        held = [engine.runner.holds_prompts]  # pre-drop KV to move: its first step holds them
+        _steps(engine, tokens["pipelined"], 1)
+        info["held_prompts"] = [*held, engine.runner.holds_prompts]
+        _steps(engine, tokens["pipelined"], pipelined[0] - 1)
         engine.add_request(spec_of("late"))
         _steps(engine, tokens["pipelined"], pipelined[1])
         if gather:

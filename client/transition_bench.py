@@ -12,7 +12,10 @@ its baseline from the same run (DESIGN.md §8, issue #5):
   K: KV bytes per GPU before the drop);
 - the largest gap between two tokens of a request that was running at the drop, across the
   drop and across the restore, beside that request's median time between tokens before it;
-- decode tokens/s in pipeline mode beside normal mode (same requests, same concurrency).
+- decode tokens/s in pipeline mode beside normal mode (same requests, same concurrency);
+- prompt tokens/s of a burst of ``--prefill-requests`` prompts (``--prefill-len`` tokens each,
+  one output token) sent at once beside the decoding requests, in pipeline mode beside normal
+  mode: a burst is prefill, and a pipeline runs it in micro-batches (DESIGN.md §6).
 """
 
 from __future__ import annotations
@@ -49,6 +52,26 @@ async def _run_request(
         ids = getattr(ev, "token_ids", ())
         now = time.monotonic()
         tr.times.extend([now] * len(ids))
+
+
+async def _prefill_burst(
+    client: AsyncKunserveClient, vocab: int, n: int, length: int, tag: str
+) -> float:
+    """Sends ``n`` prompts of ``length`` random tokens at once, one output token each; returns
+    prompt tokens/s: ``n * length`` over the seconds until the last one has finished (0 when
+    ``n`` is 0). Raises what a request raised."""
+    if n == 0:
+        return 0.0
+    rng = random.Random(tag)
+    prompts = [[rng.randrange(1, vocab) for _ in range(length)] for _ in range(n)]
+    start = time.monotonic()
+    await asyncio.gather(
+        *(
+            _run_request(client, f"bench-prefill-{tag}-{i}", p, 1, _Trace())
+            for i, p in enumerate(prompts)
+        )
+    )
+    return n * length / (time.monotonic() - start)
 
 
 def _max_gap(times: list[float], lo: float, hi: float) -> float:
@@ -116,12 +139,17 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.sleep(0.05)
     t0 = time.monotonic()
     await asyncio.sleep(args.phase_s)
+    t_normal_end = time.monotonic()  # the prefill bursts stay out of the decode windows
+    burst = (vocab, args.prefill_requests, args.prefill_len)
+    normal_prefill = await _prefill_burst(client, *burst, "normal")
     channel = grpc.aio.insecure_channel(f"{args.host}:{args.port}")
     admin = apb_grpc.AdminServiceStub(channel)
     t_drop = time.monotonic()
     dropped = (await admin.Drop(apb.DropRequest(), timeout=300)).group
     t_dropped = time.monotonic()
     await asyncio.sleep(args.phase_s)
+    t_pipeline_end = time.monotonic()
+    pipeline_prefill = await _prefill_burst(client, *burst, "pipeline")
     t_restore = time.monotonic()
     restored = (await admin.Restore(apb.RestoreRequest(), timeout=300)).group
     t_restored = time.monotonic()
@@ -134,7 +162,7 @@ async def run(args: argparse.Namespace) -> dict:
     await client.close()
 
     g = len(dropped.instance_ids)
-    tbt = [_tbt(t.times, t0, t_drop) for t in traces]
+    tbt = [_tbt(t.times, t0, t_normal_end) for t in traces]
     drop_gap = [_max_gap(t.times, t_drop, t_dropped + args.phase_s / 2) for t in traces]
     restore_gap = [_max_gap(t.times, t_restore, t_restored + args.phase_s / 2) for t in traces]
     weight_bytes = args.weight_gb * 2**30
@@ -161,11 +189,14 @@ async def run(args: argparse.Namespace) -> dict:
         "max_gap_drop_x_tbt": max(d / b for d, b in zip(drop_gap, tbt, strict=True)),
         "max_gap_restore_ms": max(restore_gap) * 1e3,
         "max_gap_restore_x_tbt": max(d / b for d, b in zip(restore_gap, tbt, strict=True)),
-        "normal_tokens_per_s": _rate(traces, t0, t_drop),
-        "pipeline_tokens_per_s": _rate(traces, t_dropped + settle, t_restore),
+        "normal_tokens_per_s": _rate(traces, t0, t_normal_end),
+        "pipeline_tokens_per_s": _rate(traces, t_dropped + settle, t_pipeline_end),
         "after_restore_tokens_per_s": _rate(traces, t_restored + settle, t_end),
+        "normal_prefill_tokens_per_s": normal_prefill,
+        "pipeline_prefill_tokens_per_s": pipeline_prefill,
     }
     out["pipeline_vs_normal"] = out["pipeline_tokens_per_s"] / out["normal_tokens_per_s"]
+    out["pipeline_vs_normal_prefill"] = pipeline_prefill / normal_prefill if normal_prefill else 0
     return out
 
 
@@ -206,6 +237,15 @@ def report(r: dict) -> str:
             f"{r['pipeline_vs_normal']:.2f}x normal ({r['normal_tokens_per_s']:.0f})",
         ),
     ]
+    if r["normal_prefill_tokens_per_s"]:
+        rows.append(
+            (
+                "prompt tokens/s pipelined",
+                f"{r['pipeline_prefill_tokens_per_s']:.0f}",
+                f"{r['pipeline_vs_normal_prefill']:.2f}x normal "
+                f"({r['normal_prefill_tokens_per_s']:.0f}), a burst beside the decodes",
+            )
+        )
     width = max(len(a) for a, _, _ in rows)
     return "\n".join(f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows)
 
@@ -225,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per request")
     p.add_argument("--max-tokens", type=int, default=100000, help="tokens each may generate")
     p.add_argument("--phase-s", type=float, default=5.0, help="seconds per phase")
+    p.add_argument(
+        "--prefill-requests",
+        type=int,
+        default=16,
+        help="prompts of each prefill burst (one before the drop, one after; 0: none)",
+    )
+    p.add_argument("--prefill-len", type=int, default=1024, help="prompt tokens per burst prompt")
     p.add_argument("--weight-gb", type=float, required=True, help="weight GiB per GPU (W)")
     p.add_argument("--link-gbps", type=float, default=395.0, help="link floor, GB/s")
     p.add_argument("--output-json", default=None)

@@ -217,6 +217,7 @@ def test_bench_drop_measures_a_forced_drop_and_restore(
     cmd = [sys.executable, "-m", "coordinator.cli", "bench", "drop", "--host", host]
     cmd += ["--port", port, "--num-requests", "4", "--prompt-len", "32", "--max-tokens", "400"]
     cmd += ["--phase-s", "1", "--weight-gb", "0.001", "--output-json", str(out)]
+    cmd += ["--prefill-requests", "3", "--prefill-len", "40"]
     for _ in range(2):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr
@@ -227,6 +228,8 @@ def test_bench_drop_measures_a_forced_drop_and_restore(
     assert 0 < r["drop_s"] < 60 and 0 < r["restore_s"] < 60
     assert r["normal_tokens_per_s"] > 0 and r["pipeline_tokens_per_s"] > 0
     assert r["after_restore_tokens_per_s"] > 0
+    assert r["normal_prefill_tokens_per_s"] > 0 and r["pipeline_prefill_tokens_per_s"] > 0
+    assert "prompt tokens/s pipelined" in done.stdout
     assert r["max_gap_drop_ms"] > r["normal_tbt_ms"] > 0  # the pause shows as a gap
     assert "drop" in done.stdout and "restore" in done.stdout
     assert [i.state for i in _info(drop_server.address).instances] == [pb.INSTANCE_STATE_NORMAL] * 2

@@ -24,7 +24,7 @@ from workers.kv_pool import KVBlockFormat
 from workers.memory import WorkerMemory
 from workers.model_loader import build_model
 from workers.models.llama import LlamaModel
-from workers.piecewise_graphs import PIECEWISE_SIZES, PiecewiseGraphs
+from workers.piecewise_graphs import PiecewiseGraphs, piecewise_max_tokens
 from workers.request import Request, SamplingParams
 from workers.sampler import Sampler, TokenLogprobs, argmax_suffices
 from workers.scheduler import ScheduledRequest, SchedulerOutput
@@ -267,7 +267,7 @@ class ModelRunner:
         sizes = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)
         width = -(-self.max_model_len // self.block_size)
         start, free = time.perf_counter(), self.device_free_bytes()
-        tokens = min(sched.max_num_batched_tokens, PIECEWISE_SIZES[-1])
+        tokens = piecewise_max_tokens(sched, stage=False)
         pieces = PiecewiseGraphs(self.model, self.graph_kv_cache, tokens, self.graph_pool)
         graphs = CudaGraphRunner(self.model, self.graph_kv_cache, sizes, width, pieces)
         graphs.capture()

@@ -33,8 +33,15 @@ replays, so every piece of every size (and every stage of a worker) can share on
 What a graph reads must not move: the parameters and the KV tensor (the same contract, and the
 same key, as the decode graphs: workers/cuda_graphs.py ``graph_key``).
 
-Steps larger than the largest size (512 tokens by default, vLLM's default bound too) run
-eagerly: at that size the GPU, not the host, sets the step time. Steps with pre-drop requests
+A whole model's steps replay up to 512 tokens (:data:`MODEL_PIECEWISE_TOKENS`, vLLM's default
+bound too); larger ones run eagerly, where the GPU, not the host, sets the step time (an eager
+1,024-token mixed step of Llama-3-8B on an H200: 15 ms of host time to launch, 29 ms on the
+GPU). A pipeline stage's pieces replay up to its micro-batch budget (1,024 tokens by default,
+workers/pipeline.py): a stage runs half the layers, so its GPU time halves, while the host time
+per micro-batch of the leader, which also schedules and samples every micro-batch, does not. On
+the Azure code burst (2 H200s, docs/benchmarks.md, session 16) an eager 1,024-token micro-batch
+took 8-19 ms of the leader's host time on stage 0 and the group ran host-bound; through the
+pieces it took 3 ms, for about 720 MiB more graph memory per GPU. Steps with pre-drop requests
 (remote attention) run eagerly as well: their attention is a message exchange.
 """
 
@@ -54,8 +61,22 @@ from workers.models.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
 
-PIECEWISE_SIZES = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512)
-"""Token counts captured by default (padding waste at most a third above 64 tokens)."""
+PIECEWISE_SIZES = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+"""Token counts that may be captured (padding waste at most a third above 64 tokens); each
+user caps them (:func:`piecewise_sizes`)."""
+
+MODEL_PIECEWISE_TOKENS = 512
+"""The largest step a whole model's pieces replay (module docstring)."""
+
+
+def piecewise_max_tokens(scheduler: Any, stage: bool) -> int:
+    """The largest step whose pieces are captured: for a whole model the step budget
+    (``scheduler.max_num_batched_tokens``) up to :data:`MODEL_PIECEWISE_TOKENS`, for a
+    pipeline stage (``stage``) the micro-batch budget (``scheduler.pipeline_token_budget``,
+    a workers.config.SchedulerConfig) up to the largest of :data:`PIECEWISE_SIZES`."""
+    if stage:
+        return min(scheduler.pipeline_token_budget, PIECEWISE_SIZES[-1])
+    return min(scheduler.max_num_batched_tokens, MODEL_PIECEWISE_TOKENS)
 
 
 def piecewise_sizes(max_tokens: int, sizes: Sequence[int] = PIECEWISE_SIZES) -> list[int]:

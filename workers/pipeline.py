@@ -29,7 +29,7 @@ from workers import envs, kv_exchange
 from workers.cuda_graphs import capture_sizes, graph_blocker, graph_key
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
-from workers.piecewise_graphs import PIECEWISE_SIZES
+from workers.piecewise_graphs import piecewise_max_tokens
 from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttention, StepPlan
 from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
@@ -216,7 +216,7 @@ def stage_graphs_for(
     sched = cfg.scheduler
     max_batch = capture_sizes(sched.max_num_seqs, sched.max_num_batched_tokens)[-1]
     width = -(-runner.max_model_len // runner.block_size)
-    piecewise = min(sched.pipeline_token_budget, PIECEWISE_SIZES[-1])
+    piecewise = piecewise_max_tokens(sched, stage=True)
     pool = getattr(runner, "graph_pool", None)
     graphs = StageGraphs(model, kv_cache, width, max_batch, replay_eagerly, piecewise, pool)
     if kept is not None:

@@ -17,7 +17,7 @@ from tests.workers.test_cuda_graphs import by_slot, gpu, random_prompts
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine import Engine, RequestSpec
 from workers.model_runner import ModelRunner
-from workers.piecewise_graphs import PiecewiseGraphs, piecewise_sizes
+from workers.piecewise_graphs import PiecewiseGraphs, piecewise_max_tokens, piecewise_sizes
 from workers.pipeline import run_stage
 from workers.request import Request, SamplingParams
 from workers.scheduler import ScheduledRequest, SchedulerOutput
@@ -30,19 +30,40 @@ BLOCKS = 32
 @pytest.mark.parametrize(
     ("max_tokens", "expected"),
     [
-        (1024, [16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512]),
+        (2048, [16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]),
+        (1024, [16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024]),
+        (600, [16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 600]),
         (512, [16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512]),
         (300, [16, 32, 64, 96, 128, 192, 256, 300]),
         (16, [16]),
         (5, [5]),
     ],
 )
-def test_piecewise_sizes_stop_at_the_step_budget_and_at_512(
+def test_piecewise_sizes_stop_at_the_step_budget_and_at_1024(
     max_tokens: int, expected: list[int]
 ) -> None:
     assert piecewise_sizes(max_tokens) == expected
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         piecewise_sizes(0)
+
+
+@pytest.mark.parametrize(
+    ("batched", "pipeline", "model_max", "stage_max"),
+    [
+        (8192, None, 512, 1024),  # the defaults: a stage replays its 1,024-token micro-batches
+        (8192, 4096, 512, 1024),
+        (8192, 600, 512, 600),
+        (300, None, 300, 300),
+    ],
+)
+def test_a_stage_captures_up_to_its_micro_batch_budget_and_a_whole_model_up_to_512(
+    batched: int, pipeline: int | None, model_max: int, stage_max: int
+) -> None:
+    sched = SchedulerConfig(
+        max_num_batched_tokens=batched, pipeline_max_num_batched_tokens=pipeline
+    )
+    assert piecewise_max_tokens(sched, stage=False) == model_max
+    assert piecewise_max_tokens(sched, stage=True) == stage_max
 
 
 def runner_for(model_dir: Path, layer_range: tuple[int, int] | None = None) -> ModelRunner:

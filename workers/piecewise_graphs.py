@@ -37,12 +37,13 @@ A whole model's steps replay up to 512 tokens (:data:`MODEL_PIECEWISE_TOKENS`, v
 bound too); larger ones run eagerly, where the GPU, not the host, sets the step time (an eager
 1,024-token mixed step of Llama-3-8B on an H200: 15 ms of host time to launch, 29 ms on the
 GPU). A pipeline stage's pieces replay up to its micro-batch budget (1,024 tokens by default,
-workers/pipeline.py): a stage runs half the layers, so its GPU time halves, while the host time
-per micro-batch of the leader, which also schedules and samples every micro-batch, does not. On
-the Azure code burst (2 H200s, docs/benchmarks.md, session 16) an eager 1,024-token micro-batch
-took 8-19 ms of the leader's host time on stage 0 and the group ran host-bound; through the
-pieces it took 3 ms, for about 720 MiB more graph memory per GPU. Steps with pre-drop requests
-(remote attention) run eagerly as well: their attention is a message exchange.
+workers/config.py ``PIPELINE_TOKENS``): a stage runs half the layers, so its GPU time halves,
+while the host time per micro-batch of the leader, which also schedules and samples every micro-
+batch, does not. On the Azure code burst (2 H200s, docs/benchmarks.md, session 16) an eager
+1,024-token micro-batch took 8-19 ms of the leader's host time on stage 0 and the group ran
+host-bound; through the pieces it took 3 ms, for about 720 MiB more graph memory per GPU. Steps
+with pre-drop requests (remote attention) run eagerly as well: their attention is a message
+exchange.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class Verdict:
     """Time of the sample decided on (seconds, the caller's clock)."""
     demand: float
     """Smoothed KV demand over normal capacity (fraction)."""
+    latest_demand: float
+    """KV demand over normal capacity at the latest sample, unsmoothed (fraction)."""
     slope_per_s: float
     """Least-squares slope of demand over the window (fraction per second)."""
     reason: str
@@ -178,6 +180,7 @@ class OverloadDetector:
             group_id=key[1] if key[0] == "group" else None,
             t=last.t,
             demand=last.smoothed,
+            latest_demand=last.demand,
             slope_per_s=last.slope_per_s,
             reason=reason,
         )
@@ -192,6 +195,13 @@ class OverloadDetector:
         held = len(dwell) == self._n_dwell and all(getattr(s, flag) for s in dwell)
         at_once = decision is Decision.DROP and last.overloaded_at_once
         if not (held or at_once):
+            streak = 0
+            for s in reversed(dwell):
+                if not getattr(s, flag):
+                    break
+                streak += 1
+            if streak:  # the first samples of a streak: the dwell goes on
+                return Decision.NONE, f"{flag} on {streak} of {self._n_dwell} samples"
             return Decision.NONE, f"not {flag} for {self._n_dwell} samples"
         since = max(self._since.get(i, -math.inf) for i in self._members[key])
         if last.t - since < self.config.cooldown_s:

@@ -299,7 +299,7 @@ def test_a_pause_in_sampling_clears_the_windows() -> None:
     assert det.decide()[0].decision is Decision.DROP
     det.observe(5.0, [_normal(0, 1200, 200)])
     verdict = det.decide()[0]
-    assert verdict.decision is Decision.NONE and verdict.reason == "not overloaded for 2 samples"
+    assert verdict.decision is Decision.NONE and verdict.reason == "overloaded on 1 of 2 samples"
 
 
 def test_observe_rejects_bad_samples() -> None:
@@ -322,6 +322,12 @@ def test_a_queue_as_large_as_the_kv_drops_at_the_first_sample(loop: ControlLoop)
     dwell = ControlLoop(loop.shape, loop.cost_model)
     assert dwell.run(lambda t: {0: 1.5 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
         (11.0, Decision.DROP, (0, 1))
+    ]
+    # 10.0 averages 0.2 and 1.5 (0.85: not overloaded); 10.5 begins the dwell
+    first = [v for v in dwell.verdicts if v.instance_ids == (0,) and v.t in (10.0, 10.5)]
+    assert [(v.reason, v.latest_demand, round(v.demand, 3)) for v in first] == [
+        ("not overloaded for 2 samples", 1.5, 0.85),
+        ("overloaded on 1 of 2 samples", 1.5, 1.5),
     ]
 
 

@@ -260,15 +260,11 @@ class Engine:
 
     def _step_overlapped(self, depth: int) -> list[RequestOutput]:
         if len(self.in_flight) < depth:
-            flying: dict[str, int] = {}
-            for o, _ in self.in_flight:
-                for s in o.scheduled:
-                    rid = s.request.request_id
-                    flying[rid] = flying.get(rid, 0) + s.num_new_tokens
+            busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
             running = len(self.scheduler.running)
             with self.clock.phase("schedule"):
                 out = self.scheduler.schedule(
-                    flying, max(1, -(-running // depth)), self._token_budget()
+                    busy, max(1, -(-running // depth)), self._token_budget()
                 )
             if not out.is_empty:
                 with self.clock.phase("launch"):

@@ -581,7 +581,7 @@ class GroupKVManager(KVCacheManager):
         if not legacy and not moves and not gathers and not weights:
             return None
         q = tuple(s.num_new_tokens for s in out.scheduled)
-        c = tuple(s.num_computed + s.num_new_tokens for s in out.scheduled)
+        c = tuple(s.request.num_computed_tokens + s.num_new_tokens for s in out.scheduled)
         return StepPlan(tuple(moves), tuple(legacy), q, c, tuple(gathers), tuple(weights))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from planner.policies import preemption_victim
@@ -27,19 +27,13 @@ logger = logging.getLogger(__name__)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    num_computed: int = -1
-    """Tokens before this chunk: the request's ``num_computed_tokens`` plus those of its
-    chunks in micro-batches still in flight (pipeline mode); the chunk's positions start
-    here. Defaults to ``num_computed_tokens``."""
     samples: bool = field(init=False)
     """True when this step computes the request's last pending token, so it samples one. Fixed
     at scheduling time: ``update`` advances ``num_computed_tokens`` afterwards."""
 
     def __post_init__(self) -> None:
         r = self.request
-        if self.num_computed < 0:
-            self.num_computed = r.num_computed_tokens
-        self.samples = self.num_computed + self.num_new_tokens == r.num_tokens
+        self.samples = r.num_computed_tokens + self.num_new_tokens == r.num_tokens
 
 
 @dataclass
@@ -95,18 +89,14 @@ class Scheduler:
 
     def schedule(
         self,
-        in_flight: Mapping[str, int] | None = None,
+        busy: Collection[str] = frozenset(),
         max_running: int | None = None,
         token_budget: int | None = None,
         admit: bool = True,
         decodes_only: bool = False,
     ) -> SchedulerOutput:
-        """The next batch. ``in_flight``: tokens of each running request in micro-batches
-        still in flight (pipeline mode). Such a request is never preempted; its next prompt
-        chunk may follow them in this batch (each stage runs micro-batches in launch order, so
-        the chunk's attention finds their KV written), but nothing that needs their sampled
-        token (chunked pipeline prefill: a long prompt fills consecutive micro-batches,
-        first come first served, instead of every other one). ``max_running``: most
+        """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
+        (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
         running requests this batch takes (pipeline mode spreads them over micro-batches);
         waiting requests it admits do not count. ``token_budget``: most tokens in the batch
         (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
@@ -115,7 +105,7 @@ class Scheduler:
         its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget, in_flight or {}, max_running, decodes_only)
+        budget = self._schedule_running(out, budget, busy, max_running, decodes_only)
         if not out.preempted and admit and not decodes_only:
             self._schedule_waiting(out, budget)
         # single-token queries first: a mixed step runs their attention with the decode
@@ -127,36 +117,30 @@ class Scheduler:
         self,
         out: SchedulerOutput,
         budget: int,
-        in_flight: Mapping[str, int],
+        busy: Collection[str],
         max_running: int | None,
         decodes_only: bool = False,
     ) -> int:
         i, limit = 0, len(self.running) if max_running is None else max_running
         while i < len(self.running) and budget > 0 and len(out.scheduled) < limit:
             req = self.running[i]
-            flying = in_flight.get(req.request_id, 0)
-            pending = req.num_pending_tokens - flying
-            if pending <= 0 or (decodes_only and pending > 1):
+            if req.request_id in busy or (decodes_only and req.num_pending_tokens > 1):
                 i += 1
                 continue
-            n = min(pending, budget)
-            while self.kv.allocate_slots(req, flying + n) is None:
-                idle = [r for r in self.running if r.request_id not in in_flight]
-                if not idle:  # only requests in flight hold blocks: wait for them
-                    break
+            n = min(req.num_pending_tokens, budget)
+            while self.kv.allocate_slots(req, n) is None:
+                idle = [r for r in self.running if r.request_id not in busy]
                 victim = idle[preemption_victim(idle)]
                 self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            else:
-                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens + flying))
-                budget -= n
-                i += 1
-                continue
-            if req.status is not RequestStatus.RUNNING or flying:
-                break  # preempted itself, or it waits for its chunks in flight
+            if req.status is not RequestStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+            i += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:

@@ -40,7 +40,6 @@ from workers.pipeline import (
     run_stage,
     stage_graphs_for,
 )
-from workers.scheduler import SchedulerOutput
 from workers.stage_memory import VmmStageMemory
 from workers.transition import GroupSpec
 
@@ -186,12 +185,11 @@ def _run_loopback_pipeline(
     rids: list[str],
     max_seqs: int = 2,
     pipeline_budget: int | None = None,
-    launched: list[tuple[int, set[str]]] | None = None,
+    launched: list[int] | None = None,
 ) -> tuple[Engine, StageLoop, dict[str, list[int]]]:
     """The leader's engine steps through a PipelineRunner while stage 1 runs a StageLoop in a
     thread, over a loopback transport, until ``rids`` finish; returns the leader, the stage
-    loop and each request's tokens. ``launched`` collects, for every launched step, its
-    tokens and the ids it shares with the steps still in flight."""
+    loop and each request's tokens. ``launched`` collects the tokens of every launched step."""
     config = engine_config(
         stories_dir, budget=16, max_seqs=max_seqs, pipeline_budget=pipeline_budget
     )
@@ -209,14 +207,7 @@ def _run_loopback_pipeline(
     leader.runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, hidden), ranks)
     if launched is not None:
         launch = leader.runner.launch
-
-        def launch_and_record(out: SchedulerOutput) -> None:
-            ids = {s.request.request_id for s in out.scheduled}
-            flying = {s.request.request_id for o, _ in leader.in_flight for s in o.scheduled}
-            launched.append((out.num_tokens, ids & flying))
-            launch(out)
-
-        leader.runner.launch = launch_and_record
+        leader.runner.launch = lambda out: (launched.append(out.num_tokens), launch(out))[1]
     for rid in rids:
         leader.add_request(spec_of(rid))
     tokens: dict[str, list[int]] = {rid: [] for rid in rids}
@@ -245,12 +236,10 @@ def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None
     micro-batch the leader launches, prompts are chunked to fit, and every request still gets
     its tokens alone."""
     rids = ["a0", "a1", "a2", "b1"]
-    launched: list[tuple[int, set[str]]] = []
+    launched: list[int] = []
     leader, _, tokens = _run_loopback_pipeline(stories_dir, rids, 4, 5, launched)
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
-    assert max(n for n, _ in launched) == 5 and len(launched) > 20
-    # chunked pipeline prefill: a prompt's next chunk launched behind the one in flight
-    assert any(shared for _, shared in launched)
+    assert max(launched) == 5 and len(launched) > 20
     assert leader.config.scheduler.pipeline_token_budget == 5
 
 

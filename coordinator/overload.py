@@ -359,7 +359,7 @@ class OverloadController:
         if v.decision is Decision.NONE:
             self._streak.pop(key, None)
             self._no_plan.difference_update(key)
-            if v.reason.startswith("overloaded on 1 of"):  # a drop's dwell begins
+            if v.dwelling == 1 and v.group_id is None:  # a drop's dwell begins
                 logger.info(
                     "planner: instance %d %s (demand %.3f, smoothed %.3f)",
                     key[0],
@@ -376,12 +376,4 @@ class OverloadController:
         use = ""
         if v.group_id is None and self.peak_tokens_per_s.get(key[0]):
             use = f", compute use {self.compute_use(key[0]):.2f}"
-        logger.info(
-            "planner: %s for %s: %s (latest sample %.3f)%s%s",
-            v.decision.value,
-            what,
-            v.reason,
-            v.latest_demand,
-            use,
-            acting,
-        )
+        logger.info("planner: %s for %s: %s%s%s", v.decision.value, what, v.reason, use, acting)

@@ -60,6 +60,9 @@ class Verdict:
     slope_per_s: float
     """Least-squares slope of demand over the window (fraction per second)."""
     reason: str
+    dwelling: int = 0
+    """With decision NONE: how many samples in a row, up to the latest, already met the
+    condition whose dwell has not run out (0: none; 1: the dwell began at this sample)."""
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,11 @@ class OverloadDetector:
     def _verdict(self, key: _Key, hist: deque[_Sample]) -> Verdict:
         last = hist[-1]
         state = self._key_state[key]
+        dwelling = 0
         if state is InstanceState.NORMAL:
-            decision, reason = self._judge(key, hist, "overloaded", Decision.DROP)
+            decision, reason, dwelling = self._judge(key, hist, "overloaded", Decision.DROP)
         elif state is InstanceState.PIPELINED:
-            decision, reason = self._judge(key, hist, "valley", Decision.RESTORE)
+            decision, reason, dwelling = self._judge(key, hist, "valley", Decision.RESTORE)
         else:
             decision, reason = Decision.NONE, f"state {state.value if state else 'mixed'}"
         return Verdict(
@@ -183,13 +187,15 @@ class OverloadDetector:
             latest_demand=last.demand,
             slope_per_s=last.slope_per_s,
             reason=reason,
+            dwelling=dwelling,
         )
 
     def _judge(
         self, key: _Key, hist: deque[_Sample], flag: str, decision: Decision
-    ) -> tuple[Decision, str]:
+    ) -> tuple[Decision, str, int]:
         """``decision`` when ``flag`` held on each of the last n_dwell samples and the cooldown
-        since the key's last transition has passed; else NONE with the reason."""
+        since the key's last transition has passed; else NONE with the reason. The third
+        item is ``Verdict.dwelling``."""
         last = hist[-1]
         dwell = _tail(hist, self._n_dwell)
         held = len(dwell) == self._n_dwell and all(getattr(s, flag) for s in dwell)
@@ -200,17 +206,17 @@ class OverloadDetector:
                 if not getattr(s, flag):
                     break
                 streak += 1
-            if streak:  # the first samples of a streak: the dwell goes on
-                return Decision.NONE, f"{flag} on {streak} of {self._n_dwell} samples"
-            return Decision.NONE, f"not {flag} for {self._n_dwell} samples"
+            if streak:
+                return Decision.NONE, f"{flag} on {streak} of {self._n_dwell} samples", streak
+            return Decision.NONE, f"not {flag} for {self._n_dwell} samples", 0
         since = max(self._since.get(i, -math.inf) for i in self._members[key])
         if last.t - since < self.config.cooldown_s:
-            return Decision.NONE, f"{flag}, but in cooldown since t={since:g}"
+            return Decision.NONE, f"{flag}, but in cooldown since t={since:g}", 0
         if not held:
-            return decision, (
-                f"{flag} at once: demand {last.demand:.3f} >= {self.config.drop_at_once_demand:g}"
-            )
-        return decision, f"{flag} for {self._n_dwell} samples: demand {last.smoothed:.3f}"
+            at = self.config.drop_at_once_demand
+            return decision, f"{flag} at once: demand {last.demand:.3f} >= {at:g}", 0
+        why = f"{flag} for {self._n_dwell} samples: demand {last.smoothed:.3f}"
+        return decision, f"{why} (latest sample {last.demand:.3f})", 0
 
 
 def _group_by_key(loads: Iterable[InstanceLoad]) -> dict[_Key, list[InstanceLoad]]:

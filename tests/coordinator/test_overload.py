@@ -154,7 +154,7 @@ def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
     assert transitions.calls == [] and ctl.compute_use(0) > 0.3
     asyncio.run(run(200, 1))  # ... and under it at the ninth sample
     assert ctl.compute_use(0) < 0.3 and transitions.calls[0] == ([(0, 1)], [])
-    assert "demand 1.600 (latest sample 1.600), compute use 0.80" in caplog.text  # the streak's first verdict
+    assert "demand 1.600 (latest sample 1.600), compute use 0.80" in caplog.text  # 1st verdict
     # a restarted counter starts over instead of reading a negative rate
     computed(0)
     ctl.observe_compute(clock.t + 0.5)

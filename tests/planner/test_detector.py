@@ -325,9 +325,9 @@ def test_a_queue_as_large_as_the_kv_drops_at_the_first_sample(loop: ControlLoop)
     ]
     # 10.0 averages 0.2 and 1.5 (0.85: not overloaded); 10.5 begins the dwell
     first = [v for v in dwell.verdicts if v.instance_ids == (0,) and v.t in (10.0, 10.5)]
-    assert [(v.reason, v.latest_demand, round(v.demand, 3)) for v in first] == [
-        ("not overloaded for 2 samples", 1.5, 0.85),
-        ("overloaded on 1 of 2 samples", 1.5, 1.5),
+    assert [(v.reason, v.dwelling, v.latest_demand, round(v.demand, 3)) for v in first] == [
+        ("not overloaded for 2 samples", 0, 1.5, 0.85),
+        ("overloaded on 1 of 2 samples", 1, 1.5, 1.5),
     ]
 
 

@@ -123,6 +123,25 @@ def test_a_drop_verdict_applies_the_plans_groups(caplog: pytest.LogCaptureFixtur
     assert "dropping instances (0, 1) into a 2-stage pipeline" in caplog.text
 
 
+def test_the_first_sample_of_a_drops_dwell_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With a two-sample dwell the first overloaded sample is logged (demand and smoothed
+    demand) and the second drops; a third dwell line never appears."""
+    transitions = FakeTransitions()
+    config = dataclasses.replace(CONFIG, min_dwell_s=1.0, cooldown_s=0.0)
+    ctl, core, clock = make_controller(transitions, config=config)
+    overload_instance_0(core)
+    with caplog.at_level(logging.INFO, logger="coordinator.overload"):
+        asyncio.run(ticks(ctl, clock, 1))
+        assert transitions.calls == []
+        asyncio.run(ticks(ctl, clock, 1))
+    assert transitions.calls == [([(0, 1)], [])]
+    dwell = "planner: instance 0 overloaded on 1 of 2 samples (demand 1.600, smoothed 1.600)"
+    assert caplog.text.count(dwell) == 1
+    assert "overloaded for 2 samples: demand 1.600 (latest sample 1.600)" in caplog.text
+
+
 def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

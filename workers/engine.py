@@ -4,10 +4,10 @@ The engine is tokenizer-free (vLLM v1's engine core): it takes prompt token ids 
 token ids; detokenization and stop strings happen in the coordinator.
 
 A pipeline group's leader (its runner a :class:`~workers.pipeline.PipelineRunner` that
-overlaps micro-batches) keeps several micro-batches in flight: each :meth:`Engine.step` either
-launches one more (disjoint from those in flight) or collects the oldest, so stage r computes
-micro-batch k while stage r+1 computes k-1 (KunServe §3(c); vLLM's pipeline-parallel virtual
-engines).
+overlaps micro-batches) keeps several micro-batches in flight: each :meth:`Engine.step`
+collects the oldest once that many fly, then launches one more (disjoint from those still in
+flight), so stage r computes micro-batch k while stage r+1 computes k-1 (KunServe §3(c);
+vLLM's pipeline-parallel virtual engines).
 """
 
 from __future__ import annotations
@@ -259,20 +259,23 @@ class Engine:
         return 1 if overlap is None else overlap()
 
     def _step_overlapped(self, depth: int) -> list[RequestOutput]:
-        if len(self.in_flight) < depth:
-            busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
-            running = len(self.scheduler.running)
-            with self.clock.phase("schedule"):
-                out = self.scheduler.schedule(
-                    busy, max(1, -(-running // depth)), self._token_budget()
-                )
-            if not out.is_empty:
-                with self.clock.phase("launch"):
-                    self.runner.launch(out)
-                self.in_flight.append((out, time.perf_counter()))
-                if len(self.in_flight) < depth:
-                    return []
-        return self._collect() if self.in_flight else []
+        """Collects the oldest micro-batch once ``depth`` are in flight, then launches the
+        next one at once: its requests include those just sampled. The worker pushes the
+        outputs and reads its inbox after this returns, while the stages compute, so that
+        host work does not hold the launch back (stage 0 idles from the end of its previous
+        micro-batch until the next launch, vLLM's pipeline "bubble")."""
+        outputs = self._collect() if len(self.in_flight) >= depth else []
+        busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
+        running = len(self.scheduler.running)
+        with self.clock.phase("schedule"):
+            out = self.scheduler.schedule(busy, max(1, -(-running // depth)), self._token_budget())
+        if not out.is_empty:
+            with self.clock.phase("launch"):
+                self.runner.launch(out)
+            self.in_flight.append((out, time.perf_counter()))
+        elif not outputs and self.in_flight:  # nothing to launch: make progress
+            outputs = self._collect()
+        return outputs
 
     def _collect(self) -> list[RequestOutput]:
         out, launched = self.in_flight.popleft()

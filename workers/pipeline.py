@@ -34,7 +34,7 @@ from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttentio
 from workers.sampler import TokenLogprobs
 from workers.scheduler import SchedulerOutput
 from workers.stage_graphs import StageGraphs
-from workers.stalls import SLOW_STEP_S, PhaseClock
+from workers.stalls import SLOW_STEP_S, PhaseClock, PhaseTotals
 from workers.step_profiler import StepProfiler
 from workers.weight_exchange import WeightCopy, WeightPrefetch
 
@@ -260,6 +260,22 @@ class _Stage:
         self.graphs = stage_graphs_for(runner)
         """Decode graphs of this stage (None: every step runs eagerly)."""
         self.profiler = StepProfiler(f"stage {stage}", runner.device)
+        self.totals = PhaseTotals()
+        """The phases of its steady steps (after the first logged ones, with no KV moves or
+        remote attention), summed for the mean step logged at :meth:`log_totals`."""
+        self._started = time.perf_counter()
+
+    def log_totals(self) -> None:
+        """Logs the mean steady step's phases (host time; ``later stages`` on the leader and
+        ``header wait`` elsewhere are this stage's wait for the others)."""
+        if self.totals.count:
+            logger.info(
+                "stage %d: %d steady pipelined steps in %.1f s; mean step: %s",
+                self.stage,
+                self.totals.count,
+                time.perf_counter() - self._started,
+                self.totals.describe_mean(),
+            )
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -400,7 +416,8 @@ class PipelineRunner(_Stage):
         self.steps = 0
         """Pipelined steps collected so far."""
         self._launches = 0
-        self._started = time.perf_counter()
+        self._collected: float | None = None
+        """When the last collect returned, if nothing launched since (``time.perf_counter``)."""
 
     def __getattr__(self, name: str) -> Any:
         if name == "runner":  # not set yet: no recursion
@@ -462,6 +479,9 @@ class PipelineRunner(_Stage):
         self.profiler.step(self._launches)
         clock = _step_clock(r.device, self._launches)
         t0 = time.perf_counter()
+        if self._collected is not None:  # the engine's update and schedule in between
+            clock.phases["since collect"] = t0 - self._collected
+            self._collected = None
         plan = None
         if self.kv is not None and (self.kv.legacy or self.kv.gather_homes is not None):
             weights = self._weights_step()
@@ -545,6 +565,8 @@ class PipelineRunner(_Stage):
         wait_sends(step.sends)
         clock.mark("sample")
         self.steps += 1
+        if self.steps > _LOGGED_STEPS and step.plan is None:
+            self.totals.add(clock)
         if self.steps <= _LOGGED_STEPS:  # the first steps after a drop carry its token gap
             logger.info(
                 "pipeline step %d: %.2f ms, %d sequences, %d pre-drop, %d KV slices moved, "
@@ -559,6 +581,7 @@ class PipelineRunner(_Stage):
                 _parts(step.exchange),
             )
         ids = [q.request_id for q in requests]
+        self._collected = time.perf_counter()
         return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
     @torch.inference_mode()
@@ -582,6 +605,7 @@ class PipelineRunner(_Stage):
         """Sends STOP to every other stage (each stage loop returns)."""
         self._check_drained()
         self.profiler.finish()
+        self.log_totals()
         for rank in self.ranks[1:]:
             self.transport.send_stop(rank)
 
@@ -613,11 +637,12 @@ class StageLoop(_Stage):
     def run(self) -> None:
         """Blocks on the leader; returns after STOP."""
         leader, prev = self.ranks[0], self.ranks[self.stage - 1]
-        steps = 0
+        steps, done = 0, time.perf_counter()
         while (h := self.transport.recv_header(leader)).op is not StageOp.STOP:
             self.profiler.step(steps)
             clock = _step_clock(self.runner.device, steps)
             start = time.perf_counter()
+            clock.phases["header wait"] = start - done
             plan = parts = None
             if h.plan_bytes:
                 raw = self.transport.recv(leader, (h.plan_bytes,), torch.uint8)
@@ -626,6 +651,7 @@ class StageLoop(_Stage):
                 parts = self.exchange(plan)
                 clock.mark("exchange")
             if h.num_seqs == 0:
+                done = time.perf_counter()
                 continue
             router = self.router(plan)
             self.serve(router, range(self.stage))
@@ -634,7 +660,9 @@ class StageLoop(_Stage):
             clock.mark("step")
             self.serve(router, range(self.stage + 1, len(self.ranks)))
             clock.mark("serve")
-            steps += 1
+            steps, done = steps + 1, time.perf_counter()
+            if steps > _LOGGED_STEPS and plan is None:
+                self.totals.add(clock)
             if steps <= _LOGGED_STEPS:
                 logger.info(
                     "stage %d, pipeline step %d: %.2f ms from its header, %d tokens, %s "
@@ -656,6 +684,7 @@ class StageLoop(_Stage):
                     clock.describe(),
                 )
         self.profiler.finish()
+        self.log_totals()
         logger.debug("stage %d: pipeline stopped", self.stage)
 
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:

@@ -78,6 +78,27 @@ class PhaseClock:
     __str__ = describe
 
 
+class PhaseTotals:
+    """Phases summed over many phase clocks (one per pipelined step), for the mean
+    step a pipeline logs when it stops: where the host time of its steady state went."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, clock: PhaseClock) -> None:
+        for name, seconds in clock.phases.items():
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.count += 1
+
+    def describe_mean(self) -> str:
+        """``"plan 0.12 ms, inputs 0.50 ms"``: each phase's mean per clock added."""
+        if not self.count:
+            return "no steps"
+        n = self.count
+        return ", ".join(f"{k} {1e3 * v / n:.2f} ms" for k, v in self.phases.items())
+
+
 class LateLog:
     """Warns of late events at most once per ``every_s`` per key, counting the rest: a stall
     delays every event behind it, and one line per event would flood the log."""

@@ -211,3 +211,57 @@ def test_a_stage_needs_only_its_own_layers(stories_dir: Path, tmp_path: Path) ->
     cfg = ModelConfig.from_dir(model_dir)
     stage = build_model(cfg, model_dir, TorchBackend(), CPU, torch.float32, layer_range=(0, 2))
     assert (stage.start, stage.end, len(stage.layers)) == (0, 2, 2)
+
+
+class _OverlappingRunner:
+    """Stands in for a pipeline leader's runner (workers/pipeline.py, ``PipelineRunner``):
+    keeps ``depth`` micro-batches in flight, each run at launch and its tokens handed out at
+    collect, and records the order of launches and collects with their request ids."""
+
+    def __init__(self, runner: ModelRunner, depth: int = 2) -> None:
+        self.runner, self.depth = runner, depth
+        self.events: list[tuple[str, set[str]]] = []
+        self._results: dict[int, tuple] = {}
+
+    def __getattr__(self, name: str):
+        if name == "runner":
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    def overlap_depth(self) -> int:
+        return self.depth
+
+    def launch(self, out: SchedulerOutput) -> None:
+        self._results[id(out)] = self.runner.execute(out)
+        self.events.append(("launch", {s.request.request_id for s in out.scheduled}))
+
+    def collect(self, out: SchedulerOutput):
+        self.events.append(("collect", {s.request.request_id for s in out.scheduled}))
+        return self._results.pop(id(out))
+
+
+def test_overlapped_steps_launch_the_collected_requests_next_token_at_once(
+    stories_dir: Path, golden_cases
+) -> None:
+    # Two micro-batches in flight: each step collects the oldest, then launches the next with
+    # the requests just sampled, so the worker's host work after the step (pushing outputs,
+    # reading its inbox) never sits between a sample and the launch of the next token.
+    engine = Engine(engine_config(stories_dir, budget=7), CPU)
+    engine.runner = fake = _OverlappingRunner(engine.runner)
+    add_golden(engine, golden_cases, range(len(golden_cases)))
+    tokens: dict[str, list[int]] = {}
+    relaunched = 0
+    while engine.has_work:
+        before = len(fake.events)
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+        step = fake.events[before:]
+        assert len(step) <= 2 and len(fake._results) <= 2
+        if [kind for kind, _ in step] == ["collect", "launch"]:
+            collected, launched = step[0][1], step[1][1]
+            assert collected & launched, "the collected requests wait one more micro-batch"
+            relaunched += 1
+    assert tokens == {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
+    assert relaunched > 10
+    engine.pool.check_integrity()
+    assert engine.pool.num_used == 0

@@ -35,6 +35,17 @@ def test_phase_clock_counts_a_phase_that_raises():
     assert "step" in clock.phases
 
 
+def test_phase_totals_give_each_phases_mean_per_clock():
+    totals = stalls.PhaseTotals()
+    assert totals.describe_mean() == "no steps"
+    for launch, wait in ((0.002, 0.010), (0.004, 0.0)):
+        clock = stalls.PhaseClock()
+        clock.phases = {"launch": launch, "later stages": wait}
+        totals.add(clock)
+    assert totals.count == 2
+    assert totals.describe_mean() == "launch 3.00 ms, later stages 5.00 ms"
+
+
 def test_gc_monitor_reports_only_slow_passes(caplog, monkeypatch):
     installed = stalls._on_gc in gc.callbacks
     try:

@@ -12,7 +12,8 @@
 # (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window (a policy "drop@N"
 # serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
 # cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100");
-# EXCHANGE_BYTES (drop-bench) one server per --kv-exchange-bytes-per-step value.
+# EXCHANGE_BYTES (drop-bench) one server per --kv-exchange-bytes-per-step value; CYCLES
+# (drop-bench, default 2) the drop and restore cycles on each server.
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-gpu-tests drop-bench replay}
@@ -61,7 +62,7 @@ for step in $steps; do
         # Two cycles on one server: what the second drop no longer pays was a one-time cost.
         # Triton kernels compiled during each cycle are listed (a first-drop cost suspect).
         cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
-        for cycle in 1 2; do
+        for cycle in $(seq 1 "${CYCLES:-2}"); do
           touch /tmp/cycle_marker
           timeout 240 python3 -m coordinator.cli bench drop --num-requests 16 --prompt-len 1024 \
             --max-tokens 6000 --phase-s 4 --weight-gb 14.96 \

@@ -331,6 +331,42 @@ def test_waiting_demand_counts_the_queue_and_preempted_requests(make_request) ->
     assert (sched.kv_demand_blocks(), sched.waiting_demand_blocks()) == (6, 4)
 
 
+def test_a_decode_goes_before_an_earlier_prompts_chunk(make_request) -> None:
+    """Pipeline mode: a request admitted while a long prompt's chunk flew decodes in the next
+    micro-batch, ahead of that prompt's next chunk, which takes what is left of the budget
+    (running in admission order, the chunk took all of it and the decode waited)."""
+    sched = make_scheduler(blocks=32, block_size=4, budget=8)
+    sched.add(make_request("long", prompt=30))
+    first = sched.schedule()
+    sched.add(make_request("short", prompt=2))
+    second = sched.schedule(busy={"long"})
+    assert plan(first) == [("long", 8, False)] and plan(second) == [("short", 2, True)]
+    sched.update(first, {})
+    sched.update(second, {"short": TOKEN})
+    assert plan(sched.schedule()) == [("short", 1, True), ("long", 7, False)]
+    assert [r.request_id for r in sched.running] == ["long", "short"]
+
+
+def test_a_prompt_chunk_short_of_blocks_never_preempts_a_decode_scheduled_before_it(
+    make_request,
+) -> None:
+    """Decodes go first, so a newer request may already be in the step when an older
+    prompt's chunk finds no block: the chunk's own request is preempted, not the newer one
+    (preempting it would leave a scheduled request without its blocks)."""
+    sched = make_scheduler(blocks=4, block_size=4, budget=8)
+    sched.add(make_request("a", prompt=16))
+    first = sched.schedule()  # a: 8 of 16 (2 blocks)
+    sched.add(make_request("b", prompt=4))
+    second = sched.schedule(busy={"a"})  # b: 4 (1 block)
+    sched.update(first, {})
+    sched.update(second, {"b": TOKEN})
+    out = sched.schedule()  # b's decode takes the last block; a's chunk finds none
+    assert plan(out) == [("b", 1, True)]
+    assert [r.request_id for r in out.preempted] == ["a"]
+    assert all(s.request.status is RequestStatus.RUNNING for s in out.scheduled)
+    sched.kv.pool.check_integrity()
+
+
 def test_micro_batches_skip_busy_requests_and_never_preempt_them(make_request) -> None:
     """Pipeline mode: requests of a micro-batch in flight are neither scheduled again nor
     preempted; ``max_running`` spreads the running requests over micro-batches."""

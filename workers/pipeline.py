@@ -266,8 +266,9 @@ class _Stage:
         self._started = time.perf_counter()
 
     def log_totals(self) -> None:
-        """Logs the mean steady step's phases (host time; ``later stages`` on the leader and
-        ``header wait`` elsewhere are this stage's wait for the others)."""
+        """Logs the mean steady step's phases (host time). The leader's ``sample`` and the
+        other stages' ``header wait`` hold the wait for the other stages: the leader's logits
+        receive is only posted in ``later stages``, and sampling syncs on it."""
         if self.totals.count:
             logger.info(
                 "stage %d: %d steady pipelined steps in %.1f s; mean step: %s",

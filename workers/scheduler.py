@@ -129,7 +129,6 @@ class Scheduler:
         # make that token wait a whole step (2x H200, code burst: the slowest decoders, at
         # about 2x their neighbours' TPOT, ran beside 7k-token prompts' chunks).
         order = sorted(self.running, key=lambda r: r.num_pending_tokens > 1)
-        scheduled: set[str] = set()
         for req in order:
             if budget <= 0 or len(out.scheduled) >= limit:
                 break
@@ -139,10 +138,11 @@ class Scheduler:
                 continue
             n = min(req.num_pending_tokens, budget)
             while self.kv.allocate_slots(req, n) is None:
+                taken = {s.request.request_id for s in out.scheduled}  # in this step already
                 idle = [
                     r
                     for r in self.running
-                    if r.request_id not in busy and r.request_id not in scheduled
+                    if r.request_id not in busy and r.request_id not in taken
                 ]
                 victim = idle[preemption_victim(idle)]
                 self.running.remove(victim)
@@ -153,7 +153,6 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 break
             out.scheduled.append(ScheduledRequest(req, n))
-            scheduled.add(req.request_id)
             budget -= n
         return budget
 

@@ -8,6 +8,15 @@ overlaps micro-batches) keeps several micro-batches in flight: each :meth:`Engin
 collects the oldest once that many fly, then launches one more (disjoint from those still in
 flight), so stage r computes micro-batch k while stage r+1 computes k-1 (KunServe §3(c);
 vLLM's pipeline-parallel virtual engines).
+
+It launches the next micro-batch before it reads back the tokens of the one it collects
+(vLLM's async scheduling): the collected step is applied with placeholder tokens
+(``Scheduler.advance``), the next one is scheduled and launched with those tokens fed to it
+on the device, and only then are they read and the step's outputs made
+(``Scheduler.resolve``). So the leader's host work between two micro-batches (reading the
+tokens, updating, scheduling, preparing) overlaps stage 0's compute instead of leaving it
+idle: 2.9 ms before each 13.5 ms prompt micro-batch on 2 H200s (docs/benchmarks.md, session
+19). A request that stops on a sampled token (EOS) has one more token computed, unused.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from workers.block_pool import BlockPool, KVCacheManager
 from workers.config import EngineConfig, load_eos_token_ids
 from workers.model_runner import ModelRunner
 from workers.request import Request, RequestStatus, SamplingParams
+from workers.sampler import SampledTokens
 from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
 from workers.stage_memory import capture_stage_graphs
 from workers.stalls import PhaseClock
@@ -259,30 +269,47 @@ class Engine:
         return 1 if overlap is None else overlap()
 
     def _step_overlapped(self, depth: int) -> list[RequestOutput]:
-        """Collects the oldest micro-batch once ``depth`` are in flight, then launches the
-        next one at once: its requests include those just sampled. The worker pushes the
-        outputs and reads its inbox after this returns, while the stages compute, so that
-        host work does not hold the launch back (stage 0 idles from the end of its previous
-        micro-batch until the next launch, vLLM's pipeline "bubble")."""
-        outputs = self._collect() if len(self.in_flight) >= depth else []
+        """Once ``depth`` micro-batches are in flight, samples the oldest on the device and
+        applies it with placeholder tokens; then schedules and launches the next one (its
+        requests include those just sampled, their tokens fed on the device); then reads the
+        sampled tokens back and returns their outputs (module docstring). The worker pushes
+        the outputs and reads its inbox after this returns, while the stages compute."""
+        collected = self._begin_collect() if len(self.in_flight) >= depth else None
         busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
         running = len(self.scheduler.running)
         with self.clock.phase("schedule"):
             out = self.scheduler.schedule(busy, max(1, -(-running // depth)), self._token_budget())
         if not out.is_empty:
             with self.clock.phase("launch"):
-                self.runner.launch(out)
+                self.runner.launch(out, None if collected is None else collected[2])
             self.in_flight.append((out, time.perf_counter()))
-        elif not outputs and self.in_flight:  # nothing to launch: make progress
-            outputs = self._collect()
-        return outputs
+        if collected is not None:
+            return self._finish_collect(*collected)
+        if out.is_empty and self.in_flight:  # nothing to launch: make progress
+            return self._collect()
+        return []
 
     def _collect(self) -> list[RequestOutput]:
+        return self._finish_collect(*self._begin_collect())
+
+    def _begin_collect(self) -> tuple[SchedulerOutput, float, SampledTokens]:
+        """Samples the oldest micro-batch in flight on the device and applies it with
+        placeholder tokens (``Scheduler.advance``)."""
         out, launched = self.in_flight.popleft()
         with self.clock.phase("collect"):
-            sampled, logprobs = self.runner.collect(out)
+            sampled = self.runner.collect_async(out)
+        self.scheduler.advance(out)
+        return out, launched, sampled
+
+    def _finish_collect(
+        self, out: SchedulerOutput, launched: float, sampled: SampledTokens
+    ) -> list[RequestOutput]:
+        """Reads the tokens of a step begun by :meth:`_begin_collect` back and resolves it."""
+        with self.clock.phase("collect"):
+            tokens, logprobs = sampled.by_request()
         with self.clock.phase("update"):
-            outputs = self._update(out, sampled, logprobs)
+            outputs = self.scheduler.resolve(out, tokens, logprobs)
+            self._forget_finished(out)
         self._record_step(time.perf_counter() - launched, out.num_tokens)
         return outputs
 
@@ -301,10 +328,13 @@ class Engine:
         self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict
     ) -> list[RequestOutput]:
         outputs = self.scheduler.update(out, sampled, logprobs)
+        self._forget_finished(out)
+        return outputs
+
+    def _forget_finished(self, out: SchedulerOutput) -> None:
         for s in out.scheduled:  # finished here, or aborted while its micro-batch flew
             if s.request.status is RequestStatus.FINISHED:
                 self.runner.sampler.forget(s.request.request_id)
-        return outputs
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """Aborts every request after an engine fault, freeing all blocks; outputs carry it."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attention.metadata import host_tensor
 from attention.transport import StageInputs, StageOp, StageTransport, StepHeader, wait_sends
 from workers import envs, kv_exchange
 from workers.cuda_graphs import capture_sizes, graph_blocker, graph_key
@@ -31,10 +32,10 @@ from workers.forward_context import ForwardContext, set_forward_context
 from workers.models.llama import LlamaModel
 from workers.piecewise_graphs import piecewise_max_tokens
 from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttention, StepPlan
-from workers.sampler import TokenLogprobs
-from workers.scheduler import SchedulerOutput
+from workers.sampler import SampledTokens, TokenLogprobs
+from workers.scheduler import ScheduledRequest, SchedulerOutput
 from workers.stage_graphs import StageGraphs
-from workers.stalls import SLOW_STEP_S, PhaseClock, PhaseTotals
+from workers.stalls import SLOW_STEP_S, ComputeTimeline, PhaseClock, PhaseTotals
 from workers.step_profiler import StepProfiler
 from workers.weight_exchange import WeightCopy, WeightPrefetch
 
@@ -263,12 +264,16 @@ class _Stage:
         self.totals = PhaseTotals()
         """The phases of its steady steps (after the first logged ones, with no KV moves or
         remote attention), summed for the mean step logged at :meth:`log_totals`."""
+        self.timeline = ComputeTimeline(runner.device)
+        """When this stage's device computed its micro-batches and idled between them."""
         self._started = time.perf_counter()
 
     def log_totals(self) -> None:
-        """Logs the mean steady step's phases (host time). The leader's ``sample`` and the
-        other stages' ``header wait`` hold the wait for the other stages: the leader's logits
-        receive is only posted in ``later stages``, and sampling syncs on it."""
+        """Logs the mean steady step's phases (host time) and the device's compute and idle
+        time per micro-batch (:class:`~workers.stalls.ComputeTimeline`). The leader's
+        ``sample`` and the other stages' ``header wait`` hold the wait for the other stages:
+        the leader's logits receive is only posted in ``later stages``, and sampling syncs on
+        it."""
         if self.totals.count:
             logger.info(
                 "stage %d: %d steady pipelined steps in %.1f s; mean step: %s",
@@ -277,6 +282,7 @@ class _Stage:
                 time.perf_counter() - self._started,
                 self.totals.describe_mean(),
             )
+        logger.info("stage %d device: %s", self.stage, self.timeline.describe())
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -472,10 +478,12 @@ class PipelineRunner(_Stage):
         return self.collect(out)
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> None:
+    def launch(self, out: SchedulerOutput, feed: SampledTokens | None = None) -> None:
         """Sends the step's header (and plan) to every stage, runs its KV moves and stage 0,
         posts its activations to stage 1 and serves the later stages' remote attention; the
-        logits are :meth:`collect`'s. Launches must be collected in order."""
+        logits are :meth:`collect`'s. Launches must be collected in order. ``feed``: the
+        tokens of the step collected last (:meth:`collect_async`), for the requests that
+        await one (:func:`feed_tokens`)."""
         r = self.runner
         self.profiler.step(self._launches)
         clock = _step_clock(r.device, self._launches)
@@ -503,10 +511,12 @@ class PipelineRunner(_Stage):
             inputs = r.prepare(out)
             requests = inputs.sampling_requests
             x = StageInputs(None, None, inputs.positions, inputs.meta, inputs.logits_indices)
+            feed_tokens(inputs.input_ids, out.scheduled, feed)
         else:  # a decode micro-batch replays: its metadata is already on the device
             self.graphs.load_scheduled(out.scheduled, size)
             requests = [s.request for s in out.scheduled]
             x = self.graphs.sent_inputs(size, len(requests))
+            feed_tokens(self.graphs.inputs.fields(size).input_ids, out.scheduled, feed)
         clock.mark("inputs")
         parts = None
         with self.transport.deferred_sends() as sends:
@@ -516,10 +526,12 @@ class PipelineRunner(_Stage):
                 parts = self.exchange(plan)
                 clock.mark("exchange")
             router = self.router(plan)
+            begin = self.timeline.begin()
             if size is None:
                 hidden, residual = self.compute(x, router, inputs.input_ids)
             else:
                 hidden, residual = self.graphs.run(size, len(requests))
+            self.timeline.end(begin, _kind(x))
             if self.graphs is not None:  # static buffers: the posted sends read them after
                 hidden, residual = hidden.clone(), residual.clone()  # the next run began
             clock.mark("stage 0" if size is None else "stage 0 (graph)")
@@ -546,23 +558,30 @@ class PipelineRunner(_Stage):
             )
         return copies
 
-    @torch.inference_mode()
     def collect(
         self, out: SchedulerOutput
     ) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
         """Samples the oldest launched step (``out``) from the logits the last stage returns.
         Returns token ids and logprobs by request id."""
+        return self.collect_async(out).by_request()
+
+    @torch.inference_mode()
+    def collect_async(self, out: SchedulerOutput) -> SampledTokens:
+        """:meth:`collect` without reading the tokens back: posts the receive of the oldest
+        launched step's logits and queues its sampling behind it; the tokens stay on the
+        device for the next :meth:`launch` to feed (``feed``) until the engine reads them."""
         step = self._launched.popleft()
         if step.out is not out:
             raise RuntimeError("pipeline steps must be collected in the order they launched")
         r, requests, clock = self.runner, step.requests, step.clock
         clock.mark("in flight")  # other launches and collects since this one launched
-        tokens, logprobs = [], []
         if requests:
             vocab = r.model_config.vocab_size
             logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
             clock.mark("later stages")
-            tokens, logprobs = r.sampler.sample(logits, requests)
+            sampled = r.sampler.sample_async(logits, requests)
+        else:
+            sampled = SampledTokens(torch.empty(0, dtype=torch.int64, device=r.device), [])
         wait_sends(step.sends)
         clock.mark("sample")
         self.steps += 1
@@ -581,9 +600,8 @@ class PipelineRunner(_Stage):
                 clock,
                 _parts(step.exchange),
             )
-        ids = [q.request_id for q in requests]
         self._collected = time.perf_counter()
-        return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
+        return sampled
 
     @torch.inference_mode()
     def finish_exchange(self) -> int:
@@ -689,29 +707,66 @@ class StageLoop(_Stage):
         logger.debug("stage %d: pipeline stopped", self.stage)
 
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:
-        model = self.runner.model
+        begin = self.timeline.begin()
+        out = self._layers(x, router)
+        self.timeline.end(begin, _kind(x))
+        if not self.is_last:
+            hidden, residual = out
+            self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
+        elif out is not None:
+            self.transport.send_logits(self.ranks[0], out)
+
+    def _layers(self, x: StageInputs, router: RemoteAttention | None) -> Any:
+        """This stage's layers over ``x``: (hidden, residual), or on the last stage the
+        sampling rows' logits [num_sampling, vocab] (None: no row samples)."""
         n, seqs = x.hidden.shape[0], x.meta.seq_lens.shape[0]
         size = None
         if router is None and self.graphs is not None and x.meta.max_query_len == 1:
             size = self.graphs.size_for([1] * seqs) if n == seqs else None
-        if size is not None:  # a decode micro-batch: replay (sends below finish before reuse)
+        if size is not None:  # a decode micro-batch: replay (sends finish before reuse)
             self.graphs.load_received(x, size)
             outs = self.graphs.run(size, n)
             if not self.is_last:
-                hidden, residual = outs
-            elif x.logits_indices.numel():
-                logits = outs[0].index_select(0, x.logits_indices)
-                self.transport.send_logits(self.ranks[0], logits)
-                return
-            else:
-                return
-        else:
-            hidden, residual = self.compute(x, router)
+                return outs
+            return outs[0].index_select(0, x.logits_indices) if x.logits_indices.numel() else None
+        hidden, residual = self.compute(x, router)
         if not self.is_last:
-            self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
-        elif x.logits_indices.numel():
-            logits = model.compute_logits(hidden[x.logits_indices])
-            self.transport.send_logits(self.ranks[0], logits)
+            return hidden, residual
+        if not x.logits_indices.numel():
+            return None
+        return self.runner.model.compute_logits(hidden[x.logits_indices])
+
+
+def feed_tokens(
+    input_ids: torch.Tensor, scheduled: Sequence[ScheduledRequest], feed: SampledTokens | None
+) -> int:
+    """Writes into ``input_ids`` (a step's token ids on the device, ``scheduled``'s tokens in
+    order) the token of each request awaiting one (``Request.awaits_token``: its one new
+    token is a placeholder), taken on the device from ``feed``, the step sampled before.
+    Returns how many it wrote. Raises RuntimeError naming a request whose token ``feed``
+    does not hold."""
+    dst, src, offset = [], [], 0
+    rows = None
+    for s in scheduled:
+        offset += s.num_new_tokens
+        if not s.request.awaits_token:
+            continue
+        rows = rows if rows is not None else ({} if feed is None else feed.rows())
+        row = rows.get(s.request.request_id)
+        if row is None:
+            raise RuntimeError(f"request {s.request.request_id} awaits a token no step sampled")
+        dst.append(offset - 1)
+        src.append(row)
+    if dst:
+        device = input_ids.device
+        picked = feed.tokens.index_select(0, host_tensor(src, torch.int64, device))
+        input_ids.index_copy_(0, host_tensor(dst, torch.int64, device), picked)
+    return len(dst)
+
+
+def _kind(x: StageInputs) -> str:
+    """A micro-batch's kind in a stage's :class:`~workers.stalls.ComputeTimeline`."""
+    return "decode" if x.meta.max_query_len == 1 else "prompt"
 
 
 # --- restore: weights back from the stages that kept them ---------------------------------

@@ -75,6 +75,12 @@ class SamplingParams:
         )
 
 
+PLACEHOLDER_TOKEN = -1
+"""An output token sampled on the device and not yet read back to the host. A pipeline leader
+schedules and launches the next micro-batch before it reads the tokens of the one it collects
+(workers/engine.py), so a request that decodes on holds one for the length of that step."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -133,6 +139,16 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def awaits_token(self) -> bool:
+        """Whether the last output token is a :data:`PLACEHOLDER_TOKEN`: its id is still on
+        the device, and the step that schedules this request again feeds it from there."""
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PLACEHOLDER_TOKEN
+
+    def stops_by_length(self, max_model_len: int) -> bool:
+        """Whether the tokens held now (a placeholder counted) end the request by length."""
+        return self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len
+
     def token_id(self, position: int) -> int:
         n = len(self.prompt_token_ids)
         return (
@@ -152,6 +168,6 @@ class Request:
         if may_stop and last in self.sampling.stop_token_ids:
             self.stop_token_id = last
             return FinishReason.STOP
-        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+        if self.stops_by_length(max_model_len):
             return FinishReason.LENGTH
         return None

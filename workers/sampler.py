@@ -46,6 +46,11 @@ class Sampler:
         self, logits: torch.Tensor, requests: list[Request]
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         """``logits``: [num_requests, vocab] (any float dtype). Returns token ids and logprobs."""
+        return self.sample_async(logits, requests).result()
+
+    def sample_async(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+        """:meth:`sample` without waiting for the device: the tokens stay on it (and are
+        copied back in the background) until :meth:`SampledTokens.result` reads them."""
         logits = logits.float()
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1)
@@ -64,8 +69,11 @@ class Sampler:
             picked = self._sample_random(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = picked
         if raw_logprobs is None:
-            return tokens.tolist(), [None] * len(requests)
-        return tokens.tolist(), _gather_logprobs(raw_logprobs, tokens, requests)
+            return SampledTokens(tokens, requests)
+        k = max(r.sampling.logprobs for r in requests)
+        top_v, top_i = raw_logprobs.topk(k, dim=-1)
+        chosen = raw_logprobs.gather(-1, tokens[:, None])[:, 0]
+        return SampledTokens(tokens, requests, (chosen, top_i, top_v))
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Repetition penalty over prompt and output (CTRL, Keskar et al. 2019); presence and
@@ -150,20 +158,55 @@ class Sampler:
         return g
 
 
-def _gather_logprobs(
-    logp: torch.Tensor,  # [n, vocab] float32 log-softmax of the raw logits
-    tokens: torch.Tensor,  # [n] int64 chosen tokens
-    requests: list[Request],
-) -> list[TokenLogprobs | None]:
-    k = max(r.sampling.logprobs for r in requests)
-    top_v, top_i = logp.topk(k, dim=-1)
-    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
-    top_v, top_i = top_v.tolist(), top_i.tolist()  # one copy each, not one per row
-    out: list[TokenLogprobs | None] = []
-    for row, r in enumerate(requests):
-        n = r.sampling.logprobs
-        out.append(None if n == 0 else (chosen[row], top_i[row][:n], top_v[row][:n]))
-    return out
+class SampledTokens:
+    """One step's sampled tokens: on the device at once (:attr:`tokens`, which a pipeline
+    leader feeds to its next micro-batch there), on the host when :meth:`result` asks (a
+    copy queued behind the sampling, read without waiting for later work on the stream)."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,  # [n] int64, on the logits' device
+        requests: list[Request],  # the rows' requests
+        logprobs: tuple[torch.Tensor, ...] | None = None,  # chosen [n], top ids, top values
+    ) -> None:
+        self.tokens = tokens
+        self.requests = requests
+        parts = (tokens, *(logprobs or ()))
+        self._event = None
+        if tokens.device.type == "cuda":
+            self._host = [
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in parts
+            ]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = list(parts)
+
+    def rows(self) -> dict[str, int]:
+        """Each request's row in :attr:`tokens`, by request id."""
+        return {r.request_id: i for i, r in enumerate(self.requests)}
+
+    def result(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Token ids and logprobs (None for a request that asked for none), in row order;
+        waits for the copies only."""
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._host[0].tolist()
+        if len(self._host) == 1:
+            return tokens, [None] * len(self.requests)
+        chosen, top_i, top_v = (t.tolist() for t in self._host[1:])  # one copy each
+        out: list[TokenLogprobs | None] = []
+        for row, r in enumerate(self.requests):
+            n = r.sampling.logprobs
+            out.append(None if n == 0 else (chosen[row], top_i[row][:n], top_v[row][:n]))
+        return tokens, out
+
+    def by_request(self) -> tuple[dict[str, int], dict[str, TokenLogprobs | None]]:
+        """:meth:`result` keyed by request id."""
+        tokens, logprobs = self.result()
+        ids = [r.request_id for r in self.requests]
+        return dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True))
 
 
 def argmax_suffices(r: Request) -> bool:

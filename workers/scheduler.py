@@ -7,6 +7,12 @@ decode, as SGLang's mixed chunked prefill runs every decode each step); when blo
 out, the newest running request is preempted (its blocks freed, ``num_computed_tokens`` reset,
 back to the head of the waiting queue) until the allocation fits; waiting requests are admitted
 FCFS, and not at all in a step that preempted.
+
+A pipeline leader applies a collected micro-batch in two halves (vLLM's async scheduling):
+:meth:`Scheduler.advance` before its tokens are read back, each sampled token a
+:data:`~workers.request.PLACEHOLDER_TOKEN`, so the next micro-batch can be scheduled with
+those requests in it; then :meth:`Scheduler.resolve` with the tokens. A request awaiting its
+token is never preempted, and is not scheduled when that token ends it by length.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from planner.policies import preemption_victim
 from workers.block_pool import KVCacheManager
 from workers.config import SchedulerConfig
-from workers.request import FinishReason, Request, RequestStatus
+from workers.request import PLACEHOLDER_TOKEN, FinishReason, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -136,25 +142,37 @@ class Scheduler:
                 continue
             if req.request_id in busy or (decodes_only and req.num_pending_tokens > 1):
                 continue
+            if req.awaits_token and req.stops_by_length(self.max_model_len):
+                continue  # its token in flight is its last
             n = min(req.num_pending_tokens, budget)
-            while self.kv.allocate_slots(req, n) is None:
-                taken = {s.request.request_id for s in out.scheduled}  # in this step already
-                idle = [
-                    r
-                    for r in self.running
-                    if r.request_id not in busy and r.request_id not in taken
-                ]
-                victim = idle[preemption_victim(idle)]
-                self.running.remove(victim)
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
+            if not self._allocate_or_preempt(req, n, out, busy):
                 break
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return budget
+
+    def _allocate_or_preempt(
+        self, req: Request, n: int, out: SchedulerOutput, busy: Collection[str]
+    ) -> bool:
+        """Allocates ``n`` slots for ``req``, preempting the newest running request that is
+        neither busy, in this step already, nor awaiting a token, until they fit. Returns
+        False when ``req`` gets none: it was the one preempted, or no other could be."""
+        while self.kv.allocate_slots(req, n) is None:
+            taken = {s.request.request_id for s in out.scheduled}
+            idle = [
+                r
+                for r in self.running
+                if r.request_id not in busy and r.request_id not in taken and not r.awaits_token
+            ]
+            if not idle:
+                return False
+            victim = idle[preemption_victim(idle)]
+            self.running.remove(victim)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while (
@@ -188,14 +206,35 @@ class Scheduler:
         self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict | None = None
     ) -> list[RequestOutput]:
         """Applies one executed step: advances computed tokens, appends samples, finishes."""
+        self.advance(out)
+        return self.resolve(out, sampled, logprobs)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The first half of :meth:`update`, for a step whose tokens are not read back yet:
+        advances computed tokens and appends a :data:`PLACEHOLDER_TOKEN` for each request
+        that samples (and still runs). :meth:`resolve` must follow before anything but
+        scheduling reads the requests."""
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            if s.samples and req.status is RequestStatus.RUNNING:
+                req.output_token_ids.append(PLACEHOLDER_TOKEN)
+
+    def resolve(
+        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict | None = None
+    ) -> list[RequestOutput]:
+        """The second half of :meth:`update`: puts each sampled token in its placeholder,
+        finishes the requests it stops, and returns the step's outputs. A request finished
+        (aborted) since :meth:`advance` gets none. Raises RuntimeError when a request that
+        still runs has no placeholder to fill."""
         outputs = []
         for s in out.scheduled:
             req = s.request
-            samples = s.samples
-            req.num_computed_tokens += s.num_new_tokens
-            if not samples or req.status is not RequestStatus.RUNNING:
+            if not s.samples or req.status is not RequestStatus.RUNNING:
                 continue
-            req.output_token_ids.append(sampled[req.request_id])
+            if not req.awaits_token:
+                raise RuntimeError(f"request {req.request_id} has no token placeholder to fill")
+            req.output_token_ids[-1] = sampled[req.request_id]
             reason = req.check_stop(self.max_model_len)
             if reason is not None:
                 self._finish(req, reason)

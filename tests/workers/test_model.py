@@ -16,7 +16,8 @@ from workers.engine import Engine, RequestSpec
 from workers.forward_context import ForwardContext, set_forward_context
 from workers.model_loader import build_model
 from workers.model_runner import ModelRunner
-from workers.request import Request, SamplingParams
+from workers.request import PLACEHOLDER_TOKEN, Request, SamplingParams
+from workers.sampler import SampledTokens
 from workers.scheduler import ScheduledRequest, SchedulerOutput
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -222,6 +223,7 @@ class _OverlappingRunner:
         self.runner, self.depth = runner, depth
         self.events: list[tuple[str, set[str]]] = []
         self._results: dict[int, tuple] = {}
+        self.fed = 0
 
     def __getattr__(self, name: str):
         if name == "runner":
@@ -231,21 +233,32 @@ class _OverlappingRunner:
     def overlap_depth(self) -> int:
         return self.depth
 
-    def launch(self, out: SchedulerOutput) -> None:
+    def launch(self, out: SchedulerOutput, feed: SampledTokens | None = None) -> None:
+        # The leader feeds a placeholder its token on the device; this runner computes at
+        # launch, on the host, so it puts the token in for the run and the placeholder back.
+        waiting = [s.request for s in out.scheduled if s.request.awaits_token]
+        fed = feed.by_request()[0] if waiting else {}
+        for r in waiting:
+            r.output_token_ids[-1] = fed[r.request_id]
         self._results[id(out)] = self.runner.execute(out)
+        for r in waiting:
+            r.output_token_ids[-1] = PLACEHOLDER_TOKEN
         self.events.append(("launch", {s.request.request_id for s in out.scheduled}))
+        self.fed += len(waiting)
 
-    def collect(self, out: SchedulerOutput):
+    def collect_async(self, out: SchedulerOutput) -> SampledTokens:
         self.events.append(("collect", {s.request.request_id for s in out.scheduled}))
-        return self._results.pop(id(out))
+        tokens = self._results.pop(id(out))[0]
+        requests = [s.request for s in out.scheduled if s.samples]
+        return SampledTokens(torch.tensor([tokens[r.request_id] for r in requests]), requests)
 
 
 def test_overlapped_steps_launch_the_collected_requests_next_token_at_once(
     stories_dir: Path, golden_cases
 ) -> None:
-    # Two micro-batches in flight: each step collects the oldest, then launches the next with
-    # the requests just sampled, so the worker's host work after the step (pushing outputs,
-    # reading its inbox) never sits between a sample and the launch of the next token.
+    # Two micro-batches in flight: each step samples the oldest, then launches the next with
+    # the requests just sampled (their tokens fed from the device, before the host reads
+    # them), so no host work sits between a sample and the launch of the next token.
     engine = Engine(engine_config(stories_dir, budget=7), CPU)
     engine.runner = fake = _OverlappingRunner(engine.runner)
     add_golden(engine, golden_cases, range(len(golden_cases)))
@@ -262,6 +275,44 @@ def test_overlapped_steps_launch_the_collected_requests_next_token_at_once(
             assert collected & launched, "the collected requests wait one more micro-batch"
             relaunched += 1
     assert tokens == {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
-    assert relaunched > 10
+    assert relaunched > 10 and fake.fed > 10
     engine.pool.check_integrity()
     assert engine.pool.num_used == 0
+
+
+def test_a_request_stopping_on_a_token_in_flight_gets_nothing_from_its_next_micro_batch(
+    stories_dir: Path, golden_cases
+) -> None:
+    # With the tokens fed on the device, the micro-batch after a request's last token is
+    # launched before that token is read: one that stops on it (a stop token id) has one more
+    # token computed there, which must reach no output, and one that stops by length is not
+    # scheduled again at all. Blocks end free either way.
+    engine = Engine(engine_config(stories_dir, budget=7), CPU)
+    engine.runner = fake = _OverlappingRunner(engine.runner)
+    golden = {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
+    stop_at = golden["0"][10]
+    cut = golden["0"].index(stop_at) + 1
+    stop = SamplingParams(temperature=0.0, max_tokens=64, stop_token_ids=(stop_at,))
+    engine.add_request(RequestSpec("0", golden_cases[0]["input_ids"], stop, 64))
+    engine.add_request(RequestSpec("1", golden_cases[1]["input_ids"], GREEDY, 5))
+    add_golden(engine, golden_cases, range(2, len(golden_cases)))
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    launched: dict[str, int] = {}
+    while engine.has_work:
+        before = len(fake.events)
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finish_reason is not None:
+                reasons[o.request_id] = o.finish_reason.value
+        for kind, ids in fake.events[before:]:
+            for rid in ids if kind == "launch" else ():
+                launched[rid] = launched.get(rid, 0) + 1
+        engine.pool.check_integrity()
+    assert tokens["0"] == golden["0"][:cut] and reasons["0"] == "stop"
+    assert tokens["1"] == golden["1"][:5] and reasons["1"] == "length"
+    assert all(tokens[i] == golden[i] for i in map(str, range(2, len(golden_cases))))
+    assert len(golden_cases[0]["input_ids"]) == 1
+    assert launched["0"] == 1 + (cut - 1) + 1  # its prompt, its decodes, one past its stop
+    assert launched["1"] == 1 + 4  # its prompt, then one launch per token it went on with
+    assert engine.pool.num_used == 0 and not engine.scheduler.running

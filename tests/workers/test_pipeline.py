@@ -207,7 +207,12 @@ def _run_loopback_pipeline(
     leader.runner = PipelineRunner(leader.runner, LoopbackTransport(0, links, hidden), ranks)
     if launched is not None:
         launch = leader.runner.launch
-        leader.runner.launch = lambda out: (launched.append(out.num_tokens), launch(out))[1]
+
+        def counted(out, feed=None):
+            launched.append(out.num_tokens)
+            launch(out, feed)
+
+        leader.runner.launch = counted
     for rid in rids:
         leader.add_request(spec_of(rid))
     tokens: dict[str, list[int]] = {rid: [] for rid in rids}

@@ -9,6 +9,7 @@ import logging
 import time
 
 import pytest
+import torch
 
 from workers import stalls
 
@@ -44,6 +45,27 @@ def test_phase_totals_give_each_phases_mean_per_clock():
         totals.add(clock)
     assert totals.count == 2
     assert totals.describe_mean() == "launch 3.00 ms, later stages 5.00 ms"
+
+
+def test_compute_timeline_sums_compute_and_the_idle_before_each_micro_batch_by_kind(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(stalls.time, "perf_counter", lambda: now[0])
+    timeline = stalls.ComputeTimeline(torch.device("cpu"), idle_cap_s=0.05)
+    assert timeline.describe() == "no micro-batches"
+    # (idle before, compute, kind) in ms: the first has no gap before it, the 0.2 s gap is
+    # an idle server (over the cap), not a bubble.
+    for idle, busy, kind in ((0, 10, "prompt"), (2, 12, "prompt"), (200, 4, "decode"),
+                             (6, 4, "decode"), (4, 8, "prompt")):  # fmt: skip
+        now[0] += idle / 1e3
+        begin = timeline.begin()
+        now[0] += busy / 1e3
+        timeline.end(begin, kind)
+    assert timeline.sums["prompt"] == pytest.approx([3, 30.0, 6.0, 2])
+    assert timeline.sums["decode"] == pytest.approx([2, 8.0, 6.0, 1])
+    assert timeline.describe() == (
+        "3 prompt micro-batches: compute 10.00 ms, idle before 3.00 ms (busy 0.77); "
+        "2 decode micro-batches: compute 4.00 ms, idle before 6.00 ms (busy 0.40)"
+    )
 
 
 def test_gc_monitor_reports_only_slow_passes(caplog, monkeypatch):

@@ -71,6 +71,7 @@ for step in $steps; do
             | xargs -r -n1 basename | sort | uniq -c | tee "$OUT/triton_compiled$sfx$cycle.log"
         done
         grep -E "drop:|drop on worker|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop$sfx.log" | tail -60
+        grep -E "steady pipelined|stage [0-9]+ device:" "$OUT/serve_drop$sfx.log"
         stop_server
       done ;;
     sizing)
@@ -97,6 +98,7 @@ for step in $steps; do
           --goodput ${GOODPUT:-ttft:2000 tpot:100} --save-detailed \
           2>&1 | tee "$OUT/replay_$name.log" | tail -30
         grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$name.log" | tail -40
+        grep -E "steady pipelined|stage [0-9]+ device:" "$OUT/serve_$name.log"
         # Triton kernels compiled while serving, with the time each was written (stall suspects)
         find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -newer /tmp/replay_marker -name "*.json" ! -name "__grp__*" \
           -printf "%TT %f\n" 2>/dev/null | sort >> "$OUT/replay_${name}_clock.log"

@@ -64,13 +64,15 @@ class PlannerConfig:
     token budget: it is compute-bound (a prefill burst), so more KV cache would only add
     prefill chunks to every step, lengthening TBT, without more tokens per second (ours: the
     2x H200 Azure-code replay in docs/benchmarks.md). 1 never refuses."""
-    max_compute_use: float = 0.3
+    max_compute_use: float = 0.6
     """Do not drop for an instance that computes more than this share of its profiled peak
     (tokens per second over the last samples / ``WorkerInfo.prefill_tokens_per_s``): its
-    queue waits for compute, not for KV, and a pipeline adds no compute (ours, from the 2x
-    H200 replays in docs/benchmarks.md: at the drop decision the memory-bound conversation
-    burst computed 0.08-0.12 of the peak, and a drop lowered its P99 TTFT 30x; the Azure-code
-    burst computed 0.45 and a drop raised its P99 TTFT 1.2x and halved goodput).
+    queue waits for compute, not for KV, and a pipeline adds no compute. Ours, from the 2x
+    H200 replays in docs/benchmarks.md (session 19): the memory-bound Azure-code burst (x0.5,
+    1 GiB of KV per GPU) computed 0.24-0.39 of the peak at its drop decisions, and a guard at
+    0.3 delayed its drop 1-3.5 s; the compute-bound window (x1, 2 GiB) computed 0.40-0.43,
+    and a drop there now lowers P99 TTFT 1.5x against recompute (with 8,192-token
+    micro-batches in session 4 a drop at 0.45 had raised it 1.2x and halved goodput).
     A value above 1 never refuses."""
 
     def __post_init__(self) -> None:

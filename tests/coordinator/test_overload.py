@@ -146,7 +146,7 @@ def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Both instances profiled at 1,000 tokens/s. Instance 0 overloads while computing 800
-    tokens/s (0.8 of its peak, over max_compute_use 0.3): no drop. At 200 tokens/s it drops once
+    tokens/s (0.8 of its peak, over max_compute_use 0.6): no drop. At 200 tokens/s it drops once
     its average has come down."""
     transitions = FakeTransitions()
     ctl, core, clock = make_controller(transitions)
@@ -169,10 +169,10 @@ def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
     assert transitions.calls == [] and ctl.compute_use(0) == pytest.approx(0.8)
     assert "it computes 80% of its peak token rate" in caplog.text
     assert ctl.loads()[0].compute_use == pytest.approx(0.8)
-    asyncio.run(run(200, 8))  # the average (weight 0.2): 0.2 + 0.6 * 0.8^n, still over 0.3
-    assert transitions.calls == [] and ctl.compute_use(0) > 0.3
-    asyncio.run(run(200, 1))  # ... and under it at the ninth sample
-    assert ctl.compute_use(0) < 0.3 and transitions.calls[0] == ([(0, 1)], [])
+    asyncio.run(run(200, 1))  # the average (weight 0.2): 0.2 + 0.6 * 0.8^n, still over 0.6
+    assert transitions.calls == [] and ctl.compute_use(0) > 0.6
+    asyncio.run(run(200, 1))  # ... and under it at the second sample
+    assert ctl.compute_use(0) < 0.6 and transitions.calls[0] == ([(0, 1)], [])
     assert "demand 1.600 (latest sample 1.600), compute use 0.80" in caplog.text  # 1st verdict
     # a restarted counter starts over instead of reading a negative rate
     computed(0)

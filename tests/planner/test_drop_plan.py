@@ -272,8 +272,8 @@ def test_no_drop_for_an_instance_short_of_compute(
     def loads(use: float) -> list[InstanceLoad]:
         return [make_load(0, 1.1, compute_use=use), make_load(3, 0.2)]
 
-    assert plan_drop(loads(0.45), llama3_8b, cost_model, CONFIG) is None
-    plan = plan_drop(loads(0.3), llama3_8b, cost_model, CONFIG)
+    assert plan_drop(loads(0.75), llama3_8b, cost_model, CONFIG) is None
+    plan = plan_drop(loads(0.6), llama3_8b, cost_model, CONFIG)
     assert plan is not None and plan.groups[0].instance_ids == (0, 3)
     off = PlannerConfig(max_compute_use=2.0)
     assert plan_drop(loads(1.2), llama3_8b, cost_model, off) is not None

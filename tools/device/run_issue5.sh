@@ -13,7 +13,8 @@
 # serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
 # cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100");
 # EXCHANGE_BYTES (drop-bench) one server per --kv-exchange-bytes-per-step value; CYCLES
-# (drop-bench, default 2) the drop and restore cycles on each server.
+# (drop-bench, default 2) the drop and restore cycles on each server; SERVE_EXTRA (replay)
+# more flags for every replay server (e.g. "--max-compute-use 0.6").
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-gpu-tests drop-bench replay}
@@ -89,7 +90,8 @@ for step in $steps; do
         # drop@N: the drop policy with --pipeline-max-num-batched-tokens N (outputs drop_bN)
         policy=${spec%@*}; extra=(); name=$policy
         if [[ $spec == *@* ]]; then extra=(--pipeline-max-num-batched-tokens "${spec#*@}"); name="${policy}_b${spec#*@}"; fi
-        start_server "serve_$name" "${FIXED_KV[@]}" --overload-policy "$policy" --planner-cooldown-s 5 "${extra[@]}" || continue
+        # shellcheck disable=SC2206  # SERVE_EXTRA: more serve flags, split on spaces
+        start_server "serve_$name" "${FIXED_KV[@]}" --overload-policy "$policy" --planner-cooldown-s 5 "${extra[@]}" ${SERVE_EXTRA:-} || continue
         touch /tmp/replay_marker; echo "replay starts $(date +%T.%N)" | tee "$OUT/replay_${name}_clock.log"
         timeout 200 python3 -m coordinator.cli replay --port 50051 --trace "${TRACE:-azure-code}" \
           --start "${START:-824}" --duration "${DURATION:-60}" --time-scale ${TIME_SCALE:-1} --max-output-len 512 \

@@ -7,8 +7,10 @@ every stage the step header (and, while pre-drop requests remain, the step plan 
 workers/remote_attention.py), runs its layers and sends the micro-batch to stage 1
 (:class:`PipelineRunner`); every other stage runs :class:`StageLoop` in its engine thread:
 receive, run its layers, forward to the next stage or, on the last, compute the sampling rows'
-logits and send them back to the leader, which samples. One micro-batch is in flight
-(lockstep); sampling state stays on the leader.
+logits and send them back to the leader, which samples; sampling state stays on the leader.
+Once no pre-drop request is left, several micro-batches are in flight
+(:meth:`PipelineRunner.overlap_depth`), and the leader launches the next one before it reads
+back the tokens of the one it collects (workers/engine.py).
 """
 
 from __future__ import annotations
@@ -271,9 +273,9 @@ class _Stage:
     def log_totals(self) -> None:
         """Logs the mean steady step's phases (host time) and the device's compute and idle
         time per micro-batch (:class:`~workers.stalls.ComputeTimeline`). The leader's
-        ``sample`` and the other stages' ``header wait`` hold the wait for the other stages:
-        the leader's logits receive is only posted in ``later stages``, and sampling syncs on
-        it."""
+        ``in flight`` and the other stages' ``header wait`` hold the wait for the other
+        stages: the engine reads a step's sampled tokens back between its launch and its
+        collect (``sample`` only queues the sampling)."""
         if self.totals.count:
             logger.info(
                 "stage %d: %d steady pipelined steps in %.1f s; mean step: %s",

@@ -15,7 +15,7 @@ It launches the next micro-batch before it reads back the tokens of the one it c
 on the device, and only then are they read and the step's outputs made
 (``Scheduler.resolve``). So the leader's host work between two micro-batches (reading the
 tokens, updating, scheduling, preparing) overlaps stage 0's compute instead of leaving it
-idle: 2.9 ms before each 13.5 ms prompt micro-batch on 2 H200s (docs/benchmarks.md, session
+idle: 2.9 ms before each 13.4 ms prompt micro-batch on 2 H200s (docs/benchmarks.md, session
 19). A request that stops on a sampled token (EOS) has one more token computed, unused.
 """
 

@@ -437,3 +437,35 @@ def test_a_decodes_only_step_skips_prefill_chunks_and_starts_no_request(make_req
     assert plan(sched.schedule(decodes_only=True)) == [("a", 1, True)]
     assert [r.request_id for r in sched.waiting] == ["c", "d"]
     assert plan(sched.schedule()) == [("a", 1, True), ("b", 7, False)]
+
+
+def test_a_request_awaiting_its_token_is_never_preempted(make_request) -> None:
+    """A pipeline leader schedules the next micro-batch between ``advance`` and ``resolve``
+    (workers/engine.py): the requests just sampled hold placeholders, and preempting one
+    would drop the token in flight. A request short of blocks then preempts itself, or waits
+    a step when the only candidates await their tokens."""
+    sched = make_scheduler(blocks=3, block_size=4, budget=16)
+    b, a = make_request("b", prompt=4), make_request("a", prompt=4)
+    sched.add(b)
+    sched.add(a)
+    step(sched)  # one block each, one token each; one block left
+    k = sched.schedule(busy={"b"})  # a's decode takes the last block
+    assert plan(k) == [("a", 1, True)]
+    sched.advance(k)
+    assert a.awaits_token and not b.awaits_token
+    out = sched.schedule()  # b needs a block: the newest running (a) awaits its token
+    assert [r.request_id for r in out.preempted] == ["b"] and a.status is RequestStatus.RUNNING
+    assert sched.resolve(k, {"a": 9})[0].new_token_ids == [9]
+    assert a.output_token_ids == [TOKEN, 9] and not a.awaits_token
+    sched.kv.pool.check_integrity()
+
+    alone = make_scheduler(blocks=2, block_size=4, budget=16)
+    c = make_request("c", prompt=7)
+    alone.add(c)
+    step(alone)  # 8 tokens in 2 blocks
+    k = alone.schedule()
+    alone.advance(k)  # c's next token, at position 8, needs a third block
+    out = alone.schedule()
+    assert plan(out) == [] and not out.preempted and c.status is RequestStatus.RUNNING
+    alone.resolve(k, {"c": 9})
+    assert c.output_token_ids == [TOKEN, 9]

@@ -195,7 +195,7 @@ class SampledTokens:
         tokens = self._host[0].tolist()
         if len(self._host) == 1:
             return tokens, [None] * len(self.requests)
-        chosen, top_i, top_v = (t.tolist() for t in self._host[1:])  # one copy each
+        chosen, top_i, top_v = (t.tolist() for t in self._host[1:])
         out: list[TokenLogprobs | None] = []
         for row, r in enumerate(self.requests):
             n = r.sampling.logprobs

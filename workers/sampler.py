@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from attention.metadata import host_tensor
 from workers.request import Request
 
 TokenLogprobs = tuple[float, list[int], list[float]]
@@ -65,7 +66,7 @@ class Sampler:
         if len(random_rows) == len(requests):
             tokens = self._sample_random(logits, requests)
         elif random_rows:
-            rows = _on_device(random_rows, torch.int64, logits.device)
+            rows = host_tensor(random_rows, torch.int64, logits.device)
             picked = self._sample_random(logits[rows], [requests[i] for i in random_rows])
             tokens[rows] = picked
         if raw_logprobs is None:
@@ -83,13 +84,13 @@ class Sampler:
             if not sp.needs_penalties:
                 continue
             if sp.repetition_penalty != 1.0:
-                seen = _on_device(sorted(set(r.all_token_ids())), torch.int64, logits.device)
+                seen = host_tensor(sorted(set(r.all_token_ids())), torch.int64, logits.device)
                 vals = logits[row, seen]
                 logits[row, seen] = torch.where(
                     vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty
                 )
             if r.output_token_ids and (sp.presence_penalty or sp.frequency_penalty):
-                out = _on_device(r.output_token_ids, torch.int64, logits.device)
+                out = host_tensor(r.output_token_ids, torch.int64, logits.device)
                 counts = torch.bincount(out, minlength=logits.shape[-1]).float()
                 logits[row] -= sp.frequency_penalty * counts
                 logits[row] -= sp.presence_penalty * (counts > 0).float()
@@ -107,7 +108,7 @@ class Sampler:
             if not r.sampling.ignore_eos:
                 banned |= r.eos_token_ids
             if banned:
-                logits[i, _on_device(sorted(banned), torch.int64, logits.device)] = float("-inf")
+                logits[i, host_tensor(sorted(banned), torch.int64, logits.device)] = float("-inf")
         return logits
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -125,7 +126,7 @@ class Sampler:
             (r.sampling.temperature, _top_k(r, vocab), r.sampling.top_p, r.sampling.min_p)
             for r in requests
         ]
-        temp, top_k, top_p, min_p = _on_device(params, torch.float32, logits.device).unbind(1)
+        temp, top_k, top_p, min_p = host_tensor(params, torch.float32, logits.device).unbind(1)
         logits = logits / temp[:, None]
         if any(k < vocab or p < 1.0 or m > 0.0 for _, k, p, m in params):
             logits = _filter(logits, top_k.long(), top_p, min_p)
@@ -143,7 +144,7 @@ class Sampler:
             if r.sampling.seed is not None:
                 noise[row].exponential_(generator=self._generator_for(r))
         if shared:
-            rows = _on_device(shared, torch.int64, probs.device)
+            rows = host_tensor(shared, torch.int64, probs.device)
             draws = torch.empty(len(shared), probs.shape[-1], device=probs.device)
             noise[rows] = draws.exponential_(generator=self._generator)
         return noise
@@ -220,15 +221,6 @@ def argmax_suffices(r: Request) -> bool:
         and not sp.needs_penalties
         and len(r.output_token_ids) >= sp.min_tokens
     )
-
-
-def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a tensor on ``device``; on CUDA through pinned memory and a non-blocking
-    copy (a copy from pageable memory would wait for the whole stream first)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 def _top_k(r: Request, vocab: int) -> int:

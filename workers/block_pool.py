@@ -338,11 +338,12 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
-        """Grows ``request.block_ids`` to hold ``num_computed_tokens + num_new_tokens`` tokens.
+        """Grows ``request.block_ids`` to hold ``num_started_tokens + num_new_tokens`` tokens
+        (the next chunk's end).
 
         Returns the newly added ids, or None (and changes nothing) when the pool is short.
         """
-        total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
+        total = self.blocks_needed(request.num_started_tokens + num_new_tokens)
         new = self.pool.allocate(max(0, total - len(request.block_ids)))
         if new is not None:
             request.block_ids.extend(new)

@@ -238,7 +238,7 @@ class StaticDecodeInputs:
         if not 0 < n <= padded <= self.max_batch:
             raise ValueError(f"need 0 < {n} requests <= padded {padded} <= {self.max_batch}")
         requests = [s.request for s in scheduled]
-        computed = [r.num_computed_tokens for r in requests]
+        computed = [s.start for s in scheduled]
         token_ids = [r.token_id(c) for r, c in zip(requests, computed, strict=True)]
         rows = np.array(self.rows.rows_for(requests), dtype=np.int64)
         positions = np.array(computed, dtype=np.int64)

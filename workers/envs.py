@@ -36,6 +36,14 @@ def profile_pipeline_steps() -> int:
     return int(value)
 
 
+def stage_trace_dir() -> Path | None:
+    """``KUNSERVE_STAGE_TRACE_DIR``: where each pipeline stage writes, when its pipeline
+    stops, one JSON row per micro-batch it computed (tokens, compute time, the idle time
+    before it by part; ``ComputeTimeline.rows``). Unset or empty writes none."""
+    value = os.environ.get("KUNSERVE_STAGE_TRACE_DIR", "")
+    return Path(value).expanduser() if value else None
+
+
 def profile_dir() -> Path | None:
     """``KUNSERVE_PROFILE_DIR``: where ``KUNSERVE_PROFILE_PIPELINE_STEPS`` writes Chrome
     traces; unset or empty writes none (the op tables go to the log either way)."""

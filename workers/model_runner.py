@@ -308,7 +308,7 @@ class ModelRunner:
         bs = self.block_size
         h = HostInputs()
         for s in out.scheduled:
-            r, c, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            r, c, n = s.request, s.start, s.num_new_tokens
             h.input_ids.extend(_token_slice(r, c, c + n))
             h.positions.extend(range(c, c + n))
             ids = r.block_ids

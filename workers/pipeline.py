@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -266,7 +268,7 @@ class _Stage:
         self.totals = PhaseTotals()
         """The phases of its steady steps (after the first logged ones, with no KV moves or
         remote attention), summed for the mean step logged at :meth:`log_totals`."""
-        self.timeline = ComputeTimeline(runner.device)
+        self.timeline = ComputeTimeline(runner.device, trace=envs.stage_trace_dir() is not None)
         """When this stage's device computed its micro-batches and idled between them."""
         self._started = time.perf_counter()
 
@@ -285,6 +287,12 @@ class _Stage:
                 self.totals.describe_mean(),
             )
         logger.info("stage %d device: %s", self.stage, self.timeline.describe())
+        trace_dir = envs.stage_trace_dir()
+        if trace_dir is not None:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            path = trace_dir / f"stage{self.stage}-{os.getpid()}-{time.time_ns()}.json"
+            path.write_text(json.dumps(self.timeline.rows()))
+            logger.info("stage %d: micro-batch trace written to %s", self.stage, path)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -533,7 +541,7 @@ class PipelineRunner(_Stage):
                 hidden, residual = self.compute(x, router, inputs.input_ids)
             else:
                 hidden, residual = self.graphs.run(size, len(requests))
-            self.timeline.end(begin, _kind(x))
+            self.timeline.end(begin, _kind(x), out.num_tokens)
             if self.graphs is not None:  # static buffers: the posted sends read them after
                 hidden, residual = hidden.clone(), residual.clone()  # the next run began
             clock.mark("stage 0" if size is None else "stage 0 (graph)")
@@ -580,8 +588,10 @@ class PipelineRunner(_Stage):
         if requests:
             vocab = r.model_config.vocab_size
             logits = self.transport.recv_logits(self.ranks[-1], len(requests), vocab)
+            self.timeline.mark("logits")
             clock.mark("later stages")
             sampled = r.sampler.sample_async(logits, requests)
+            self.timeline.mark("sample")
         else:
             sampled = SampledTokens(torch.empty(0, dtype=torch.int64, device=r.device), [])
         wait_sends(step.sends)
@@ -677,7 +687,9 @@ class StageLoop(_Stage):
             router = self.router(plan)
             self.serve(router, range(self.stage))
             clock.mark("serve")
-            self.step(self.transport.recv_body(prev, h), router)
+            x = self.transport.recv_body(prev, h)
+            self.timeline.mark("body")
+            self.step(x, router)
             clock.mark("step")
             self.serve(router, range(self.stage + 1, len(self.ranks)))
             clock.mark("serve")
@@ -711,7 +723,7 @@ class StageLoop(_Stage):
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:
         begin = self.timeline.begin()
         out = self._layers(x, router)
-        self.timeline.end(begin, _kind(x))
+        self.timeline.end(begin, _kind(x), x.hidden.shape[0])
         if not self.is_last:
             hidden, residual = out
             self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))

@@ -111,6 +111,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_scheduled_tokens: int = 0
+    """Where the last chunk scheduled ends (tokens). Ahead of ``num_computed_tokens`` while
+    that chunk's micro-batch is in flight and not applied yet: a pipeline leader launches a
+    prompt's next chunk before the last one is applied (workers/scheduler.py)."""
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
@@ -131,9 +135,15 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_started_tokens(self) -> int:
+        """Tokens whose KV is computed or being computed in a micro-batch in flight: where
+        the next chunk starts."""
+        return max(self.num_computed_tokens, self.num_scheduled_tokens)
+
+    @property
     def num_pending_tokens(self) -> int:
-        """Tokens whose KV still has to be computed."""
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens no step has been given yet: the most the next one can schedule."""
+        return self.num_tokens - self.num_started_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -13,6 +13,14 @@ A pipeline leader applies a collected micro-batch in two halves (vLLM's async sc
 :data:`~workers.request.PLACEHOLDER_TOKEN`, so the next micro-batch can be scheduled with
 those requests in it; then :meth:`Scheduler.resolve` with the tokens. A request awaiting its
 token is never preempted, and is not scheduled when that token ends it by length.
+
+A prompt whose chunk is in a micro-batch still in flight gets its next chunk in the next
+micro-batch when that chunk samples nothing (``Request.num_scheduled_tokens``): a stage
+computes its micro-batches in launch order, so the first chunk's KV is in place before the
+second reads it. Held back until the first was applied, as before, a long prompt's chunks went
+into every other micro-batch, and those between them ran a few decodes: on 2 H200s each such
+pair left both stages idle about 13 ms, a prompt micro-batch's time (docs/benchmarks.md,
+session 20). Requests in flight are still never preempted.
 """
 
 from __future__ import annotations
@@ -35,13 +43,17 @@ logger = logging.getLogger(__name__)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    start: int = field(init=False)
+    """The position of the chunk's first token (``Request.num_started_tokens`` when it was
+    scheduled): its KV goes to positions ``start .. start + num_new_tokens - 1``."""
     samples: bool = field(init=False)
     """True when this step computes the request's last pending token, so it samples one. Fixed
     at scheduling time: ``update`` advances ``num_computed_tokens`` afterwards."""
 
     def __post_init__(self) -> None:
         r = self.request
-        self.samples = r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        self.start = r.num_started_tokens
+        self.samples = self.start + self.num_new_tokens == r.num_tokens
 
 
 @dataclass
@@ -104,7 +116,8 @@ class Scheduler:
         decodes_only: bool = False,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
-        (pipeline mode): they are neither scheduled nor preempted. ``max_running``: most
+        (pipeline mode): they are never preempted, and scheduled only for the next chunk of
+        a prompt whose chunk in flight samples nothing. ``max_running``: most
         running requests this batch takes (pipeline mode spreads them over micro-batches);
         waiting requests it admits do not count. ``token_budget``: most tokens in the batch
         (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
@@ -140,14 +153,18 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted for an earlier one here
                 continue
-            if req.request_id in busy or (decodes_only and req.num_pending_tokens > 1):
+            if req.num_pending_tokens == 0:  # its last tokens are in flight (``busy``)
+                continue
+            if req.request_id in busy and req.num_scheduled_tokens <= req.num_computed_tokens:
+                continue  # busy, with no unapplied chunk of its own to follow
+            if decodes_only and req.num_pending_tokens > 1:
                 continue
             if req.awaits_token and req.stops_by_length(self.max_model_len):
                 continue  # its token in flight is its last
             n = min(req.num_pending_tokens, budget)
             if not self._allocate_or_preempt(req, n, out, busy):
                 break
-            out.scheduled.append(ScheduledRequest(req, n))
+            _take(out, req, n)
             budget -= n
         return budget
 
@@ -190,13 +207,13 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, n))
+            _take(out, req, n)
             budget -= n
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_scheduled_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -287,6 +304,13 @@ class Scheduler:
         """Blocks the waiting requests (new and preempted) need for the tokens they hold now:
         the part of ``kv_demand_blocks`` that is queued (the planner's drop condition)."""
         return sum(self.kv.blocks_needed(r.num_tokens) for r in self.waiting)
+
+
+def _take(out: SchedulerOutput, req: Request, n: int) -> None:
+    """Adds ``n`` tokens of ``req`` (its blocks allocated) to ``out``."""
+    s = ScheduledRequest(req, n)
+    out.scheduled.append(s)
+    req.num_scheduled_tokens = s.start + n
 
 
 def _one(lp: tuple | None) -> list[tuple] | None:

@@ -129,19 +129,34 @@ class ComputeTimeline:
     :meth:`end` right after. Per kind of micro-batch (``"prompt"``: it carries a prompt
     chunk; ``"decode"``: decodes only) it sums the compute time and the idle time before it,
     where that is at most ``idle_cap_s`` (longer: nothing was queued, not a pipeline bubble).
-    On a CPU device the events are host clock reads.
+    :meth:`mark` splits the idle time: the part up to a mark is that mark's (the leader
+    marks when the last stage's logits arrived and when it sampled them, a later stage when
+    its activations arrived), the part after the last mark is ``"launch"`` (the device ran
+    the micro-batch's small input copies, or waited for the host to queue it). With ``trace`` it also keeps one row per
+    micro-batch (:meth:`rows`). On a CPU device the events are host clock reads.
     """
 
-    def __init__(self, device: torch.device, idle_cap_s: float = 0.05) -> None:
+    def __init__(self, device: torch.device, idle_cap_s: float = 0.05, trace: bool = False) -> None:
         self._cuda = device.type == "cuda"
         self.idle_cap_ms = 1e3 * idle_cap_s
-        self._pending: deque[tuple[Any, Any, str]] = deque()
+        self._pending: deque[tuple[list[tuple[str, Any]], Any, Any, str, int]] = deque()
+        self._marks: list[tuple[str, Any]] = []
         self._last_end: Any = None
         self.sums: dict[str, list[float]] = {}
         """kind -> [micro-batches, compute ms, idle ms counted, idle gaps counted]."""
+        self.parts: dict[str, dict[str, float]] = {}
+        """kind -> idle part -> ms, summed over the idle gaps counted."""
+        self._trace: list[dict[str, Any]] | None = [] if trace else None
 
     def _event(self) -> Any:
         return torch.cuda.Event(enable_timing=True) if self._cuda else _HostEvent()
+
+    def mark(self, name: str) -> None:
+        """Marks a point in the idle time before the next micro-batch: the idle time since
+        the previous mark (or the last micro-batch's end) is ``name``'s."""
+        event = self._event()
+        event.record()
+        self._marks.append((name, event))
 
     def begin(self) -> Any:
         """Marks the start of a micro-batch's compute; pass the result to :meth:`end`."""
@@ -149,34 +164,63 @@ class ComputeTimeline:
         event.record()
         return event
 
-    def end(self, begin: Any, kind: str) -> None:
-        """Marks the end of the micro-batch begun at ``begin``."""
+    def end(self, begin: Any, kind: str, num_tokens: int = 0) -> None:
+        """Marks the end of the micro-batch begun at ``begin`` (``num_tokens``: its tokens,
+        for the trace)."""
         event = self._event()
         event.record()
-        self._pending.append((begin, event, kind))
+        self._pending.append((self._marks, begin, event, kind, num_tokens))
+        self._marks = []
         self._read(wait=False)
 
     def _read(self, wait: bool) -> None:
         while self._pending:
-            begin, end, kind = self._pending[0]
+            marks, begin, end, kind, num_tokens = self._pending[0]
             if wait:
                 end.synchronize()
             elif not end.query():
                 return
             self._pending.popleft()
             s = self.sums.setdefault(kind, [0, 0.0, 0.0, 0])
+            compute = begin.elapsed_time(end)
             s[0] += 1
-            s[1] += begin.elapsed_time(end)
+            s[1] += compute
+            idle, split = None, {}
             if self._last_end is not None:
                 idle = self._last_end.elapsed_time(begin)
+                at = self._last_end
+                for name, event in [*marks, ("launch", begin)]:
+                    split[name] = split.get(name, 0.0) + at.elapsed_time(event)
+                    at = event
                 if idle <= self.idle_cap_ms:
                     s[2] += idle
                     s[3] += 1
+                    parts = self.parts.setdefault(kind, {})
+                    for name, ms in split.items():
+                        parts[name] = parts.get(name, 0.0) + ms
+            if self._trace is not None:
+                self._trace.append(
+                    {
+                        "kind": kind,
+                        "tokens": num_tokens,
+                        "compute_ms": compute,
+                        "idle_ms": idle,
+                        "idle_parts_ms": split,
+                    }
+                )
             self._last_end = end
 
+    def rows(self) -> list[dict[str, Any]]:
+        """With ``trace``: one row per micro-batch read so far, in order: ``kind``,
+        ``tokens``, ``compute_ms``, ``idle_ms`` before it (None for the first, uncapped) and
+        ``idle_parts_ms`` (the idle time by mark). Waits for the device."""
+        self._read(wait=True)
+        return list(self._trace or [])
+
     def describe(self) -> str:
-        """``"412 prompt micro-batches: compute 12.10 ms, idle before 3.02 ms (busy 0.80)"``
-        per kind: the means, and compute / (compute + idle). Waits for the device to pass
+        """``"412 prompt micro-batches: compute 12.10 ms, idle before 3.02 ms (logits 1.80,
+        sample 0.20, launch 1.02; busy 0.80)"`` per kind: the means, the idle time by part
+        (with marks only), and compute / (compute + idle). Waits for the device to pass
         every marked micro-batch."""
         self._read(wait=True)
         parts = []
@@ -184,9 +228,13 @@ class ComputeTimeline:
             mean_idle = idle / gaps if gaps else 0.0
             mean_busy = busy / n
             share = mean_busy / (mean_busy + mean_idle) if mean_busy + mean_idle else 0.0
+            split = self.parts.get(kind, {})
+            by_part = ""
+            if gaps and set(split) != {"launch"}:
+                by_part = ", ".join(f"{k} {v / gaps:.2f}" for k, v in split.items()) + "; "
             parts.append(
                 f"{int(n)} {kind} micro-batches: compute {mean_busy:.2f} ms, idle before "
-                f"{mean_idle:.2f} ms (busy {share:.2f})"
+                f"{mean_idle:.2f} ms ({by_part}busy {share:.2f})"
             )
         return "; ".join(parts) or "no micro-batches"
 

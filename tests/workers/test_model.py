@@ -262,8 +262,10 @@ def test_overlapped_steps_launch_the_collected_requests_next_token_at_once(
     engine = Engine(engine_config(stories_dir, budget=7), CPU)
     engine.runner = fake = _OverlappingRunner(engine.runner)
     add_golden(engine, golden_cases, range(len(golden_cases)))
+    # Prompts longer than what is left of the 7-token budget take two chunks: the second
+    # launches while the first is in flight (Scheduler docstring), not a micro-batch later.
     tokens: dict[str, list[int]] = {}
-    relaunched = 0
+    relaunched, chained, in_flight = 0, set(), []
     while engine.has_work:
         before = len(fake.events)
         for o in engine.step():
@@ -274,8 +276,15 @@ def test_overlapped_steps_launch_the_collected_requests_next_token_at_once(
             collected, launched = step[0][1], step[1][1]
             assert collected & launched, "the collected requests wait one more micro-batch"
             relaunched += 1
+        for kind, ids in step:
+            if kind == "collect":
+                in_flight.pop(0)
+            else:
+                chained |= ids & set().union(*in_flight)
+                in_flight.append(ids)
     assert tokens == {str(i): c["greedy_new_token_ids"] for i, c in enumerate(golden_cases)}
     assert relaunched > 10 and fake.fed > 10
+    assert chained, "no prompt's next chunk launched while its last one flew"
     engine.pool.check_integrity()
     assert engine.pool.num_used == 0
 

@@ -332,19 +332,42 @@ def test_waiting_demand_counts_the_queue_and_preempted_requests(make_request) ->
 
 
 def test_a_decode_goes_before_an_earlier_prompts_chunk(make_request) -> None:
-    """Pipeline mode: a request admitted while a long prompt's chunk flew decodes in the next
-    micro-batch, ahead of that prompt's next chunk, which takes what is left of the budget
-    (running in admission order, the chunk took all of it and the decode waited)."""
+    """A request admitted after a long prompt decodes ahead of that prompt's next chunk,
+    which takes what is left of the budget (running in admission order, the chunk took all
+    of it and the decode waited a whole step)."""
     sched = make_scheduler(blocks=32, block_size=4, budget=8)
+    sched.add(make_request("short", prompt=2))
     sched.add(make_request("long", prompt=30))
     first = sched.schedule()
-    sched.add(make_request("short", prompt=2))
-    second = sched.schedule(busy={"long"})
-    assert plan(first) == [("long", 8, False)] and plan(second) == [("short", 2, True)]
-    sched.update(first, {})
-    sched.update(second, {"short": TOKEN})
+    assert plan(first) == [("short", 2, True), ("long", 6, False)]
+    sched.update(first, {"short": TOKEN})
+    sched.running.reverse()  # as if long had been admitted first (a preempted prompt re-run)
     assert plan(sched.schedule()) == [("short", 1, True), ("long", 7, False)]
-    assert [r.request_id for r in sched.running] == ["long", "short"]
+
+
+def test_a_prompts_next_chunk_follows_the_one_in_flight(make_request) -> None:
+    """Pipeline mode: a prompt whose chunk is in flight gets its next chunk in the next
+    micro-batch, from where that one ends, unless the chunk in flight samples; the chunks
+    are applied in order, and its first token is sampled once."""
+    sched = make_scheduler(blocks=32, block_size=4, budget=8)
+    long = make_request("long", prompt=22)
+    sched.add(long)
+    first = sched.schedule()
+    second = sched.schedule(busy={"long"})
+    third = sched.schedule(busy={"long"})
+    assert [(s.start, s.num_new_tokens, s.samples) for o in (first, second, third)
+            for s in o.scheduled] == [(0, 8, False), (8, 8, False), (16, 6, True)]  # fmt: skip
+    assert len(long.block_ids) == 6  # 22 tokens of 4 per block
+    assert plan(sched.schedule(busy={"long"})) == []  # its last chunk in flight samples
+    assert long.num_computed_tokens == 0 and long.num_pending_tokens == 0
+    sched.update(first, {})
+    sched.update(second, {})
+    assert long.num_computed_tokens == 16 and long.num_pending_tokens == 0
+    outputs = sched.update(third, {"long": TOKEN})
+    assert [o.new_token_ids for o in outputs] == [[TOKEN]]
+    assert plan(sched.schedule()) == [("long", 1, True)]
+    assert sched.running[0].num_started_tokens == 23
+    sched.kv.pool.check_integrity()
 
 
 def test_a_prompt_chunk_short_of_blocks_never_preempts_a_decode_scheduled_before_it(
@@ -354,13 +377,12 @@ def test_a_prompt_chunk_short_of_blocks_never_preempts_a_decode_scheduled_before
     prompt's chunk finds no block: the chunk's own request is preempted, not the newer one
     (preempting it would leave a scheduled request without its blocks)."""
     sched = make_scheduler(blocks=4, block_size=4, budget=8)
-    sched.add(make_request("a", prompt=16))
-    first = sched.schedule()  # a: 8 of 16 (2 blocks)
     sched.add(make_request("b", prompt=4))
-    second = sched.schedule(busy={"a"})  # b: 4 (1 block)
-    sched.update(first, {})
-    sched.update(second, {"b": TOKEN})
-    out = sched.schedule()  # b's decode takes the last block; a's chunk finds none
+    sched.add(make_request("a", prompt=16))
+    first = sched.schedule()  # b: 4 (1 block); a: 4 of 16 (1 block)
+    sched.update(first, {"b": TOKEN})
+    sched.running.reverse()  # as if a had been admitted first (a preempted prompt re-run)
+    out = sched.schedule()  # b's decode takes a block; a's 7-token chunk finds one of two
     assert plan(out) == [("b", 1, True)]
     assert [r.request_id for r in out.preempted] == ["a"]
     assert all(s.request.status is RequestStatus.RUNNING for s in out.scheduled)
@@ -434,8 +456,10 @@ def test_a_decodes_only_step_skips_prefill_chunks_and_starts_no_request(make_req
     step(sched)  # a: 4 (prefilled), b: 4 of 12
     sched.add(make_request("c", prompt=4))
     sched.add(make_request("d", prompt=1))  # waiting, even with one token to compute
-    assert plan(sched.schedule(decodes_only=True)) == [("a", 1, True)]
+    held = sched.schedule(decodes_only=True)
+    assert plan(held) == [("a", 1, True)]
     assert [r.request_id for r in sched.waiting] == ["c", "d"]
+    sched.update(held, {"a": TOKEN})
     assert plan(sched.schedule()) == [("a", 1, True), ("b", 7, False)]
 
 

@@ -68,6 +68,43 @@ def test_compute_timeline_sums_compute_and_the_idle_before_each_micro_batch_by_k
     )
 
 
+def test_compute_timeline_splits_the_idle_time_at_its_marks_and_traces_each_micro_batch(
+    monkeypatch,
+):
+    now = [0.0]
+    monkeypatch.setattr(stalls.time, "perf_counter", lambda: now[0])
+    timeline = stalls.ComputeTimeline(torch.device("cpu"), idle_cap_s=0.05, trace=True)
+
+    def micro_batch(marks, busy_ms, kind, tokens):
+        for name, ms in marks:  # the idle time up to each mark, then up to the begin
+            now[0] += ms / 1e3
+            if name != "launch":
+                timeline.mark(name)
+        begin = timeline.begin()
+        now[0] += busy_ms / 1e3
+        timeline.end(begin, kind, tokens)
+
+    micro_batch([("logits", 5)], 10, "prompt", 1024)  # the first: no idle before it
+    micro_batch([("logits", 1.5), ("sample", 0.5), ("launch", 1)], 12, "prompt", 1024)
+    micro_batch([("logits", 3.5), ("sample", 0.5), ("launch", 0)], 8, "prompt", 600)
+    micro_batch([("launch", 2)], 2, "decode", 40)  # no marks: all of it is the launch's
+    assert timeline.parts["prompt"] == pytest.approx({"logits": 5.0, "sample": 1.0, "launch": 1.0})
+    assert timeline.parts["decode"] == pytest.approx({"launch": 2.0})
+    assert timeline.describe() == (
+        "3 prompt micro-batches: compute 10.00 ms, idle before 3.50 ms (logits 2.50, "
+        "sample 0.50, launch 0.50; busy 0.74); "
+        "1 decode micro-batches: compute 2.00 ms, idle before 2.00 ms (busy 0.50)"
+    )
+    rows = timeline.rows()
+    assert [(r["kind"], r["tokens"]) for r in rows] == [
+        ("prompt", 1024), ("prompt", 1024), ("prompt", 600), ("decode", 40)
+    ]  # fmt: skip
+    assert rows[0]["idle_ms"] is None and rows[0]["compute_ms"] == pytest.approx(10.0)
+    assert rows[2]["idle_ms"] == pytest.approx(4.0)
+    assert rows[2]["idle_parts_ms"] == pytest.approx({"logits": 3.5, "sample": 0.5, "launch": 0.0})
+    assert stalls.ComputeTimeline(torch.device("cpu")).rows() == []  # no trace kept
+
+
 def test_gc_monitor_reports_only_slow_passes(caplog, monkeypatch):
     installed = stalls._on_gc in gc.callbacks
     try:

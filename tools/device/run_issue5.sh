@@ -111,5 +111,6 @@ done
 # A call brings back only a few files: the logs travel as one archive, named for the steps so
 # that a second invocation into the same $OUT does not overwrite the first one's.
 archive="logs_$(echo "$steps" | tr ' ' '-')_$(date +%H%M%S).tgz"
-(cd "$OUT" && tar czf "$archive" ./*.log && rm -f ./*.log)
+# KUNSERVE_STAGE_TRACE_DIR=$OUT/trace (the stages' micro-batch traces) travels in it too.
+(cd "$OUT" && tar czf "$archive" ./*.log $([[ -d trace ]] && echo ./trace) && rm -rf ./*.log ./trace)
 echo "logs: $OUT/$archive"

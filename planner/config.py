@@ -35,12 +35,14 @@ class PlannerConfig:
     min_dwell_s: float = 1.0
     """A drop or restore condition must hold on every sample of this many seconds before it is
     decided (ours: hysteresis against single-sample spikes)."""
-    drop_at_once_demand: float = 2.0
+    drop_at_once_demand: float = 1.25
     """Drop on the first sample, with neither smoothing nor dwell, when an instance's KV demand
-    reaches this multiple of its capacity and its queue needs at least its free blocks: the
-    queue alone then needs about as much KV as the instance has, and each sample of dwell adds
-    its length to the TTFT of every request waiting (ours: the 2x H200 Azure-code replay went
-    from 0.2 to over 2x its KV within one sample; docs/benchmarks.md). Must be at least
+    reaches this multiple of its capacity and its queue needs at least its free blocks: a
+    queue a quarter of the KV beyond full is a burst, not noise around drop_threshold, and
+    each sample of dwell adds its length to the TTFT of every request waiting (ours, from the
+    2x H200 Azure-code replays in docs/benchmarks.md: the burst's first overloaded sample
+    read 1.48 or over 2; at 2.0 the dwell took the first case to the next sample, and the
+    prompts queued in that half second had the largest TTFTs, 0.9-1.27 s). Must be at least
     drop_threshold; a large value leaves every drop to the dwell."""
     cooldown_s: float = 10.0
     """Seconds after an instance or group enters normal or pipelined mode before the planner may

@@ -14,8 +14,8 @@ never restore; any noise makes the slope non-zero. The gap between the drop and 
 thresholds is itself a hysteresis band.
 
 One exception: a drop whose unsmoothed demand already reaches ``drop_at_once_demand`` (a queue
-about as large as the KV) is decided at that sample, as KunServe decides every drop: that is no
-plateau, and the dwell would only add to the queue's wait. The cooldown still applies.
+a quarter of the KV beyond full) is decided at that sample, as KunServe decides every drop: that
+is no plateau, and the dwell would only add to the queue's wait. The cooldown still applies.
 
 Windows count samples: a span of X seconds is the last round(X / sample_interval_s) samples.
 """

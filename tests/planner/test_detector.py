@@ -234,7 +234,8 @@ def test_without_hysteresis_the_same_swings_oscillate(
 
 
 def test_a_single_spike_does_not_drop(loop: ControlLoop) -> None:
-    events = loop.run(lambda t: {0: 1.5 if t == 10.0 else 0.5, 1: 0.3}, until_s=30)
+    """Below drop_at_once_demand (1.25) the dwell absorbs a one-sample spike."""
+    events = loop.run(lambda t: {0: 1.2 if t == 10.0 else 0.5, 1: 0.3}, until_s=30)
     assert events == []
 
 
@@ -311,23 +312,25 @@ def test_observe_rejects_bad_samples() -> None:
         det.observe(1.5, [_normal(0, 10), _normal(0, 10)])
 
 
-def test_a_queue_as_large_as_the_kv_drops_at_the_first_sample(loop: ControlLoop) -> None:
-    """The Azure-code replay's jump (0.2 to over 2x the KV in one sample): demand 2.5 at
-    10.0 drops at 10.0; 1.5 waits for the smoothing and the dwell (11.0)."""
-    assert loop.run(lambda t: {0: 2.5 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
+def test_a_queue_a_quarter_of_the_kv_beyond_full_drops_at_the_first_sample(
+    loop: ControlLoop,
+) -> None:
+    """The Azure-code replay's jumps (0.2 to 1.48, or to over 2x the KV, in one sample):
+    demand 1.48 at 10.0 drops at 10.0; 1.2 waits for the smoothing and the dwell (11.0)."""
+    assert loop.run(lambda t: {0: 1.48 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
         (10.0, Decision.DROP, (0, 1))
     ]
     drops = [v for v in loop.verdicts if v.decision is Decision.DROP]
-    assert [v.reason for v in drops] == ["overloaded at once: demand 2.500 >= 2"]
+    assert [v.reason for v in drops] == ["overloaded at once: demand 1.480 >= 1.25"]
     dwell = ControlLoop(loop.shape, loop.cost_model)
-    assert dwell.run(lambda t: {0: 1.5 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
+    assert dwell.run(lambda t: {0: 1.2 if t >= 10 else 0.2, 1: 0.3}, until_s=12) == [
         (11.0, Decision.DROP, (0, 1))
     ]
-    # 10.0 averages 0.2 and 1.5 (0.85: not overloaded); 10.5 begins the dwell
+    # 10.0 averages 0.2 and 1.2 (0.7: not overloaded); 10.5 begins the dwell
     first = [v for v in dwell.verdicts if v.instance_ids == (0,) and v.t in (10.0, 10.5)]
     assert [(v.reason, v.dwelling, v.latest_demand, round(v.demand, 3)) for v in first] == [
-        ("not overloaded for 2 samples", 0, 1.5, 0.85),
-        ("overloaded on 1 of 2 samples", 1, 1.5, 1.5),
+        ("not overloaded for 2 samples", 0, 1.2, 0.7),
+        ("overloaded on 1 of 2 samples", 1, 1.2, 1.2),
     ]
 
 

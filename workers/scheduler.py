@@ -17,10 +17,12 @@ token is never preempted, and is not scheduled when that token ends it by length
 A prompt whose chunk is in a micro-batch still in flight gets its next chunk in the next
 micro-batch when that chunk samples nothing (``Request.num_scheduled_tokens``): a stage
 computes its micro-batches in launch order, so the first chunk's KV is in place before the
-second reads it. Held back until the first was applied, as before, a long prompt's chunks went
-into every other micro-batch, and those between them ran a few decodes: on 2 H200s each such
-pair left both stages idle about 13 ms, a prompt micro-batch's time (docs/benchmarks.md,
-session 20). Requests in flight are still never preempted.
+second reads it. Held back until the first was applied, a long prompt's chunks went into
+every other micro-batch, and those between them often ran a few decodes alone; the stage
+then waited out the other stage's prompt micro-batch before its next one. On 2 H200s (code
+burst) stage 0 idled 2.29 ms before each prompt micro-batch that way, 1.25-1.54 ms with
+the chunks back to back (docs/benchmarks.md, session 20). Requests in flight are still never
+preempted.
 """
 
 from __future__ import annotations

@@ -127,9 +127,10 @@ def test_the_first_sample_of_a_drops_dwell_is_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """With a two-sample dwell the first overloaded sample is logged (demand and smoothed
-    demand) and the second drops; a third dwell line never appears."""
+    demand) and the second drops; a third dwell line never appears. (Demand 1.6 stays below
+    the at-once level here, so the dwell applies.)"""
     transitions = FakeTransitions()
-    config = dataclasses.replace(CONFIG, min_dwell_s=1.0, cooldown_s=0.0)
+    config = dataclasses.replace(CONFIG, min_dwell_s=1.0, cooldown_s=0.0, drop_at_once_demand=2.0)
     ctl, core, clock = make_controller(transitions, config=config)
     overload_instance_0(core)
     with caplog.at_level(logging.INFO, logger="coordinator.overload"):

@@ -132,8 +132,9 @@ class ComputeTimeline:
     :meth:`mark` splits the idle time: the part up to a mark is that mark's (the leader
     marks when the last stage's logits arrived and when it sampled them, a later stage when
     its activations arrived), the part after the last mark is ``"launch"`` (the device ran
-    the micro-batch's small input copies, or waited for the host to queue it). With ``trace`` it also keeps one row per
-    micro-batch (:meth:`rows`). On a CPU device the events are host clock reads.
+    the micro-batch's small input copies, or waited for the host to queue it). With
+    ``trace`` it also keeps one row per micro-batch (:meth:`rows`). On a CPU device the
+    events are host clock reads.
     """
 
     def __init__(self, device: torch.device, idle_cap_s: float = 0.05, trace: bool = False) -> None:

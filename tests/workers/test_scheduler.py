@@ -370,6 +370,23 @@ def test_a_prompts_next_chunk_follows_the_one_in_flight(make_request) -> None:
     sched.kv.pool.check_integrity()
 
 
+def test_a_chained_chunk_short_of_blocks_waits_and_preempts_nothing(make_request) -> None:
+    """A prompt's next chunk finds no block while its last chunk is in flight: the request
+    is busy, so it is neither preempted nor preempts itself; the micro-batch stays empty
+    and the chunk's tokens stay pending."""
+    sched = make_scheduler(blocks=4, block_size=4, budget=8)
+    long = make_request("long", prompt=30)
+    sched.add(long)
+    first = sched.schedule()  # 8 tokens, 2 blocks
+    second = sched.schedule(busy={"long"})  # 8 more, the last 2 blocks
+    third = sched.schedule(busy={"long"})
+    assert plan(first) == plan(second) == [("long", 8, False)]
+    assert plan(third) == [] and not third.preempted
+    assert long.status is RequestStatus.RUNNING and long.num_pending_tokens == 14
+    assert long.num_scheduled_tokens == 16 and len(long.block_ids) == 4
+    sched.kv.pool.check_integrity()
+
+
 def test_a_prompt_chunk_short_of_blocks_never_preempts_a_decode_scheduled_before_it(
     make_request,
 ) -> None:

@@ -146,7 +146,9 @@ def test_allocator_retries_is_zero_off_cuda():
 def test_freeze_startup_heap_takes_live_objects_out_of_full_passes():
     try:
         frozen = stalls.freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 0
+        # A frozen object that dies afterwards (another thread drops its last reference)
+        # leaves the count: on a fresh-clone CI run 2 of 540,730 did between the two reads.
+        assert 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
     assert gc.get_freeze_count() == 0

@@ -541,7 +541,9 @@ class PipelineRunner(_Stage):
                 hidden, residual = self.compute(x, router, inputs.input_ids)
             else:
                 hidden, residual = self.graphs.run(size, len(requests))
-            self.timeline.end(begin, _kind(x), out.num_tokens)
+            self.timeline.end(
+                begin, _kind(x), tokens=out.num_tokens, attention_pairs=_attention_pairs(out)
+            )
             if self.graphs is not None:  # static buffers: the posted sends read them after
                 hidden, residual = hidden.clone(), residual.clone()  # the next run began
             clock.mark("stage 0" if size is None else "stage 0 (graph)")
@@ -723,7 +725,7 @@ class StageLoop(_Stage):
     def step(self, x: StageInputs, router: RemoteAttention | None = None) -> None:
         begin = self.timeline.begin()
         out = self._layers(x, router)
-        self.timeline.end(begin, _kind(x), x.hidden.shape[0])
+        self.timeline.end(begin, _kind(x), tokens=x.hidden.shape[0])
         if not self.is_last:
             hidden, residual = out
             self.transport.send_body(self.ranks[self.stage + 1], x.with_hidden(hidden, residual))
@@ -776,6 +778,17 @@ def feed_tokens(
         picked = feed.tokens.index_select(0, host_tensor(src, torch.int64, device))
         input_ids.index_copy_(0, host_tensor(dst, torch.int64, device), picked)
     return len(dst)
+
+
+def _attention_pairs(out: SchedulerOutput) -> int:
+    """Query-key pairs a step's causal attention computes, per layer and head: a chunk of
+    ``n`` tokens from position ``c`` pairs each token with the positions up to its own,
+    ``n * c + n * (n + 1) / 2`` (a micro-batch's trace figure: its compute grows with it)."""
+    pairs = 0
+    for s in out.scheduled:
+        n = s.num_new_tokens
+        pairs += n * s.start + n * (n + 1) // 2
+    return pairs
 
 
 def _kind(x: StageInputs) -> str:

@@ -140,7 +140,7 @@ class ComputeTimeline:
     def __init__(self, device: torch.device, idle_cap_s: float = 0.05, trace: bool = False) -> None:
         self._cuda = device.type == "cuda"
         self.idle_cap_ms = 1e3 * idle_cap_s
-        self._pending: deque[tuple[list[tuple[str, Any]], Any, Any, str, int]] = deque()
+        self._pending: deque[tuple[list[tuple[str, Any]], Any, Any, str, dict]] = deque()
         self._marks: list[tuple[str, Any]] = []
         self._last_end: Any = None
         self.sums: dict[str, list[float]] = {}
@@ -165,18 +165,18 @@ class ComputeTimeline:
         event.record()
         return event
 
-    def end(self, begin: Any, kind: str, num_tokens: int = 0) -> None:
-        """Marks the end of the micro-batch begun at ``begin`` (``num_tokens``: its tokens,
-        for the trace)."""
+    def end(self, begin: Any, kind: str, **figures: int) -> None:
+        """Marks the end of the micro-batch begun at ``begin``; ``figures`` (e.g. its
+        ``tokens``) go into its trace row."""
         event = self._event()
         event.record()
-        self._pending.append((self._marks, begin, event, kind, num_tokens))
+        self._pending.append((self._marks, begin, event, kind, figures))
         self._marks = []
         self._read(wait=False)
 
     def _read(self, wait: bool) -> None:
         while self._pending:
-            marks, begin, end, kind, num_tokens = self._pending[0]
+            marks, begin, end, kind, figures = self._pending[0]
             if wait:
                 end.synchronize()
             elif not end.query():
@@ -203,7 +203,7 @@ class ComputeTimeline:
                 self._trace.append(
                     {
                         "kind": kind,
-                        "tokens": num_tokens,
+                        **figures,
                         "compute_ms": compute,
                         "idle_ms": idle,
                         "idle_parts_ms": split,
@@ -212,9 +212,10 @@ class ComputeTimeline:
             self._last_end = end
 
     def rows(self) -> list[dict[str, Any]]:
-        """With ``trace``: one row per micro-batch read so far, in order: ``kind``,
-        ``tokens``, ``compute_ms``, ``idle_ms`` before it (None for the first, uncapped) and
-        ``idle_parts_ms`` (the idle time by mark). Waits for the device."""
+        """With ``trace``: one row per micro-batch read so far, in order: ``kind``, the
+        figures given to :meth:`end`, ``compute_ms``, ``idle_ms`` before it (None for the
+        first, uncapped) and ``idle_parts_ms`` (the idle time by mark). Waits for the
+        device."""
         self._read(wait=True)
         return list(self._trace or [])
 

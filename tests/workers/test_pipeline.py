@@ -35,11 +35,14 @@ from workers.kv_buffer import KVBuffer
 from workers.pipeline import (
     PipelineRunner,
     StageLoop,
+    _attention_pairs,
     build_stage_model,
     point_layers_at_kv_slots,
     run_stage,
     stage_graphs_for,
 )
+from workers.request import Request
+from workers.scheduler import ScheduledRequest, SchedulerOutput
 from workers.stage_memory import VmmStageMemory
 from workers.transition import GroupSpec
 
@@ -55,6 +58,16 @@ FULL_BLOCK_BYTES = 5 * 2 * 4 * 4 * 8 * 4
 
 def test_stage_ranges_split_five_layers() -> None:
     assert stage_layer_ranges(5, 2) == list(RANGES)
+
+
+def test_attention_pairs_count_each_chunks_causal_query_key_pairs() -> None:
+    """A 3-token chunk from position 4 pairs its tokens with 5, 6 and 7 positions (18);
+    a decode at position 9 with 10; a prompt's first 2 tokens with 1 and 2."""
+    chunk, decode, first = (Request(r, list(range(12)), GREEDY, 4, frozenset()) for r in "abc")
+    chunk.num_computed_tokens, decode.num_computed_tokens = 4, 9
+    out = SchedulerOutput([ScheduledRequest(chunk, 3), ScheduledRequest(decode, 1),
+                           ScheduledRequest(first, 2)])  # fmt: skip
+    assert _attention_pairs(out) == 18 + 10 + 3
 
 
 def test_step_header_round_trip() -> None:

@@ -82,7 +82,7 @@ def test_compute_timeline_splits_the_idle_time_at_its_marks_and_traces_each_micr
                 timeline.mark(name)
         begin = timeline.begin()
         now[0] += busy_ms / 1e3
-        timeline.end(begin, kind, tokens)
+        timeline.end(begin, kind, tokens=tokens)
 
     micro_batch([("logits", 5)], 10, "prompt", 1024)  # the first: no idle before it
     micro_batch([("logits", 1.5), ("sample", 0.5), ("launch", 1)], 12, "prompt", 1024)

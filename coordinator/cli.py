@@ -297,6 +297,7 @@ def bench_main(args: argparse.Namespace) -> int:
         hf=not args.no_hf,
         profile=_ints(args.profile),
         mixed_steps=not args.no_mixed,
+        chunk_depths=_ints(args.chunk_depths),
     )
     return 0
 
@@ -327,6 +328,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--no-mixed",
         action="store_true",
         help="skip the mixed steps (a prefill chunk + 32 decodes, piecewise graphs vs eager)",
+    )
+    eng.add_argument(
+        "--chunk-depths",
+        default="",
+        metavar="CONTEXTS",
+        help="contexts (e.g. 1024,4096,7168) at which a 1,024-token prefill chunk ends: its "
+        "time at each against the shallowest and against its FLOPs (how attention over a "
+        "long prompt slows its later chunks)",
     )
     eng.add_argument(
         "--profile",

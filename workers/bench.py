@@ -29,6 +29,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,6 +120,22 @@ class MixedResult:
 
 
 @dataclass
+class ChunkDepthResult:
+    """One prefill chunk of ``tokens`` tokens ending at position ``context`` of its prompt
+    (no decodes beside it): how its time grows with the context its attention reads."""
+
+    tokens: int
+    context: int
+    step_ms: float
+    flops: float  # chunk_flops
+    attention_flops: float  # the causal attention's part of ``flops``
+
+    @property
+    def tflops_per_s(self) -> float:
+        return self.flops / self.step_ms / 1e9
+
+
+@dataclass
 class HfResult:
     batch: int
     context: int
@@ -174,6 +191,18 @@ def prefill_flops(cfg: ModelConfig, prompt_lens: list[int]) -> float:
     dense = 2 * cfg.num_layers * layer_params * tokens + 2 * h * cfg.vocab_size * len(prompt_lens)
     attn = sum(2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) for n in prompt_lens)
     return float(dense + attn)
+
+
+def chunk_flops(cfg: ModelConfig, tokens: int, start: int) -> tuple[float, float]:
+    """(all, attention) FLOPs of one prefill chunk of ``tokens`` tokens from position
+    ``start`` that samples one token: :func:`prefill_flops`'s terms, with ``tokens * start +
+    tokens (tokens + 1) / 2`` query-key pairs per head and layer."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
+    dense = 2 * cfg.num_layers * layer_params * tokens + 2 * h * cfg.vocab_size
+    pairs = tokens * start + tokens * (tokens + 1) // 2
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
+    return float(dense + attn), float(attn)
 
 
 def _random_prompt(vocab: int, length: int, gen: torch.Generator) -> list[int]:
@@ -305,23 +334,41 @@ def bench_mixed(
     input preparation, the forward and sampling, synced by the sampled tokens), through the
     piecewise graphs and, when the engine has graphs, with them bypassed."""
     runner, out = engine.runner, mixed_step(engine, tokens, decodes, context)
-
-    def timed() -> float:
-        for _ in range(WARMUP_STEPS):
-            runner.execute(out)
-        _sync(runner.device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            runner.execute(out)
-        _sync(runner.device)
-        return 1e3 * (time.perf_counter() - t0) / reps
-
-    step_ms = timed()
+    step_ms = _time_step(runner, out, reps)
     eager_ms = None
     if runner.cuda_graphs is not None:
         with runner.eager():
-            eager_ms = timed()
+            eager_ms = _time_step(runner, out, reps)
     return MixedResult(tokens, decodes, context, step_ms, eager_ms)
+
+
+def _time_step(runner: Any, out: SchedulerOutput, reps: int) -> float:
+    """Mean ms of ``runner.execute(out)`` over ``reps`` runs, after WARMUP_STEPS."""
+    for _ in range(WARMUP_STEPS):
+        runner.execute(out)
+    _sync(runner.device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        runner.execute(out)
+    _sync(runner.device)
+    return 1e3 * (time.perf_counter() - t0) / reps
+
+
+def bench_chunk_depths(
+    engine: Engine, contexts: list[int], tokens: int = 1024, reps: int = 10
+) -> list[ChunkDepthResult]:
+    """A ``tokens``-token prefill chunk ending at each of ``contexts`` (:func:`mixed_step`
+    with no decodes), timed through ``ModelRunner.execute``. The shallowest depth is the
+    baseline: the deeper ones differ from it in attention work only. Raises ValueError when
+    a depth does not fit (:func:`mixed_step`)."""
+    cfg, out = engine.runner.model_config, []
+    for context in contexts:
+        step = mixed_step(engine, tokens, 0, context)
+        ms = _time_step(engine.runner, step, reps)
+        out.append(
+            ChunkDepthResult(tokens, context, ms, *chunk_flops(cfg, tokens, context - tokens))
+        )
+    return out
 
 
 def _mixed_section(engine: Engine, context: int = 1024, decodes: int = 32) -> list[MixedResult]:
@@ -345,6 +392,35 @@ def _mixed_section(engine: Engine, context: int = 1024, decodes: int = 32) -> li
             f"eager / piecewise {r.speedup:.2f}"
         )
     return out
+
+
+def _chunk_depth_section(
+    engine: Engine, contexts: list[int], tokens: int = 1024, reps: int = 10
+) -> list[ChunkDepthResult]:
+    """Prints each depth's time beside the shallowest one's (the baseline, same run) and
+    beside what its FLOPs alone predict; then the attention FLOP/s the slope implies."""
+    try:
+        results = bench_chunk_depths(engine, sorted(contexts), tokens, reps)
+    except ValueError as e:
+        print(f"chunk depths: skipped ({e})")
+        return []
+    base = results[0]
+    print(f"prefill chunk of {base.tokens} tokens by the context it ends at (no decodes):")
+    for r in results:
+        print(
+            f"chunk at {r.context:>6}: {r.step_ms:7.2f} ms, {r.tflops_per_s:6.1f} TFLOP/s, "
+            f"attention {r.attention_flops / r.flops:5.1%} of FLOPs; "
+            f"time x{r.step_ms / base.step_ms:.2f} vs FLOPs x{r.flops / base.flops:.2f} "
+            f"the {base.context}-token chunk's"
+        )
+    last = results[-1]
+    if len(results) > 1 and last.step_ms > base.step_ms:
+        rate = (last.attention_flops - base.attention_flops) / (last.step_ms - base.step_ms)
+        print(
+            f"attention beyond the baseline runs at {rate / 1e9:.1f} TFLOP/s "
+            f"(the {base.context}-token chunk as a whole: {base.tflops_per_s:.1f} TFLOP/s)"
+        )
+    return results
 
 
 def _host_gap(engine: Engine) -> tuple[float, int]:
@@ -442,9 +518,11 @@ def run_engine_bench(
     hf: bool = True,
     profile: list[int] | None = None,
     mixed_steps: bool = True,
+    chunk_depths: list[int] | None = None,
 ) -> list[DecodeResult]:
     """The decode grid (``batches`` x ``contexts``), the HF baseline, prefill at 8k tokens,
-    mixed steps (``mixed_steps``) and,
+    mixed steps (``mixed_steps``), a 1,024-token prefill chunk at each of ``chunk_depths``
+    and,
     for each batch in ``profile``, a per-kernel table of its decode graph at every context
     (last, so that the profiler's tracing slows none of the timed points)."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -461,6 +539,7 @@ def run_engine_bench(
     hf_results = _compare_hf(engine, hf_ms, results, steps, bandwidth)
     prefills = _prefill_section(engine, device) if prefill else []
     mixed = _mixed_section(engine) if mixed_steps else []
+    depths = _chunk_depth_section(engine, chunk_depths) if chunk_depths else []
     profiles = _profile_section(engine, profile or [], contexts, bandwidth)
     if out_json:
         report = {
@@ -473,6 +552,7 @@ def run_engine_bench(
             ],
             "prefill": [asdict(p) | {"vs_matmul": p.vs_matmul} for p in prefills],
             "mixed": [asdict(m) | {"speedup": m.speedup} for m in mixed],
+            "chunk_depths": [asdict(d) | {"tflops_per_s": d.tflops_per_s} for d in depths],
             "hf": [asdict(h) | {"speedup": h.speedup} for h in hf_results],
             "profile": [asdict(p) | {"idle_us": p.idle_us} for p in profiles],
         }

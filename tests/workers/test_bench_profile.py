@@ -316,3 +316,38 @@ def test_mixed_step_is_a_chunk_beside_decodes_and_the_bench_times_it_on_cpu(
     assert "mixed 64: skipped (a context of 1024 exceeds max_model_len 96)" in (
         capsys.readouterr().out
     )
+
+
+def test_chunk_depths_time_one_chunk_at_each_context_against_the_shallowest_on_cpu(
+    stories_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chunk's FLOPs grow with the context it ends at by its attention pairs alone
+    (``chunk_flops``: a 16-token chunk from position 24 has 16 * 24 + 16 * 17 / 2 pairs per
+    head and layer); the section prints each depth beside the shallowest."""
+    from workers.bench import _chunk_depth_section, bench_chunk_depths, chunk_flops
+
+    config = cpu_config(stories_dir)
+    engine = Engine(config, torch.device("cpu"))
+    cfg = engine.runner.model_config
+    total, attn = chunk_flops(cfg, 16, 24)
+    assert attn == 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (16 * 24 + 136)
+    assert total - attn == chunk_flops(cfg, 16, 0)[0] - chunk_flops(cfg, 16, 0)[1]
+    shallow, deep = bench_chunk_depths(engine, [16, 40], tokens=16, reps=2)
+    assert (shallow.context, deep.context) == (16, 40)
+    assert deep.flops - shallow.flops == deep.attention_flops - shallow.attention_flops > 0
+    assert shallow.step_ms > 0 and deep.step_ms > 0
+    with pytest.raises(ValueError, match="exceeds max_model_len 96"):
+        bench_chunk_depths(engine, [16, 96], tokens=16)
+    capsys.readouterr()
+    _chunk_depth_section(engine, [40, 16], tokens=16, reps=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "prefill chunk of 16 tokens by the context it ends at (no decodes):"
+    assert lines[1].startswith("chunk at     16:") and "time x1.00 vs FLOPs x1.00" in lines[1]
+    assert lines[2].startswith("chunk at     40:") and "the 16-token chunk's" in lines[2]
+    run_engine_bench(
+        config, [1], [8], steps=2, prefill=False, hf=False, mixed_steps=False,
+        chunk_depths=[40, 16],
+    )  # fmt: skip
+    assert "chunk depths: skipped (a 1024-token step of 0 decodes leaves a chunk of 1024)" in (
+        capsys.readouterr().out
+    )

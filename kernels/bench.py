@@ -7,7 +7,9 @@ One call runs everything and writes JSON::
 ``python -m kernels.bench --only skinny`` runs only the skinny GEMM tables
 (kernels/bench_skinny.py: decode-batch projections vs cuBLAS and the floor); ``--only mixed``
 only the mixed-step attention points (decodes split off to the decode kernel vs one prefill
-kernel for the whole step).
+kernel for the whole step); ``--only chunks`` a 1,024-token prefill chunk ending at 1k-7k
+tokens of context, through the prefill kernel at several tile configurations vs SDPA flash
+(:func:`bench_chunk_attention`).
 
 Decode attention (GQA 32/8, head_dim 128, bf16, block 16; batch x context grid) is timed beside
 (a) SDPA's flash backend on the same K/V laid out contiguously, (b) FlexAttention (compiled) on
@@ -48,6 +50,16 @@ POINTWISE_TOKENS, HIDDEN = 8192, 4096
 PREFILL_TOKENS = 8192
 MIXED_POINTS = ((32, 480), (128, 384), (8, 1016), (2, 510))
 """(decodes, chunk tokens) of the mixed-step attention points (``--only mixed``)."""
+CHUNK_TOKENS, CHUNK_CONTEXTS = 1024, (1024, 2048, 4096, 7168)
+"""``--only chunks``: a prefill chunk of CHUNK_TOKENS ending at each context (a pipeline
+micro-batch's chunk of a long prompt)."""
+CHUNK_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3))
+"""(BLOCK_M, BLOCK_N, warps, stages) of the prefill kernel that ``--only chunks`` tries; the
+first is the default (kernels/paged_prefill.py ``prefill_tiles``)."""
+CHUNK_TOLERANCE = 0.05
+"""Largest |ours - SDPA| accepted in ``--only chunks``: the outputs are bf16 averages of
+random values, well below 1, so rounding stays far under it, while a wrong mask or key range
+changes them by about their own size."""
 
 
 def _time_us(fn: Callable[[], Any]) -> float:
@@ -363,6 +375,78 @@ def print_table(rows: list[dict]) -> None:
             print(f"    ! {err}")
 
 
+def bench_chunk_attention(
+    device: torch.device,
+    context: int,
+    chunk: int = CHUNK_TOKENS,
+    tiles: tuple[tuple[int, int, int, int], ...] = CHUNK_TILES,
+) -> list[dict]:
+    """One layer's attention of a ``chunk``-token prefill chunk ending at position
+    ``context`` of one sequence (the engine's paged prefill kernel), one row per tile
+    configuration, each against SDPA's flash backend on the same K/V laid out contiguously
+    with a bottom-right causal mask (timed once). TFLOP/s count ``4 * heads * head_dim`` per
+    query-key pair, ``chunk * (context - chunk) + chunk (chunk + 1) / 2`` pairs."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from kernels.paged_prefill import PrefillTiles
+
+    case = make_decode_case(1, context, device)  # the sequence's whole context is cached
+    q = torch.randn(chunk, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=device)
+    qsl = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+    group = NUM_HEADS // NUM_KV_HEADS
+    q4 = q.transpose(0, 1).unsqueeze(0)  # [1, H, chunk, D]
+    k_full = case.k.repeat_interleave(group, dim=1)
+    v_full = case.v.repeat_interleave(group, dim=1)
+    mask = causal_lower_right(chunk, context)
+    pairs = chunk * (context - chunk) + chunk * (chunk + 1) // 2
+    flops = 4 * NUM_HEADS * HEAD_DIM * pairs
+
+    def sdpa() -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(
+                q4, k_full, v_full, attn_mask=mask, scale=HEAD_DIM**-0.5
+            )
+
+    base_errors: list[str] = []
+    baseline_us = _try(lambda: _time_us(sdpa), base_errors, "sdpa")
+    expected = None if baseline_us is None else sdpa()[0].transpose(0, 1).float()
+    rows = []
+    for t in tiles:
+        errors = list(base_errors)
+        tile = PrefillTiles(*t)
+
+        def ours(tile: PrefillTiles = tile) -> torch.Tensor:
+            return paged_prefill_attention(
+                q, case.kv_cache, 0, case.block_tables, case.seq_lens, qsl, chunk,
+                HEAD_DIM**-0.5, tiles=tile,
+            )  # fmt: skip
+
+        us = _try(lambda: _time_us(ours), errors, "ours")
+        diff = None
+        if us is not None and expected is not None:  # the same attention, or no comparison
+            diff = (ours().float() - expected).abs().max().item()
+            if diff > CHUNK_TOLERANCE:
+                errors.append(f"ours differs from sdpa by {diff:.3g} (> {CHUNK_TOLERANCE})")
+        rows.append(
+            {
+                "kernel": "paged_prefill_attention",
+                "shape": f"{chunk} at {context}, {t[0]}x{t[1]} w{t[2]} s{t[3]}",
+                "tiles": list(t),
+                "ours_us": us,
+                "baseline": "sdpa_flash_lower_right",
+                "baseline_us": baseline_us,
+                "floor_us": None,
+                "max_abs_diff": diff,
+                "ours_tflops": flops / (us * 1e-6) / 1e12 if us else None,
+                "baseline_tflops": flops / (baseline_us * 1e-6) / 1e12 if baseline_us else None,
+                "errors": errors,
+            }
+        )
+    return rows
+
+
 def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> dict:
     """Runs the benchmark on the current CUDA device; prints tables, returns the results.
 
@@ -378,8 +462,8 @@ def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> di
     ``out_json`` when given. Raises RuntimeError without a CUDA device, ValueError for an
     unknown ``only``.
     """
-    if only not in (None, "skinny", "mixed"):
-        raise ValueError(f"only must be None, 'skinny' or 'mixed', got {only!r}")
+    if only not in (None, "skinny", "mixed", "chunks"):
+        raise ValueError(f"only must be None, 'skinny', 'mixed' or 'chunks', got {only!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("run_kernel_bench needs a CUDA GPU")
     import triton
@@ -390,9 +474,11 @@ def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> di
     bandwidth = measure_copy_bandwidth(device)
     if only == "mixed":
         rows = _with_ratios([bench_mixed(device, d, c) for d, c in MIXED_POINTS])
+    elif only == "chunks":
+        rows = _with_ratios([r for c in CHUNK_CONTEXTS for r in bench_chunk_attention(device, c)])
     else:
         rows = [] if only else _attention_and_pointwise_rows(bandwidth, device)
-    skinny = only != "mixed"
+    skinny = only not in ("mixed", "chunks")
     skinny_rows = bench_skinny(bandwidth, device) if skinny else []
     skinny_sweep = sweep_skinny(bandwidth, device) if skinny else []
     result = {
@@ -407,6 +493,10 @@ def run_kernel_bench(out_json: str | None = None, only: str | None = None) -> di
     print(f"{result['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
     if rows:
         print_table(rows)
+        for r in rows:
+            if r.get("ours_tflops") is not None and r["kernel"] == "paged_prefill_attention":
+                base = _fmt(r.get("baseline_tflops"))
+                print(f"{r['shape']}: {r['ours_tflops']:.0f} TFLOP/s (baseline {base})")
     if skinny:
         print_skinny(skinny_rows, skinny_sweep)
     if out_json:
@@ -439,7 +529,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="kunserve bench kernels, with --only")
     parser.add_argument(
-        "--only", choices=["skinny", "mixed"], default=None, help="run only these tables"
+        "--only", choices=["skinny", "mixed", "chunks"], default=None, help="run only these tables"
     )
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()

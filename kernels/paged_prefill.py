@@ -13,6 +13,7 @@ share a KV head are adjacent in the grid, so their K/V reads hit L2. The layout 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -96,6 +97,8 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    tiles: PrefillTiles | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged context.
 
@@ -106,8 +109,9 @@ def paged_prefill_attention(
     it sizes the grid without a device sync, and queries past it are left unwritten. ``q`` and
     ``kv_cache`` share a dtype (fp16, bf16, fp32); accumulation is fp32. Returns
     [num_tokens, num_heads, head_dim] in q.dtype: a new tensor, or ``out`` (contiguous, that
-    shape and dtype) when given. Raises ValueError naming a bad argument, RuntimeError without
-    Triton.
+    shape and dtype) when given. ``tiles`` overrides :func:`prefill_tiles` (a benchmark's
+    sweep, ``python -m kernels.bench --only chunks``). Raises ValueError naming a bad
+    argument, RuntimeError without Triton.
     """
     device = check_paged_args(q, kv_cache, layer, block_tables, seq_lens, scale)
     num_seqs = seq_lens.shape[0]
@@ -123,8 +127,25 @@ def paged_prefill_attention(
     if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
         return out
     _launch_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, max_query_len,
-                    scale, out)  # fmt: skip
+                    scale, out, tiles or prefill_tiles(q.shape[2]))  # fmt: skip
     return out
+
+
+class PrefillTiles(NamedTuple):
+    """One launch configuration of the prefill kernel."""
+
+    block_m: int  # queries per program
+    block_n: int  # keys per inner step
+    num_warps: int
+    num_stages: int
+
+
+def prefill_tiles(head_dim: int) -> PrefillTiles:
+    """The default tiles for ``head_dim``: 128 queries x 64 keys up to head_dim 128, else
+    64 x 32; 8 warps, 2 stages."""
+    if max(next_pow2(head_dim), 16) <= 128:
+        return PrefillTiles(128, 64, 8, 2)
+    return PrefillTiles(64, 32, 8, 2)
 
 
 def _launch_prefill(
@@ -137,11 +158,11 @@ def _launch_prefill(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
+    tiles: PrefillTiles,
 ) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_d = max(next_pow2(head_dim), 16)
-    block_m, block_n = (128, 64) if block_d <= 128 else (64, 32)
-    grid = (num_heads, triton.cdiv(max_query_len, block_m), seq_lens.shape[0])
+    grid = (num_heads, triton.cdiv(max_query_len, tiles.block_m), seq_lens.shape[0])
     stride = kv_cache.stride()
     _paged_prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, out,
@@ -149,11 +170,11 @@ def _launch_prefill(
         layer * stride[1], stride[0], stride[2], stride[3],
         scale * math.log2(math.e), num_heads, head_dim,
         GROUP=num_heads // kv_cache.shape[4],
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
         BLOCK_D=block_d,
         BLOCK_SIZE=kv_cache.shape[3],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8,
-        num_stages=2,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )  # fmt: skip

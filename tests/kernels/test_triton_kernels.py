@@ -25,6 +25,7 @@ from kernels.paged_attention import (  # noqa: E402
     write_kv_ref,
 )
 from kernels.paged_decode import choose_num_splits  # noqa: E402
+from kernels.paged_prefill import PrefillTiles  # noqa: E402
 from kernels.rope import (  # noqa: E402
     apply_rope,
     apply_rope_ref,
@@ -221,6 +222,20 @@ def test_paged_prefill_chunked_matches_ref(
         q_lens, prefix_lens, (2 * group, 2), 16, block_size, dtype, device
     )
     out = paged_prefill_attention(q, cache, 1, tables, seq_lens, qsl, max(q_lens), 16**-0.5)
+    assert_matches(out, ref)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16, 4, 1), (16, 64, 4, 3)])
+def test_paged_prefill_other_tiles_match_ref(tiles: tuple, device: torch.device) -> None:
+    """The benchmark's tile sweep (``--only chunks``) runs the same attention: query tiles
+    shorter than a chunk, key tiles shorter and longer than a 16-token block."""
+    q_lens, prefix_lens = [5, 40, 1, 70], [0, 70, 20, 33]
+    q, cache, tables, seq_lens, qsl, ref = _run_paged(
+        q_lens, prefix_lens, (8, 2), 16, 16, torch.float32, device
+    )
+    out = paged_prefill_attention(
+        q, cache, 1, tables, seq_lens, qsl, max(q_lens), 16**-0.5, tiles=PrefillTiles(*tiles)
+    )
     assert_matches(out, ref)
 
 

@@ -282,7 +282,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.bench == "kernels":
         from kernels.bench import run_kernel_bench
 
-        run_kernel_bench(args.output_json)
+        run_kernel_bench(args.output_json, args.only)
         return 0
     from workers.bench import run_engine_bench
 
@@ -352,6 +352,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     ker = sub.add_parser("kernels", help="Triton kernels vs torch SDPA and the HBM floor")
     ker.add_argument("--output-json", default=None)
+    ker.add_argument(
+        "--only",
+        choices=["skinny", "mixed", "chunks"],
+        default=None,
+        help="run only these tables: skinny GEMMs, mixed-step attention, or a prefill chunk's "
+        "attention by depth at several tile configurations",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

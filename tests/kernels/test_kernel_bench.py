@@ -24,3 +24,18 @@ def test_the_kernel_bench_names_an_unknown_table() -> None:
 
     with pytest.raises(ValueError, match="only must be None, 'skinny', 'mixed' or 'chunks'"):
         run_kernel_bench(only="chunk")
+
+
+def test_kunserve_bench_kernels_passes_only_through(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kernels.bench
+    from coordinator.cli import main
+
+    calls = []
+    monkeypatch.setattr(kernels.bench, "run_kernel_bench", lambda *a: calls.append(a))
+    assert main(["bench", "kernels", "--only", "chunks", "--output-json", "k.json"]) == 0
+    assert calls == [("k.json", "chunks")]
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--only", "chunk"])
+    assert "invalid choice: 'chunk'" in capsys.readouterr().err

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One device run: install carried wheels, then GPU tests and benchmarks, logs under $OUT.
 # Usage on the device machine (repo root): bash tools/device/run_gpu_checks.sh [steps...]
-# steps: probe kernels-test kernels-bench engine-bench serve e2e (default: all)
+# steps: probe kernels-test kernels-bench engine-bench serve e2e (default: all), and
+# prefill-depth (not in the default): a 1,024-token prefill chunk by the context it ends at,
+# its attention at several tile configurations vs SDPA flash (bench kernels --only chunks), and
+# the whole model's chunk time vs its FLOPs (bench engine --chunk-depths; issue #5's tail).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
 steps=${*:-probe kernels-test kernels-bench engine-bench serve e2e}
@@ -14,6 +17,13 @@ for step in $steps; do
       python3 -c "from proto.kunserve.v1 import inference_pb2; print('proto ok')" ;;
     kernels-test)
       timeout 300 python3 -m pytest -q -m gpu tests/kernels 2>&1 | tee "$OUT/kernels_test.log" | tail -15 ;;
+    prefill-depth)
+      timeout 240 python3 -m coordinator.cli bench kernels --only chunks --output-json "$OUT/chunks.json" 2>&1 \
+        | tee "$OUT/chunks_bench.log" | tail -30
+      timeout 200 python3 -m coordinator.cli bench engine --model llama-3-8b --load-format dummy \
+        --max-num-batched-tokens 8192 --batch-sizes 1 --contexts 1024 --steps 4 --no-hf \
+        --no-prefill --no-mixed --chunk-depths 1024,2048,4096,7168 \
+        --output-json "$OUT/chunk_depths.json" 2>&1 | tee "$OUT/chunk_depths.log" | tail -8 ;;
     kernels-bench)
       timeout 300 python3 -m coordinator.cli bench kernels --output-json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels_bench.log" ;;
     engine-bench)

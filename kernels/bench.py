@@ -385,10 +385,10 @@ def bench_chunk_attention(
     ``context`` of one sequence (the engine's paged prefill kernel), one row per tile
     configuration, each against SDPA's flash backend on the same K/V laid out contiguously
     with a bottom-right causal mask (timed once). TFLOP/s count ``4 * heads * head_dim`` per
-    query-key pair, ``chunk * (context - chunk) + chunk (chunk + 1) / 2`` pairs."""
+    query-key pair (``causal_pairs``)."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from kernels.paged_prefill import PrefillTiles
+    from kernels.paged_prefill import PrefillTiles, causal_pairs
 
     case = make_decode_case(1, context, device)  # the sequence's whole context is cached
     q = torch.randn(chunk, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device=device)
@@ -398,8 +398,7 @@ def bench_chunk_attention(
     k_full = case.k.repeat_interleave(group, dim=1)
     v_full = case.v.repeat_interleave(group, dim=1)
     mask = causal_lower_right(chunk, context)
-    pairs = chunk * (context - chunk) + chunk * (chunk + 1) // 2
-    flops = 4 * NUM_HEADS * HEAD_DIM * pairs
+    flops = 4 * NUM_HEADS * HEAD_DIM * causal_pairs(chunk, context - chunk)
 
     def sdpa() -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel

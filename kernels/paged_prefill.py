@@ -131,6 +131,13 @@ def paged_prefill_attention(
     return out
 
 
+def causal_pairs(num_tokens: int, start: int) -> int:
+    """Query-key pairs the causal attention of a chunk of ``num_tokens`` queries at positions
+    ``start ..`` computes, per head and layer: each query sees the keys up to its own
+    position, ``num_tokens * start + num_tokens * (num_tokens + 1) / 2``."""
+    return num_tokens * start + num_tokens * (num_tokens + 1) // 2
+
+
 class PrefillTiles(NamedTuple):
     """One launch configuration of the prefill kernel."""
 

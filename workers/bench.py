@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kernels.paged_prefill import causal_pairs
 from workers.bench_profile import (
     StepProfile,
     attribute_gemms,
@@ -178,30 +179,23 @@ def matmul_flops_per_s(device: torch.device, n: int = 8192, iters: int = 10) -> 
 
 
 def prefill_flops(cfg: ModelConfig, prompt_lens: list[int]) -> float:
-    """FLOPs of prefilling ``prompt_lens`` (tokens each) and sampling one token per prompt.
-
-    ``2 * params * tokens`` for the decoder layers' matmuls (q/k/v, o, gate/up, down), plus
-    the LM head once per prompt, plus causal attention: ``QK^T`` and ``PV`` cost ``2 * d``
-    each per (query, key) pair, and a prompt of L tokens has ``L (L + 1) / 2`` pairs per head
-    and layer, so ``2 * layers * heads * d * L (L + 1)`` in all.
-    """
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
-    tokens = sum(prompt_lens)
-    dense = 2 * cfg.num_layers * layer_params * tokens + 2 * h * cfg.vocab_size * len(prompt_lens)
-    attn = sum(2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * (n + 1) for n in prompt_lens)
-    return float(dense + attn)
+    """FLOPs of prefilling ``prompt_lens`` (tokens each) and sampling one token per prompt:
+    each prompt is one chunk from position 0 (:func:`chunk_flops`)."""
+    return sum(chunk_flops(cfg, n, 0)[0] for n in prompt_lens)
 
 
 def chunk_flops(cfg: ModelConfig, tokens: int, start: int) -> tuple[float, float]:
     """(all, attention) FLOPs of one prefill chunk of ``tokens`` tokens from position
-    ``start`` that samples one token: :func:`prefill_flops`'s terms, with ``tokens * start +
-    tokens (tokens + 1) / 2`` query-key pairs per head and layer."""
+    ``start`` that samples one token.
+
+    ``2 * params * tokens`` for the decoder layers' matmuls (q/k/v, o, gate/up, down), plus
+    the LM head once, plus causal attention: ``QK^T`` and ``PV`` cost ``2 * d`` each per
+    (query, key) pair, ``causal_pairs(tokens, start)`` pairs per head and layer.
+    """
     h, i = cfg.hidden_size, cfg.intermediate_size
     layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
     dense = 2 * cfg.num_layers * layer_params * tokens + 2 * h * cfg.vocab_size
-    pairs = tokens * start + tokens * (tokens + 1) // 2
-    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * causal_pairs(tokens, start)
     return float(dense + attn), float(attn)
 
 

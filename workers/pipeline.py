@@ -30,6 +30,7 @@ from torch import nn
 
 from attention.metadata import host_tensor
 from attention.transport import StageInputs, StageOp, StageTransport, StepHeader, wait_sends
+from kernels.paged_prefill import causal_pairs
 from workers import envs, kv_exchange
 from workers.cuda_graphs import capture_sizes, graph_blocker, graph_key
 from workers.forward_context import ForwardContext, set_forward_context
@@ -541,9 +542,10 @@ class PipelineRunner(_Stage):
                 hidden, residual = self.compute(x, router, inputs.input_ids)
             else:
                 hidden, residual = self.graphs.run(size, len(requests))
-            self.timeline.end(
-                begin, _kind(x), tokens=out.num_tokens, attention_pairs=_attention_pairs(out)
-            )
+            figures = {}
+            if self.timeline.traces:  # trace rows only: no work on the launch path otherwise
+                figures = {"tokens": out.num_tokens, "attention_pairs": _attention_pairs(out)}
+            self.timeline.end(begin, _kind(x), **figures)
             if self.graphs is not None:  # static buffers: the posted sends read them after
                 hidden, residual = hidden.clone(), residual.clone()  # the next run began
             clock.mark("stage 0" if size is None else "stage 0 (graph)")
@@ -781,14 +783,9 @@ def feed_tokens(
 
 
 def _attention_pairs(out: SchedulerOutput) -> int:
-    """Query-key pairs a step's causal attention computes, per layer and head: a chunk of
-    ``n`` tokens from position ``c`` pairs each token with the positions up to its own,
-    ``n * c + n * (n + 1) / 2`` (a micro-batch's trace figure: its compute grows with it)."""
-    pairs = 0
-    for s in out.scheduled:
-        n = s.num_new_tokens
-        pairs += n * s.start + n * (n + 1) // 2
-    return pairs
+    """Query-key pairs a step's causal attention computes, per layer and head (a
+    micro-batch's trace figure: its compute grows with it)."""
+    return sum(causal_pairs(s.num_new_tokens, s.start) for s in out.scheduled)
 
 
 def _kind(x: StageInputs) -> str:

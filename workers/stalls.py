@@ -149,6 +149,12 @@ class ComputeTimeline:
         """kind -> idle part -> ms, summed over the idle gaps counted."""
         self._trace: list[dict[str, Any]] | None = [] if trace else None
 
+    @property
+    def traces(self) -> bool:
+        """Whether it keeps trace rows (``trace``): the figures given to :meth:`end` are
+        read only then."""
+        return self._trace is not None
+
     def _event(self) -> Any:
         return torch.cuda.Event(enable_timing=True) if self._cuda else _HostEvent()
 

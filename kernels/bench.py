@@ -53,7 +53,7 @@ MIXED_POINTS = ((32, 480), (128, 384), (8, 1016), (2, 510))
 CHUNK_TOKENS, CHUNK_CONTEXTS = 1024, (1024, 2048, 4096, 7168)
 """``--only chunks``: a prefill chunk of CHUNK_TOKENS ending at each context (a pipeline
 micro-batch's chunk of a long prompt)."""
-CHUNK_TILES = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3))
+CHUNK_TILES = ((128, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2), (256, 64, 8, 2))
 """(BLOCK_M, BLOCK_N, warps, stages) of the prefill kernel that ``--only chunks`` tries; the
 first is the default (kernels/paged_prefill.py ``prefill_tiles``)."""
 CHUNK_TOLERANCE = 0.05

@@ -39,3 +39,11 @@ def test_kunserve_bench_kernels_passes_only_through(
     with pytest.raises(SystemExit):
         main(["bench", "kernels", "--only", "chunk"])
     assert "invalid choice: 'chunk'" in capsys.readouterr().err
+
+
+def test_the_chunk_sweep_starts_with_the_default_tiles() -> None:
+    from kernels.bench import CHUNK_TILES, HEAD_DIM
+    from kernels.paged_prefill import prefill_tiles
+
+    assert CHUNK_TILES[0] == tuple(prefill_tiles(HEAD_DIM))
+    assert len(set(CHUNK_TILES)) == len(CHUNK_TILES)

@@ -82,7 +82,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-PLANNER_TIMING = ("sample_interval_s", "window_s", "smoothing_s", "min_dwell_s", "cooldown_s")
+PLANNER_TIMING = (
+    "sample_interval_s",
+    "window_s",
+    "smoothing_s",
+    "min_dwell_s",
+    "cooldown_s",
+    "at_once_check_s",
+)
 """PlannerConfig fields whose flag gets a ``--planner-`` prefix (a bare --window-s says too
 little on ``kunserve serve``); the others' flags are their names."""
 

@@ -6,7 +6,9 @@ latest ``EngineStats`` into an ``InstanceLoad``, feeds ``OverloadDetector.observ
 ``--no-auto-transitions``), turns DROP verdicts into ``plan_drop`` and RESTORE verdicts into
 ``plan_restore`` (planner/drop_plan.py) and runs them through ``Transitions.apply``, one
 transition at a time (DESIGN.md §6.1-6.2; KunServe's coordinator loop, reference/kunserve.md
-§3(e)). When it does not act it still observes, so the logs and ``kunserve:kv_demand_perc``
+§3(e)). Between samples, every ``at_once_check_s``, it checks the same stats (each worker
+pushes them with every step) for a drop at once (``OverloadDetector.at_once``), without
+recording a sample. When it does not act it still observes, so the logs and ``kunserve:kv_demand_perc``
 show what the planner would have done.
 
 Cost model. Each worker profiles itself at start-up (``WorkerInfo.decode_profile``: a decode
@@ -182,14 +184,22 @@ class OverloadController:
         self._refused_until: dict[tuple[str, tuple[int, ...]], float] = {}
 
     async def run(self) -> None:
-        """Ticks every ``sample_interval_s`` until cancelled; a tick that raises is logged and
-        the loop goes on (the planner must not take the server down)."""
+        """Ticks every ``sample_interval_s`` until cancelled, and in between checks for a drop
+        at once every ``at_once_check_s`` (:meth:`check_at_once`; 0: never); a tick or check
+        that raises is logged and the loop goes on (the planner must not take the server
+        down)."""
+        interval, check = self.config.sample_interval_s, self.config.at_once_check_s
+        next_sample = self.clock()
         while True:
+            sampling = self.clock() >= next_sample
             try:
-                await self.tick()
+                await (self.tick() if sampling else self.check_at_once())
             except Exception:
-                logger.exception("planner: tick failed")
-            await asyncio.sleep(self.config.sample_interval_s)
+                logger.exception("planner: %s failed", "tick" if sampling else "check")
+            if sampling:
+                next_sample = self.clock() + interval
+            wait = max(0.0, next_sample - self.clock())
+            await asyncio.sleep(min(wait, check) if check > 0 else wait)
 
     async def tick(self) -> None:
         """One sample: observe, decide, and (when acting) start what the verdicts call for."""
@@ -208,6 +218,20 @@ class OverloadController:
         for v in verdicts:
             if v.decision is Decision.RESTORE:
                 await self._restore(loads, v, now)
+
+    async def check_at_once(self) -> None:
+        """Between samples: starts a drop for each instance whose latest load (pushed with
+        its worker's every step) is overloaded at once (``OverloadDetector.at_once``), as a
+        sample would; records no sample. Only when acting."""
+        if not self.act:
+            return
+        now = self.clock()
+        loads = self.loads(record=False)
+        hot = self.detector.at_once(now, loads)
+        for v in hot:
+            self._announce(v)
+        if hot:
+            await self._drop(loads, hot, now)
 
     def observe_compute(self, now: float) -> None:
         """Updates each instance's average token rate from its latest stats (module
@@ -229,8 +253,10 @@ class OverloadController:
             return 0.0
         return self._token_rate.get(instance_id, 0.0) / peak
 
-    def loads(self) -> list[InstanceLoad]:
-        """Every instance's ``InstanceLoad`` from its latest stats (module docstring)."""
+    def loads(self, record: bool = True) -> list[InstanceLoad]:
+        """Every instance's ``InstanceLoad`` from its latest stats (module docstring);
+        ``record`` also feeds the normal instances' decode step times to the cost model (once
+        per sample: a check between samples would count the same step again)."""
         group_of = {
             i: (gid, rec.instance_ids[0])
             for gid, rec in self.transitions.groups.items()
@@ -238,7 +264,7 @@ class OverloadController:
         }
         loads = []
         for inst in self.core.instances:
-            if inst.state is InstanceState.NORMAL:
+            if record and inst.state is InstanceState.NORMAL:
                 self.step_times.record(inst.stats)
             group_id, leader = group_of.get(inst.instance_id, (None, inst.instance_id))
             loads.append(self._load(inst, group_id, holds_requests=leader == inst.instance_id))

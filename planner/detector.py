@@ -16,6 +16,9 @@ thresholds is itself a hysteresis band.
 One exception: a drop whose unsmoothed demand already reaches ``drop_at_once_demand`` (a queue
 a quarter of the KV beyond full) is decided at that sample, as KunServe decides every drop: that
 is no plateau, and the dwell would only add to the queue's wait. The cooldown still applies.
+The same test can be made between samples on the latest loads (``at_once``, every
+``at_once_check_s``), so that a burst arriving just after a sample need not wait for the next;
+those checks record no sample.
 
 Windows count samples: a span of X seconds is the last round(X / sample_interval_s) samples.
 """
@@ -137,6 +140,39 @@ class OverloadDetector:
         """One verdict per normal instance and per group at the latest sample, in key order."""
         return [self._verdict(key, hist) for key, hist in sorted(self._history.items())]
 
+    def at_once(self, t: float, loads: Sequence[InstanceLoad]) -> list[Verdict]:
+        """Between samples: a DROP verdict for each normal instance outside any group whose
+        load at time ``t`` (seconds, not before the latest sample) is overloaded at once
+        (unsmoothed demand >= ``drop_at_once_demand`` and a queue that needs the free blocks)
+        and whose cooldown has passed, in instance order. It records no sample, so the
+        windows, smoothing and dwell are those of the samples; it does note mode changes, so
+        that the cooldown counts from them."""
+        self._track_transitions(t, loads)
+        out = []
+        for ld in sorted(loads, key=lambda ld: ld.instance_id):
+            if ld.group_id is not None or ld.state is not InstanceState.NORMAL:
+                continue
+            demand, _, queue_needs_free = _level([ld])
+            at = self.config.drop_at_once_demand
+            if demand < at or not queue_needs_free:
+                continue
+            if t - self._since.get(ld.instance_id, -math.inf) < self.config.cooldown_s:
+                continue
+            hist = self._history.get(("instance", ld.instance_id))
+            out.append(
+                Verdict(
+                    decision=Decision.DROP,
+                    instance_ids=(ld.instance_id,),
+                    group_id=None,
+                    t=t,
+                    demand=hist[-1].smoothed if hist else demand,
+                    latest_demand=demand,
+                    slope_per_s=hist[-1].slope_per_s if hist else 0.0,
+                    reason=f"overloaded at once between samples: demand {demand:.3f} >= {at:g}",
+                )
+            )
+        return out
+
     # --- internals ---------------------------------------------------------------------------
 
     def _track_transitions(self, t: float, loads: Iterable[InstanceLoad]) -> None:
@@ -149,11 +185,7 @@ class OverloadDetector:
 
     def _sample(self, t: float, members: Sequence[InstanceLoad], hist: deque[_Sample]) -> _Sample:
         cfg = self.config
-        total = sum(ld.kv_blocks_total for ld in members)
-        demand = sum(ld.kv_demand_blocks for ld in members) / total
-        waiting = sum(ld.num_waiting for ld in members)
-        free = sum(ld.free_blocks for ld in members)
-        queue_needs_free = waiting > 0 and sum(ld.waiting_demand_blocks for ld in members) >= free
+        demand, waiting, queue_needs_free = _level(members)
         levels = [s.demand for s in _tail(hist, self._n_smooth - 1)] + [demand]
         smoothed = sum(levels) / len(levels)
         slope = _slope([(s.t, s.demand) for s in _tail(hist, self._n_window - 1)] + [(t, demand)])
@@ -217,6 +249,16 @@ class OverloadDetector:
             return decision, f"{flag} at once: demand {last.demand:.3f} >= {at:g}", 0
         why = f"{flag} for {self._n_dwell} samples: demand {last.smoothed:.3f}"
         return decision, f"{why} (latest sample {last.demand:.3f})", 0
+
+
+def _level(members: Sequence[InstanceLoad]) -> tuple[float, int, bool]:
+    """The members' summed KV demand over their normal capacity, their waiting requests, and
+    whether the queue needs at least the free blocks."""
+    total = sum(ld.kv_blocks_total for ld in members)
+    demand = sum(ld.kv_demand_blocks for ld in members) / total
+    waiting = sum(ld.num_waiting for ld in members)
+    free = sum(ld.free_blocks for ld in members)
+    return demand, waiting, waiting > 0 and sum(ld.waiting_demand_blocks for ld in members) >= free
 
 
 def _group_by_key(loads: Iterable[InstanceLoad]) -> dict[_Key, list[InstanceLoad]]:

@@ -143,6 +143,56 @@ def test_the_first_sample_of_a_drops_dwell_is_logged_once(
     assert "overloaded for 2 samples: demand 1.600 (latest sample 1.600)" in caplog.text
 
 
+def test_between_samples_a_queue_beyond_the_kv_drops_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sample sees instance 0 calm; its next pushed stats show 1.6x the KV, and the check
+    between samples drops it then. The check records no decode step time; observing only
+    (the recompute policy), it starts nothing."""
+    transitions = FakeTransitions()
+    ctl, core, clock = make_controller(transitions)
+    core.instances[0].stats = stats(used=50, demand=50)
+    asyncio.run(ticks(ctl, clock, 1))
+    overload_instance_0(core)
+    core.instances[0].stats = dataclasses.replace(
+        core.instances[0].stats, num_step_tokens=4, step_time_s=0.02
+    )  # a decode-only step: a sample would record it
+    with caplog.at_level(logging.INFO, logger="coordinator.overload"):
+        asyncio.run(ctl.check_at_once())
+    assert transitions.calls == [([(0, 1)], [])]
+    assert "overloaded at once between samples: demand 1.600 >= 1.25" in caplog.text
+    assert list(ctl.step_times.decode) == []
+    watcher, core, _ = make_controller(FakeTransitions(), act=False)
+    overload_instance_0(core)
+    asyncio.run(watcher.check_at_once())
+    assert watcher.transitions.calls == []
+
+
+def test_the_loop_checks_between_samples(caplog: pytest.LogCaptureFixture) -> None:
+    """Samples 10 s apart, checks every 10 ms: an overload that comes after the first sample
+    drops long before the second."""
+    config = dataclasses.replace(
+        CONFIG, sample_interval_s=10.0, window_s=20.0, smoothing_s=10.0, min_dwell_s=10.0,
+        at_once_check_s=0.01,
+    )  # fmt: skip
+    transitions = FakeTransitions()
+    ctl, core, _ = make_controller(transitions, config=config)
+    ctl.clock = time.monotonic
+
+    async def body() -> float:
+        task = asyncio.ensure_future(ctl.run())
+        await asyncio.sleep(0.05)  # the first sample has been taken
+        overload_instance_0(core)
+        t0 = time.monotonic()
+        while not transitions.calls:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        return time.monotonic() - t0
+
+    assert asyncio.run(asyncio.wait_for(body(), 5)) < 1.0
+    assert transitions.calls == [([(0, 1)], [])]
+
+
 def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -341,3 +341,27 @@ def test_drop_at_once_still_waits_for_the_cooldown(loop: ControlLoop) -> None:
     events = loop.run(surge, until_s=40)
     assert events[:2] == [(11.0, Decision.DROP, (0, 1)), (21.5, Decision.RESTORE, (0, 1))]
     assert events[2] == (32.0, Decision.DROP, (0, 1))
+
+
+def test_between_samples_a_burst_drops_at_once_and_records_no_sample(
+    loop: ControlLoop,
+) -> None:
+    """A queue that fills the KV 0.05 s after the sample at 10.0 drops at 10.05, not at the
+    next sample (10.5); the check records nothing, so the windows see the samples alone.
+    Below the at-once level, with a queue that fits, in a group or in cooldown: no verdict."""
+    det = loop.detector
+    loop.run(lambda t: {0: 0.2, 1: 0.3}, until_s=10)
+    calm = loop.loads(10.05, {0: 0.2, 1: 0.3})
+    assert det.at_once(10.05, calm) == []
+    burst = loop.loads(10.05, {0: 1.48, 1: 1.2})  # 1.2: below the level, left to the dwell
+    [verdict] = det.at_once(10.05, burst)
+    assert verdict.decision is Decision.DROP and verdict.instance_ids == (0,)
+    assert (verdict.t, verdict.latest_demand, round(verdict.demand, 3)) == (10.05, 1.48, 0.2)
+    assert verdict.reason == "overloaded at once between samples: demand 1.480 >= 1.25"
+    assert [len(h) for h in det._history.values()] == [20, 20]  # 10 s of samples, no more
+    fits = [InstanceLoad(0, N, N // 2, 2 * N, 1, RB, 100)]  # demand 2.0; its queue fits
+    assert det.at_once(10.1, fits) == []
+    grouped = [_pipelined(burst[0], N, (0, 16), 0), _pipelined(burst[1], N, (16, 32), 0)]
+    assert det.at_once(10.2, grouped) == []
+    assert det.at_once(10.3, burst) == []  # left the group at 10.3: in cooldown
+    assert [v.instance_ids for v in det.at_once(20.3, burst)] == [(0,)]

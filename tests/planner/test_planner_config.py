@@ -47,6 +47,7 @@ def test_every_field_has_a_docstring() -> None:
         ("min_dwell_s", 16.0),
         ("cooldown_s", -1.0),
         ("cooldown_s", "10"),
+        ("at_once_check_s", -0.05),
         ("max_group_size", 1),
         ("max_group_size", 2.5),
         ("plan_fill_target", 0.0),

@@ -53,7 +53,8 @@ class PlannerConfig:
     These checks record no sample: smoothing, dwell and slope see the samples alone."""
     cooldown_s: float = 10.0
     """Seconds after an instance or group enters normal or pipelined mode before the planner may
-    reverse that transition (ours: hysteresis against oscillation)."""
+    reverse that transition (ours: hysteresis against oscillation); a drop at once
+    (drop_at_once_demand) does not wait for it."""
     max_group_size: int = 4
     """Most instances merged into one pipeline group (pipeline stages g)."""
     plan_fill_target: float = 0.9

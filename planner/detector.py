@@ -15,8 +15,11 @@ thresholds is itself a hysteresis band.
 
 One exception: a drop whose unsmoothed demand already reaches ``drop_at_once_demand`` (a queue
 a quarter of the KV beyond full) is decided at that sample, as KunServe decides every drop: that
-is no plateau, and the dwell would only add to the queue's wait. The cooldown still applies.
-The same test can be made between samples on the latest loads (``at_once``, every
+is no plateau, and the dwell would only add to the queue's wait. Nor does it wait for the
+cooldown after a restore: the gap between the at-once level and the restore threshold is
+hysteresis enough, the restore still waits out its own cooldown after the drop, and a burst
+held back by the cooldown queued for seconds in a 2x H200 replay (P99 TTFT 2.1 s against
+0.58 s; docs/benchmarks.md, session 21). The same test can be made between samples on the latest loads (``at_once``, every
 ``at_once_check_s``), so that a burst arriving just after a sample need not wait for the next;
 those checks record no sample.
 
@@ -143,11 +146,9 @@ class OverloadDetector:
     def at_once(self, t: float, loads: Sequence[InstanceLoad]) -> list[Verdict]:
         """Between samples: a DROP verdict for each normal instance outside any group whose
         load at time ``t`` (seconds, not before the latest sample) is overloaded at once
-        (unsmoothed demand >= ``drop_at_once_demand`` and a queue that needs the free blocks)
-        and whose cooldown has passed, in instance order. It records no sample, so the
-        windows, smoothing and dwell are those of the samples; it does note mode changes, so
-        that the cooldown counts from them."""
-        self._track_transitions(t, loads)
+        (unsmoothed demand >= ``drop_at_once_demand`` and a queue that needs the free
+        blocks), in instance order. It records nothing: the windows, smoothing, dwell and
+        cooldowns are those of the samples."""
         out = []
         for ld in sorted(loads, key=lambda ld: ld.instance_id):
             if ld.group_id is not None or ld.state is not InstanceState.NORMAL:
@@ -155,8 +156,6 @@ class OverloadDetector:
             demand, _, queue_needs_free = _level([ld])
             at = self.config.drop_at_once_demand
             if demand < at or not queue_needs_free:
-                continue
-            if t - self._since.get(ld.instance_id, -math.inf) < self.config.cooldown_s:
                 continue
             hist = self._history.get(("instance", ld.instance_id))
             out.append(
@@ -226,7 +225,8 @@ class OverloadDetector:
         self, key: _Key, hist: deque[_Sample], flag: str, decision: Decision
     ) -> tuple[Decision, str, int]:
         """``decision`` when ``flag`` held on each of the last n_dwell samples and the cooldown
-        since the key's last transition has passed; else NONE with the reason. The third
+        since the key's last transition has passed, or at once (a drop at once needs
+        neither); else NONE with the reason. The third
         item is ``Verdict.dwelling``."""
         last = hist[-1]
         dwell = _tail(hist, self._n_dwell)
@@ -242,7 +242,7 @@ class OverloadDetector:
                 return Decision.NONE, f"{flag} on {streak} of {self._n_dwell} samples", streak
             return Decision.NONE, f"not {flag} for {self._n_dwell} samples", 0
         since = max(self._since.get(i, -math.inf) for i in self._members[key])
-        if last.t - since < self.config.cooldown_s:
+        if last.t - since < self.config.cooldown_s and not at_once:  # (module docstring)
             return Decision.NONE, f"{flag}, but in cooldown since t={since:g}", 0
         if not held:
             at = self.config.drop_at_once_demand

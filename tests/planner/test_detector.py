@@ -334,12 +334,21 @@ def test_a_queue_a_quarter_of_the_kv_beyond_full_drops_at_the_first_sample(
     ]
 
 
-def test_drop_at_once_still_waits_for_the_cooldown(loop: ControlLoop) -> None:
+def test_drop_at_once_does_not_wait_for_the_cooldown(loop: ControlLoop) -> None:
     """A restore at 21.5 (test_restore_waits_for_the_cooldown) and a second surge at 23 s:
-    however large, it drops only once the cooldown since the restore has passed."""
-    surge = lambda t: {0: 1.2 if 10 <= t < 17 else (3.0 if t >= 23 else 0.1), 1: 0.1}  # noqa: E731
+    at 3x the KV it drops at once; at 1.2 (below the at-once level) it waits for the cooldown
+    since the restore (31.5) and then its dwell. The restore after the second drop still
+    waits out its cooldown."""
+    surge = lambda t: {0: 1.2 if 10 <= t < 17 else (3.0 if 23 <= t < 25 else 0.1), 1: 0.1}  # noqa: E731
     events = loop.run(surge, until_s=40)
-    assert events[:2] == [(11.0, Decision.DROP, (0, 1)), (21.5, Decision.RESTORE, (0, 1))]
+    assert events == [
+        (11.0, Decision.DROP, (0, 1)),
+        (21.5, Decision.RESTORE, (0, 1)),
+        (23.0, Decision.DROP, (0, 1)),
+        (33.5, Decision.RESTORE, (0, 1)),
+    ]
+    small = ControlLoop(loop.shape, loop.cost_model)
+    events = small.run(lambda t: {0: 1.2 if 10 <= t < 17 or t >= 23 else 0.1, 1: 0.1}, 40)
     assert events[2] == (32.0, Decision.DROP, (0, 1))
 
 
@@ -348,7 +357,7 @@ def test_between_samples_a_burst_drops_at_once_and_records_no_sample(
 ) -> None:
     """A queue that fills the KV 0.05 s after the sample at 10.0 drops at 10.05, not at the
     next sample (10.5); the check records nothing, so the windows see the samples alone.
-    Below the at-once level, with a queue that fits, in a group or in cooldown: no verdict."""
+    Below the at-once level, with a queue that fits or in a group: no verdict."""
     det = loop.detector
     loop.run(lambda t: {0: 0.2, 1: 0.3}, until_s=10)
     calm = loop.loads(10.05, {0: 0.2, 1: 0.3})
@@ -363,5 +372,4 @@ def test_between_samples_a_burst_drops_at_once_and_records_no_sample(
     assert det.at_once(10.1, fits) == []
     grouped = [_pipelined(burst[0], N, (0, 16), 0), _pipelined(burst[1], N, (16, 32), 0)]
     assert det.at_once(10.2, grouped) == []
-    assert det.at_once(10.3, burst) == []  # left the group at 10.3: in cooldown
-    assert [v.instance_ids for v in det.at_once(20.3, burst)] == [(0,)]
+    assert [v.instance_ids for v in det.at_once(10.3, burst)] == [(0,)]  # no cooldown

@@ -208,6 +208,8 @@ class OverloadController:
         loads = self.loads()
         self.detector.observe(now, loads)
         verdicts = self.detector.decide()
+        keys = {v.instance_ids for v in verdicts}  # a key gone (into a group, or out of one)
+        self._streak = {k: d for k, d in self._streak.items() if k in keys}  # ends its streak
         for v in verdicts:
             self._announce(v)
         if not self.act:

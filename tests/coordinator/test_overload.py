@@ -193,6 +193,26 @@ def test_the_loop_checks_between_samples(caplog: pytest.LogCaptureFixture) -> No
     assert transitions.calls == [([(0, 1)], [])]
 
 
+def test_a_drop_after_a_restore_is_logged_again(caplog: pytest.LogCaptureFixture) -> None:
+    """Instance 0 drops, its group restores, and it overloads again: the second drop verdict
+    is logged too (the first one's streak ended when the instance joined the group)."""
+    transitions = FakeTransitions()
+    ctl, core, clock = make_controller(
+        transitions, config=dataclasses.replace(CONFIG, cooldown_s=0)
+    )
+    with caplog.at_level(logging.INFO, logger="coordinator.overload"):
+        overload_instance_0(core)
+        asyncio.run(ticks(ctl, clock, 1))
+        pipeline(core, transitions)
+        asyncio.run(ticks(ctl, clock, 1))
+        transitions.groups.clear()
+        for inst in core.instances:
+            inst.state, inst.group = InstanceState.NORMAL, None
+        overload_instance_0(core)
+        asyncio.run(ticks(ctl, clock, 1))
+    assert caplog.text.count("planner: drop for instance 0") == 2
+
+
 def test_no_drop_for_an_instance_short_of_compute_rather_than_kv(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -151,9 +151,9 @@ def prefill_tiles(head_dim: int) -> PrefillTiles:
     """The default tiles for ``head_dim``: 128 queries x 128 keys up to head_dim 128, else
     64 x 32; 8 warps, 2 stages.
 
-    128 x 128 was the fastest or within 6% of it at every shape of a sweep on one H200
+    128 x 128 was within 11% of the fastest setting at every shape of a sweep on one H200
     (bf16, head_dim 128, GQA 32/8; docs/benchmarks.md, session 21): 1,024-token chunks at
-    1k-7k of context and whole prompts of 512-8,192 tokens. It took 0.81-0.93x the time of
+    1k-7k of context and whole prompts of 512-8,192 tokens. It took 0.80-0.93x the time of
     128 x 64, and 0.72-0.95x SDPA flash's."""
     if max(next_pow2(head_dim), 16) <= 128:
         return PrefillTiles(128, 128, 8, 2)

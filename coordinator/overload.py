@@ -8,8 +8,8 @@ latest ``EngineStats`` into an ``InstanceLoad``, feeds ``OverloadDetector.observ
 transition at a time (DESIGN.md §6.1-6.2; KunServe's coordinator loop, reference/kunserve.md
 §3(e)). Between samples, every ``at_once_check_s``, it checks the same stats (each worker
 pushes them with every step) for a drop at once (``OverloadDetector.at_once``), without
-recording a sample. When it does not act it still observes, so the logs and ``kunserve:kv_demand_perc``
-show what the planner would have done.
+recording a sample. When it does not act it still observes, so the logs and
+``kunserve:kv_demand_perc`` show what the planner would have done.
 
 Cost model. Each worker profiles itself at start-up (``WorkerInfo.decode_profile``: a decode
 step of all L layers at a few batch sizes; ``WorkerInfo.link_bandwidth``: a timed exchange

@@ -47,10 +47,11 @@ class PlannerConfig:
     at_once_check_s: float = 0.05
     """Seconds between checks, between two samples, for a drop at once (drop_at_once_demand)
     on each instance's latest load, which its worker pushes with every step; 0 (or a value
-    not below sample_interval_s) checks on the samples only (ours: a burst that fills the KV just after a sample waited up to
-    sample_interval_s for its drop, and in a 2x H200 Azure-code replay the prompts queued in
-    that wait had the run's largest TTFTs, 0.66-0.94 s; docs/benchmarks.md, session 21).
-    These checks record no sample: smoothing, dwell and slope see the samples alone."""
+    not below sample_interval_s) checks on the samples only (ours: a burst that filled the KV
+    just after a sample waited up to sample_interval_s for its drop, and in a 2x H200
+    Azure-code replay the prompts queued in that wait had the run's largest TTFTs,
+    0.66-0.94 s; docs/benchmarks.md, session 21). These checks record no sample: smoothing,
+    dwell and slope see the samples alone."""
     cooldown_s: float = 10.0
     """Seconds after an instance or group enters normal or pipelined mode before the planner may
     reverse that transition (ours: hysteresis against oscillation); a drop at once

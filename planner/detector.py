@@ -19,9 +19,9 @@ is no plateau, and the dwell would only add to the queue's wait. Nor does it wai
 cooldown after a restore: the gap between the at-once level and the restore threshold is
 hysteresis enough, the restore still waits out its own cooldown after the drop, and a burst
 held back by the cooldown queued for seconds in a 2x H200 replay (P99 TTFT 2.1 s against
-0.58 s; docs/benchmarks.md, session 21). The same test can be made between samples on the latest loads (``at_once``, every
-``at_once_check_s``), so that a burst arriving just after a sample need not wait for the next;
-those checks record no sample.
+0.58 s; docs/benchmarks.md, session 21). The same test can be made between samples on the
+latest loads (``at_once``, every ``at_once_check_s``), so that a burst arriving just after a
+sample need not wait for the next; those checks record no sample.
 
 Windows count samples: a span of X seconds is the last round(X / sample_interval_s) samples.
 """
@@ -226,8 +226,7 @@ class OverloadDetector:
     ) -> tuple[Decision, str, int]:
         """``decision`` when ``flag`` held on each of the last n_dwell samples and the cooldown
         since the key's last transition has passed, or at once (a drop at once needs
-        neither); else NONE with the reason. The third
-        item is ``Verdict.dwelling``."""
+        neither); else NONE with the reason. The third item is ``Verdict.dwelling``."""
         last = hist[-1]
         dwell = _tail(hist, self._n_dwell)
         held = len(dwell) == self._n_dwell and all(getattr(s, flag) for s in dwell)

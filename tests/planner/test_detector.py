@@ -339,7 +339,10 @@ def test_drop_at_once_does_not_wait_for_the_cooldown(loop: ControlLoop) -> None:
     at 3x the KV it drops at once; at 1.2 (below the at-once level) it waits for the cooldown
     since the restore (31.5) and then its dwell. The restore after the second drop still
     waits out its cooldown."""
-    surge = lambda t: {0: 1.2 if 10 <= t < 17 else (3.0 if 23 <= t < 25 else 0.1), 1: 0.1}  # noqa: E731
+
+    def surge(t: float) -> dict[int, float]:
+        return {0: 1.2 if 10 <= t < 17 else (3.0 if 23 <= t < 25 else 0.1), 1: 0.1}
+
     events = loop.run(surge, until_s=40)
     assert events == [
         (11.0, Decision.DROP, (0, 1)),

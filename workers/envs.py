@@ -26,14 +26,19 @@ def sync_step_phases() -> bool:
     return os.environ.get("KUNSERVE_SYNC_STEP_PHASES", "0") == "1"
 
 
-def profile_pipeline_steps() -> int:
-    """``KUNSERVE_PROFILE_PIPELINE_STEPS``: profile the first N pipelined steps of every stage
-    after a drop with ``torch.profiler`` (workers/step_profiler.py). Default 0 (off); a
-    value that is not a non-negative integer raises ValueError."""
+def profile_pipeline_steps() -> tuple[int, int]:
+    """``KUNSERVE_PROFILE_PIPELINE_STEPS``: profile N pipelined steps of every stage after a
+    drop with ``torch.profiler`` (workers/step_profiler.py): ``N`` the first N, ``S:N`` the
+    N from step S on (0-based; the steady state, past the drop's first steps). Returns
+    (S, N); default (0, 0), off. Raises ValueError for anything but non-negative integers
+    in those forms."""
     value = os.environ.get("KUNSERVE_PROFILE_PIPELINE_STEPS", "") or "0"
-    if not value.isdigit():
-        raise ValueError(f"KUNSERVE_PROFILE_PIPELINE_STEPS must be an integer >= 0, got {value!r}")
-    return int(value)
+    parts = value.split(":")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"KUNSERVE_PROFILE_PIPELINE_STEPS must be N or S:N (integers >= 0), got {value!r}"
+        )
+    return (0, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
 
 
 def stage_trace_dir() -> Path | None:

@@ -1,10 +1,11 @@
-"""``torch.profiler`` over the first pipelined steps of a stage, for finding where a slow step
-goes (``KUNSERVE_PROFILE_PIPELINE_STEPS=N``, workers/envs.py).
+"""``torch.profiler`` over a window of a stage's pipelined steps, for finding where a slow step
+goes (``KUNSERVE_PROFILE_PIPELINE_STEPS=N`` for the first N, ``=S:N`` for N from step S;
+workers/envs.py).
 
 Each stage (the leader's :class:`~workers.pipeline.PipelineRunner` and every
 :class:`~workers.pipeline.StageLoop`) owns one :class:`StepProfiler` and calls :meth:`step`
-at the start of each of its steps: it starts the profiler before step 0 and stops it before
-step N, then logs the ops by host time and by device time (at info) and, with
+at the start of each of its steps: it starts the profiler before step S and stops it before
+step S + N, then logs the ops by host time and by device time (at info) and, with
 ``KUNSERVE_PROFILE_DIR``, writes a Chrome trace there. Off (N = 0), :meth:`step` costs one
 integer compare.
 """
@@ -26,25 +27,29 @@ _ROWS = 25
 
 
 class StepProfiler:
-    """Profiles steps ``[0, n)`` of one stage (``name`` labels the log and the trace)."""
+    """Profiles steps ``[start, start + n)`` of one stage (``name`` labels the log and the
+    trace); ``n`` None: the window of ``KUNSERVE_PROFILE_PIPELINE_STEPS``."""
 
-    def __init__(self, name: str, device: torch.device, n: int | None = None) -> None:
+    def __init__(
+        self, name: str, device: torch.device, n: int | None = None, start: int = 0
+    ) -> None:
         self.name = name
         self.device = device
-        self.n = envs.profile_pipeline_steps() if n is None else n
+        self.start, self.n = envs.profile_pipeline_steps() if n is None else (start, n)
         self._prof: torch.profiler.profile | None = None
 
     def step(self, k: int) -> None:
         """Call at the start of step ``k`` (0-based)."""
-        if k >= self.n and self._prof is None:
+        end = self.start + self.n
+        if (k < self.start or k >= end) and self._prof is None:
             return
-        if k == 0 and self._prof is None:
+        if k == self.start and self._prof is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._prof = torch.profiler.profile(activities=activities)
             self._prof.__enter__()
-        elif k >= self.n:
+        elif k >= end:
             self.finish()
 
     def finish(self) -> None:
@@ -60,8 +65,8 @@ class StepProfiler:
         if self.device.type == "cuda":
             by_device = events.table(sort_by="self_device_time_total", row_limit=_ROWS)
             tables.append(f"by device time:\n{by_device}")
-        logger.info("%s: profile of its first %d pipelined steps, %s", self.name, self.n,
-                    "\n".join(tables))  # fmt: skip
+        logger.info("%s: profile of its pipelined steps %d-%d, %s", self.name, self.start,
+                    self.start + self.n - 1, "\n".join(tables))  # fmt: skip
         out = envs.profile_dir()
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

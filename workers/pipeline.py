@@ -40,7 +40,7 @@ from workers.remote_attention import GroupKVManager, GroupLayout, RemoteAttentio
 from workers.sampler import SampledTokens, TokenLogprobs
 from workers.scheduler import ScheduledRequest, SchedulerOutput
 from workers.stage_graphs import StageGraphs
-from workers.stalls import SLOW_STEP_S, ComputeTimeline, PhaseClock, PhaseTotals
+from workers.stalls import GC_TOTALS, SLOW_STEP_S, ComputeTimeline, PhaseClock, PhaseTotals
 from workers.step_profiler import StepProfiler
 from workers.weight_exchange import WeightCopy, WeightPrefetch
 
@@ -272,6 +272,7 @@ class _Stage:
         self.timeline = ComputeTimeline(runner.device, trace=envs.stage_trace_dir() is not None)
         """When this stage's device computed its micro-batches and idled between them."""
         self._started = time.perf_counter()
+        self._gc_before = GC_TOTALS.copy()
 
     def log_totals(self) -> None:
         """Logs the mean steady step's phases (host time) and the device's compute and idle
@@ -288,6 +289,8 @@ class _Stage:
                 self.totals.describe_mean(),
             )
         logger.info("stage %d device: %s", self.stage, self.timeline.describe())
+        gc_passes = GC_TOTALS.since(self._gc_before)  # host pauses the device may idle through
+        logger.info("stage %d host: garbage collection %s", self.stage, gc_passes.describe())
         trace_dir = envs.stage_trace_dir()
         if trace_dir is not None:
             trace_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import re
 import threading
 from pathlib import Path
 
@@ -239,14 +241,17 @@ def _run_loopback_pipeline(
 
 
 def test_pipeline_runner_and_stage_loop_generate_what_the_full_engine_does(
-    stories_dir: Path,
+    stories_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The leader's engine steps through a PipelineRunner; stage 1 runs a StageLoop in a
     thread; they talk over a loopback transport. Greedy and seeded tokens equal each request's
-    alone on a full engine."""
+    alone on a full engine. When it stops, stage 1 logs its device's and its host's pauses."""
     rids = ["a0", "a1", "a2", "b1"]
-    _, _, tokens = _run_loopback_pipeline(stories_dir, rids)
+    with caplog.at_level(logging.INFO, logger="workers.pipeline"):
+        _, _, tokens = _run_loopback_pipeline(stories_dir, rids)
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
+    assert "stage 1 device: " in caplog.text
+    assert re.search(r"stage 1 host: garbage collection \d+ passes, [\d.]+ ms \(gen0", caplog.text)
 
 
 def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None:

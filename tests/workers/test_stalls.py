@@ -214,3 +214,26 @@ def test_phase_clock_marks_time_between_marks_after_a_sync():
     assert clock.phases["weights out"] >= 0.02 and clock.phases["KV views"] < 0.01
     assert len(synced) == 4  # at the start and before each mark
     assert str(clock) == clock.describe() and str(clock).startswith("weights out ")
+
+
+def test_gc_totals_count_every_pass_by_generation():
+    """Each pass lands in its generation's count and seconds; ``since`` is the window after
+    a copy, and ``describe`` names every generation."""
+    installed = stalls._on_gc in gc.callbacks
+    try:
+        stalls.install_gc_monitor()
+        before = stalls.GC_TOTALS.copy()
+        gc.collect(0)
+        gc.collect(0)
+        gc.collect(1)
+        window = stalls.GC_TOTALS.since(before)
+    finally:
+        if not installed:
+            gc.callbacks.remove(stalls._on_gc)
+    assert window.passes[0] >= 2 and window.passes[1] >= 1  # automatic passes may add to these
+    assert all(t >= 0 for t in window.seconds) and sum(window.seconds) > 0
+    text = window.describe()
+    assert text.startswith(f"{sum(window.passes)} passes, ") and "gen2 " in text
+    assert stalls.GcTotals([3, 1, 0], [0.001, 0.002, 0.0]).describe() == (
+        "4 passes, 3.0 ms (gen0 3 in 1.0 ms, gen1 1 in 2.0 ms, gen2 0 in 0.0 ms)"
+    )

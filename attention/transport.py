@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -102,6 +103,56 @@ class StageInputs:
         return replace(self, hidden=hidden, residual=residual)
 
 
+def _meta_layout(h: StepHeader) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """The packed metadata's fields, in order: the int64 ones first (positions, slot mapping,
+    logits indices), then the int32 ones (block tables, sequence lengths, query start
+    locations), so that every field starts aligned to its element size."""
+    n, s = h.num_tokens, h.num_seqs
+    return [
+        (torch.int64, (n,)),
+        (torch.int64, (n,)),
+        (torch.int64, (h.num_sampling,)),
+        (torch.int32, (s, h.table_width)),
+        (torch.int32, (s,)),
+        (torch.int32, (s + 1,)),
+    ]
+
+
+def meta_bytes(h: StepHeader) -> int:
+    """Bytes of the packed metadata of the micro-batch that ``h`` announces."""
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in _meta_layout(h))
+
+
+def pack_meta(x: StageInputs) -> torch.Tensor:
+    """``x``'s positions, slot mapping, logits indices, block tables, sequence lengths and
+    query start locations as one uint8 [meta_bytes] tensor on their device (one copy
+    kernel), each converted to its wire dtype (:func:`_meta_layout`)."""
+    m = x.meta
+    fields = (x.positions, m.slot_mapping, x.logits_indices)
+    fields += (m.block_tables, m.seq_lens, m.query_start_loc)
+    layout = _meta_layout(x.header())
+    parts = [
+        t.to(dtype).contiguous().view(torch.uint8).reshape(-1)
+        for t, (dtype, _) in zip(fields, layout, strict=True)
+    ]
+    return torch.cat(parts)
+
+
+def unpack_meta(packed: torch.Tensor, h: StepHeader) -> list[torch.Tensor]:
+    """The fields of :func:`pack_meta`, as views into ``packed`` (uint8 [meta_bytes(h)]).
+    Raises ValueError when its size is not the header's."""
+    if packed.numel() != meta_bytes(h):
+        raise ValueError(
+            f"packed metadata has {packed.numel()} bytes, the header says {meta_bytes(h)}"
+        )
+    out, offset = [], 0
+    for dtype, shape in _meta_layout(h):
+        size = math.prod(shape) * dtype.itemsize
+        out.append(packed[offset : offset + size].view(dtype).view(shape))
+        offset += size
+    return out
+
+
 class StageTransport:
     """Send/recv of micro-batches, logits and raw tensors between global ranks.
 
@@ -149,12 +200,11 @@ class StageTransport:
         self.send_body(dst, x)
 
     def send_body(self, dst: int, x: StageInputs) -> None:
-        """Hidden, residual, positions, slot mapping, block tables, sequence lengths, query
-        start locations and logits indices, in that order (the receiver has the header)."""
-        m = x.meta
-        for t in (x.hidden, x.residual, x.positions, m.slot_mapping, m.block_tables):
-            self.send(dst, t)
-        for t in (m.seq_lens, m.query_start_loc, x.logits_indices):
+        """Hidden, residual, then the metadata packed into one buffer (:func:`pack_meta`),
+        in that order (the receiver has the header). Three messages, not eight: each send and
+        receive costs its host 50-75 us on NCCL, and a stage whose host is late posts them
+        while its device waits (2x H200 profile, docs/benchmarks.md session 21)."""
+        for t in (x.hidden, x.residual, pack_meta(x)):
             self.send(dst, t)
 
     def recv_step(self, src: int) -> StageInputs | None:
@@ -165,16 +215,13 @@ class StageTransport:
         return self.recv_body(src, h)
 
     def recv_body(self, src: int, h: StepHeader) -> StageInputs:
-        """The body of the micro-batch that header ``h`` announced."""
-        n, s, hid = h.num_tokens, h.num_seqs, self.hidden_size
-        hidden = self.recv(src, (n, hid), self.dtype)
-        residual = self.recv(src, (n, hid), self.dtype)
-        positions = self.recv(src, (n,), torch.int64)
-        slot_mapping = self.recv(src, (n,), torch.int64)
-        block_tables = self.recv(src, (s, h.table_width), torch.int32)
-        seq_lens = self.recv(src, (s,), torch.int32)
-        query_start_loc = self.recv(src, (s + 1,), torch.int32)
-        logits_indices = self.recv(src, (h.num_sampling,), torch.int64)
+        """The body of the micro-batch that header ``h`` announced (:meth:`send_body`)."""
+        hidden = self.recv(src, (h.num_tokens, self.hidden_size), self.dtype)
+        residual = self.recv(src, (h.num_tokens, self.hidden_size), self.dtype)
+        packed = self.recv(src, (meta_bytes(h),), torch.uint8)
+        fields = unpack_meta(packed, h)
+        positions, slot_mapping, logits_indices = fields[:3]
+        block_tables, seq_lens, query_start_loc = fields[3:]
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             block_tables=block_tables,

@@ -63,3 +63,35 @@ def test_step_header_and_plan_reach_the_gpu_without_waiting_for_the_stream() -> 
     assert host_s < 0.05, f"encoding waited {host_s * 1e3:.0f} ms for the stream"
     assert StepHeader.decode(header) == StepHeader(StageOp.STEP, 5, 2, 3, 2, 4, 9, 0)
     assert StepPlan.decode(plan) == StepPlan(())
+
+
+def test_a_micro_batch_body_packs_its_metadata_into_one_buffer() -> None:
+    """pack_meta and unpack_meta round-trip every field of a micro-batch, each in its wire
+    dtype (an int64 query_start_loc arrives int32), as views of one buffer of the header's
+    size; a buffer of another size is refused with both sizes named."""
+    from attention.metadata import AttentionMetadata
+    from attention.transport import StageInputs, meta_bytes, pack_meta, unpack_meta
+
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([5, 6, 7, 40, 41], dtype=torch.int64),
+        block_tables=torch.tensor([[0, 1, 0], [2, 3, 4]], dtype=torch.int32),
+        seq_lens=torch.tensor([3, 42], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 3, 5], dtype=torch.int64),
+        max_query_len=3,
+        max_seq_len=42,
+    )
+    x = StageInputs(None, None, torch.tensor([0, 1, 2, 40, 41]), meta, torch.tensor([2, 4]))
+    h = x.header()
+    packed = pack_meta(x)
+    assert (
+        packed.dtype == torch.uint8
+        and packed.numel() == meta_bytes(h) == 5 * 8 * 2 + 2 * 8 + (6 + 2 + 3) * 4
+    )
+    fields = unpack_meta(packed, h)
+    expected = [x.positions, meta.slot_mapping, x.logits_indices, meta.block_tables, meta.seq_lens]
+    expected.append(meta.query_start_loc.int())
+    for got, want in zip(fields, expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert got.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="packed metadata has 4 bytes, the header says 140"):
+        unpack_meta(torch.zeros(4, dtype=torch.uint8), h)

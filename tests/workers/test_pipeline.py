@@ -368,8 +368,8 @@ def test_scheduler_output_with_no_sampling_rows_sends_no_logits(stories_dir: Pat
     out = leader.scheduler.schedule()
     assert [s.samples for s in out.scheduled] == [False]
     assert runner.execute(out) == ({}, {})
-    # the header and 7 tensors; the logits indices are empty, so neither end moves them
-    assert links[(0, 1)].qsize() == 8
+    # the header, hidden, residual and the packed metadata (with no logits indices in it)
+    assert links[(0, 1)].qsize() == 4
     assert (1, 0) not in links  # and no logits come back
 
 

@@ -168,7 +168,7 @@ def test_between_samples_a_queue_beyond_the_kv_drops_at_once(
     assert watcher.transitions.calls == []
 
 
-def test_the_loop_checks_between_samples(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_loop_checks_between_samples() -> None:
     """Samples 10 s apart, checks every 10 ms: an overload that comes after the first sample
     drops long before the second."""
     config = dataclasses.replace(

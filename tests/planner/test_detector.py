@@ -360,7 +360,8 @@ def test_between_samples_a_burst_drops_at_once_and_records_no_sample(
 ) -> None:
     """A queue that fills the KV 0.05 s after the sample at 10.0 drops at 10.05, not at the
     next sample (10.5); the check records nothing, so the windows see the samples alone.
-    Below the at-once level, with a queue that fits or in a group: no verdict."""
+    Below the at-once level, with a queue that fits or in a group: no verdict. Just after a
+    restore, in its cooldown: a verdict."""
     det = loop.detector
     loop.run(lambda t: {0: 0.2, 1: 0.3}, until_s=10)
     calm = loop.loads(10.05, {0: 0.2, 1: 0.3})
@@ -375,4 +376,6 @@ def test_between_samples_a_burst_drops_at_once_and_records_no_sample(
     assert det.at_once(10.1, fits) == []
     grouped = [_pipelined(burst[0], N, (0, 16), 0), _pipelined(burst[1], N, (16, 32), 0)]
     assert det.at_once(10.2, grouped) == []
-    assert [v.instance_ids for v in det.at_once(10.3, burst)] == [(0,)]  # no cooldown
+    det.observe(10.5, grouped)  # the group forms, and splits again at 11.0 (a restore)
+    det.observe(11.0, loop.loads(11.0, {0: 0.2, 1: 0.3}))
+    assert [v.instance_ids for v in det.at_once(11.05, burst)] == [(0,)]  # in its cooldown

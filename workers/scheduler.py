@@ -1,9 +1,9 @@
 """Token-budget continuous batching with chunked prefill and recompute preemption.
 
 Rules (vLLM v1, reference/kunserve.md §5.1): running requests first, each given its
-``num_pending_tokens`` (those no step has been given yet) capped by the step's budget, those decoding before
-those mid-prefill and each kind in admission order (so a prompt's chunk never starves a
-decode, as SGLang's mixed chunked prefill runs every decode each step); when blocks run
+``num_pending_tokens`` (those no step has been given yet) capped by the step's budget, those
+decoding before those mid-prefill and each kind in admission order (so a prompt's chunk never
+starves a decode, as SGLang's mixed chunked prefill runs every decode each step); when blocks run
 out, the newest running request is preempted (its blocks freed, ``num_computed_tokens`` reset,
 back to the head of the waiting queue) until the allocation fits; waiting requests are admitted
 FCFS, and not at all in a step that preempted.

@@ -23,6 +23,14 @@ then waited out the other stage's prompt micro-batch before its next one. On 2 H
 burst) stage 0 idled 2.29 ms before each prompt micro-batch that way, 1.25-1.54 ms with
 the chunks back to back (docs/benchmarks.md, session 20). Requests in flight are still never
 preempted.
+
+The micro-batch's limit on running requests counts decodes only. Counting the chunk too, the
+decodes filled the limit in every other micro-batch, so a long prompt's chunks again went
+into every other one, with a fresh prompt's first chunk between them. The deep chunk's
+attention made its micro-batch the heavier, and a stage computes micro-batch k + 2 only once
+the other stage has computed k (k's decodes are in k + 2): both stages idled the difference
+every two micro-batches, up to 4.8 ms of each 30 ms at 6k of context (2x H200, code burst,
+profiled; docs/benchmarks.md, session 22).
 """
 
 from __future__ import annotations
@@ -112,23 +120,24 @@ class Scheduler:
     def schedule(
         self,
         busy: Collection[str] = frozenset(),
-        max_running: int | None = None,
+        max_decodes: int | None = None,
         token_budget: int | None = None,
         admit: bool = True,
         decodes_only: bool = False,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
         (pipeline mode): they are never preempted, and scheduled only for the next chunk of
-        a prompt whose chunk in flight samples nothing. ``max_running``: most
-        running requests this batch takes (pipeline mode spreads them over micro-batches);
-        waiting requests it admits do not count. ``token_budget``: most tokens in the batch
+        a prompt whose chunk in flight samples nothing. ``max_decodes``: most
+        decodes (running requests with one token to compute) this batch takes: pipeline
+        mode spreads them over the micro-batches in flight. Prompt chunks and the waiting
+        requests it admits do not count. ``token_budget``: most tokens in the batch
         (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
         request. ``decodes_only``: it takes only running requests with one token to compute
         and starts none (a short step: a drop is about to park the engine). The batch lists
         its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget, busy, max_running, decodes_only)
+        budget = self._schedule_running(out, budget, busy, max_decodes, decodes_only)
         if not out.preempted and admit and not decodes_only:
             self._schedule_waiting(out, budget)
         # single-token queries first: a mixed step runs their attention with the decode
@@ -141,17 +150,18 @@ class Scheduler:
         out: SchedulerOutput,
         budget: int,
         busy: Collection[str],
-        max_running: int | None,
+        max_decodes: int | None,
         decodes_only: bool = False,
     ) -> int:
-        limit = len(self.running) if max_running is None else max_running
+        limit = len(self.running) if max_decodes is None else max_decodes
+        decodes = 0  # decodes taken: the limit spreads them, and never keeps a chunk out
         # Decodes first, then prompts mid-prefill, each in admission order: a prompt's chunk
         # never takes the budget that a later-admitted request's decode needs, which would
         # make that token wait a whole step (2x H200, code burst: the slowest decoders, at
         # about 2x their neighbours' TPOT, ran beside 7k-token prompts' chunks).
         order = sorted(self.running, key=lambda r: r.num_pending_tokens > 1)
         for req in order:
-            if budget <= 0 or len(out.scheduled) >= limit:
+            if budget <= 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted for an earlier one here
                 continue
@@ -159,7 +169,8 @@ class Scheduler:
                 continue
             if req.request_id in busy and req.num_scheduled_tokens <= req.num_computed_tokens:
                 continue  # busy, with no unapplied chunk of its own to follow
-            if decodes_only and req.num_pending_tokens > 1:
+            decode = req.num_pending_tokens == 1
+            if (decodes_only and not decode) or (decode and decodes >= limit):
                 continue
             if req.awaits_token and req.stops_by_length(self.max_model_len):
                 continue  # its token in flight is its last
@@ -168,6 +179,7 @@ class Scheduler:
                 break
             _take(out, req, n)
             budget -= n
+            decodes += decode
         return budget
 
     def _allocate_or_preempt(

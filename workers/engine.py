@@ -280,9 +280,7 @@ class Engine:
         # count: they follow each other, Scheduler._schedule_running)
         decoding = sum(r.num_pending_tokens <= 1 for r in self.scheduler.running)
         with self.clock.phase("schedule"):
-            out = self.scheduler.schedule(
-                busy, max(1, -(-decoding // depth)), self._token_budget()
-            )
+            out = self.scheduler.schedule(busy, max(1, -(-decoding // depth)), self._token_budget())
         if not out.is_empty:
             with self.clock.phase("launch"):
                 self.runner.launch(out, None if collected is None else collected[2])

@@ -20,9 +20,9 @@ class PlannerConfig:
     over its KV capacity) reaches this fraction and its queue needs at least its free blocks
     (KunServe oom_check(95), reference/kunserve.md §3(a))."""
     restore_threshold: float = 0.5
-    """Restore a group when its smoothed KV demand, over the members' normal KV capacity, is at
-    most this fraction, its queue is empty and demand is falling or flat over window_s (KunServe
-    valley_check(50), reference/kunserve.md §3(d))."""
+    """Restore a group when its KV demand over the members' normal KV capacity, both smoothed
+    and its latest sample, is at most this fraction, its queue is empty and demand is falling
+    or flat over window_s (KunServe valley_check(50), reference/kunserve.md §3(d))."""
     sample_interval_s: float = 0.5
     """Seconds between load samples the coordinator feeds the detector (KunServe
     INSTANCE_LOAD_REPORT_INTERVAL, reference/kunserve.md §3(e))."""

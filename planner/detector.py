@@ -6,7 +6,8 @@ votes to drop when demand >= 95% and its queue needs at least its free blocks; a
 restore when its queue is empty, demand <= 50% and demand is falling over a 30-sample window.
 
 Ours on top, so that a noisy plateau near a threshold cannot flip the mode back and forth:
-the level compared is a moving average (``smoothing_s``), a condition must hold on every sample
+the level compared is a moving average (``smoothing_s``; a restore needs the latest sample,
+KunServe's level, below its threshold too), a condition must hold on every sample
 of ``min_dwell_s``, a transition cannot be reversed for ``cooldown_s`` after it completes, and
 "falling" is the least-squares slope over ``window_s`` rather than two end points. A slope of
 exactly 0 (a flat window, e.g. an idle group at demand 0) also counts, or an idle group would
@@ -195,7 +196,7 @@ class OverloadDetector:
             slope_per_s=slope,
             num_waiting=waiting,
             overloaded=smoothed >= cfg.drop_threshold and queue_needs_free,
-            valley=waiting == 0 and smoothed <= cfg.restore_threshold and slope <= 0.0,
+            valley=waiting == 0 and max(smoothed, demand) <= cfg.restore_threshold and slope <= 0.0,
             overloaded_at_once=demand >= cfg.drop_at_once_demand and queue_needs_free,
         )
 

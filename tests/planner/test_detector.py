@@ -246,6 +246,25 @@ def test_restore_waits_for_the_cooldown(loop: ControlLoop) -> None:
     assert events == [(11.0, Decision.DROP, (0, 1)), (21.5, Decision.RESTORE, (0, 1))]
 
 
+def test_no_restore_while_the_latest_sample_is_above_the_threshold(loop: ControlLoop) -> None:
+    """After the burst the group's demand falls to 0.1 and, as the cooldown ends, jumps to 0.8
+    for 1.5 s. The level (a 1 s average) reads 0.45 on the jump's first sample and the 15 s
+    slope is still negative, yet the demand is rising: restoring there, the group split and
+    dropped again half a second later, here as in a 2x H200 replay (docs/benchmarks.md,
+    session 22). KunServe's valley check reads the latest sample; ours needs both below
+    the threshold."""
+
+    def series(t: float) -> dict[int, float]:
+        d = 0.4 if t < 10 else 1.2 if t < 17 else 1.5 if 21.5 <= t < 23 else 0.1
+        return {0: d, 1: 0.1}  # the group's demand: their mean
+
+    events = loop.run(series, until_s=30)
+    assert events == [(11.0, Decision.DROP, (0, 1)), (23.5, Decision.RESTORE, (0, 1))]
+    jump = next(v for v in loop.verdicts if v.t == 21.5)
+    assert jump.demand <= 0.5 < jump.latest_demand and jump.slope_per_s < 0
+    assert jump.decision is Decision.NONE
+
+
 def _normal(i: int, demand: int, waiting: int = 0, **kw: object) -> InstanceLoad:
     return InstanceLoad(i, 1000, min(demand, 1000), demand, 1 if waiting else 0, waiting, **kw)
 

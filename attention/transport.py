@@ -125,17 +125,21 @@ def meta_bytes(h: StepHeader) -> int:
 
 def pack_meta(x: StageInputs) -> torch.Tensor:
     """``x``'s positions, slot mapping, logits indices, block tables, sequence lengths and
-    query start locations as one uint8 [meta_bytes] tensor on their device (one copy
-    kernel), each converted to its wire dtype (:func:`_meta_layout`)."""
+    query start locations as one uint8 [meta_bytes] tensor on their device, each converted
+    to its wire dtype (:func:`_meta_layout`) as it is copied into its slice.
+
+    Copies, not ``torch.cat``: CUDA loads a kernel's module on its first launch, and the
+    uint8 concatenation, launched nowhere else, loaded on the first pipelined step of a
+    server's first drop: 18 ms of host time in that step (2x H200 profile, docs/benchmarks.md
+    session 22), a token gap for every running request. A same-dtype copy is a memcpy."""
     m = x.meta
     fields = (x.positions, m.slot_mapping, x.logits_indices)
     fields += (m.block_tables, m.seq_lens, m.query_start_loc)
-    layout = _meta_layout(x.header())
-    parts = [
-        t.to(dtype).contiguous().view(torch.uint8).reshape(-1)
-        for t, (dtype, _) in zip(fields, layout, strict=True)
-    ]
-    return torch.cat(parts)
+    h = x.header()
+    packed = torch.empty(meta_bytes(h), dtype=torch.uint8, device=x.positions.device)
+    for t, view in zip(fields, unpack_meta(packed, h), strict=True):
+        view.copy_(t)
+    return packed
 
 
 def unpack_meta(packed: torch.Tensor, h: StepHeader) -> list[torch.Tensor]:

@@ -276,11 +276,8 @@ class Engine:
         the outputs and reads its inbox after this returns, while the stages compute."""
         collected = self._begin_collect() if len(self.in_flight) >= depth else None
         busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
-        # the decodes split evenly over the micro-batches in flight (a prompt's chunks do not
-        # count: they follow each other, Scheduler._schedule_running)
-        decoding = sum(r.num_pending_tokens <= 1 for r in self.scheduler.running)
-        with self.clock.phase("schedule"):
-            out = self.scheduler.schedule(busy, max(1, -(-decoding // depth)), self._token_budget())
+        with self.clock.phase("schedule"):  # the decodes spread over the micro-batches
+            out = self.scheduler.schedule(busy, depth, self._token_budget())
         if not out.is_empty:
             with self.clock.phase("launch"):
                 self.runner.launch(out, None if collected is None else collected[2])

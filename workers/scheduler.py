@@ -120,24 +120,24 @@ class Scheduler:
     def schedule(
         self,
         busy: Collection[str] = frozenset(),
-        max_decodes: int | None = None,
+        micro_batches: int = 1,
         token_budget: int | None = None,
         admit: bool = True,
         decodes_only: bool = False,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
         (pipeline mode): they are never preempted, and scheduled only for the next chunk of
-        a prompt whose chunk in flight samples nothing. ``max_decodes``: most
-        decodes (running requests with one token to compute) this batch takes: pipeline
-        mode spreads them over the micro-batches in flight. Prompt chunks and the waiting
-        requests it admits do not count. ``token_budget``: most tokens in the batch
+        a prompt whose chunk in flight samples nothing. ``micro_batches``: how many
+        micro-batches the decoding requests (those with at most one token to compute,
+        in flight or not) spread over (pipeline mode); this batch takes at most their
+        share, rounded up. Prompt chunks and the waiting requests it admits do not count. ``token_budget``: most tokens in the batch
         (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
         request. ``decodes_only``: it takes only running requests with one token to compute
         and starts none (a short step: a drop is about to park the engine). The batch lists
         its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget, busy, max_decodes, decodes_only)
+        budget = self._schedule_running(out, budget, busy, micro_batches, decodes_only)
         if not out.preempted and admit and not decodes_only:
             self._schedule_waiting(out, budget)
         # single-token queries first: a mixed step runs their attention with the decode
@@ -150,31 +150,35 @@ class Scheduler:
         out: SchedulerOutput,
         budget: int,
         busy: Collection[str],
-        max_decodes: int | None,
+        micro_batches: int,
         decodes_only: bool = False,
     ) -> int:
-        limit = len(self.running) if max_decodes is None else max_decodes
+        # Each request's pending tokens, read once (a chain of properties, about 0.5 us a
+        # request on the engine's host path). Only a request preempted below changes them,
+        # and the loop skips it by its status.
+        pending = [(r, r.num_pending_tokens) for r in self.running]
+        decoding = [(r, p) for r, p in pending if p <= 1]
+        limit = max(1, -(-len(decoding) // micro_batches))
         decodes = 0  # decodes taken: the limit spreads them, and never keeps a chunk out
         # Decodes first, then prompts mid-prefill, each in admission order: a prompt's chunk
         # never takes the budget that a later-admitted request's decode needs, which would
         # make that token wait a whole step (2x H200, code burst: the slowest decoders, at
         # about 2x their neighbours' TPOT, ran beside 7k-token prompts' chunks).
-        order = sorted(self.running, key=lambda r: r.num_pending_tokens > 1)
-        for req in order:
+        for req, p in decoding + [(r, p) for r, p in pending if p > 1]:
             if budget <= 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted for an earlier one here
                 continue
-            if req.num_pending_tokens == 0:  # its last tokens are in flight (``busy``)
+            if p == 0:  # its last tokens are in flight (``busy``)
                 continue
             if req.request_id in busy and req.num_scheduled_tokens <= req.num_computed_tokens:
                 continue  # busy, with no unapplied chunk of its own to follow
-            decode = req.num_pending_tokens == 1
+            decode = p == 1
             if (decodes_only and not decode) or (decode and decodes >= limit):
                 continue
             if req.awaits_token and req.stops_by_length(self.max_model_len):
                 continue  # its token in flight is its last
-            n = min(req.num_pending_tokens, budget)
+            n = min(p, budget)
             if not self._allocate_or_preempt(req, n, out, busy):
                 break
             _take(out, req, n)

@@ -408,17 +408,17 @@ def test_a_prompt_chunk_short_of_blocks_never_preempts_a_decode_scheduled_before
 
 def test_micro_batches_skip_busy_requests_and_never_preempt_them(make_request) -> None:
     """Pipeline mode: requests of a micro-batch in flight are neither scheduled again nor
-    preempted; ``max_decodes`` spreads the decodes over micro-batches."""
+    preempted; ``micro_batches`` spreads the decodes over micro-batches."""
     sched = make_scheduler(blocks=4, block_size=4, budget=16)
     reqs = {rid: make_request(rid, prompt=4) for rid in "abcd"}
     for r in reqs.values():
         sched.add(r)
     step(sched)  # each holds one full block; the next token needs another
-    first = sched.schedule(max_decodes=2)
+    first = sched.schedule(micro_batches=2)
     assert plan(first) == [("a", 1, True), ("b", 1, True)]  # no free block: preempts d, c
     assert [r.request_id for r in first.preempted] == ["d", "c"]
     busy = {"a", "b"}
-    second = sched.schedule(busy, max_decodes=2)
+    second = sched.schedule(busy, micro_batches=2)
     assert plan(second) == [] and not second.preempted  # only busy requests are running
     sched.update(first, {"a": TOKEN, "b": TOKEN})
     sched.kv.pool.check_integrity()
@@ -429,15 +429,15 @@ def test_a_micro_batch_takes_only_idle_requests(make_request) -> None:
     for rid in "abcd":
         sched.add(make_request(rid, prompt=3))
     step(sched)
-    first = sched.schedule(max_decodes=2)
-    second = sched.schedule({"a", "b"}, max_decodes=2)
+    first = sched.schedule(micro_batches=2)
+    second = sched.schedule({"a", "b"}, micro_batches=2)
     assert plan(first) == [("a", 1, True), ("b", 1, True)]
     assert plan(second) == [("c", 1, True), ("d", 1, True)]
 
 
 def test_a_long_prompts_chunks_follow_each_other_past_the_decode_limit(make_request) -> None:
-    """Pipeline mode: ``max_decodes`` spreads the decodes over the micro-batches in flight,
-    and a prompt mid-prefill does not count against it. Counted, the decodes filled the
+    """Pipeline mode: ``micro_batches`` spreads the decodes over the micro-batches in
+    flight, and a prompt mid-prefill does not count against their share. Counted, the decodes filled the
     second micro-batch and the long prompt's next chunk waited for the third, with a fresh
     prompt's first chunk in its place: two micro-batches of unequal cost (module docstring)."""
     sched = make_scheduler(blocks=64, block_size=4, budget=64)
@@ -446,8 +446,8 @@ def test_a_long_prompts_chunks_follow_each_other_past_the_decode_limit(make_requ
     step(sched)  # a-d decode from now on
     sched.add(make_request("long", prompt=40))
     sched.add(make_request("fresh", prompt=20))
-    first = sched.schedule(max_decodes=2, token_budget=10)
-    second = sched.schedule({"a", "b", "long"}, max_decodes=2, token_budget=10)
+    first = sched.schedule(micro_batches=2, token_budget=10)
+    second = sched.schedule({"a", "b", "long"}, micro_batches=2, token_budget=10)
     assert plan(first) == [("a", 1, True), ("b", 1, True), ("long", 8, False)]
     assert plan(second) == [("c", 1, True), ("d", 1, True), ("long", 8, False)]
     assert [s.start for s in second.scheduled] == [3, 3, 8]  # the chunk after the first

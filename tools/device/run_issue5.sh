@@ -3,7 +3,7 @@
 # (`kunserve bench drop`), then the burst replay with
 # --overload-policy drop vs recompute. Logs and JSON under $OUT.
 # Usage (repo root, nvidia-h200-x2): bash tools/device/run_issue5.sh [steps...]
-# steps: gpu-tests mixed-bench exchange-probe drop-bench replay sizing (default: gpu-tests
+# steps: gpu-tests mixed-bench pack-probe exchange-probe drop-bench replay sizing (default: gpu-tests
 # drop-bench replay). exchange-probe: where a drop's first KV exchange spends its time
 # (tools/device/exchange_probe.py).
 # sizing: a server whose KV cache is sized from --gpu-memory-utilization ${UTIL:-0.85} (the graphs
@@ -48,6 +48,11 @@ for step in $steps; do
         --max-num-batched-tokens 8192 --batch-sizes 1 --contexts 1024 --steps 4 --no-hf --no-prefill \
         --output-json "$OUT/mixed_bench.json" 2>&1 | tee "$OUT/mixed_bench.log" | tail -12
       timeout 120 python3 -m kernels.bench --only mixed 2>&1 | tee "$OUT/mixed_attention.log" | tail -6 ;;
+    pack-probe)
+      # The first micro-batch body's packing in a fresh process, new (copies) vs old
+      # (torch.cat, whose lazy CUDA load stalled the first drop's first step): host time.
+      for v in old new old new; do timeout 60 python3 tools/device/pack_probe.py "$v" 2>&1 | tail -1; done \
+        | tee "$OUT/pack_probe.log" ;;
     exchange-probe)
       timeout 180 python3 tools/device/exchange_probe.py "$OUT/exchange_probe.json" 2>&1 \
         | tee "$OUT/exchange_probe.log" | tail -20 ;;

@@ -336,16 +336,20 @@ class GroupController:
         after that leaves the group half dropped (the coordinator fails it)."""
         leader = spec.ranks[0]
         self.engine.hold_prompts(0)  # parked now: whether or not the drop goes on
+        clock = PhaseClock()
         try:
             report: DropReport | str = self.drop_prepare(spec)
         except Exception as e:  # told to the others: none may wait for this member
             report = f"worker {self.rank}: {type(e).__name__}: {e}"
+        clock.mark("prepare")
         device = self.engine.runner.device
         if self.rank != leader:
             send_object(leader, report, device)
             group_blocks = recv_object(leader, device)
+            clock.mark("reports")
             if isinstance(report, str) or group_blocks is None:
                 raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
+            self._log_switch(clock, report)
             return DropOutcome(self.rank, self._execute_begun(spec, group_blocks))
         reports: list[DropReport | str] = [report]
         for rank in spec.ranks[1:]:  # every member hears back, whatever arrives
@@ -357,8 +361,10 @@ class GroupController:
         group_blocks = None if failed else min(r.stage_blocks for r in reports)
         for rank in spec.ranks[1:]:
             send_object(rank, group_blocks, device)
+        clock.mark("reports")
         if failed:
             raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
+        self._log_switch(clock, *reports)
         stage_blocks = self._execute_begun(spec, group_blocks, reports)
         self.worker.push_after = {r.rank: r.last_seq for r in reports[1:]}
         return DropOutcome(
@@ -367,6 +373,21 @@ class GroupController:
             group_blocks,
             sum(r.normal_blocks for r in reports),
             [t.request.request_id for r in reports for t in r.transfers],
+        )
+
+    def _log_switch(self, clock: PhaseClock, *reports: DropReport) -> None:
+        """Where this member's part of a drop's parked window went before its
+        ``drop_execute`` (which logs its own): the wait for its engine to park after the step
+        in flight, its prepare, and the reports' trade (pickled requests: their tokens)."""
+        tokens = sum(t.request.num_tokens for r in reports for t in r.transfers)
+        logger.info(
+            "drop switch on worker %d: parked %.1f ms after the call, %s; %d requests of %d "
+            "tokens traded",
+            self.rank,
+            1e3 * getattr(self.worker, "last_park_s", 0.0),
+            clock,
+            sum(len(r.transfers) for r in reports),
+            tokens,
         )
 
     def _execute_begun(

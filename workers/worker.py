@@ -118,6 +118,9 @@ class Worker:
         self._pause_requested = False
         self._parked = False
         self._parked_ready = False
+        self.last_park_s = 0.0
+        """How long the last :meth:`switch` waited for the engine to park (seconds): the end
+        of the step in flight when the call came."""
         """The engine parked itself after a restore's live part (until the next resume)."""
         self.push_after: dict[int, int] | None = None
         """Set by a drop's leader: attached to the next push (``StepResult.after``)."""
@@ -257,7 +260,9 @@ class Worker:
         transition whose members coordinate among themselves (``drop_switch``). Resumes also
         when the step raises TransitionError (it changed nothing); anything else leaves the
         engine parked (the coordinator fails the group)."""
+        start = time.perf_counter()
         self.pause()
+        self.last_park_s = time.perf_counter() - start
         try:
             return self.finish_parked(step, *args)
         except TransitionError:

@@ -76,7 +76,7 @@ for step in $steps; do
           find "$cache" -newer /tmp/cycle_marker -name "*.json" ! -name "__grp__*" 2>/dev/null \
             | xargs -r -n1 basename | sort | uniq -c | tee "$OUT/triton_compiled$sfx$cycle.log"
         done
-        grep -E "drop:|drop on worker|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop$sfx.log" | tail -60
+        grep -E "drop:|drop on worker|drop switch|restore|pipeline step|kv exchange|CUDA graphs: kept|captured the decode graph|Traceback|Error" "$OUT/serve_drop$sfx.log" | tail -60
         grep -E "steady pipelined|stage [0-9]+ device:" "$OUT/serve_drop$sfx.log"
         stop_server
       done ;;
@@ -104,7 +104,7 @@ for step in $steps; do
           --result-filename "replay_$name.json" --plot "$OUT/replay_$name.png" --label "$name" \
           --goodput ${GOODPUT:-ttft:2000 tpot:100} --save-detailed \
           2>&1 | tee "$OUT/replay_$name.log" | tail -30
-        grep -E "drop:|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$name.log" | tail -40
+        grep -E "drop:|drop switch|restore|decision|kv exchange|pipeline step|CUDA graphs: kept|Traceback|Error|WARNING" "$OUT/serve_$name.log" | tail -40
         grep -E "steady pipelined|stage [0-9]+ device:" "$OUT/serve_$name.log"
         # Triton kernels compiled while serving, with the time each was written (stall suspects)
         find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -newer /tmp/replay_marker -name "*.json" ! -name "__grp__*" \

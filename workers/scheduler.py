@@ -130,11 +130,11 @@ class Scheduler:
         a prompt whose chunk in flight samples nothing. ``micro_batches``: how many
         micro-batches the decoding requests (those with at most one token to compute,
         in flight or not) spread over (pipeline mode); this batch takes at most their
-        share, rounded up. Prompt chunks and the waiting requests it admits do not count. ``token_budget``: most tokens in the batch
-        (None: ``max_num_batched_tokens``). ``admit=False``: this batch starts no waiting
-        request. ``decodes_only``: it takes only running requests with one token to compute
-        and starts none (a short step: a drop is about to park the engine). The batch lists
-        its one-token queries first."""
+        share, rounded up. Prompt chunks and the waiting requests it admits do not count.
+        ``token_budget``: most tokens in the batch (None: ``max_num_batched_tokens``).
+        ``admit=False``: this batch starts no waiting request. ``decodes_only``: it takes
+        only running requests with one token to compute and starts none (a short step: a
+        drop is about to park the engine). The batch lists its one-token queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget, busy, micro_batches, decodes_only)

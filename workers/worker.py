@@ -118,10 +118,10 @@ class Worker:
         self._pause_requested = False
         self._parked = False
         self._parked_ready = False
+        """The engine parked itself after a restore's live part (until the next resume)."""
         self.last_park_s = 0.0
         """How long the last :meth:`switch` waited for the engine to park (seconds): the end
         of the step in flight when the call came."""
-        """The engine parked itself after a restore's live part (until the next resume)."""
         self.push_after: dict[int, int] | None = None
         """Set by a drop's leader: attached to the next push (``StepResult.after``)."""
         self.return_group = None

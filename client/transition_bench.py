@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from client.api_types import Finished
 from client.grpc_client import AsyncKunserveClient
 from proto.kunserve.v1 import admin_pb2 as apb
 from proto.kunserve.v1 import admin_pb2_grpc as apb_grpc
@@ -40,6 +41,8 @@ from proto.kunserve.v1 import admin_pb2_grpc as apb_grpc
 class _Trace:
     times: list[float] = field(default_factory=list)
     """Arrival time of each token (monotonic seconds; a delta of k tokens counts k times)."""
+    finished: Finished | None = None
+    """The stream's last event, once it ended."""
 
 
 async def _run_request(
@@ -49,9 +52,11 @@ async def _run_request(
         prompt, request_id=rid, max_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False
     )
     async for ev in stream:
-        ids = getattr(ev, "token_ids", ())
+        if isinstance(ev, Finished):
+            tr.finished = ev
+            continue
         now = time.monotonic()
-        tr.times.extend([now] * len(ids))
+        tr.times.extend([now] * len(ev.token_ids))
 
 
 async def _prefill_burst(
@@ -72,6 +77,21 @@ async def _prefill_burst(
         )
     )
     return n * length / (time.monotonic() - start)
+
+
+def _finished_early(i: int, trace: _Trace, args: argparse.Namespace) -> str:
+    """Why the bench cannot measure: request ``i`` ended before every request had decoded
+    two tokens (before the drop)."""
+    fin = trace.finished
+    reason = "no final event" if fin is None else f"reason {fin.reason!r}"
+    head = f"request bench-drop-{i} ended before the drop ({reason}, {len(trace.times)} tokens)"
+    if fin is not None and fin.reason == "length" and len(trace.times) >= args.max_tokens:
+        return f"{head}: raise --max-tokens"
+    return (
+        f"{head}: the server ended it short of --max-tokens {args.max_tokens}; check that its "
+        f"KV cache and max model length hold {args.num_requests} requests of "
+        f"{args.prompt_len} + {args.max_tokens} tokens"
+    )
 
 
 def _max_gap(times: list[float], lo: float, hi: float) -> float:
@@ -132,10 +152,10 @@ async def run(args: argparse.Namespace) -> dict:
         for i in range(args.num_requests)
     ]
     while min(len(t.times) for t in traces) < 2:
-        failed = [t for t in tasks if t.done()]
-        if failed:
-            failed[0].result()  # raises what the request raised
-            raise SystemExit("a request finished before the drop: raise --max-tokens")
+        done = [i for i, t in enumerate(tasks) if t.done()]
+        if done:
+            tasks[done[0]].result()  # raises what the request raised
+            raise SystemExit(_finished_early(done[0], traces[done[0]], args))
         await asyncio.sleep(0.05)
     t0 = time.monotonic()
     await asyncio.sleep(args.phase_s)

@@ -233,3 +233,7 @@ def test_bench_drop_measures_a_forced_drop_and_restore(
     assert r["max_gap_drop_ms"] > r["normal_tbt_ms"] > 0  # the pause shows as a gap
     assert "drop" in done.stdout and "restore" in done.stdout
     assert [i.state for i in _info(drop_server.address).instances] == [pb.INSTANCE_STATE_NORMAL] * 2
+    cmd[cmd.index("--max-tokens") + 1] = "1"  # each request ends before its second token
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert "ended before the drop (reason 'length', 1 tokens): raise --max-tokens" in done.stderr

@@ -211,7 +211,8 @@ def test_bench_drop_measures_a_forced_drop_and_restore(
 ) -> None:
     """``kunserve bench drop`` end to end, twice on one server: requests decode through a drop
     and a restore and each figure comes back from the same run; the second run starts once the
-    server has released the first run's cancelled requests (same request ids)."""
+    server has released the first run's cancelled requests (same request ids). A third run,
+    whose requests end at their first token, stops before the drop and says why."""
     host, port = drop_server.address.split(":")
     out = tmp_path / "drop.json"
     cmd = [sys.executable, "-m", "coordinator.cli", "bench", "drop", "--host", host]

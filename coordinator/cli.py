@@ -14,7 +14,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from workers.config import LOG_FORMAT, CacheConfig, EngineConfig, SchedulerConfig
+from workers.config import (
+    LOG_FORMAT,
+    PIPELINE_CHUNK_COSTS,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+)
 
 if TYPE_CHECKING:
     from planner.config import PlannerConfig
@@ -161,6 +167,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=sched["pipeline_max_num_batched_tokens"],
     )
+    p.add_argument(
+        "--pipeline-chunk-cost",
+        default="tokens",
+        choices=list(PIPELINE_CHUNK_COSTS),
+        help=sched["pipeline_chunk_cost"],
+    )
     p.add_argument("--dtype", default="auto", help=eng["dtype"])
     p.add_argument(
         "--load-format", default="auto", choices=["auto", "dummy"], help=eng["load_format"]
@@ -194,6 +206,7 @@ def engine_config(args: argparse.Namespace, model_path: Path) -> EngineConfig:
             max_waiting=args.max_waiting,
             pipeline_micro_batches=args.pipeline_micro_batches,
             pipeline_max_num_batched_tokens=args.pipeline_max_num_batched_tokens,
+            pipeline_chunk_cost=args.pipeline_chunk_cost,
         ),
         seed=args.seed,
         enforce_eager=args.enforce_eager,

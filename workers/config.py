@@ -76,6 +76,17 @@ class ModelConfig:
         return self.num_heads * self.head_dim
 
     @property
+    def attention_break_even(self) -> float:
+        """The context (tokens) at which a prompt token's attention costs as much as its pass
+        through a layer's linear parts: those do 2 FLOPs per weight (q, k, v, o and the three
+        MLP matrices), attention 4 per query head dimension per context token. Scaled by
+        :data:`ATTENTION_EFFICIENCY`, the prefill kernel's rate against the GEMMs'. About
+        19k tokens for Llama-3-8B."""
+        h, q, kv = self.hidden_size, self.q_size, self.kv_size
+        weights = h * (2 * q + 2 * kv) + 3 * h * self.intermediate_size
+        return ATTENTION_EFFICIENCY * 2 * weights / (4 * q)
+
+    @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
@@ -205,6 +216,14 @@ class CacheConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
 
+ATTENTION_EFFICIENCY = 0.7
+"""Prefill attention's FLOP rate against the linear layers' in a chunk deep in a long prompt:
+on one H200, Llama-3-8B, the work a 1,024-token chunk ending at 7,168 adds beyond a shallow
+one ran at 380-439 TFLOP/s against the chunk's 599 (docs/benchmarks.md, session 21)."""
+
+PIPELINE_CHUNK_COSTS = ("tokens", "attention")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Token-budget continuous batching (vLLM v1 rules)."""
@@ -228,6 +247,14 @@ class SchedulerConfig:
     about the time one instance takes for this many tokens through the whole model, so this
     bounds the time between tokens while a drop admits a burst's prompts (Sarathi-Serve's token
     budget)."""
+    pipeline_chunk_cost: str = "tokens"
+    """How a pipeline micro-batch's budget counts a prompt chunk: ``tokens``, one per token;
+    ``attention``, each token with its attention over the context before it
+    (:func:`workers.scheduler.chunk_tokens`), so a chunk deep in a long prompt gets fewer
+    tokens and the micro-batches cost about the same. Micro-batch k + 2 waits for k on the
+    other stage, so a costlier micro-batch before a cheaper one idles both stages, and a
+    decode token waits out two micro-batches (TeraPipe, Li et al. ICML 2021, slices a
+    sequence unevenly for the same reason)."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -236,6 +263,11 @@ class SchedulerConfig:
         if pipelined is not None and pipelined < 1:
             raise ValueError(
                 "pipeline_max_num_batched_tokens must be >= 1 (or None: max_num_batched_tokens)"
+            )
+        if self.pipeline_chunk_cost not in PIPELINE_CHUNK_COSTS:
+            raise ValueError(
+                f"pipeline_chunk_cost must be one of {', '.join(PIPELINE_CHUNK_COSTS)}, "
+                f"got {self.pipeline_chunk_cost!r}"
             )
         if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ValueError("pipeline_micro_batches must be >= 1 (or None: the stage count)")

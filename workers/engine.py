@@ -222,7 +222,10 @@ class Engine:
                 if not decodes_only:  # prompts alone: a few of their tokens
                     budget = min(budget, HELD_STEP_TOKENS)
             out = self.scheduler.schedule(
-                token_budget=budget, admit=self._admits(), decodes_only=decodes_only
+                token_budget=budget,
+                admit=self._admits(),
+                decodes_only=decodes_only,
+                break_even=self._break_even(),
             )
         if out.is_empty:
             return outputs
@@ -247,6 +250,15 @@ class Engine:
         if getattr(self.runner, "overlap_depth", None) is None:
             return sched.max_num_batched_tokens
         return sched.pipeline_token_budget
+
+    def _break_even(self) -> float | None:
+        """The chunk cost's break-even context while this engine leads a pipeline group with
+        ``pipeline_chunk_cost="attention"`` (Scheduler.schedule), else None."""
+        if getattr(self.runner, "overlap_depth", None) is None:
+            return None
+        if self.config.scheduler.pipeline_chunk_cost != "attention":
+            return None
+        return self.runner.model_config.attention_break_even
 
     def hold_prompts(self, seconds: float) -> None:
         """For the next ``seconds`` (0: from now on no more), steps stay short: one where some
@@ -277,7 +289,9 @@ class Engine:
         collected = self._begin_collect() if len(self.in_flight) >= depth else None
         busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
         with self.clock.phase("schedule"):  # the decodes spread over the micro-batches
-            out = self.scheduler.schedule(busy, depth, self._token_budget())
+            out = self.scheduler.schedule(
+                busy, depth, self._token_budget(), break_even=self._break_even()
+            )
         if not out.is_empty:
             with self.clock.phase("launch"):
                 self.runner.launch(out, None if collected is None else collected[2])

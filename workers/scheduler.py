@@ -36,6 +36,7 @@ profiled; docs/benchmarks.md, session 22).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Collection
@@ -124,6 +125,7 @@ class Scheduler:
         token_budget: int | None = None,
         admit: bool = True,
         decodes_only: bool = False,
+        break_even: float | None = None,
     ) -> SchedulerOutput:
         """The next batch. ``busy``: ids of running requests in a micro-batch still in flight
         (pipeline mode): they are never preempted, and scheduled only for the next chunk of
@@ -134,12 +136,15 @@ class Scheduler:
         ``token_budget``: most tokens in the batch (None: ``max_num_batched_tokens``).
         ``admit=False``: this batch starts no waiting request. ``decodes_only``: it takes
         only running requests with one token to compute and starts none (a short step: a
-        drop is about to park the engine). The batch lists its one-token queries first."""
+        drop is about to park the engine). ``break_even`` (a pipeline micro-batch with
+        ``pipeline_chunk_cost="attention"``): a prompt chunk's tokens count with their
+        attention (:func:`chunk_tokens`); None counts tokens. The batch lists its one-token
+        queries first."""
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget, busy, micro_batches, decodes_only)
+        budget = self._schedule_running(out, budget, busy, micro_batches, decodes_only, break_even)
         if not out.preempted and admit and not decodes_only:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, break_even)
         # single-token queries first: a mixed step runs their attention with the decode
         # kernel (attention/metadata.py, ``num_decodes``), as vLLM reorders its batches
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
@@ -152,7 +157,8 @@ class Scheduler:
         busy: Collection[str],
         micro_batches: int,
         decodes_only: bool = False,
-    ) -> int:
+        break_even: float | None = None,
+    ) -> float:
         # Each request's pending tokens, read once (a chain of properties, about 0.5 us a
         # request on the engine's host path). Only a request preempted below changes them,
         # and the loop skips it by its status.
@@ -178,11 +184,17 @@ class Scheduler:
                 continue
             if req.awaits_token and req.stops_by_length(self.max_model_len):
                 continue  # its token in flight is its last
-            n = min(p, budget)
+            if decode:  # fits while any budget is left (at most a token over)
+                n, cost = 1, 1.0
+            else:
+                start = req.num_started_tokens if break_even else 0
+                n, cost = chunk_tokens(p, start, budget, break_even, not out.scheduled)
+                if n == 0:
+                    break
             if not self._allocate_or_preempt(req, n, out, busy):
                 break
             _take(out, req, n)
-            budget -= n
+            budget -= cost
             decodes += decode
         return budget
 
@@ -209,7 +221,9 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(
+        self, out: SchedulerOutput, budget: float, break_even: float | None = None
+    ) -> None:
         while (
             self.admitting
             and self.waiting
@@ -217,8 +231,9 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            n = min(req.num_pending_tokens, budget)
-            if self.kv.allocate_slots(req, n) is None:
+            first = not out.scheduled
+            n, cost = chunk_tokens(req.num_pending_tokens, 0, budget, break_even, first)
+            if n == 0 or self.kv.allocate_slots(req, n) is None:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -226,7 +241,7 @@ class Scheduler:
                 req.first_scheduled_time = time.monotonic()
             self.running.append(req)
             _take(out, req, n)
-            budget -= n
+            budget -= cost
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -322,6 +337,36 @@ class Scheduler:
         """Blocks the waiting requests (new and preempted) need for the tokens they hold now:
         the part of ``kv_demand_blocks`` that is queued (the planner's drop condition)."""
         return sum(self.kv.blocks_needed(r.num_tokens) for r in self.waiting)
+
+
+def chunk_tokens(
+    pending: int, start: int, budget: float, break_even: float | None, first: bool = False
+) -> tuple[int, float]:
+    """How many of a request's ``pending`` tokens, from position ``start``, a batch with
+    ``budget`` left takes, and what they cost of it. ``break_even`` None (the token budget):
+    ``min(pending, budget)`` at one each. Otherwise a prompt chunk of n tokens costs
+    ``n * (1 + (start + (n - 1) / 2) / break_even)``: each token's linear work plus its
+    attention over the context before it, which equals the linear work at ``break_even``
+    tokens of context (``ModelConfig.attention_break_even``); a decode costs 1. The chunk is
+    the longest that fits; ``first`` (nothing in the batch yet) takes at least one token, so
+    a batch always makes progress."""
+    if break_even is None or pending <= 1:
+        n = max(0, min(pending, int(budget)))
+        return n, float(n)
+
+    def cost(k: int) -> float:
+        return k * (1 + (start + (k - 1) / 2) / break_even)
+
+    # the positive root of k^2 / (2 kappa) + k (1 + (start - 1/2) / kappa) = budget
+    b = 1 + (start - 0.5) / break_even
+    n = min(pending, max(0, int(break_even * (math.sqrt(b * b + 2 * budget / break_even) - b))))
+    while n < pending and cost(n + 1) <= budget:  # the float root, made exact
+        n += 1
+    while n > 0 and cost(n) > budget:
+        n -= 1
+    if n == 0 and first and pending > 0:
+        n = 1
+    return n, cost(n)
 
 
 def _take(out: SchedulerOutput, req: Request, n: int) -> None:

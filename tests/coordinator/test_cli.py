@@ -69,6 +69,17 @@ def test_pipeline_micro_batches_flag_reaches_the_scheduler_config(tmp_path) -> N
         engine_config(parse("--pipeline-micro-batches", "0"), tmp_path)
 
 
+def test_pipeline_chunk_cost_flag_reaches_the_scheduler_config(tmp_path) -> None:
+    from coordinator.cli import engine_config
+    from workers.config import SchedulerConfig
+
+    assert engine_config(parse(), tmp_path).scheduler.pipeline_chunk_cost == "tokens"
+    args = parse("--pipeline-chunk-cost", "attention")
+    assert engine_config(args, tmp_path).scheduler.pipeline_chunk_cost == "attention"
+    with pytest.raises(ValueError, match="pipeline_chunk_cost must be one of tokens, attention"):
+        SchedulerConfig(pipeline_chunk_cost="flops")
+
+
 def test_serve_defaults_drop_and_its_engine_flags(tmp_path) -> None:
     """The overload policy defaults to drop; the live budget and the pipeline budget reach the
     engine config; stage graphs are captured at start-up only where a drop can happen."""

@@ -62,6 +62,7 @@ def engine_config(
     attention_backend: str = "torch",
     pipeline_budget: int | None = None,
     stage_graphs_at_start: int = 0,
+    chunk_cost: str = "tokens",
 ) -> EngineConfig:
     """float32, torch backend, 4-token blocks; a small token budget so prefills are chunked
     and a request can be mid-prefill when a transition starts; at most ``max_seqs`` running
@@ -82,6 +83,7 @@ def engine_config(
             max_num_seqs=max_seqs,
             max_model_len=96,
             pipeline_max_num_batched_tokens=pipeline_budget,
+            pipeline_chunk_cost=chunk_cost,
         ),
     )
 

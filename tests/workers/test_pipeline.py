@@ -201,12 +201,17 @@ def _run_loopback_pipeline(
     max_seqs: int = 2,
     pipeline_budget: int | None = None,
     launched: list[int] | None = None,
+    chunk_cost: str = "tokens",
 ) -> tuple[Engine, StageLoop, dict[str, list[int]]]:
     """The leader's engine steps through a PipelineRunner while stage 1 runs a StageLoop in a
     thread, over a loopback transport, until ``rids`` finish; returns the leader, the stage
     loop and each request's tokens. ``launched`` collects the tokens of every launched step."""
     config = engine_config(
-        stories_dir, budget=16, max_seqs=max_seqs, pipeline_budget=pipeline_budget
+        stories_dir,
+        budget=16,
+        max_seqs=max_seqs,
+        pipeline_budget=pipeline_budget,
+        chunk_cost=chunk_cost,
     )
     leader = Engine(config, CPU)
     member = Engine(engine_config(stories_dir, budget=16, max_seqs=max_seqs), CPU)
@@ -264,6 +269,23 @@ def test_pipeline_token_budget_caps_every_micro_batch(stories_dir: Path) -> None
     assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
     assert max(launched) == 5 and len(launched) > 20
     assert leader.config.scheduler.pipeline_token_budget == 5
+
+
+def test_attention_chunk_cost_shrinks_deep_chunks_and_keeps_every_token(
+    stories_dir: Path,
+) -> None:
+    """pipeline_chunk_cost="attention": a chunk's tokens count with their attention
+    (stories260K breaks even at about 250 tokens of context), so prompt chunks deep in a
+    prompt take fewer of the 5-token budget: more micro-batches than by tokens, none over the
+    budget, and every request still gets its tokens alone."""
+    rids = ["a0", "a1", "a2", "b1"]
+    by_tokens: list[int] = []
+    _run_loopback_pipeline(stories_dir, rids, 4, 5, by_tokens)
+    by_cost: list[int] = []
+    leader, _, tokens = _run_loopback_pipeline(stories_dir, rids, 4, 5, by_cost, "attention")
+    assert tokens == {rid: run_alone(stories_dir, rid) for rid in rids}
+    assert max(by_cost) <= 5 and len(by_cost) > len(by_tokens)
+    assert 240 < leader.runner.model_config.attention_break_even < 260
 
 
 def test_an_engine_whose_runner_holds_prompts_starts_no_waiting_request(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from workers.block_pool import BlockPool, KVCacheManager
-from workers.config import SchedulerConfig
+from workers.config import ModelConfig, SchedulerConfig
 from workers.request import FinishReason, Request, RequestStatus
 from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
+
+CONFIGS = Path(__file__).resolve().parents[2] / "workers" / "checkpoint" / "configs"
 
 TOKEN = 7
 """The fake token every step samples unless a test says otherwise (not an EOS)."""
@@ -452,6 +457,57 @@ def test_a_long_prompts_chunks_follow_each_other_past_the_decode_limit(make_requ
     assert plan(second) == [("c", 1, True), ("d", 1, True), ("long", 8, False)]
     assert [s.start for s in second.scheduled] == [3, 3, 8]  # the chunk after the first
     assert [r.request_id for r in sched.waiting] == ["fresh"]
+
+
+def test_a_chunks_attention_cost_fits_the_budget_exactly() -> None:
+    """``chunk_tokens`` with a break-even context: the longest chunk whose cost
+    n * (1 + (start + (n - 1) / 2) / kappa) fits, so the next token would not; without one,
+    tokens at one each; a decode costs 1; an empty batch always takes a token."""
+    from workers.scheduler import chunk_tokens
+
+    def cost(n: int, start: int, kappa: float) -> float:
+        return n * (1 + (start + (n - 1) / 2) / kappa)
+
+    for start, budget, kappa in [(0, 1024, 18_637.0), (6144, 1024, 18_637.0), (512, 64, 128.0),
+                                 (0, 7.5, 3.0), (10_000, 100, 50.0)]:  # fmt: skip
+        n, spent = chunk_tokens(10**6, start, budget, kappa)
+        assert spent == cost(n, start, kappa) <= budget < cost(n + 1, start, kappa)
+        if n > 0:  # fewer pending tokens than fit: all of them
+            assert chunk_tokens(n - 1, start, budget, kappa) == (n - 1, cost(n - 1, start, kappa))
+    # Llama-3-8B: 1,024 tokens 6,144 deep cost 1.32x a first chunk's (1.31-1.37x measured on
+    # an H200, docs/benchmarks.md session 21), so such a chunk gets 758
+    config = json.loads((CONFIGS / "llama-3-8b" / "config.json").read_text())
+    kappa = ModelConfig.from_hf_dict(config).attention_break_even
+    assert round(kappa) == 18_637
+    assert chunk_tokens(10**6, 6144, 1024, kappa)[0] == 758
+    assert chunk_tokens(10**6, 0, 1024, kappa)[0] == 997
+    assert chunk_tokens(500, 6144, 1024, None) == (500, 500.0)
+    assert chunk_tokens(5000, 6144, 1024.5, None) == (1024, 1024.0)
+    assert chunk_tokens(1, 6144, 0.5, 18_637.0) == (0, 0.0)  # a decode: 1, which does not fit
+    assert chunk_tokens(40, 10**6, 8, 10.0) == (0, 0.0)
+    assert chunk_tokens(40, 10**6, 8, 10.0, first=True)[0] == 1
+
+
+def test_attention_cost_gives_a_deep_chunk_fewer_tokens(make_request) -> None:
+    """With ``break_even`` (pipeline_chunk_cost="attention") a long prompt's chunk deep in it
+    takes fewer tokens than its first one; decodes still cost one token each, and what is
+    left goes to the next prompt."""
+    sched = make_scheduler(blocks=256, block_size=4, budget=64)
+    sched.add(make_request("a", prompt=3))
+    step(sched)  # a decodes from now on
+    sched.add(make_request("long", prompt=600))
+    sched.add(make_request("next", prompt=50))
+    first = sched.schedule(token_budget=64, break_even=128.0)
+    assert plan(first) == [("a", 1, True), ("long", 52, False)]  # 52 cost 62.4 of 63, 53 63.8
+    sched.update(first, {"a": TOKEN})
+    for _ in range(8):  # "long" prefills on: its chunks shrink as its context grows
+        out = sched.schedule(token_budget=64, break_even=128.0)
+        sched.update(out, {"a": TOKEN})
+    deep = sched.schedule(token_budget=64, break_even=128.0)
+    (s,) = [s for s in deep.scheduled if s.request.request_id == "long"]
+    assert s.start > 200 and s.num_new_tokens < 30
+    tokens = plan(sched.schedule(token_budget=64))  # the token budget: 63 after a's decode
+    assert sum(n for _, n, _ in tokens) == 64
 
 
 def test_token_budget_overrides_the_step_budget(make_request) -> None:

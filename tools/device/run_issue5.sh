@@ -10,7 +10,8 @@
 # counted), its device memory beside the budget, then one drop bench cycle on it. MEMORY=vmm|torch (default vmm);
 # POLICIES (default "recompute drop") picks the replay's overload policies; TRACE and START
 # (default azure-code, 824), DURATION (60 s) and TIME_SCALE (1) its window (a policy "drop@N"
-# serves with --pipeline-max-num-batched-tokens N); KV_BLOCKS the KV
+# serves with --pipeline-max-num-batched-tokens N, "drop+cost" with --pipeline-chunk-cost
+# attention); KV_BLOCKS the KV
 # cache per GPU (16-token blocks); GOODPUT the replay's SLOs (default "ttft:2000 tpot:100");
 # EXCHANGE_BYTES (drop-bench) one server per --kv-exchange-bytes-per-step value; CYCLES
 # (drop-bench, default 2) the drop and restore cycles on each server; SERVE_EXTRA (replay)
@@ -92,9 +93,13 @@ for step in $steps; do
       stop_server ;;
     replay)
       for spec in ${POLICIES:-recompute drop}; do
-        # drop@N: the drop policy with --pipeline-max-num-batched-tokens N (outputs drop_bN)
-        policy=${spec%@*}; extra=(); name=$policy
-        if [[ $spec == *@* ]]; then extra=(--pipeline-max-num-batched-tokens "${spec#*@}"); name="${policy}_b${spec#*@}"; fi
+        # drop@N: the drop policy with --pipeline-max-num-batched-tokens N (outputs drop_bN);
+        # drop+cost: with --pipeline-chunk-cost attention (outputs drop_cost)
+        extra=()
+        if [[ $spec == *+cost ]]; then spec=${spec%+cost}; extra=(--pipeline-chunk-cost attention); fi
+        policy=${spec%@*}; name=$policy
+        if [[ $spec == *@* ]]; then extra+=(--pipeline-max-num-batched-tokens "${spec#*@}"); name="${policy}_b${spec#*@}"; fi
+        if [[ ${#extra[@]} -gt 0 && ${extra[0]} == --pipeline-chunk-cost ]]; then name="${name}_cost"; fi
         # shellcheck disable=SC2206  # SERVE_EXTRA: more serve flags, split on spaces
         start_server "serve_$name" "${FIXED_KV[@]}" --overload-policy "$policy" --planner-cooldown-s 5 "${extra[@]}" ${SERVE_EXTRA:-} || continue
         touch /tmp/replay_marker; echo "replay starts $(date +%T.%N)" | tee "$OUT/replay_${name}_clock.log"

@@ -254,8 +254,8 @@ class SchedulerConfig:
     tokens and the micro-batches cost about the same. Micro-batch k + 2 waits for k on the
     other stage, so a costlier micro-batch before a cheaper one idles both stages, and a
     decode token waits out two micro-batches (TeraPipe, Li et al. ICML 2021, slices a
-    sequence unevenly for the same reason). Not yet measured on a GPU, where a stage's
-    piecewise graphs pad a trimmed micro-batch to the next captured size."""
+    sequence unevenly for the same reason). The last prompt chunk grows into the rows a
+    stage's piecewise graphs pad the micro-batch with. Not yet measured on a GPU."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,7 @@ class Engine:
                 admit=self._admits(),
                 decodes_only=decodes_only,
                 break_even=self._break_even(),
+                padded_size=self._padded_size(),
             )
         if out.is_empty:
             return outputs
@@ -260,6 +262,13 @@ class Engine:
             return None
         return self.runner.model_config.attention_break_even
 
+    def _padded_size(self) -> Callable[[int], int | None] | None:
+        """The token count a micro-batch of n tokens runs at on this stage's piecewise graphs
+        (their next captured size; None when it runs eagerly), or None without them."""
+        graphs = getattr(self.runner, "graphs", None)
+        pieces = None if graphs is None else getattr(graphs, "piecewise", None)
+        return None if pieces is None else pieces.size_for
+
     def hold_prompts(self, seconds: float) -> None:
         """For the next ``seconds`` (0: from now on no more), steps stay short: one where some
         running request decodes runs only the decodes (no prompt chunk, no new request),
@@ -290,7 +299,11 @@ class Engine:
         busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
         with self.clock.phase("schedule"):  # the decodes spread over the micro-batches
             out = self.scheduler.schedule(
-                busy, depth, self._token_budget(), break_even=self._break_even()
+                busy,
+                depth,
+                self._token_budget(),
+                break_even=self._break_even(),
+                padded_size=self._padded_size(),
             )
         if not out.is_empty:
             with self.clock.phase("launch"):

@@ -510,6 +510,37 @@ def test_attention_cost_gives_a_deep_chunk_fewer_tokens(make_request) -> None:
     assert sum(n for _, n, _ in tokens) == 64
 
 
+def test_a_trimmed_chunk_grows_into_the_rows_its_graph_pads(make_request) -> None:
+    """With ``break_even`` and ``padded_size`` (a stage's piecewise graphs run a batch at their
+    next captured size), the last prompt chunk grows into the padding rows, computed anyway;
+    never past its prompt (the final chunk then samples), and not without ``break_even``."""
+
+    def sizes(n: int) -> int | None:
+        return next((s for s in (16, 32, 64) if s >= n), None)
+
+    sched = make_scheduler(blocks=256, block_size=4, budget=64)
+    sched.add(make_request("a", prompt=3))
+    step(sched)  # a decodes from now on
+    sched.add(make_request("long", prompt=600))
+    first = sched.schedule(token_budget=64, break_even=128.0)  # a: 1, long: 52 by cost
+    sched.update(first, {"a": TOKEN})
+    deep = sched.schedule(token_budget=64, break_even=128.0, padded_size=sizes)
+    assert [s.num_new_tokens for s in deep.scheduled] == [1, 63]  # 1 + 40 by cost, padded to 64
+    assert deep.scheduled[1].start == 52 and deep.num_tokens == 64
+    long = deep.scheduled[1].request
+    assert long.num_scheduled_tokens == 115 and len(long.block_ids) == 29  # 115 slots
+    sched.update(deep, {"a": TOKEN})
+    sched.kv.pool.check_integrity()
+
+    short = make_scheduler(blocks=256, block_size=4, budget=64)
+    short.add(make_request("b", prompt=20))
+    out = short.schedule(token_budget=64, break_even=128.0, padded_size=sizes)
+    assert plan(out) == [("b", 20, True)]  # padded to 32, but the prompt has 20 tokens
+    plain = make_scheduler(blocks=256, block_size=4, budget=64)
+    plain.add(make_request("c", prompt=100))
+    assert plan(plain.schedule(token_budget=40, padded_size=sizes)) == [("c", 40, False)]
+
+
 def test_token_budget_overrides_the_step_budget(make_request) -> None:
     """A pipeline leader passes its micro-batch budget (SchedulerConfig's
     pipeline_max_num_batched_tokens) per call; without it the step budget applies."""

@@ -155,9 +155,9 @@ class OverloadDetector:
             if ld.group_id is not None or ld.state is not InstanceState.NORMAL:
                 continue
             demand, _, queue_needs_free = _level([ld])
-            at = self.config.drop_at_once_demand
-            if demand < at or not queue_needs_free:
+            if not self._overloaded_at_once(demand, queue_needs_free):
                 continue
+            at = self.config.drop_at_once_demand
             hist = self._history.get(("instance", ld.instance_id))
             out.append(
                 Verdict(
@@ -197,8 +197,13 @@ class OverloadDetector:
             num_waiting=waiting,
             overloaded=smoothed >= cfg.drop_threshold and queue_needs_free,
             valley=waiting == 0 and max(smoothed, demand) <= cfg.restore_threshold and slope <= 0.0,
-            overloaded_at_once=demand >= cfg.drop_at_once_demand and queue_needs_free,
+            overloaded_at_once=self._overloaded_at_once(demand, queue_needs_free),
         )
+
+    def _overloaded_at_once(self, demand: float, queue_needs_free: bool) -> bool:
+        """A drop at once (module docstring): unsmoothed demand at ``drop_at_once_demand`` or
+        more, and a queue that needs the free blocks."""
+        return demand >= self.config.drop_at_once_demand and queue_needs_free
 
     def _verdict(self, key: _Key, hist: deque[_Sample]) -> Verdict:
         last = hist[-1]

@@ -192,9 +192,8 @@ def chunk_flops(cfg: ModelConfig, tokens: int, start: int) -> tuple[float, float
     the LM head once, plus causal attention: ``QK^T`` and ``PV`` cost ``2 * d`` each per
     (query, key) pair, ``causal_pairs(tokens, start)`` pairs per head and layer.
     """
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    layer_params = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 3 * h * i
-    dense = 2 * cfg.num_layers * layer_params * tokens + 2 * h * cfg.vocab_size
+    h = cfg.hidden_size
+    dense = 2 * cfg.num_layers * cfg.layer_matmul_params * tokens + 2 * h * cfg.vocab_size
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * causal_pairs(tokens, start)
     return float(dense + attn), float(attn)
 

@@ -76,15 +76,20 @@ class ModelConfig:
         return self.num_heads * self.head_dim
 
     @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one decoder layer's matmuls: q, k, v and o, and the MLP's gate, up and
+        down (no norms)."""
+        h, q, kv = self.hidden_size, self.q_size, self.kv_size
+        return h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size
+
+    @property
     def attention_break_even(self) -> float:
         """The context (tokens) at which a prompt token's attention costs as much as its pass
-        through a layer's linear parts: those do 2 FLOPs per weight (q, k, v, o and the three
-        MLP matrices), attention 4 per query head dimension per context token. Scaled by
-        :data:`ATTENTION_EFFICIENCY`, the prefill kernel's rate against the GEMMs'. About
-        19k tokens for Llama-3-8B."""
-        h, q, kv = self.hidden_size, self.q_size, self.kv_size
-        weights = h * (2 * q + 2 * kv) + 3 * h * self.intermediate_size
-        return ATTENTION_EFFICIENCY * 2 * weights / (4 * q)
+        through a layer's linear parts: those do 2 FLOPs per weight
+        (:attr:`layer_matmul_params`), attention 4 per query head dimension per context
+        token. Scaled by :data:`ATTENTION_EFFICIENCY`, the prefill kernel's rate against the
+        GEMMs'. About 19k tokens for Llama-3-8B."""
+        return ATTENTION_EFFICIENCY * 2 * self.layer_matmul_params / (4 * self.q_size)
 
     @property
     def kv_size(self) -> int:
@@ -126,8 +131,7 @@ class ModelConfig:
 
     def weight_bytes(self, dtype: torch.dtype, layers: int | None = None) -> int:
         """Bytes of ``layers`` decoder layers' weights (all layers by default), no embeddings."""
-        h, i = self.hidden_size, self.intermediate_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        per_layer = self.layer_matmul_params + 2 * self.hidden_size  # and the two norms
         n = self.num_layers if layers is None else layers
         return n * per_layer * dtype.itemsize
 

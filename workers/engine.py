@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -226,8 +226,7 @@ class Engine:
                 token_budget=budget,
                 admit=self._admits(),
                 decodes_only=decodes_only,
-                break_even=self._break_even(),
-                padded_size=self._padded_size(),
+                **self._chunk_cost(),
             )
         if out.is_empty:
             return outputs
@@ -253,21 +252,21 @@ class Engine:
             return sched.max_num_batched_tokens
         return sched.pipeline_token_budget
 
-    def _break_even(self) -> float | None:
-        """The chunk cost's break-even context while this engine leads a pipeline group with
-        ``pipeline_chunk_cost="attention"`` (Scheduler.schedule), else None."""
+    def _chunk_cost(self) -> dict[str, Any]:
+        """``Scheduler.schedule``'s chunk-cost arguments: none (tokens count) unless this
+        engine leads a pipeline group with ``pipeline_chunk_cost="attention"``; then the
+        model's break-even context and, with the stage's piecewise graphs, the size they run
+        a micro-batch at (their next captured one; None past the largest)."""
         if getattr(self.runner, "overlap_depth", None) is None:
-            return None
+            return {}
         if self.config.scheduler.pipeline_chunk_cost != "attention":
-            return None
-        return self.runner.model_config.attention_break_even
-
-    def _padded_size(self) -> Callable[[int], int | None] | None:
-        """The token count a micro-batch of n tokens runs at on this stage's piecewise graphs
-        (their next captured size; None when it runs eagerly), or None without them."""
+            return {}
         graphs = getattr(self.runner, "graphs", None)
         pieces = None if graphs is None else getattr(graphs, "piecewise", None)
-        return None if pieces is None else pieces.size_for
+        return {
+            "break_even": self.runner.model_config.attention_break_even,
+            "padded_size": None if pieces is None else pieces.size_for,
+        }
 
     def hold_prompts(self, seconds: float) -> None:
         """For the next ``seconds`` (0: from now on no more), steps stay short: one where some
@@ -298,13 +297,7 @@ class Engine:
         collected = self._begin_collect() if len(self.in_flight) >= depth else None
         busy = {s.request.request_id for o, _ in self.in_flight for s in o.scheduled}
         with self.clock.phase("schedule"):  # the decodes spread over the micro-batches
-            out = self.scheduler.schedule(
-                busy,
-                depth,
-                self._token_budget(),
-                break_even=self._break_even(),
-                padded_size=self._padded_size(),
-            )
+            out = self.scheduler.schedule(busy, depth, self._token_budget(), **self._chunk_cost())
         if not out.is_empty:
             with self.clock.phase("launch"):
                 self.runner.launch(out, None if collected is None else collected[2])

@@ -6,8 +6,8 @@ Each stage (the leader's :class:`~workers.pipeline.PipelineRunner` and every
 :class:`~workers.pipeline.StageLoop`) owns one :class:`StepProfiler` and calls :meth:`step`
 at the start of each of its steps: it starts the profiler before step S and stops it before
 step S + N, then logs the ops by host time and by device time (at info) and, with
-``KUNSERVE_PROFILE_DIR``, writes a Chrome trace there. Off (N = 0), :meth:`step` costs one
-integer compare.
+``KUNSERVE_PROFILE_DIR``, writes a Chrome trace there. Off (N = 0), :meth:`step` costs an
+integer addition and two compares.
 """
 
 from __future__ import annotations

@@ -338,23 +338,20 @@ def unpickled(t: torch.Tensor) -> Any:
     return pickle.loads(t.cpu().numpy().tobytes())
 
 
-def send_object(
-    dst: int, obj: Any, device: torch.device, group: dist.ProcessGroup | None = None
-) -> None:
-    """Pickles ``obj`` to rank ``dst`` (a global rank) on ``group`` (default: the default
-    process group), tensors made on ``device`` (CPU for a gloo group): its length, then its
-    bytes (:func:`recv_object` on ``dst``)."""
+def send_object(dst: int, obj: Any, device: torch.device) -> None:
+    """Pickles ``obj`` to rank ``dst`` on the default process group, tensors made on
+    ``device``: its length, then its bytes (:func:`recv_object` on ``dst``)."""
     data = pickled(obj, device)
-    dist.send(host_tensor([data.numel()], torch.int64, device), dst, group=group)
-    dist.send(data, dst, group=group)
+    dist.send(host_tensor([data.numel()], torch.int64, device), dst)
+    dist.send(data, dst)
 
 
-def recv_object(src: int, device: torch.device, group: dist.ProcessGroup | None = None) -> Any:
-    """What :func:`send_object` sent from rank ``src`` on ``group``."""
+def recv_object(src: int, device: torch.device) -> Any:
+    """What :func:`send_object` sent from rank ``src``."""
     size = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(size, src, group=group)
+    dist.recv(size, src)
     data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.recv(data, src, group=group)
+    dist.recv(data, src)
     return unpickled(data)
 
 

@@ -321,9 +321,8 @@ class GroupController:
 
     def drop_switch(self, spec: GroupSpec) -> DropOutcome:
         """Every member, parked, all at once: the drop's prepare and execute in one coordinator
-        call, the members trading their reports among themselves, point to point (on CUDA
-        through ``Worker.host_group``, gloo over host memory; else the default group), instead
-        of through the coordinator. Each member other than the leader
+        call, the members trading their reports among themselves (the default process group,
+        point to point) instead of through the coordinator. Each member other than the leader
         sends its :meth:`drop_prepare` report to the leader and waits for the group pool's
         size; the leader gathers the reports (stage order), answers each, and runs
         :meth:`drop_execute` with them; every member then runs its own ``drop_execute``.
@@ -347,12 +346,11 @@ class GroupController:
         except Exception as e:  # told to the others: none may wait for this member
             report = f"worker {self.rank}: {type(e).__name__}: {e}"
         clock.mark("prepare")
-        group = getattr(self.worker, "host_group", None)
-        device = torch.device("cpu") if group is not None else self.engine.runner.device
+        device = self.engine.runner.device
         if self.rank != leader:
-            send_object(leader, report, device, group)
+            send_object(leader, report, device)
             clock.mark("report sent")
-            group_blocks = recv_object(leader, device, group)
+            group_blocks = recv_object(leader, device)
             clock.mark("answer")
             if isinstance(report, str) or group_blocks is None:
                 raise TransitionError(f"drop cancelled on worker {self.rank}: {report}")
@@ -361,14 +359,14 @@ class GroupController:
         reports: list[DropReport | str] = [report]
         for rank in spec.ranks[1:]:  # every member hears back, whatever arrives
             try:
-                reports.append(recv_object(rank, device, group))
+                reports.append(recv_object(rank, device))
             except Exception as e:
                 reports.append(f"worker {rank}: its report could not be read: {e}")
         clock.mark("reports in")
         failed = [r for r in reports if isinstance(r, str)]
         group_blocks = None if failed else min(r.stage_blocks for r in reports)
         for rank in spec.ranks[1:]:
-            send_object(rank, group_blocks, device, group)
+            send_object(rank, group_blocks, device)
         clock.mark("answers")
         if failed:
             raise TransitionError(f"drop cancelled: {'; '.join(failed)}")
@@ -387,9 +385,9 @@ class GroupController:
         """Where this member's part of a drop's parked window went before its
         ``drop_execute`` (which logs its own): the wait for its engine to park after the step
         in flight, on CUDA the wait for its device to idle, its prepare, and the reports'
-        trade (pickled requests: their tokens; on CUDA through ``Worker.host_group``): a
-        member's report sent and the leader's answer, or the leader's reports in (each waits
-        for the slowest member to park) and its answers."""
+        trade (pickled requests: their tokens): a member's report sent and the leader's
+        answer, or the leader's reports in (each waits for the slowest member to park) and its
+        answers."""
         tokens = sum(t.request.num_tokens for r in reports for t in r.transfers)
         logger.info(
             "drop switch on worker %d: parked %.1f ms after the call, %s; %d requests of %d "

@@ -126,10 +126,6 @@ class Worker:
         """Set by a drop's leader: attached to the next push (``StepResult.after``)."""
         self.return_group = None
         """A second process group of every rank, for pipeline logits (StageTransport)."""
-        self.host_group = None
-        """On CUDA workers, a gloo group of every rank, for the objects a drop's members trade
-        while parked (``drop_switch``): host memory only, so no stream, device allocator or
-        pinned buffer can hold the trade (None: the default group is gloo already)."""
         self.link_bandwidth: float | None = None
 
     def rendezvous_address(self) -> str:
@@ -159,8 +155,6 @@ class Worker:
         if world_size > 1:  # pipeline logits travel back on their own communicator
             self.return_group = dist.new_group(list(range(world_size)))
             connect_all_pairs(self.rank, world_size, self.device, self.return_group)
-            if backend == "nccl":
-                self.host_group = dist.new_group(list(range(world_size)), backend="gloo")
 
     def load(self) -> WorkerInfo:
         self.engine = Engine(self.config, self.device)

@@ -178,8 +178,10 @@ def gloo_main(rank: int, world: int, init: str, body: str, model_dir: str, out_d
             # one pipelined step, then a restore: the restore finishes the KV exchange
             "drop_then_restore_at_once": functools.partial(_drop_restore, pipelined=(1, 0)),
             # the KV exchange done in the first pipelined step, then one micro-batch per stage
-            # in flight; the drop's reports on a group of their own, as nccl_main's
-            "drop_restore_overlapped": _drop_restore_overlapped,
+            # in flight
+            "drop_restore_overlapped": functools.partial(
+                _drop_restore, exchange_bytes=1 << 30, max_seqs=4, pipelined=(12, 30)
+            ),
             # a live restore: the group gathers every request's KV home while it decodes
             # (and on VMM refills the dropped weights)
             "drop_restore_gathered": functools.partial(
@@ -239,11 +241,10 @@ def _first(inputs) -> dict:
 class StubWorker:
     """What GroupController needs of a Worker."""
 
-    def __init__(self, rank: int, engine: Engine, return_group=None, host_group=None) -> None:
+    def __init__(self, rank: int, engine: Engine, return_group=None) -> None:
         self.rank = rank
         self.engine = engine
         self.return_group = return_group
-        self.host_group = host_group
         self.last_seq = 0  # no pushes: the test collects the tokens itself
 
     def drain_inbox(self) -> None:
@@ -254,21 +255,6 @@ class StubWorker:
 
     def wait_iteration(self, mark: int, timeout_s: float) -> bool:
         return True  # the test's own thread runs the steps: none is in flight
-
-
-def _drop_restore_overlapped(rank: int, world: int, model_dir: str) -> dict:
-    """nccl_main's body on gloo: the KV exchange in the first pipelined step, micro-batches
-    in flight, and the drop's reports traded on a second group (``Worker.host_group``)."""
-    host = dist.new_group(list(range(world)), backend="gloo")
-    return _drop_restore(
-        rank,
-        world,
-        model_dir,
-        exchange_bytes=1 << 30,
-        max_seqs=4,
-        pipelined=(12, 30),
-        host_group=host,
-    )
 
 
 def _drop_switch_refused(rank: int, world: int, model_dir: str) -> dict:
@@ -309,7 +295,6 @@ def _drop_restore(
     gather: bool = False,
     cancel_after: int | None = None,
     stage_graphs_at_start: int = 0,
-    host_group=None,
 ) -> dict:
     """Every rank serves its requests, they drop into a ``world``-stage group, the leader steps
     the group (a request arrives meanwhile), they restore and finish. Returns tokens by phase
@@ -328,7 +313,7 @@ def _drop_restore(
     )
     engine = Engine(config, device)
     memory = engine.runner.memory
-    ctl = GroupController(StubWorker(rank, engine, return_group, host_group))
+    ctl = GroupController(StubWorker(rank, engine, return_group))
     tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
     for rid in requests_for(world):
         if rid.startswith("abc"[rank]):
@@ -427,9 +412,8 @@ def nccl_main(
     rank: int, world: int, init: str, model_dir: str, out_dir: str, gather: bool = False
 ) -> None:
     """The overlapped drop/restore body on GPU ``rank`` over NCCL, Triton backend (decode
-    micro-batches replay stage graphs), logits on their own process group and the drop's
-    reports on a gloo group, as Worker sets up; ``gather``: the restore gathers KV live
-    first."""
+    micro-batches replay stage graphs), logits on their own process group as Worker sets up;
+    ``gather``: the restore gathers KV live first."""
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init, world_size=world, rank=rank)
     try:
@@ -437,7 +421,6 @@ def nccl_main(
         connect_all_pairs(rank, world, device)  # as Worker.init_distributed does
         group = dist.new_group(list(range(world)))
         connect_all_pairs(rank, world, device, group)
-        host = dist.new_group(list(range(world)), backend="gloo")
         result = _drop_restore(
             rank,
             world,
@@ -450,7 +433,6 @@ def nccl_main(
             return_group=group,
             gather=gather,
             stage_graphs_at_start=2 if gather else 0,  # both ways: captured at start, on use
-            host_group=host,
         )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:

@@ -131,7 +131,9 @@ def pack_meta(x: StageInputs) -> torch.Tensor:
     Copies, not ``torch.cat``: CUDA loads a kernel's module on its first launch, and the
     uint8 concatenation, launched nowhere else, loaded on the first pipelined step of a
     server's first drop: 18 ms of host time in that step (2x H200 profile, docs/benchmarks.md
-    session 22), a token gap for every running request. A same-dtype copy is a memcpy."""
+    session 22), a token gap for every running request. A same-dtype copy is a memcpy; a
+    fresh process's first packing takes 0.4 ms of host time this way, against 5.5-13.8 ms
+    with the concatenation (session 23)."""
     m = x.meta
     fields = (x.positions, m.slot_mapping, x.logits_indices)
     fields += (m.block_tables, m.seq_lens, m.query_start_loc)

@@ -259,7 +259,8 @@ class SchedulerConfig:
     other stage, so a costlier micro-batch before a cheaper one idles both stages, and a
     decode token waits out two micro-batches (TeraPipe, Li et al. ICML 2021, slices a
     sequence unevenly for the same reason). The last prompt chunk grows into the rows a
-    stage's piecewise graphs pad the micro-batch with. Not yet measured on a GPU."""
+    stage's piecewise graphs pad the micro-batch with. In one 2x H200 code-burst replay it
+    moved P99 TPOT and TTFT within the runs' spread (docs/benchmarks.md, session 23)."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

@@ -338,10 +338,10 @@ class GroupController:
         self.engine.hold_prompts(0)  # parked now: whether or not the drop goes on
         clock = PhaseClock()
         sync = _device_sync(self.engine.runner.device)
-        if sync is not None:  # parked: the device should be idle (a wait here is logged)
-            sync()
-            clock.mark("device idle")
         try:
+            if sync is not None:  # parked: the device should be idle (a wait here is logged)
+                sync()
+                clock.mark("device idle")
             report: DropReport | str = self.drop_prepare(spec)
         except Exception as e:  # told to the others: none may wait for this member
             report = f"worker {self.rank}: {type(e).__name__}: {e}"

@@ -337,7 +337,8 @@ class GroupController:
         leader = spec.ranks[0]
         self.engine.hold_prompts(0)  # parked now: whether or not the drop goes on
         clock = PhaseClock()
-        sync = _device_sync(self.engine.runner.device)
+        device = self.engine.runner.device
+        sync = _device_sync(device)
         try:
             if sync is not None:  # parked: the device should be idle (a wait here is logged)
                 sync()
@@ -346,7 +347,6 @@ class GroupController:
         except Exception as e:  # told to the others: none may wait for this member
             report = f"worker {self.rank}: {type(e).__name__}: {e}"
         clock.mark("prepare")
-        device = self.engine.runner.device
         if self.rank != leader:
             send_object(leader, report, device)
             clock.mark("report sent")
